@@ -1,0 +1,746 @@
+//! MIG's properties: the appliance's six plus ours, read in layers and checked once.
+//!
+//! Layers, later wins: the built-in defaults (`conf/mig.toml`, embedded), `CONFIG_DIR/mig.toml`,
+//! `MIG_<NAME>` environment variables, then `--set NAME=VALUE`. Each value remembers the layer it came
+//! from so that a bad one is reported as `mode = "copy" (from MIG_MODE): must be …`. Nothing
+//! downstream re-parses a string: everything leaves here typed, with relative file names resolved
+//! against the config dir.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use config::{FileFormat, Source};
+
+/// The embedded defaults; also the documentation of every property.
+pub const DEFAULTS: &str = include_str!("../../conf/mig.toml");
+
+/// Where the appliance keeps its config volume unless told otherwise.
+pub const DEFAULT_CONFIG_DIR: &str = "/var/lib/mig/config";
+
+/// The optional per-volume property file, inside the config dir.
+pub const FILE_NAME: &str = "mig.toml";
+
+/// Prefix of the environment layer: `MIG_PORT_NO` sets `port_no`.
+pub const ENV_PREFIX: &str = "MIG_";
+
+/// Every property name, in the order the defaults file documents them.
+pub const NAMES: &[&str] = &[
+    "username",
+    "password",
+    "mode",
+    "port_no",
+    "private_key_file",
+    "grid_info_file",
+    "listen",
+    "aux",
+    "passthrough",
+    "mon_port",
+    "known_hosts_file",
+    "grid",
+    "state_dir",
+    "max_connections",
+    "connect_timeout",
+    "idle_timeout",
+    "drain_timeout",
+];
+
+/// Which operations the GUI offers and the API accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    Migrate,
+    Snapshot,
+    Both,
+}
+
+impl Mode {
+    /// Whether an operation of `kind` ("migrate" or "snapshot") is allowed.
+    pub fn allows(self, kind: &str) -> bool {
+        matches!(
+            (self, kind),
+            (Mode::Both, "migrate" | "snapshot")
+                | (Mode::Migrate, "migrate")
+                | (Mode::Snapshot, "snapshot")
+        )
+    }
+}
+
+/// A string that never shows itself in logs or `Debug` output.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Self {
+        Secret(s.into())
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(if self.0.is_empty() { "\"\"" } else { "\"***\"" })
+    }
+}
+
+/// The typed, validated properties of one MIG instance.
+#[derive(Debug, Clone)]
+pub struct Properties {
+    pub config_dir: PathBuf,
+    pub username: String,
+    pub password: Secret,
+    pub mode: Mode,
+    /// 0 lets the OS pick (tests).
+    pub port_no: u16,
+    pub private_key_file: PathBuf,
+    pub grid_info_file: PathBuf,
+    pub listen: IpAddr,
+    pub aux: Option<String>,
+    pub passthrough: Vec<u16>,
+    /// 0 lets the OS pick (tests).
+    pub mon_port: u16,
+    pub known_hosts_file: PathBuf,
+    pub grid: Option<String>,
+    pub state_dir: PathBuf,
+    pub max_connections: usize,
+    pub connect_timeout: Duration,
+    pub idle_timeout: Option<Duration>,
+    pub drain_timeout: Duration,
+}
+
+impl Properties {
+    /// GUI authentication is on only when a username is set (the appliance's rule).
+    pub fn auth_required(&self) -> bool {
+        !self.username.is_empty()
+    }
+}
+
+/// The layer a value came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Origin {
+    Default,
+    File(PathBuf),
+    Env(String),
+    Set,
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Origin::Default => f.write_str("built-in default"),
+            Origin::File(p) => write!(f, "{}", p.display()),
+            Origin::Env(v) => f.write_str(v),
+            Origin::Set => f.write_str("--set"),
+        }
+    }
+}
+
+/// One problem with one property, printed as one line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PropertyError {
+    pub name: String,
+    pub origin: Origin,
+    /// The value as given; `None` when the problem is not about a value (a malformed `--set`).
+    pub given: Option<String>,
+    pub problem: String,
+}
+
+impl fmt::Display for PropertyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.given {
+            // Never echo a password back, not even a bad one.
+            Some(_) if self.name == "password" => {
+                write!(f, "password (from {}): {}", self.origin, self.problem)
+            }
+            Some(g) => write!(
+                f,
+                "{} = {:?} (from {}): {}",
+                self.name, g, self.origin, self.problem
+            ),
+            None => write!(f, "{} (from {}): {}", self.name, self.origin, self.problem),
+        }
+    }
+}
+
+/// A raw value and where it came from.
+#[derive(Debug, Clone)]
+struct Raw {
+    value: String,
+    origin: Origin,
+}
+
+/// Reads every layer for `config_dir` and returns the typed properties, or every problem found.
+///
+/// `env` is passed in (rather than read here) so tests need not touch the process environment; the
+/// binary passes `std::env::vars()`. Unknown `MIG_*` variables are ignored because other programs
+/// (and MigHelper's `MIG_HELPER_ENV`) share the prefix; unknown names in the file or `--set` are errors.
+pub fn load(
+    config_dir: &Path,
+    env: impl IntoIterator<Item = (String, String)>,
+    sets: &[String],
+) -> Result<Properties, Vec<PropertyError>> {
+    let mut errors = Vec::new();
+    let mut raw: BTreeMap<String, Raw> = BTreeMap::new();
+
+    let defaults = config::File::from_str(DEFAULTS, FileFormat::Toml);
+    layer_file(&defaults, Origin::Default, &mut raw, &mut errors);
+    debug_assert!(errors.is_empty(), "the embedded defaults must be valid");
+
+    let file_path = config_dir.join(FILE_NAME);
+    if file_path.exists() {
+        let file = config::File::from(file_path.as_path()).format(FileFormat::Toml);
+        layer_file(
+            &file,
+            Origin::File(file_path.clone()),
+            &mut raw,
+            &mut errors,
+        );
+    }
+
+    for (key, value) in env {
+        if let Some(name) = key.strip_prefix(ENV_PREFIX) {
+            let name = name.to_ascii_lowercase();
+            if NAMES.contains(&name.as_str()) {
+                raw.insert(
+                    name,
+                    Raw {
+                        value,
+                        origin: Origin::Env(key),
+                    },
+                );
+            }
+        }
+    }
+
+    for set in sets {
+        match set.split_once('=') {
+            Some((name, value)) if NAMES.contains(&name) => {
+                raw.insert(
+                    name.to_string(),
+                    Raw {
+                        value: value.to_string(),
+                        origin: Origin::Set,
+                    },
+                );
+            }
+            Some((name, _)) => errors.push(unknown(name, Origin::Set)),
+            None => errors.push(PropertyError {
+                name: set.clone(),
+                origin: Origin::Set,
+                given: None,
+                problem: "expected NAME=VALUE".into(),
+            }),
+        }
+    }
+
+    let props = Typed::new(config_dir, &raw, &mut errors).finish();
+    if errors.is_empty() {
+        Ok(props)
+    } else {
+        Err(errors)
+    }
+}
+
+fn unknown(name: &str, origin: Origin) -> PropertyError {
+    let close = NAMES
+        .iter()
+        .map(|n| (strsim::jaro_winkler(n, name), n))
+        .filter(|(score, _)| *score > 0.8)
+        .max_by(|a, b| a.0.total_cmp(&b.0));
+    let problem = match close {
+        Some((_, n)) => format!("unknown property; did you mean `{n}`?"),
+        None => format!("unknown property; known ones are {}", NAMES.join(", ")),
+    };
+    PropertyError {
+        name: name.to_string(),
+        origin,
+        given: None,
+        problem,
+    }
+}
+
+fn layer_file(
+    file: &dyn Source,
+    origin: Origin,
+    raw: &mut BTreeMap<String, Raw>,
+    errors: &mut Vec<PropertyError>,
+) {
+    let map = match file.collect() {
+        Ok(m) => m,
+        Err(e) => {
+            errors.push(PropertyError {
+                name: FILE_NAME.into(),
+                origin,
+                given: None,
+                problem: format!("cannot read: {e}"),
+            });
+            return;
+        }
+    };
+    for (name, value) in map {
+        if !NAMES.contains(&name.as_str()) {
+            errors.push(unknown(&name, origin.clone()));
+            continue;
+        }
+        match value.into_string() {
+            Ok(value) => {
+                raw.insert(
+                    name,
+                    Raw {
+                        value,
+                        origin: origin.clone(),
+                    },
+                );
+            }
+            Err(_) => errors.push(PropertyError {
+                name,
+                origin: origin.clone(),
+                given: None,
+                problem: "must be a single value, not a table or a list".into(),
+            }),
+        }
+    }
+}
+
+/// Turns raw strings into typed values, collecting every error.
+struct Typed<'a> {
+    dir: &'a Path,
+    raw: &'a BTreeMap<String, Raw>,
+    errors: &'a mut Vec<PropertyError>,
+}
+
+impl<'a> Typed<'a> {
+    fn new(
+        dir: &'a Path,
+        raw: &'a BTreeMap<String, Raw>,
+        errors: &'a mut Vec<PropertyError>,
+    ) -> Self {
+        Typed { dir, raw, errors }
+    }
+
+    /// Parses one property; on error records it and returns `fallback` so checking goes on.
+    fn get<T>(
+        &mut self,
+        name: &str,
+        fallback: T,
+        parse: impl FnOnce(&str) -> Result<T, String>,
+    ) -> T {
+        let raw = &self.raw[name];
+        match parse(raw.value.trim()) {
+            Ok(v) => v,
+            Err(problem) => {
+                self.errors.push(PropertyError {
+                    name: name.to_string(),
+                    origin: raw.origin.clone(),
+                    given: Some(raw.value.clone()),
+                    problem,
+                });
+                fallback
+            }
+        }
+    }
+
+    fn error(&mut self, name: &str, problem: String) {
+        let raw = &self.raw[name];
+        self.errors.push(PropertyError {
+            name: name.to_string(),
+            origin: raw.origin.clone(),
+            given: Some(raw.value.clone()),
+            problem,
+        });
+    }
+
+    fn path(&mut self, name: &str) -> PathBuf {
+        let dir = self.dir;
+        self.get(name, PathBuf::new(), |s| {
+            if s.is_empty() {
+                return Err("must name a file".into());
+            }
+            Ok(dir.join(s))
+        })
+    }
+
+    fn finish(mut self) -> Properties {
+        let username = self.get("username", String::new(), |s| {
+            if s.contains(':') || s.chars().any(char::is_control) {
+                Err(
+                    "must not contain ':' or control characters (it is sent with HTTP basic auth)"
+                        .into(),
+                )
+            } else {
+                Ok(s.to_string())
+            }
+        });
+        // The password is taken as given: spaces may be part of it.
+        let password = Secret::new(self.raw["password"].value.clone());
+        let mode = self.get("mode", Mode::Both, |s| match s {
+            "migrate" => Ok(Mode::Migrate),
+            "snapshot" => Ok(Mode::Snapshot),
+            "both" => Ok(Mode::Both),
+            _ => Err("must be migrate, snapshot or both".into()),
+        });
+        let port_no = self.get("port_no", 8080, port);
+        let mon_port = self.get("mon_port", 9480, port);
+        let private_key_file = self.path("private_key_file");
+        let grid_info_file = self.path("grid_info_file");
+        let known_hosts_file = self.path("known_hosts_file");
+        let listen = self.get("listen", IpAddr::from([0, 0, 0, 0]), |s| {
+            s.parse()
+                .map_err(|_| "must be an IP address, e.g. 0.0.0.0 or 10.0.1.10".into())
+        });
+        let aux = self.get("aux", None, |s| {
+            if s.is_empty() {
+                Ok(None)
+            } else if s.parse::<IpAddr>().is_ok() || is_host_name(s) {
+                Ok(Some(s.to_string()))
+            } else {
+                Err(
+                    "must be a host name or an IP address, or empty to leave aux unconnected"
+                        .into(),
+                )
+            }
+        });
+        let passthrough = self.get("passthrough", Vec::new(), parse_passthrough);
+        let grid = self.get("grid", None, |s| {
+            if s.is_empty() {
+                Ok(None)
+            } else if s
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            {
+                Ok(Some(s.to_string()))
+            } else {
+                Err("must be a grid id from grid.info (letters, digits, '-', '_')".into())
+            }
+        });
+        let state_dir = self.path("state_dir");
+        let max_connections = self.get("max_connections", 10_000, |s| match s.parse::<usize>() {
+            Ok(n) if (1..=1_000_000).contains(&n) => Ok(n),
+            _ => Err("must be a whole number from 1 to 1000000".into()),
+        });
+        let connect_timeout = self.get("connect_timeout", Duration::from_secs(5), |s| {
+            seconds(s).and_then(|d| {
+                if d.is_zero() {
+                    Err("must be more than 0 seconds".into())
+                } else {
+                    Ok(d)
+                }
+            })
+        });
+        let idle_timeout = self.get("idle_timeout", None, |s| {
+            seconds(s).map(|d| (!d.is_zero()).then_some(d))
+        });
+        let drain_timeout = self.get("drain_timeout", Duration::from_secs(5), seconds);
+
+        // Cross-property rules: the GUI and mon ports are never passed through.
+        if port_no != 0 && passthrough.contains(&port_no) {
+            self.error(
+                "passthrough",
+                format!("includes the GUI port {port_no} (port_no); the GUI port is never passed through"),
+            );
+        }
+        if mon_port != 0 && passthrough.contains(&mon_port) {
+            self.error(
+                "passthrough",
+                format!("includes the mon port {mon_port} (mon_port); remove it or move mon_port"),
+            );
+        }
+        if mon_port != 0 && mon_port == port_no {
+            self.error(
+                "mon_port",
+                format!("is the same as port_no ({port_no}); the GUI and mon need their own ports"),
+            );
+        }
+
+        Properties {
+            config_dir: self.dir.to_path_buf(),
+            username,
+            password,
+            mode,
+            port_no,
+            private_key_file,
+            grid_info_file,
+            listen,
+            aux,
+            passthrough,
+            mon_port,
+            known_hosts_file,
+            grid,
+            state_dir,
+            max_connections,
+            connect_timeout,
+            idle_timeout,
+            drain_timeout,
+        }
+    }
+}
+
+fn port(s: &str) -> Result<u16, String> {
+    s.parse::<u16>()
+        .map_err(|_| "must be a port number from 1 to 65535 (0 lets the system pick one)".into())
+}
+
+fn seconds(s: &str) -> Result<Duration, String> {
+    match s.parse::<u64>() {
+        Ok(n) if n <= 86_400 => Ok(Duration::from_secs(n)),
+        _ => Err("must be a whole number of seconds from 0 to 86400".into()),
+    }
+}
+
+fn is_host_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 253
+        && s.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+        })
+}
+
+/// Parses a pass-through port list: `80,443,5000-5010`. Empty means none. Each port 1-65535,
+/// ranges low-high; the result is sorted and without repeats.
+pub fn parse_passthrough(s: &str) -> Result<Vec<u16>, String> {
+    let mut ports = Vec::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let one = |p: &str| -> Result<u16, String> {
+            match p.trim().parse::<u16>() {
+                Ok(n) if n > 0 => Ok(n),
+                _ => Err(format!(
+                    "{part:?} is not a port or range: use ports 1-65535 and ranges like 5000-5010"
+                )),
+            }
+        };
+        match part.split_once('-') {
+            Some((lo, hi)) => {
+                let (lo, hi) = (one(lo)?, one(hi)?);
+                if lo > hi {
+                    return Err(format!("range {part:?} runs backwards: write it low-high"));
+                }
+                ports.extend(lo..=hi);
+            }
+            None => ports.push(one(part)?),
+        }
+    }
+    ports.sort_unstable();
+    ports.dedup();
+    Ok(ports)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load_with(
+        dir: &Path,
+        env: &[(&str, &str)],
+        sets: &[&str],
+    ) -> Result<Properties, Vec<PropertyError>> {
+        let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string()));
+        let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+        load(dir, env, &sets)
+    }
+
+    fn one_error(dir: &Path, env: &[(&str, &str)], sets: &[&str]) -> String {
+        let errs = load_with(dir, env, sets).unwrap_err();
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        errs[0].to_string()
+    }
+
+    #[test]
+    fn defaults_are_the_appliance_documented_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = load_with(dir.path(), &[], &[]).unwrap();
+        assert_eq!(p.username, "");
+        assert!(p.password.is_empty());
+        assert!(!p.auth_required());
+        assert_eq!(p.mode, Mode::Both);
+        assert_eq!(p.port_no, 8080);
+        assert_eq!(p.private_key_file, dir.path().join("private.key"));
+        assert_eq!(p.grid_info_file, dir.path().join("grid.info"));
+        assert_eq!(p.known_hosts_file, dir.path().join("known_hosts"));
+        assert_eq!(p.aux, None);
+        assert!(p.passthrough.is_empty());
+        assert_eq!(p.grid, None);
+        assert_eq!(p.state_dir, PathBuf::from("/var/lib/mig/state"));
+        assert_eq!(p.idle_timeout, None);
+        // Every documented name is in the defaults, and nothing else is.
+        let map = config::File::from_str(DEFAULTS, FileFormat::Toml)
+            .collect()
+            .unwrap();
+        let mut keys: Vec<_> = map.keys().cloned().collect();
+        let mut names: Vec<_> = NAMES.iter().map(|s| s.to_string()).collect();
+        keys.sort();
+        names.sort();
+        assert_eq!(keys, names);
+    }
+
+    #[test]
+    fn each_layer_overrides_the_one_before() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join(FILE_NAME),
+            "port_no = 8081\nmode = \"migrate\"\n",
+        )
+        .unwrap();
+        let p = load_with(dir.path(), &[], &[]).unwrap();
+        assert_eq!((p.port_no, p.mode), (8081, Mode::Migrate));
+        let p = load_with(dir.path(), &[("MIG_PORT_NO", "8082")], &[]).unwrap();
+        assert_eq!((p.port_no, p.mode), (8082, Mode::Migrate));
+        let p = load_with(dir.path(), &[("MIG_PORT_NO", "8082")], &["port_no=8083"]).unwrap();
+        assert_eq!(p.port_no, 8083);
+        // The last --set of the same name wins.
+        let p = load_with(dir.path(), &[], &["mode=snapshot", "mode=both"]).unwrap();
+        assert_eq!(p.mode, Mode::Both);
+    }
+
+    #[test]
+    fn a_bad_value_names_property_layer_value_and_what_is_allowed() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(
+            one_error(dir.path(), &[("MIG_MODE", "copy")], &[]),
+            r#"mode = "copy" (from MIG_MODE): must be migrate, snapshot or both"#
+        );
+        assert_eq!(
+            one_error(dir.path(), &[], &["port_no=http"]),
+            r#"port_no = "http" (from --set): must be a port number from 1 to 65535 (0 lets the system pick one)"#
+        );
+        std::fs::write(dir.path().join(FILE_NAME), "listen = \"10.0.0.300\"\n").unwrap();
+        let e = one_error(dir.path(), &[], &[]);
+        assert!(
+            e.starts_with(&format!(
+                "listen = \"10.0.0.300\" (from {}): must be an IP address",
+                dir.path().join(FILE_NAME).display()
+            )),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn bad_values_per_property() {
+        let dir = tempfile::tempdir().unwrap();
+        for (set, fragment) in [
+            ("username=a:b", "must not contain ':'"),
+            ("mon_port=70000", "port number"),
+            ("private_key_file=", "must name a file"),
+            ("aux=not a host", "host name or an IP"),
+            ("aux=-bad.example", "host name or an IP"),
+            ("passthrough=80,abc", "\"abc\" is not a port or range"),
+            ("passthrough=90-80", "runs backwards"),
+            ("passthrough=0", "is not a port"),
+            ("grid=g 1", "must be a grid id"),
+            ("max_connections=0", "from 1 to 1000000"),
+            ("connect_timeout=0", "more than 0 seconds"),
+            ("idle_timeout=-1", "whole number of seconds"),
+            ("drain_timeout=1.5", "whole number of seconds"),
+            ("passthrough=8000-8080", "includes the GUI port 8080"),
+            ("passthrough=9480", "includes the mon port 9480"),
+            ("mon_port=8080", "same as port_no"),
+        ] {
+            let e = one_error(dir.path(), &[], &[set]);
+            assert!(e.contains(fragment), "{set}: {e}");
+        }
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let errs =
+            load_with(dir.path(), &[("MIG_MODE", "x")], &["port_no=x", "aux=a b"]).unwrap_err();
+        let names: Vec<_> = errs.iter().map(|e| e.name.as_str()).collect();
+        assert_eq!(names, ["mode", "port_no", "aux"]);
+    }
+
+    #[test]
+    fn unknown_names_in_file_or_set_suggest_a_close_one() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(
+            one_error(dir.path(), &[], &["port=8081"]),
+            "port (from --set): unknown property; did you mean `port_no`?"
+        );
+        std::fs::write(dir.path().join(FILE_NAME), "pasthrough = \"80\"\n").unwrap();
+        let e = one_error(dir.path(), &[], &[]);
+        assert!(
+            e.ends_with("unknown property; did you mean `passthrough`?"),
+            "{e}"
+        );
+        std::fs::remove_file(dir.path().join(FILE_NAME)).unwrap();
+        let e = one_error(dir.path(), &[], &["zzz=1"]);
+        assert!(e.contains("known ones are username, password"), "{e}");
+        assert_eq!(
+            one_error(dir.path(), &[], &["mode"]),
+            "mode (from --set): expected NAME=VALUE"
+        );
+        // Other programs' MIG_* variables are not ours to judge.
+        assert!(load_with(dir.path(), &[("MIG_HELPER_ENV", "x")], &[]).is_ok());
+    }
+
+    #[test]
+    fn a_malformed_file_is_an_error_not_a_panic() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(FILE_NAME), "port_no = = 3\n").unwrap();
+        let e = one_error(dir.path(), &[], &[]);
+        assert!(e.starts_with("mig.toml (from "), "{e}");
+        assert!(e.contains("cannot read"), "{e}");
+        std::fs::write(dir.path().join(FILE_NAME), "[aux]\nhost = \"x\"\n").unwrap();
+        let e = one_error(dir.path(), &[], &[]);
+        assert!(e.contains("must be a single value"), "{e}");
+    }
+
+    #[test]
+    fn relative_files_resolve_against_the_config_dir_and_absolute_ones_stay() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = load_with(
+            dir.path(),
+            &[],
+            &[
+                "private_key_file=keys/id",
+                "grid_info_file=/etc/mig/grid.info",
+            ],
+        )
+        .unwrap();
+        assert_eq!(p.private_key_file, dir.path().join("keys/id"));
+        assert_eq!(p.grid_info_file, PathBuf::from("/etc/mig/grid.info"));
+    }
+
+    #[test]
+    fn the_password_is_never_shown() {
+        let p = Properties {
+            password: Secret::new("hunter2"),
+            ..load_with(Path::new("/x"), &[], &[]).unwrap()
+        };
+        assert!(!format!("{p:?}").contains("hunter2"));
+        let e = PropertyError {
+            name: "password".into(),
+            origin: Origin::Set,
+            given: Some("hunter2".into()),
+            problem: "x".into(),
+        };
+        assert!(!e.to_string().contains("hunter2"));
+    }
+
+    #[test]
+    fn passthrough_lists_and_ranges() {
+        assert_eq!(parse_passthrough("").unwrap(), Vec::<u16>::new());
+        assert_eq!(
+            parse_passthrough("443, 80,5000-5002,80").unwrap(),
+            vec![80, 443, 5000, 5001, 5002]
+        );
+        assert!(parse_passthrough("65536").is_err());
+    }
+
+    #[test]
+    fn mode_allows() {
+        assert!(Mode::Both.allows("migrate") && Mode::Both.allows("snapshot"));
+        assert!(Mode::Migrate.allows("migrate") && !Mode::Migrate.allows("snapshot"));
+        assert!(!Mode::Snapshot.allows("migrate") && !Mode::Both.allows("copy"));
+    }
+}
