@@ -2,5 +2,6 @@
 //! configuration they run on: properties, grid.info and the application's key.
 #![forbid(unsafe_code)]
 
+pub mod auth;
 pub mod keys;
 pub mod properties;

@@ -1,0 +1,7 @@
+//! The `mig` binary's library: start-up checks, logging and the HTTP server that `main` wires to
+//! the actors. Kept as a library so that tests start the real server in-process on port 0.
+#![forbid(unsafe_code)]
+
+pub mod logging;
+pub mod server;
+pub mod site;
