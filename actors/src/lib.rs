@@ -1,1 +1,7 @@
-//! tmp
+//! MIG's application side: the actors that carry out an operation (Source, MigHelper, Target and
+//! Proxy), the operation model they share with the API and the journal, MIG's properties, and the
+//! grid.info file that says which grids exist and how to reach them. The `mig` binary wires these
+//! together; nothing here parses a command line or serves HTTP.
+#![forbid(unsafe_code)]
+
+pub mod grid_info;
