@@ -1,7 +1,11 @@
-//! MIG's actors (Source, MigHelper, Target, Proxy), the operation model they share, and the
-//! configuration they run on: properties, grid.info and the application's key.
+//! MIG's application side: the actors that carry out an operation (Source, MigHelper, Target and
+//! Proxy), the operation model they share with the API and the journal, and the configuration they
+//! run on: MIG's properties, the application's key, and the grid.info file that says which grids
+//! exist and how to reach them. The `mig` binary wires these together; nothing here parses a command
+//! line or serves HTTP.
 #![forbid(unsafe_code)]
 
 pub mod auth;
+pub mod grid_info;
 pub mod keys;
 pub mod properties;
