@@ -20,7 +20,11 @@ pub fn init(format: LogFormat, filter: &str) -> anyhow::Result<()> {
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).try_init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .try_init(),
     }
     .map_err(|e| anyhow::anyhow!("cannot install the logger: {e}"))
 }

@@ -88,7 +88,7 @@ fn check(args: ConfigArgs) -> Result<ExitCode, ExitCode> {
             g.location.as_deref().unwrap_or("no location"),
             g.mig_ip
         ),
-        (Err(why), _) | (Ok(_), None) if site.problems.is_empty() => {
+        _ if site.problems.is_empty() => {
             println!("own grid: cannot tell: {}", why_or(&site.own_grid))
         }
         _ => {}
@@ -121,7 +121,9 @@ async fn serve(args: ConfigArgs) -> Result<ExitCode, ExitCode> {
     }
     match site.operations_unavailable() {
         Some(why) => tracing::warn!("operations are not offered: {why}"),
-        None => tracing::info!(grid = %site.own_grid.as_deref().unwrap_or_default(), "operations offered"),
+        None => {
+            tracing::info!(grid = %site.own_grid.as_deref().unwrap_or_default(), "operations offered")
+        }
     }
 
     let p = &site.props;
@@ -151,7 +153,10 @@ fn bind(addr: SocketAddr) -> Result<TcpListener, String> {
 /// Cancels `shutdown` on SIGTERM (the grid stopping the application) or SIGINT (Ctrl-C).
 async fn stop_on_signal(shutdown: CancellationToken) {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         tracing::error!("cannot install signal handlers; stop MIG with SIGKILL");
         return;
     };

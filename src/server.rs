@@ -4,7 +4,6 @@
 //! server over real sockets, and `main` can report a port that cannot be bound before anything starts.
 
 use std::net::TcpListener;
-use std::sync::Arc;
 use std::time::Duration;
 
 use actix_web::body::MessageBody;
@@ -28,7 +27,12 @@ pub struct Shared {
 }
 
 /// Serves the GUI on `gui` and health and metrics on `mon` until `shutdown` is cancelled.
-pub async fn run(site: Site, gui: TcpListener, mon: TcpListener, shutdown: CancellationToken) -> std::io::Result<()> {
+pub async fn run(
+    site: Site,
+    gui: TcpListener,
+    mon: TcpListener,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
     let credentials = GuiCredentials::new(&site.props.username, &site.props.password);
     let shared = aw::Data::new(Shared { site, credentials });
 
@@ -84,12 +88,17 @@ async fn require_credentials(
             .and_then(|v| v.to_str().ok());
         if !creds.check_header(given) {
             let resp = HttpResponse::Unauthorized()
-                .insert_header((header::WWW_AUTHENTICATE, r#"Basic realm="MIG", charset="UTF-8""#))
+                .insert_header((
+                    header::WWW_AUTHENTICATE,
+                    r#"Basic realm="MIG", charset="UTF-8""#,
+                ))
                 .json(serde_json::json!({"error": "this MIG needs its GUI username and password"}));
             return Ok(req.into_response(resp));
         }
     }
-    next.call(req).await.map(ServiceResponse::map_into_boxed_body)
+    next.call(req)
+        .await
+        .map(ServiceResponse::map_into_boxed_body)
 }
 
 #[derive(Serialize)]

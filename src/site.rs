@@ -193,7 +193,10 @@ pub async fn run_rc_local(config_dir: &Path) -> Result<(), String> {
         .map_err(|e| format!("{}: .rc.local script could not run: {e}", p.display()))?;
     match status.code() {
         Some(0) => Ok(()),
-        Some(n) => Err(format!("{}: .rc.local script failed, ret = {n}", p.display())),
+        Some(n) => Err(format!(
+            "{}: .rc.local script failed, ret = {n}",
+            p.display()
+        )),
         None => Err(format!(
             "{}: .rc.local script failed, ret = killed by a signal",
             p.display()

@@ -64,7 +64,9 @@ mod tests {
     fn only_the_right_pair_passes() {
         let c = GuiCredentials::new("ops", &Secret::new("s3cret:with colon")).unwrap();
         assert!(c.check_header(Some(&header("ops", "s3cret:with colon"))));
-        assert!(c.check_header(Some(&header("ops", "s3cret:with colon").replace("Basic", "basic"))));
+        assert!(c.check_header(Some(
+            &header("ops", "s3cret:with colon").replace("Basic", "basic")
+        )));
         assert!(!c.check_header(Some(&header("ops", "s3cret"))));
         assert!(!c.check_header(Some(&header("op", "s3cret:with colon"))));
         assert!(!c.check_header(Some(&header("", ""))));
