@@ -924,10 +924,18 @@ impl Parser<'_> {
             let value_col = v.col_at(i);
             let mut value = String::new();
             let mut value_ok = true;
+            // The first control character and its column, to point at it.
+            let mut control = None;
+            let push = |value: &mut String, control: &mut Option<(char, usize)>, (c, at)| {
+                value.push(c);
+                if c.is_control() && control.is_none() {
+                    *control = Some((c, at));
+                }
+            };
             if let Some(&(q, q_col)) = cs.get(i).filter(|(c, _)| *c == '\'' || *c == '"') {
                 i += 1;
                 while i < cs.len() && cs[i].0 != q {
-                    value.push(cs[i].0);
+                    push(&mut value, &mut control, cs[i]);
                     i += 1;
                 }
                 if i == cs.len() {
@@ -952,7 +960,7 @@ impl Parser<'_> {
                 }
             } else {
                 while i < cs.len() && !is_blank(cs[i].0) {
-                    value.push(cs[i].0);
+                    push(&mut value, &mut control, cs[i]);
                     i += 1;
                 }
             }
@@ -984,13 +992,13 @@ impl Parser<'_> {
                 self.err(no, name_col, message);
                 continue;
             }
-            if let Some(c) = value.chars().find(|c| c.is_control()) {
+            if let Some((c, at)) = control {
                 ok = false;
                 value_ok = false;
                 let message = format!(
                     "control character {c:?} in the value of `{name}` in {owner}: remove it"
                 );
-                self.err(no, value_col, message);
+                self.err(no, at, message);
             }
             props.push(ListProp {
                 checked: value_ok.then(|| value.clone()),
@@ -1008,19 +1016,19 @@ impl Parser<'_> {
         for (key, what) in [
             (
                 Key::Controller,
-                "controller = HOST (host, host:port or user@host[:port])",
+                "`controller = HOST` (host, host:port or user@host[:port])",
             ),
             (
                 Key::MigIp,
-                "MIG_ip = HOST:PORT (where MIG's GUI listens on this grid)",
+                "`MIG_ip = HOST:PORT` (where MIG's GUI listens on this grid)",
             ),
             (
                 Key::MigHelperConfig,
-                "MigHelper_config = \"in_ip=… out_ip=… netmask=… gateway=…\"",
+                "`MigHelper_config = \"in_ip=… out_ip=… netmask=… gateway=…\"`",
             ),
         ] {
             if !b.seen.contains_key(&key) {
-                let message = format!("{} has no {}: add `{what}`", b.label(), key.name());
+                let message = format!("{} has no {}: add {what}", b.label(), key.name());
                 self.err(b.line, b.col, message);
             }
         }
