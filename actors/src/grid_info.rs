@@ -27,7 +27,7 @@
 //! double quotes written `\"` inside the outer quotes; there are no escapes inside those inner
 //! quotes, so `'` can hold `"` and the other way round.
 use std::borrow::Cow;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::io::Read;
 use std::net::{Ipv4Addr, Ipv6Addr};
@@ -312,7 +312,8 @@ pub fn parse(path: &Path, bytes: &[u8]) -> Result<GridInfo, Vec<Diagnostic>> {
     } = p;
     // On a line with bad bytes, the encoding is the problem to fix; what the lossy decoding made of
     // the line is noise.
-    diags.retain(|d| !encoding.iter().any(|(no, _, _)| *no == d.line));
+    let bad_lines: HashSet<usize> = encoding.iter().map(|(no, _, _)| *no).collect();
+    diags.retain(|d| !bad_lines.contains(&d.line));
     for (line, col, message) in encoding {
         diags.push(Diagnostic {
             path: path.to_path_buf(),
@@ -848,9 +849,8 @@ impl Parser<'_> {
             });
         }
         let mut ok = true;
-        let mut it = rest.char_indices().skip(1).peekable();
-        while let Some((i, c)) = it.next() {
-            let c_col = first_col + rest[..i].chars().count();
+        let mut it = rest.char_indices().zip(first_col..).skip(1).peekable();
+        while let Some(((i, c), c_col)) = it.next() {
             match c {
                 '"' => {
                     self.trailing(
@@ -866,11 +866,11 @@ impl Parser<'_> {
                     });
                 }
                 '\\' => match it.peek() {
-                    Some(&(_, e)) if e == '"' || e == '\\' => {
+                    Some(&((_, e), _)) if e == '"' || e == '\\' => {
                         chars.push((e, c_col));
                         it.next();
                     }
-                    Some(&(_, e)) => {
+                    Some(&((_, e), _)) => {
                         ok = false;
                         let message = format!(
                             "unknown escape `\\{}` in a quoted value: only `\\\"` and `\\\\` are allowed",
@@ -897,6 +897,8 @@ impl Parser<'_> {
     fn prop_list(&mut self, no: usize, v: &Value, key: Key) -> (Vec<ListProp>, bool) {
         let cs = &v.chars;
         let mut props: Vec<ListProp> = Vec::new();
+        // Name → column of its first setting (a map: a list may hold many thousands).
+        let mut first_at: HashMap<String, usize> = HashMap::new();
         let mut ok = true;
         let mut i = 0;
         let owner = key.name();
@@ -983,15 +985,15 @@ impl Parser<'_> {
                 self.err(no, name_col, message);
                 continue;
             }
-            if let Some(first) = props.iter().find(|p| p.name == name) {
+            if let Some(first) = first_at.get(&name) {
                 ok = false;
                 let message = format!(
-                    "property `{name}` is set twice in {owner} (first at column {}); keep only one",
-                    first.name_col
+                    "property `{name}` is set twice in {owner} (first at column {first}); keep only one"
                 );
                 self.err(no, name_col, message);
                 continue;
             }
+            first_at.insert(name.clone(), name_col);
             if let Some((c, at)) = control {
                 ok = false;
                 value_ok = false;
@@ -1004,7 +1006,6 @@ impl Parser<'_> {
                 checked: value_ok.then(|| value.clone()),
                 name,
                 value,
-                name_col,
                 value_col,
             });
         }
@@ -1062,7 +1063,6 @@ struct ListProp {
     value: String,
     /// The value when it had no problem of its own (so it is worth checking further).
     checked: Option<String>,
-    name_col: usize,
     value_col: usize,
 }
 

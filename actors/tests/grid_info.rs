@@ -468,3 +468,40 @@ proptest! {
         check_any(&apply(&original, &mutations))?;
     }
 }
+
+/// Parses `bytes` (which must be at most 1 MiB) and returns how long it took.
+fn timed(bytes: &[u8]) -> std::time::Duration {
+    assert!(bytes.len() as u64 <= grid_info::MAX_SIZE);
+    let t = std::time::Instant::now();
+    let _ = grid_info::parse(Path::new("big.info"), bytes);
+    t.elapsed()
+}
+
+#[test]
+fn the_largest_files_parse_in_linear_time() {
+    // Each is close to 1 MiB and built to hit one loop hard; a quadratic step takes minutes here.
+    let n = grid_info::MAX_SIZE as usize - 200;
+    let long_quoted = format!("grid g1: {{\n  location = \"{}\"\n}}\n", "a".repeat(n));
+    let mut props = String::new();
+    for i in 0.. {
+        if props.len() > n - 100 {
+            break;
+        }
+        props += &format!("p{i}=1 ");
+    }
+    let many_props = format!("grid g1: {{\n  app_config = \"{props}\"\n}}\n");
+    let mut bad_lines = b"\xff\n".repeat(n / 2);
+    bad_lines.truncate(n);
+    let many_grids: String = (0..n / 40)
+        .map(|i| format!("grid g{i}: {{\n}}\n"))
+        .collect();
+    for (name, bytes) in [
+        ("one long quoted value", long_quoted.into_bytes()),
+        ("many properties", many_props.into_bytes()),
+        ("many non-UTF-8 lines", bad_lines),
+        ("many grids", many_grids.into_bytes()),
+    ] {
+        let took = timed(&bytes);
+        assert!(took.as_secs() < 20, "{name}: {took:?}");
+    }
+}
