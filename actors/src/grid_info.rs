@@ -458,6 +458,11 @@ struct Block {
 }
 
 impl Block {
+    /// The header as it should read, for messages.
+    fn header(&self) -> String {
+        format!("grid {}:", self.id.as_deref().unwrap_or("ID"))
+    }
+
     fn label(&self) -> String {
         match &self.id {
             Some(id) => format!("grid {id}"),
@@ -523,8 +528,8 @@ impl Parser<'_> {
 
     fn missing_open_brace(&mut self, b: &Block) {
         let message = format!(
-            "expected `{{` after `{}:`, on the same line or the next",
-            b.label()
+            "expected `{{` after `{}`, on the same line or the next",
+            b.header()
         );
         self.err(b.line, b.brace_col, message);
     }
@@ -630,13 +635,8 @@ impl Parser<'_> {
             );
             self.state = State::Open(block);
         } else {
-            self.trailing(
-                no,
-                text,
-                at,
-                &format!("`grid {id}:`"),
-                "only `{` or a comment may follow",
-            );
+            let after = format!("`{}`", block.header());
+            self.trailing(no, text, at, &after, "only `{` or a comment may follow");
             self.state = State::Header(block);
         }
     }
@@ -1241,6 +1241,24 @@ mod tests {
     fn a_byte_order_mark_is_ignored() {
         let src = format!("\u{feff}{GOOD}");
         assert!(parse(Path::new("g.info"), src.as_bytes()).is_ok());
+    }
+
+    #[test]
+    fn header_problems_read_well_without_a_usable_id() {
+        let d = diags("grid g.1: x\n");
+        assert_eq!(d.len(), 3, "{d:?}");
+        assert!(
+            d[0].starts_with("g.info:1:6: invalid grid id `g.1`"),
+            "{d:?}"
+        );
+        assert!(
+            d[1].starts_with("g.info:1:10: expected `{` after `grid ID:`"),
+            "{d:?}"
+        );
+        assert!(
+            d[2].starts_with("g.info:1:11: unexpected text after `grid ID:`"),
+            "{d:?}"
+        );
     }
 
     #[test]
