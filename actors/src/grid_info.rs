@@ -27,7 +27,7 @@
 //! double quotes written `\"` inside the outer quotes; there are no escapes inside those inner
 //! quotes, so `'` can hold `"` and the other way round.
 use std::borrow::Cow;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::io::Read;
 use std::net::{Ipv4Addr, Ipv6Addr};
@@ -312,7 +312,8 @@ pub fn parse(path: &Path, bytes: &[u8]) -> Result<GridInfo, Vec<Diagnostic>> {
     } = p;
     // On a line with bad bytes, the encoding is the problem to fix; what the lossy decoding made of
     // the line is noise.
-    diags.retain(|d| !encoding.iter().any(|(no, _, _)| *no == d.line));
+    let bad_lines: HashSet<usize> = encoding.iter().map(|(no, _, _)| *no).collect();
+    diags.retain(|d| !bad_lines.contains(&d.line));
     for (line, col, message) in encoding {
         diags.push(Diagnostic {
             path: path.to_path_buf(),
@@ -457,6 +458,11 @@ struct Block {
 }
 
 impl Block {
+    /// The header as it should read, for messages.
+    fn header(&self) -> String {
+        format!("grid {}:", self.id.as_deref().unwrap_or("ID"))
+    }
+
     fn label(&self) -> String {
         match &self.id {
             Some(id) => format!("grid {id}"),
@@ -522,8 +528,8 @@ impl Parser<'_> {
 
     fn missing_open_brace(&mut self, b: &Block) {
         let message = format!(
-            "expected `{{` after `{}:`, on the same line or the next",
-            b.label()
+            "expected `{{` after `{}`, on the same line or the next",
+            b.header()
         );
         self.err(b.line, b.brace_col, message);
     }
@@ -629,13 +635,8 @@ impl Parser<'_> {
             );
             self.state = State::Open(block);
         } else {
-            self.trailing(
-                no,
-                text,
-                at,
-                &format!("`grid {id}:`"),
-                "only `{` or a comment may follow",
-            );
+            let after = format!("`{}`", block.header());
+            self.trailing(no, text, at, &after, "only `{` or a comment may follow");
             self.state = State::Header(block);
         }
     }
@@ -848,9 +849,8 @@ impl Parser<'_> {
             });
         }
         let mut ok = true;
-        let mut it = rest.char_indices().skip(1).peekable();
-        while let Some((i, c)) = it.next() {
-            let c_col = first_col + rest[..i].chars().count();
+        let mut it = rest.char_indices().zip(first_col..).skip(1).peekable();
+        while let Some(((i, c), c_col)) = it.next() {
             match c {
                 '"' => {
                     self.trailing(
@@ -866,11 +866,11 @@ impl Parser<'_> {
                     });
                 }
                 '\\' => match it.peek() {
-                    Some(&(_, e)) if e == '"' || e == '\\' => {
+                    Some(&((_, e), _)) if e == '"' || e == '\\' => {
                         chars.push((e, c_col));
                         it.next();
                     }
-                    Some(&(_, e)) => {
+                    Some(&((_, e), _)) => {
                         ok = false;
                         let message = format!(
                             "unknown escape `\\{}` in a quoted value: only `\\\"` and `\\\\` are allowed",
@@ -897,6 +897,8 @@ impl Parser<'_> {
     fn prop_list(&mut self, no: usize, v: &Value, key: Key) -> (Vec<ListProp>, bool) {
         let cs = &v.chars;
         let mut props: Vec<ListProp> = Vec::new();
+        // Name → column of its first setting (a map: a list may hold many thousands).
+        let mut first_at: HashMap<String, usize> = HashMap::new();
         let mut ok = true;
         let mut i = 0;
         let owner = key.name();
@@ -924,10 +926,18 @@ impl Parser<'_> {
             let value_col = v.col_at(i);
             let mut value = String::new();
             let mut value_ok = true;
+            // The first control character and its column, to point at it.
+            let mut control = None;
+            let push = |value: &mut String, control: &mut Option<(char, usize)>, (c, at)| {
+                value.push(c);
+                if c.is_control() && control.is_none() {
+                    *control = Some((c, at));
+                }
+            };
             if let Some(&(q, q_col)) = cs.get(i).filter(|(c, _)| *c == '\'' || *c == '"') {
                 i += 1;
                 while i < cs.len() && cs[i].0 != q {
-                    value.push(cs[i].0);
+                    push(&mut value, &mut control, cs[i]);
                     i += 1;
                 }
                 if i == cs.len() {
@@ -952,7 +962,7 @@ impl Parser<'_> {
                 }
             } else {
                 while i < cs.len() && !is_blank(cs[i].0) {
-                    value.push(cs[i].0);
+                    push(&mut value, &mut control, cs[i]);
                     i += 1;
                 }
             }
@@ -975,28 +985,27 @@ impl Parser<'_> {
                 self.err(no, name_col, message);
                 continue;
             }
-            if let Some(first) = props.iter().find(|p| p.name == name) {
+            if let Some(first) = first_at.get(&name) {
                 ok = false;
                 let message = format!(
-                    "property `{name}` is set twice in {owner} (first at column {}); keep only one",
-                    first.name_col
+                    "property `{name}` is set twice in {owner} (first at column {first}); keep only one"
                 );
                 self.err(no, name_col, message);
                 continue;
             }
-            if let Some(c) = value.chars().find(|c| c.is_control()) {
+            first_at.insert(name.clone(), name_col);
+            if let Some((c, at)) = control {
                 ok = false;
                 value_ok = false;
                 let message = format!(
                     "control character {c:?} in the value of `{name}` in {owner}: remove it"
                 );
-                self.err(no, value_col, message);
+                self.err(no, at, message);
             }
             props.push(ListProp {
                 checked: value_ok.then(|| value.clone()),
                 name,
                 value,
-                name_col,
                 value_col,
             });
         }
@@ -1008,19 +1017,19 @@ impl Parser<'_> {
         for (key, what) in [
             (
                 Key::Controller,
-                "controller = HOST (host, host:port or user@host[:port])",
+                "`controller = HOST` (host, host:port or user@host[:port])",
             ),
             (
                 Key::MigIp,
-                "MIG_ip = HOST:PORT (where MIG's GUI listens on this grid)",
+                "`MIG_ip = HOST:PORT` (where MIG's GUI listens on this grid)",
             ),
             (
                 Key::MigHelperConfig,
-                "MigHelper_config = \"in_ip=… out_ip=… netmask=… gateway=…\"",
+                "`MigHelper_config = \"in_ip=… out_ip=… netmask=… gateway=…\"`",
             ),
         ] {
             if !b.seen.contains_key(&key) {
-                let message = format!("{} has no {}: add `{what}`", b.label(), key.name());
+                let message = format!("{} has no {}: add {what}", b.label(), key.name());
                 self.err(b.line, b.col, message);
             }
         }
@@ -1054,7 +1063,6 @@ struct ListProp {
     value: String,
     /// The value when it had no problem of its own (so it is worth checking further).
     checked: Option<String>,
-    name_col: usize,
     value_col: usize,
 }
 
@@ -1233,6 +1241,24 @@ mod tests {
     fn a_byte_order_mark_is_ignored() {
         let src = format!("\u{feff}{GOOD}");
         assert!(parse(Path::new("g.info"), src.as_bytes()).is_ok());
+    }
+
+    #[test]
+    fn header_problems_read_well_without_a_usable_id() {
+        let d = diags("grid g.1: x\n");
+        assert_eq!(d.len(), 3, "{d:?}");
+        assert!(
+            d[0].starts_with("g.info:1:6: invalid grid id `g.1`"),
+            "{d:?}"
+        );
+        assert!(
+            d[1].starts_with("g.info:1:10: expected `{` after `grid ID:`"),
+            "{d:?}"
+        );
+        assert!(
+            d[2].starts_with("g.info:1:11: unexpected text after `grid ID:`"),
+            "{d:?}"
+        );
     }
 
     #[test]
