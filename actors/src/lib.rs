@@ -8,4 +8,5 @@
 pub mod auth;
 pub mod grid_info;
 pub mod keys;
+pub mod op;
 pub mod properties;

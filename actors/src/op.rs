@@ -1,0 +1,412 @@
+//! The operation model: one migrate or snapshot, its plan, and the monitors and steps the GUI shows.
+//!
+//! Plain data with serde, shared by the actors, the API, the journal and the handoff. Step and
+//! monitor names exist once, here, as constants; they are what a person reads on the page.
+
+use serde::{Deserialize, Serialize};
+
+pub const SOURCE_MONITOR: &str = "Source Application Monitor";
+pub const HELPER_MONITOR: &str = "MigHelper Application Monitor";
+pub const TARGET_MONITOR: &str = "Target Application Monitor";
+pub const RESTART_MONITOR: &str = "Re-Start Source Application Monitor";
+
+pub const PROVISIONING_HELPER: &str = "provisioning MigHelper on the target grid";
+pub const STOPPING_SOURCE: &str = "stopping the source application";
+pub const MIGRATING: &str =
+    "migrating the source application to the target grid as the target application";
+pub const STARTING_TARGET: &str = "starting the target application";
+pub const RESTARTING_SOURCE: &str = "re-starting the source application";
+pub const DESTROYING_SOURCE: &str = "destroying the source application";
+pub const STOPPING_HELPER: &str = "stopping MigHelper";
+pub const DESTROYING_HELPER: &str = "destroying MigHelper";
+
+/// The template MIG provisions on the target grid for one operation.
+pub const HELPER_TEMPLATE: &str = "MigHelper";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    Migrate,
+    Snapshot,
+}
+
+impl Kind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Migrate => "migrate",
+            Kind::Snapshot => "snapshot",
+        }
+    }
+
+    /// The steps of each monitor, in the order they run.
+    pub fn monitors(self) -> [(&'static str, &'static [&'static str]); 3] {
+        match self {
+            Kind::Migrate => [
+                (SOURCE_MONITOR, &[PROVISIONING_HELPER]),
+                (
+                    HELPER_MONITOR,
+                    &[STOPPING_SOURCE, MIGRATING, STARTING_TARGET],
+                ),
+                (
+                    TARGET_MONITOR,
+                    &[DESTROYING_SOURCE, STOPPING_HELPER, DESTROYING_HELPER],
+                ),
+            ],
+            Kind::Snapshot => [
+                (SOURCE_MONITOR, &[PROVISIONING_HELPER]),
+                (
+                    HELPER_MONITOR,
+                    &[STOPPING_SOURCE, MIGRATING, RESTARTING_SOURCE],
+                ),
+                (RESTART_MONITOR, &[STOPPING_HELPER, DESTROYING_HELPER]),
+            ],
+        }
+    }
+}
+
+impl std::str::FromStr for Kind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "migrate" => Ok(Kind::Migrate),
+            "snapshot" => Ok(Kind::Snapshot),
+            other => Err(format!(
+                "unknown operation {other:?}: use migrate or snapshot"
+            )),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OpState {
+    Running,
+    Succeeded,
+    Failed,
+    RolledBack,
+}
+
+impl OpState {
+    pub fn is_final(self) -> bool {
+        self != OpState::Running
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StepState {
+    Pending,
+    Running,
+    Done,
+    Failed,
+    RolledBack,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Step {
+    pub name: String,
+    pub state: StepState,
+    /// RFC 3339, UTC.
+    pub started_at: Option<String>,
+    pub ended_at: Option<String>,
+    /// What happened, in words a person can act on (the reason of a failure, what was undone).
+    pub detail: Option<String>,
+    pub bytes_done: Option<u64>,
+    pub bytes_total: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Monitor {
+    pub name: String,
+    /// The grid the monitor's actor runs on.
+    pub grid: String,
+    pub steps: Vec<Step>,
+}
+
+/// Who drives the operation now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    Source,
+    Helper,
+    Target,
+}
+
+/// Everything an instance needs to play its part, fixed when the operation starts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Plan {
+    pub source_grid: String,
+    pub target_grid: String,
+    pub source_app: String,
+    pub target_app: String,
+    /// `[user@]host[:port]` of each grid's controller.
+    pub source_controller: String,
+    pub target_controller: String,
+    /// Where the page follows the operation: source MIG, then MigHelper, then the MIG of the
+    /// application that runs at the end (the target for a migrate, the source for a snapshot).
+    pub source_mig_url: String,
+    pub helper_url: String,
+    pub final_mig_url: String,
+    /// The MigHelper application on the target grid, and its properties (MigHelper_config).
+    pub helper_app: String,
+    pub helper_config: Vec<(String, String)>,
+    /// The target grid's app_config, applied to the copy.
+    pub target_app_config: Vec<(String, String)>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Op {
+    pub id: String,
+    pub kind: Kind,
+    pub state: OpState,
+    /// Why the operation failed or was rolled back.
+    pub error: Option<String>,
+    pub monitors: Vec<Monitor>,
+    pub plan: Plan,
+    pub owner: Role,
+    /// True once a failure before the cut-over has turned the operation into a roll-back.
+    pub rolling_back: bool,
+    /// What is left over after a failure, each with the command that clears it.
+    pub leftovers: Vec<String>,
+    /// Bumped on every change, so a reader can tell the newer of two copies.
+    pub version: u64,
+}
+
+/// Now, as RFC 3339 with milliseconds.
+pub fn now() -> String {
+    humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string()
+}
+
+/// A fresh operation id: 128 random bits, as 32 hex digits.
+pub fn new_id() -> String {
+    format!("{:032x}", rand::random::<u128>())
+}
+
+/// Checks that `id` looks like one of ours before it is used as a file name or a key.
+pub fn valid_id(id: &str) -> bool {
+    id.len() == 32
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+}
+
+impl Op {
+    pub fn new(id: String, kind: Kind, plan: Plan) -> Op {
+        let grids = [&plan.source_grid, &plan.target_grid, &{
+            match kind {
+                Kind::Migrate => plan.target_grid.clone(),
+                Kind::Snapshot => plan.source_grid.clone(),
+            }
+        }];
+        let monitors = kind
+            .monitors()
+            .iter()
+            .zip(grids)
+            .map(|((name, steps), grid)| Monitor {
+                name: name.to_string(),
+                grid: grid.clone(),
+                steps: steps
+                    .iter()
+                    .map(|s| Step {
+                        name: s.to_string(),
+                        state: StepState::Pending,
+                        started_at: None,
+                        ended_at: None,
+                        detail: None,
+                        bytes_done: None,
+                        bytes_total: None,
+                    })
+                    .collect(),
+            })
+            .collect();
+        Op {
+            id,
+            kind,
+            state: OpState::Running,
+            error: None,
+            monitors,
+            plan,
+            owner: Role::Source,
+            rolling_back: false,
+            leftovers: Vec::new(),
+            version: 0,
+        }
+    }
+
+    /// The first 8 hex digits, used in the MigHelper's name.
+    pub fn short_id(&self) -> &str {
+        &self.id[..8]
+    }
+
+    pub fn step(&self, name: &str) -> &Step {
+        self.monitors
+            .iter()
+            .flat_map(|m| &m.steps)
+            .find(|s| s.name == name)
+            .unwrap_or_else(|| panic!("no step {name:?} in a {} operation", self.kind.as_str()))
+    }
+
+    pub fn step_mut(&mut self, name: &str) -> &mut Step {
+        self.version += 1;
+        let kind = self.kind.as_str();
+        self.monitors
+            .iter_mut()
+            .flat_map(|m| &mut m.steps)
+            .find(|s| s.name == name)
+            .unwrap_or_else(|| panic!("no step {name:?} in a {kind} operation"))
+    }
+
+    pub fn has_step(&self, name: &str) -> bool {
+        self.monitors
+            .iter()
+            .flat_map(|m| &m.steps)
+            .any(|s| s.name == name)
+    }
+
+    pub fn start_step(&mut self, name: &str) {
+        let s = self.step_mut(name);
+        s.state = StepState::Running;
+        if s.started_at.is_none() {
+            s.started_at = Some(now());
+        }
+        s.ended_at = None;
+    }
+
+    pub fn finish_step(&mut self, name: &str, detail: Option<String>) {
+        let s = self.step_mut(name);
+        s.state = StepState::Done;
+        s.ended_at = Some(now());
+        if detail.is_some() {
+            s.detail = detail;
+        }
+    }
+
+    pub fn fail_step(&mut self, name: &str, reason: &str) {
+        let s = self.step_mut(name);
+        s.state = StepState::Failed;
+        s.ended_at = Some(now());
+        s.detail = Some(reason.to_string());
+    }
+
+    pub fn set_progress(&mut self, name: &str, done: u64, total: u64) {
+        let s = self.step_mut(name);
+        s.bytes_done = Some(done);
+        s.bytes_total = Some(total);
+    }
+
+    /// Marks every step that did not finish as rolled back: those that ran were undone, those
+    /// that never ran will not.
+    pub fn roll_back_rest(&mut self, undone: &[&str]) {
+        self.version += 1;
+        for s in self.monitors.iter_mut().flat_map(|m| &mut m.steps) {
+            match s.state {
+                StepState::Done if undone.contains(&s.name.as_str()) => {
+                    s.state = StepState::RolledBack;
+                    s.detail = Some("undone by the roll-back".into());
+                }
+                StepState::Pending | StepState::Running => {
+                    s.state = StepState::RolledBack;
+                    s.detail = Some("not run: the operation was rolled back".into());
+                }
+                _ => {}
+            }
+        }
+    }
+
+    pub fn end(&mut self, state: OpState, error: Option<String>) {
+        self.version += 1;
+        self.state = state;
+        if error.is_some() {
+            self.error = error;
+        }
+    }
+
+    /// The name of the monitor that runs last (Target, or Re-Start Source).
+    pub fn last_monitor(&self) -> &str {
+        &self.monitors[2].name
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub fn plan() -> Plan {
+        Plan {
+            source_grid: "g1".into(),
+            target_grid: "g2".into(),
+            source_app: "shop".into(),
+            target_app: "shop2".into(),
+            source_controller: "127.0.1.1:2222".into(),
+            target_controller: "127.0.2.1:2222".into(),
+            source_mig_url: "http://127.0.1.10:8080".into(),
+            helper_url: "http://127.0.2.20:8080".into(),
+            final_mig_url: "http://127.0.2.10:8080".into(),
+            helper_app: "mighelper-01234567".into(),
+            helper_config: vec![("in_ip".into(), "127.0.2.20".into())],
+            target_app_config: vec![],
+        }
+    }
+
+    #[test]
+    fn monitors_and_steps_are_the_designed_ones() {
+        let op = Op::new(new_id(), Kind::Migrate, plan());
+        let names: Vec<_> = op
+            .monitors
+            .iter()
+            .map(|m| (m.name.as_str(), m.grid.as_str()))
+            .collect();
+        assert_eq!(
+            names,
+            [
+                (SOURCE_MONITOR, "g1"),
+                (HELPER_MONITOR, "g2"),
+                (TARGET_MONITOR, "g2")
+            ]
+        );
+        let op = Op::new(new_id(), Kind::Snapshot, plan());
+        assert_eq!(op.monitors[2].name, RESTART_MONITOR);
+        assert_eq!(op.monitors[2].grid, "g1");
+        assert_eq!(op.monitors[1].steps[2].name, RESTARTING_SOURCE);
+        assert!(!op.has_step(DESTROYING_SOURCE));
+    }
+
+    #[test]
+    fn the_json_has_the_api_shape() {
+        let mut op = Op::new(new_id(), Kind::Migrate, plan());
+        op.start_step(MIGRATING);
+        op.set_progress(MIGRATING, 10, 100);
+        let v = serde_json::to_value(&op).unwrap();
+        assert_eq!(v["kind"], "migrate");
+        assert_eq!(v["state"], "running");
+        assert_eq!(v["error"], serde_json::Value::Null);
+        let step = &v["monitors"][1]["steps"][1];
+        assert_eq!(step["state"], "running");
+        assert_eq!(step["bytes_done"], 10);
+        assert_eq!(step["bytes_total"], 100);
+        assert!(step["started_at"].as_str().unwrap().ends_with('Z'));
+        let back: Op = serde_json::from_value(v).unwrap();
+        assert_eq!(back, op);
+    }
+
+    #[test]
+    fn roll_back_marks_undone_and_unrun_steps() {
+        let mut op = Op::new(new_id(), Kind::Migrate, plan());
+        op.finish_step(PROVISIONING_HELPER, None);
+        op.finish_step(STOPPING_SOURCE, None);
+        op.start_step(MIGRATING);
+        op.fail_step(MIGRATING, "copy failed");
+        op.roll_back_rest(&[STOPPING_SOURCE]);
+        assert_eq!(op.step(PROVISIONING_HELPER).state, StepState::Done);
+        assert_eq!(op.step(STOPPING_SOURCE).state, StepState::RolledBack);
+        assert_eq!(op.step(MIGRATING).state, StepState::Failed);
+        assert_eq!(op.step(STARTING_TARGET).state, StepState::RolledBack);
+    }
+
+    #[test]
+    fn ids_are_128_random_bits() {
+        let (a, b) = (new_id(), new_id());
+        assert!(valid_id(&a) && valid_id(&b) && a != b);
+        assert!(!valid_id("../../etc/passwd") && !valid_id(&a.to_uppercase()));
+    }
+}
