@@ -7,6 +7,7 @@
 
 pub mod auth;
 pub mod grid_info;
+pub mod journal;
 pub mod keys;
 pub mod op;
 pub mod properties;
