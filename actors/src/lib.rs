@@ -1,1 +1,4 @@
 //! tmp
+
+pub mod controller;
+pub mod ssh;
