@@ -11,7 +11,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use async_ssh2_lite::ssh2::{CheckResult, ErrorCode, HashType, KnownHostFileKind};
+use async_ssh2_lite::ssh2::{CheckResult, ErrorCode, HashType, KnownHostFileKind, MethodType};
 use async_ssh2_lite::{AsyncSession, TokioTcpStream};
 use dialect::{Command, Controller};
 use tokio::io::AsyncReadExt;
@@ -22,6 +22,15 @@ use crate::controller::{
     commands, parse, AppInfo, AppSummary, GridController, GridError, GridFuture, MigrateOptions,
     ProgressFn, VolumeChecksum,
 };
+
+/// Host key algorithms grouped by key type, tried in turn when the first key is not the pinned one.
+const HOST_KEY_TYPES: [&str; 5] = [
+    "ssh-ed25519",
+    "ecdsa-sha2-nistp256",
+    "ecdsa-sha2-nistp384",
+    "ecdsa-sha2-nistp521",
+    "rsa-sha2-512,rsa-sha2-256,ssh-rsa",
+];
 
 /// libssh2's code for "cannot read the key file".
 const LIBSSH2_ERROR_FILE: i32 = -16;
@@ -103,6 +112,69 @@ impl SshGrid {
     /// Opens an authenticated session, all of it within the connect timeout.
     async fn open(&self) -> Result<Session, GridError> {
         let deadline = Instant::now() + self.connect_timeout;
+        let mut session = self.handshake(deadline, None).await?;
+        match self.check_host_key(&session) {
+            Ok(()) => {}
+            Err(changed @ GridError::HostKeyChanged { .. }) => {
+                // libssh2 picks the host key type by its own preference; known_hosts may pin
+                // another type the server also has (`ssh` records only the type it negotiated).
+                // The key has changed only if no type the server offers matches a pinned key.
+                let negotiated = session
+                    .methods(MethodType::HostKey)
+                    .unwrap_or_default()
+                    .to_string();
+                drop(session);
+                session = self
+                    .handshake_with_other_key_type(deadline, &negotiated)
+                    .await
+                    .ok_or(changed)?;
+            }
+            Err(e) => return Err(e),
+        }
+        let user = self.controller.user_or_default();
+        check_key_file(&self.key_file)?;
+        let auth = timeout_at(
+            deadline,
+            session.userauth_pubkey_file(user, None, &self.key_file, None),
+        )
+        .await
+        .map_err(|_| {
+            self.connect_err(format!(
+                "login as {user} timed out after {}s",
+                self.connect_timeout.as_secs_f64()
+            ))
+        })?;
+        let auth_err = |reason: String| GridError::Auth {
+            addr: self.addr(),
+            user: user.to_string(),
+            key_file: self.key_file.clone(),
+            reason,
+        };
+        match auth {
+            Err(e) if ssh2_code(&e) == Some(LIBSSH2_ERROR_FILE) => {
+                return Err(GridError::Key {
+                    path: self.key_file.clone(),
+                    reason: format!(
+                        "not an unencrypted OpenSSH/PEM private key libssh2 can read ({})",
+                        describe(&e)
+                    ),
+                })
+            }
+            Err(e) => return Err(auth_err(describe(&e))),
+            Ok(()) if !session.authenticated() => {
+                return Err(auth_err("not authenticated after login".into()))
+            }
+            Ok(()) => {}
+        }
+        Ok(session)
+    }
+
+    /// TCP connect and SSH handshake, optionally offering only the host key algorithms `prefs`.
+    async fn handshake(
+        &self,
+        deadline: Instant,
+        prefs: Option<&str>,
+    ) -> Result<Session, GridError> {
         let limit = self.connect_timeout.as_secs_f64();
         let (host, port) = (
             self.controller.host.as_str(),
@@ -137,6 +209,14 @@ impl SshGrid {
         let mut session = Session::new(stream, None).map_err(|e| {
             self.connect_err(format!("cannot start an SSH session: {}", describe(&e)))
         })?;
+        if let Some(prefs) = prefs {
+            session
+                .method_pref(MethodType::HostKey, prefs)
+                .await
+                .map_err(|e| {
+                    self.connect_err(format!("host key types {prefs}: {}", describe(&e)))
+                })?;
+        }
         timeout_at(deadline, session.handshake())
             .await
             .map_err(|_| {
@@ -145,40 +225,33 @@ impl SshGrid {
                 ))
             })?
             .map_err(|e| self.connect_err(format!("SSH handshake failed: {}", describe(&e))))?;
-
-        self.check_host_key(&session)?;
-
-        let user = self.controller.user_or_default();
-        check_key_file(&self.key_file)?;
-        let auth = timeout_at(
-            deadline,
-            session.userauth_pubkey_file(user, None, &self.key_file, None),
-        )
-        .await
-        .map_err(|_| self.connect_err(format!("login as {user} timed out after {limit}s")))?;
-        let auth_err = |reason: String| GridError::Auth {
-            addr: self.addr(),
-            user: user.to_string(),
-            key_file: self.key_file.clone(),
-            reason,
-        };
-        match auth {
-            Err(e) if ssh2_code(&e) == Some(LIBSSH2_ERROR_FILE) => {
-                return Err(GridError::Key {
-                    path: self.key_file.clone(),
-                    reason: format!(
-                        "not an unencrypted OpenSSH/PEM private key libssh2 can read ({})",
-                        describe(&e)
-                    ),
-                })
-            }
-            Err(e) => return Err(auth_err(describe(&e))),
-            Ok(()) if !session.authenticated() => {
-                return Err(auth_err("not authenticated after login".into()))
-            }
-            Ok(()) => {}
-        }
         Ok(session)
+    }
+
+    /// Handshakes again offering one other host key type at a time; returns the first session
+    /// whose host key is pinned. A type the server lacks just fails its handshake.
+    async fn handshake_with_other_key_type(
+        &self,
+        deadline: Instant,
+        negotiated: &str,
+    ) -> Option<Session> {
+        for prefs in HOST_KEY_TYPES {
+            if prefs.split(',').any(|a| a == negotiated) {
+                continue;
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            match self.handshake(deadline, Some(prefs)).await {
+                Ok(s) if self.check_host_key(&s).is_ok() => {
+                    debug!(controller = %self.addr(), prefs, "pinned host key found with this type");
+                    return Some(s);
+                }
+                Ok(_) => {}
+                Err(e) => debug!(prefs, "no handshake with this host key type: {e}"),
+            }
+        }
+        None
     }
 
     /// Refuses a controller whose host key is not pinned in `known_hosts`, or differs from it.

@@ -385,6 +385,18 @@ async fn a_changed_host_key_is_refused() {
 }
 
 #[tokio::test]
+async fn the_host_key_type_pinned_in_known_hosts_is_the_one_negotiated() {
+    // `ssh` writes only the key type it negotiated; another client preferring another type must
+    // not mistake that for a changed key.
+    let g = FakeGrid::start();
+    let ecdsa = fs::read_to_string(g.path("host_key_ecdsa.pub")).unwrap();
+    let known_hosts = g.path("ecdsa_only_known_hosts");
+    fs::write(&known_hosts, format!("[{HOST}]:{} {ecdsa}", g.port)).unwrap();
+    let c = SshGrid::new(g.controller(), &g.client_key, &known_hosts);
+    assert_eq!(c.list().await.unwrap().len(), 2);
+}
+
+#[tokio::test]
 async fn a_key_the_controller_does_not_authorize_is_an_auth_error() {
     let g = FakeGrid::start();
     let wrong = g.path("wrong_key");

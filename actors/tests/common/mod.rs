@@ -67,8 +67,12 @@ pub struct FakeGrid {
 }
 
 pub fn keygen(path: &Path) {
+    keygen_type(path, "ed25519")
+}
+
+pub fn keygen_type(path: &Path, kind: &str) {
     let st = Command::new("ssh-keygen")
-        .args(["-q", "-t", "ed25519", "-N", "", "-C", "mig-test", "-f"])
+        .args(["-q", "-t", kind, "-N", "", "-C", "mig-test", "-f"])
         .arg(path)
         .stdin(Stdio::null())
         .status()
@@ -106,6 +110,10 @@ impl FakeGrid {
         let host_key = d.join("host_key");
         let client_key = d.join("client_key");
         keygen(&host_key);
+        // A second host key of another type, as real servers have: when only that type is pinned
+        // in known_hosts, the client must negotiate it rather than see a "changed" key.
+        let ecdsa_key = d.join("host_key_ecdsa");
+        keygen_type(&ecdsa_key, "ecdsa");
         keygen(&client_key);
         fs::copy(d.join("client_key.pub"), d.join("authorized_keys")).unwrap();
 
@@ -125,6 +133,7 @@ impl FakeGrid {
             &conf,
             format!(
                 "ListenAddress {HOST}:{port}\n\
+                 HostKey {ek}\n\
                  HostKey {hk}\n\
                  PidFile {d}/sshd.pid\n\
                  AuthorizedKeysFile {d}/authorized_keys\n\
@@ -139,6 +148,7 @@ impl FakeGrid {
                  MaxStartups 100\n\
                  LogLevel VERBOSE\n",
                 hk = host_key.display(),
+                ek = ecdsa_key.display(),
                 d = d.display(),
                 script = script.display(),
             ),
