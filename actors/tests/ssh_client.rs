@@ -291,6 +291,43 @@ async fn a_failed_command_carries_exit_code_and_stderr() {
 }
 
 #[tokio::test]
+async fn a_command_killed_by_a_signal_or_a_dropped_connection_is_never_success() {
+    let g = FakeGrid::start();
+    let c = g.client();
+    let e = c.stop("killed").await.unwrap_err();
+    match &e {
+        GridError::Command {
+            exit_code, status, ..
+        } => {
+            assert_eq!(*exit_code, None);
+            assert!(status.contains("signal TERM"), "{status}");
+        }
+        other => panic!("expected Command, got {other:?}"),
+    }
+    let e = c.stop("dropped").await.unwrap_err();
+    assert!(matches!(e, GridError::Session { .. }), "{e:?}");
+}
+
+#[tokio::test]
+async fn secrets_in_properties_stay_out_of_error_messages() {
+    let g = FakeGrid::start();
+    let e = g
+        .client()
+        .provision(
+            "failing",
+            "helper1",
+            &pairs(&[("in_ip", "127.0.2.20"), ("env", "k_op=c0ffee")]),
+        )
+        .await
+        .unwrap_err();
+    let msg = e.to_string();
+    assert!(msg.contains("in_ip=127.0.2.20"), "{msg}");
+    assert!(!msg.contains("c0ffee"), "{msg}");
+    // The controller itself got the real value.
+    assert!(g.logged()[0].contains("env=k_op=c0ffee"));
+}
+
+#[tokio::test]
 async fn unparseable_output_is_a_parse_error_naming_the_command() {
     let g = FakeGrid::start();
     let e = g.client().info("broken").await.unwrap_err();

@@ -48,6 +48,9 @@ migrate)
     failing) echo "gridctl: application failing is not stopped" >&2; exit 1 ;;
     refused) echo "gridctl: refused: no such application" >&2; exit 2 ;;
     slow) sleep 8 ;;
+    killed) kill -TERM $$ ;;
+    # Kill the sshd session process: the connection drops with no exit status at all.
+    dropped) echo partial; kill -KILL $PPID; sleep 5 ;;
     esac ;;
 esac
 exit 0
