@@ -402,7 +402,6 @@ impl SshGrid {
         let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
         let (mut obuf, mut ebuf) = (vec![0u8; 16384], vec![0u8; 16384]);
         let (mut out_eof, mut err_eof) = (false, false);
-        let mut line_start = 0;
         let mut last_activity = Instant::now();
         // Reads are re-polled on this tick too: async-ssh2-lite may park a read without a
         // wake-up when libssh2 reports no blocking direction; the tick makes that harmless.
@@ -419,10 +418,18 @@ impl SshGrid {
                         stdout.extend_from_slice(&obuf[..n]);
                     }
                     if let Some(cb) = on_line.as_deref_mut() {
-                        while let Some(i) = stdout[line_start..].iter().position(|&b| b == b'\n') {
-                            cb(String::from_utf8_lossy(&stdout[line_start..line_start + i]).trim_end());
-                            line_start += i + 1;
+                        // Streamed output is handed on line by line and not kept, so a long
+                        // migration's progress never fills the buffer.
+                        let mut start = 0;
+                        while let Some(i) = stdout[start..].iter().position(|&b| b == b'\n') {
+                            cb(String::from_utf8_lossy(&stdout[start..start + i]).trim_end());
+                            start += i + 1;
                         }
+                        if out_eof && start < stdout.len() {
+                            cb(String::from_utf8_lossy(&stdout[start..]).trim_end());
+                            start = stdout.len();
+                        }
+                        stdout.drain(..start);
                     }
                 }
                 r = err_stream.read(&mut ebuf), if !err_eof => {

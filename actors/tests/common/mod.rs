@@ -41,8 +41,10 @@ checksum)
 migrate)
     # $4 is APP: `stalls` reports once and then hangs, anything else reports every 0.4 s.
     if [ "$4" = stalls ]; then echo 'progress 1 1024'; sleep 8; fi
-    for i in 1 2 3 4; do echo "progress $((i * 256)) 1024"; sleep 0.4; done
-    echo 'imported' ;;
+    echo 'importing shop'
+    for i in 1 2 3; do echo "progress $((i * 256)) 1024"; sleep 0.4; done
+    # The last line has no newline: it still counts.
+    printf 'progress 1024 1024'; sleep 0.4 ;;
 *)
     case "$name" in
     failing) echo "gridctl: application failing is not stopped" >&2; exit 1 ;;
