@@ -125,6 +125,44 @@ async fn every_verb_round_trips_and_the_controller_gets_exactly_the_quoted_line(
 }
 
 #[tokio::test]
+async fn concurrent_commands_each_get_their_own_answer() {
+    let g = FakeGrid::start();
+    let c = g.client();
+    let names: Vec<String> = (0..8).map(|i| format!("app{i}")).collect();
+    let infos = join_all_in_one_task(names.iter().map(|name| c.info(name))).await;
+    for (name, info) in names.iter().zip(infos) {
+        assert_eq!(&info.unwrap().name, name);
+    }
+    assert_eq!(g.logged().len(), 8);
+}
+
+/// Polls all futures in this one task, as an actor's arbiter interleaves its spawned futures.
+async fn join_all_in_one_task<F: std::future::Future>(
+    fs: impl Iterator<Item = F>,
+) -> Vec<F::Output> {
+    let mut set: Vec<_> = fs.map(Box::pin).collect();
+    let mut out: Vec<Option<F::Output>> = set.iter().map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut pending = false;
+        for (f, o) in set.iter_mut().zip(out.iter_mut()) {
+            if o.is_none() {
+                match f.as_mut().poll(cx) {
+                    std::task::Poll::Ready(v) => *o = Some(v),
+                    std::task::Poll::Pending => pending = true,
+                }
+            }
+        }
+        if pending {
+            std::task::Poll::Pending
+        } else {
+            std::task::Poll::Ready(())
+        }
+    })
+    .await;
+    out.into_iter().map(Option::unwrap).collect()
+}
+
+#[tokio::test]
 async fn a_hostile_property_value_arrives_as_one_literal_argument() {
     let g = FakeGrid::start();
     let pwned = g.path("pwned");
@@ -389,6 +427,21 @@ async fn an_unknown_host_key_is_refused_with_its_fingerprint_and_how_to_trust_it
     assert!(scan.status.success());
     fs::write(&known_hosts, &scan.stdout).unwrap();
     let c = SshGrid::new(g.controller(), &g.client_key, &known_hosts);
+    assert_eq!(c.list().await.unwrap().len(), 2);
+
+    // Hashed host names (HashKnownHosts, Debian's default for `ssh`) are matched too.
+    let st = std::process::Command::new("ssh-keygen")
+        .arg("-H")
+        .arg("-f")
+        .arg(&known_hosts)
+        .output()
+        .unwrap();
+    assert!(st.status.success());
+    let hashed = fs::read_to_string(&known_hosts).unwrap();
+    assert!(
+        hashed.starts_with("|1|") && !hashed.contains(HOST),
+        "{hashed}"
+    );
     assert_eq!(c.list().await.unwrap().len(), 2);
 }
 
