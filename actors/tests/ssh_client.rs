@@ -520,6 +520,25 @@ async fn a_key_the_controller_does_not_authorize_is_an_auth_error() {
         .unwrap_err();
     assert!(matches!(e, GridError::Key { .. }), "{e:?}");
     assert!(e.to_string().contains("no_such_key"), "{e}");
+
+    // A file that is no key, and a key with a passphrase (MIG's key must have none).
+    let garbage = g.path("garbage_key");
+    fs::write(&garbage, "not a key\n").unwrap();
+    let locked = g.path("locked_key");
+    let st = std::process::Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "sesame", "-f"])
+        .arg(&locked)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    fs::copy(g.path("locked_key.pub"), g.path("authorized_keys")).unwrap();
+    for key in [&garbage, &locked] {
+        let e = SshGrid::new(g.controller(), key, &g.known_hosts)
+            .list()
+            .await
+            .unwrap_err();
+        assert!(matches!(e, GridError::Key { .. }), "{e:?}");
+    }
     assert!(g.logged().is_empty());
 }
 
