@@ -27,11 +27,14 @@ pub struct AppInfo {
     pub name: String,
     pub state: AppState,
     pub template: String,
+    /// The controller's last failure for this application (`error` line), when it reports one.
+    pub error: Option<String>,
     /// `prop.NAME` lines, in the controller's order.
     pub props: Vec<(String, String)>,
     /// `volume.NAME` lines: volume name and size in bytes.
     pub volumes: Vec<(String, u64)>,
-    /// Any other `key<TAB>value` line, kept so a newer controller does not break an older MIG.
+    /// Any other `key<TAB>value` line (e.g. `volume.data.kind`), kept so a newer controller does
+    /// not break an older MIG.
     pub extra: Vec<(String, String)>,
 }
 
@@ -351,7 +354,7 @@ pub mod parse {
 
     /// `key\tvalue` per line; `name`, `state` and `template` are required.
     pub fn info(out: &str) -> Result<AppInfo, String> {
-        let (mut name, mut st, mut template) = (None, None, None);
+        let (mut name, mut st, mut template, mut error) = (None, None, None, None);
         let (mut props, mut volumes, mut extra) = (Vec::new(), Vec::new(), Vec::new());
         for line in lines(out) {
             let (k, v) = line
@@ -359,7 +362,7 @@ pub mod parse {
                 .ok_or_else(|| format!("expected KEY<TAB>VALUE, got {line:?}"))?;
             if let Some(p) = k.strip_prefix("prop.") {
                 props.push((p.to_string(), v.to_string()));
-            } else if let Some(vol) = k.strip_prefix("volume.") {
+            } else if let Some(vol) = k.strip_prefix("volume.").filter(|v| !v.contains('.')) {
                 let size = v
                     .trim()
                     .parse::<u64>()
@@ -370,6 +373,7 @@ pub mod parse {
                     "name" => name = Some(v.to_string()),
                     "state" => st = Some(state(v, line)?),
                     "template" => template = Some(v.to_string()),
+                    "error" => error = Some(v.to_string()).filter(|e| !e.trim().is_empty()),
                     _ => extra.push((k.to_string(), v.to_string())),
                 }
             }
@@ -379,6 +383,7 @@ pub mod parse {
             name: name.ok_or_else(|| missing("name"))?,
             state: st.ok_or_else(|| missing("state"))?,
             template: template.ok_or_else(|| missing("template"))?,
+            error,
             props,
             volumes,
             extra,
@@ -602,6 +607,7 @@ pub mod memory {
                     name: name.to_string(),
                     state: a.state,
                     template: a.template.clone(),
+                    error: None,
                     props: a.props.clone(),
                     volumes: a
                         .volumes
@@ -766,17 +772,23 @@ mod tests {
 
     #[test]
     fn info_output_parses_props_volumes_and_extras() {
-        let out = "name\tshop\nstate\trunning\ntemplate\tkvstore\nprop.in_ip\t127.0.1.10\n\
-                   prop.env\ta b = c\nvolume.data\t67108864\ncreated\t2026-01-01\n";
+        // As gridctl prints it.
+        let out =
+            "name\tshop\nstate\trunning\ntemplate\tkvstore\nerror\t\nprop.in_ip\t127.0.1.10\n\
+                   prop.env\ta b = c\nvolume.data\t67108864\nvolume.data.kind\tfile\n";
         let i = parse::info(out).unwrap();
         assert_eq!(i.name, "shop");
         assert_eq!(i.state, AppState::Running);
         assert_eq!(i.prop("env"), Some("a b = c"));
         assert_eq!(i.volumes, vec![("data".to_string(), 67108864)]);
+        assert_eq!(i.error, None);
         assert_eq!(
             i.extra,
-            vec![("created".to_string(), "2026-01-01".to_string())]
+            vec![("volume.data.kind".to_string(), "file".to_string())]
         );
+        let failed =
+            parse::info("name\tx\nstate\tfailed\ntemplate\tt\nerror\tweb exited 1\n").unwrap();
+        assert_eq!(failed.error.as_deref(), Some("web exited 1"));
         assert!(parse::info("name\tshop\nstate\trunning\n")
             .unwrap_err()
             .contains("template"));

@@ -34,7 +34,8 @@ list)
 info)
     case "$name" in
     broken) echo 'this is not batch output' ;;
-    *) printf 'name\t%s\nstate\tstopped\ntemplate\tkvstore\nprop.in_ip\t127.0.1.10\nprop.port\t8000\nvolume.data\t67108864\n' "$name" ;;
+    # The format gridctl prints (its crate docs): name, state, template, error, props, volumes.
+    *) printf 'name\t%s\nstate\tstopped\ntemplate\tkvstore\nerror\t\nprop.in_ip\t127.0.1.10\nprop.port\t8000\nvolume.data\t67108864\nvolume.data.kind\tfile\n' "$name" ;;
     esac ;;
 checksum)
     printf 'data\t67108864\tblake3:__BLAKE3__\n' ;;
