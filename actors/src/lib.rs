@@ -6,8 +6,10 @@
 #![forbid(unsafe_code)]
 
 pub mod auth;
+pub mod controller;
 pub mod grid_info;
 pub mod journal;
 pub mod keys;
 pub mod op;
 pub mod properties;
+pub mod ssh;

@@ -1,0 +1,947 @@
+//! The one interface through which MIG touches a grid: [`GridController`].
+//!
+//! The actors never build command strings. They call these methods with plain names and property
+//! pairs; an implementation validates them into a [`dialect::Command`] (so a hostile name is refused
+//! before anything leaves MIG), sends it, and turns the controller's `--batch` output into the typed
+//! results below. [`crate::ssh::SshGrid`] is the real implementation; tests and future drivers (e.g.
+//! libvirt) can stand in.
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::time::Duration;
+
+use dialect::{AppName, AppState, Command, Controller, DialectError, Prop};
+
+/// One line of `app list --batch`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AppSummary {
+    pub name: String,
+    pub state: AppState,
+    pub template: String,
+}
+
+/// `app info NAME --batch`, parsed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AppInfo {
+    pub name: String,
+    pub state: AppState,
+    pub template: String,
+    /// The controller's last failure for this application (`error` line), when it reports one.
+    pub error: Option<String>,
+    /// `prop.NAME` lines, in the controller's order.
+    pub props: Vec<(String, String)>,
+    /// `volume.NAME` lines: volume name and size in bytes.
+    pub volumes: Vec<(String, u64)>,
+    /// Any other `key<TAB>value` line (e.g. `volume.data.kind`), kept so a newer controller does
+    /// not break an older MIG.
+    pub extra: Vec<(String, String)>,
+}
+
+impl AppInfo {
+    /// The value of property `name`, if the application has it.
+    pub fn prop(&self, name: &str) -> Option<&str> {
+        self.props
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// One line of `app checksum NAME`: a volume, its size and its BLAKE3 digest (lowercase hex).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumeChecksum {
+    pub volume: String,
+    pub size: u64,
+    pub blake3: String,
+}
+
+/// Called with `(bytes_done, bytes_total)` as a migration reports progress.
+pub type ProgressFn<'a> = &'a mut (dyn FnMut(u64, u64) + Send);
+
+/// The future every [`GridController`] method returns: boxed so the trait stays object safe
+/// (`Arc<dyn GridController>`), and `Send` so actors can run it with `ctx.spawn` on any arbiter.
+pub type GridFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, GridError>> + Send + 'a>>;
+
+/// Everything MIG does to a grid. Names are validated by the implementation (bad ones give
+/// [`GridError::Invalid`] before any connection is made).
+pub trait GridController: Send + Sync {
+    /// The controller this talks to, for messages and logs.
+    fn controller(&self) -> &Controller;
+    fn list(&self) -> GridFuture<'_, Vec<AppSummary>>;
+    fn info<'a>(&'a self, name: &'a str) -> GridFuture<'a, AppInfo>;
+    /// Creates, configures and starts `name` from `template`.
+    fn provision<'a>(
+        &'a self,
+        template: &'a str,
+        name: &'a str,
+        props: &'a [(String, String)],
+    ) -> GridFuture<'a, ()>;
+    fn start<'a>(&'a self, name: &'a str) -> GridFuture<'a, ()>;
+    fn stop<'a>(&'a self, name: &'a str) -> GridFuture<'a, ()>;
+    fn destroy<'a>(&'a self, name: &'a str) -> GridFuture<'a, ()>;
+    fn config<'a>(&'a self, name: &'a str, props: &'a [(String, String)]) -> GridFuture<'a, ()>;
+    /// Runs `app migrate REMOTE APP .name=NEW --import … --progress_on_stdout` on this grid: pulls
+    /// `app` from the controller `remote` as `new_name`. `progress` is called as each progress
+    /// line arrives, not at the end.
+    fn migrate_import<'a>(
+        &'a self,
+        remote: &'a Controller,
+        app: &'a str,
+        new_name: &'a str,
+        props: &'a [(String, String)],
+        opts: MigrateOptions,
+        progress: ProgressFn<'a>,
+    ) -> GridFuture<'a, ()>;
+    /// gridctl's extension: the BLAKE3 digest of each volume, to prove bytes arrived intact.
+    fn checksum<'a>(&'a self, name: &'a str) -> GridFuture<'a, Vec<VolumeChecksum>>;
+}
+
+/// The optional flags of `app migrate`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MigrateOptions {
+    /// `--nocompress`: send volumes as they are (best on a fast link).
+    pub nocompress: bool,
+    /// `--novols`: copy the descriptor only.
+    pub novols: bool,
+}
+
+/// What went wrong talking to a grid controller. Every variant names the controller; command
+/// failures carry the remote exit code and stderr.
+#[derive(Debug, thiserror::Error)]
+pub enum GridError {
+    #[error("cannot connect to grid controller {addr}: {reason}")]
+    Connect { addr: String, reason: String },
+
+    #[error(
+        "grid controller {addr} presented a host key that is not in {known_hosts}: {fingerprint}. \
+         Refusing to connect. If this is the controller's key (check the fingerprint out of band, \
+         e.g. `ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub` on the controller), trust it with: \
+         ssh-keyscan -p {port} {host} >> {known_hosts}",
+        known_hosts = known_hosts.display()
+    )]
+    UnknownHostKey {
+        addr: String,
+        host: String,
+        port: u16,
+        fingerprint: String,
+        known_hosts: PathBuf,
+    },
+
+    #[error(
+        "grid controller {addr} presented host key {fingerprint}, which is NOT the key pinned for it \
+         in {known_hosts}: refusing to connect (someone may be intercepting the connection). If the \
+         controller's key was changed on purpose, check the new fingerprint out of band, then run \
+         `ssh-keygen -R '[{host}]:{port}' -f {known_hosts}` and \
+         `ssh-keyscan -p {port} {host} >> {known_hosts}`",
+        known_hosts = known_hosts.display()
+    )]
+    HostKeyChanged {
+        addr: String,
+        host: String,
+        port: u16,
+        fingerprint: String,
+        known_hosts: PathBuf,
+    },
+
+    #[error("cannot read known hosts file {}: {reason}", path.display())]
+    KnownHosts { path: PathBuf, reason: String },
+
+    #[error(
+        "grid controller {addr} refused key {} for user {user} ({reason}); authorize its public \
+         key on the controller",
+        key_file.display()
+    )]
+    Auth {
+        addr: String,
+        user: String,
+        key_file: PathBuf,
+        reason: String,
+    },
+
+    #[error("cannot use private key {}: {reason}", path.display())]
+    Key { path: PathBuf, reason: String },
+
+    #[error("grid controller {addr}: `{command}` timed out after {}", fmt_duration(*after))]
+    Timeout {
+        addr: String,
+        command: String,
+        after: Duration,
+    },
+
+    #[error("grid controller {addr}: `{command}` {status}{}", fmt_stderr(stderr))]
+    Command {
+        addr: String,
+        command: String,
+        /// The remote exit code; `None` when the command died of a signal.
+        exit_code: Option<i32>,
+        /// `exited with code N` or `was killed by signal S`.
+        status: String,
+        stderr: String,
+    },
+
+    #[error("SSH session with grid controller {addr} broke during `{command}`: {reason}")]
+    Session {
+        addr: String,
+        command: String,
+        reason: String,
+    },
+
+    #[error("grid controller {addr}: cannot parse the output of `{command}`: {reason}")]
+    Parse {
+        addr: String,
+        command: String,
+        reason: String,
+    },
+
+    #[error("refused before sending anything to the grid: {0}")]
+    Invalid(#[from] DialectError),
+}
+
+impl GridError {
+    /// True when the controller refused the command as outside the dialect or not allowed (exit 2).
+    pub fn is_refused(&self) -> bool {
+        matches!(
+            self,
+            GridError::Command {
+                exit_code: Some(2),
+                ..
+            }
+        )
+    }
+}
+
+fn fmt_stderr(stderr: &str) -> String {
+    let s = stderr.trim();
+    if s.is_empty() {
+        " (no stderr)".to_string()
+    } else {
+        format!(": {s}")
+    }
+}
+
+fn fmt_duration(d: Duration) -> String {
+    if d.subsec_millis() == 0 {
+        format!("{}s", d.as_secs())
+    } else {
+        format!("{:.1}s", d.as_secs_f64())
+    }
+}
+
+fn props(pairs: &[(String, String)]) -> Result<Vec<Prop>, DialectError> {
+    pairs.iter().map(|(n, v)| Prop::new(n, v)).collect()
+}
+
+/// Builds the validated [`Command`]s behind each trait method, so every implementation refuses
+/// the same bad input in the same way.
+pub mod commands {
+    use super::*;
+
+    pub fn list() -> Command {
+        Command::List { batch: true }
+    }
+
+    pub fn info(name: &str) -> Result<Command, DialectError> {
+        Ok(Command::Info {
+            name: AppName::new(name)?,
+            batch: true,
+        })
+    }
+
+    pub fn provision(
+        template: &str,
+        name: &str,
+        p: &[(String, String)],
+    ) -> Result<Command, DialectError> {
+        Ok(Command::Provision {
+            template: AppName::new(template)?,
+            name: AppName::new(name)?,
+            props: props(p)?,
+        })
+    }
+
+    pub fn start(name: &str) -> Result<Command, DialectError> {
+        Ok(Command::Start {
+            name: AppName::new(name)?,
+        })
+    }
+
+    pub fn stop(name: &str) -> Result<Command, DialectError> {
+        Ok(Command::Stop {
+            name: AppName::new(name)?,
+        })
+    }
+
+    pub fn destroy(name: &str) -> Result<Command, DialectError> {
+        Ok(Command::Destroy {
+            name: AppName::new(name)?,
+        })
+    }
+
+    pub fn config(name: &str, p: &[(String, String)]) -> Result<Command, DialectError> {
+        Ok(Command::Config {
+            name: AppName::new(name)?,
+            props: props(p)?,
+        })
+    }
+
+    pub fn migrate_import(
+        remote: &Controller,
+        app: &str,
+        new_name: &str,
+        p: &[(String, String)],
+        opts: MigrateOptions,
+    ) -> Result<Command, DialectError> {
+        // A `Controller` has public fields, so it may not have come through `FromStr`: re-check.
+        let remote: Controller = remote.to_string().parse()?;
+        Ok(Command::Migrate {
+            remote,
+            app: AppName::new(app)?,
+            new_name: AppName::new(new_name)?,
+            import: true,
+            novols: opts.novols,
+            nocompress: opts.nocompress,
+            props: props(p)?,
+            progress_on_stdout: true,
+        })
+    }
+
+    pub fn checksum(name: &str) -> Result<Command, DialectError> {
+        Ok(Command::Checksum {
+            name: AppName::new(name)?,
+        })
+    }
+}
+
+/// Parsers for the controller's `--batch` outputs. They return a reason; the caller adds which
+/// controller and command.
+pub mod parse {
+    use super::*;
+
+    fn fields<'a>(line: &'a str, n: usize, what: &str) -> Result<Vec<&'a str>, String> {
+        let f: Vec<&str> = line.split('\t').collect();
+        if f.len() == n {
+            Ok(f)
+        } else {
+            Err(format!(
+                "expected {n} tab-separated fields ({what}), got {}: {line:?}",
+                f.len()
+            ))
+        }
+    }
+
+    fn state(s: &str, line: &str) -> Result<AppState, String> {
+        s.parse().map_err(|e| format!("{e} in line {line:?}"))
+    }
+
+    fn lines(out: &str) -> impl Iterator<Item = &str> {
+        out.lines().filter(|l| !l.trim().is_empty())
+    }
+
+    /// `NAME\tSTATE\tTEMPLATE` per line.
+    pub fn list(out: &str) -> Result<Vec<AppSummary>, String> {
+        lines(out)
+            .map(|line| {
+                let f = fields(line, 3, "NAME, STATE, TEMPLATE")?;
+                Ok(AppSummary {
+                    name: f[0].to_string(),
+                    state: state(f[1], line)?,
+                    template: f[2].to_string(),
+                })
+            })
+            .collect()
+    }
+
+    /// `key\tvalue` per line; `name`, `state` and `template` are required.
+    pub fn info(out: &str) -> Result<AppInfo, String> {
+        let (mut name, mut st, mut template, mut error) = (None, None, None, None);
+        let (mut props, mut volumes, mut extra) = (Vec::new(), Vec::new(), Vec::new());
+        for line in lines(out) {
+            let (k, v) = line
+                .split_once('\t')
+                .ok_or_else(|| format!("expected KEY<TAB>VALUE, got {line:?}"))?;
+            if let Some(p) = k.strip_prefix("prop.") {
+                props.push((p.to_string(), v.to_string()));
+            } else if let Some(vol) = k.strip_prefix("volume.").filter(|v| !v.contains('.')) {
+                let size = v
+                    .trim()
+                    .parse::<u64>()
+                    .map_err(|_| format!("volume {vol}: size {v:?} is not a byte count"))?;
+                volumes.push((vol.to_string(), size));
+            } else {
+                match k {
+                    "name" => name = Some(v.to_string()),
+                    "state" => st = Some(state(v, line)?),
+                    "template" => template = Some(v.to_string()),
+                    "error" => error = Some(v.to_string()).filter(|e| !e.trim().is_empty()),
+                    _ => extra.push((k.to_string(), v.to_string())),
+                }
+            }
+        }
+        let missing = |k: &str| format!("no `{k}` line");
+        Ok(AppInfo {
+            name: name.ok_or_else(|| missing("name"))?,
+            state: st.ok_or_else(|| missing("state"))?,
+            template: template.ok_or_else(|| missing("template"))?,
+            error,
+            props,
+            volumes,
+            extra,
+        })
+    }
+
+    /// `VOLUME\tSIZE\tblake3:HEX` per line.
+    pub fn checksum(out: &str) -> Result<Vec<VolumeChecksum>, String> {
+        lines(out)
+            .map(|line| {
+                let f = fields(line, 3, "VOLUME, SIZE, blake3:HEX")?;
+                let size = f[1]
+                    .parse()
+                    .map_err(|_| format!("size {:?} is not a byte count in {line:?}", f[1]))?;
+                let hex = f[2]
+                    .strip_prefix("blake3:")
+                    .filter(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()))
+                    .ok_or_else(|| format!("expected blake3:<64 hex digits>, got {:?}", f[2]))?;
+                Ok(VolumeChecksum {
+                    volume: f[0].to_string(),
+                    size,
+                    blake3: hex.to_ascii_lowercase(),
+                })
+            })
+            .collect()
+    }
+
+    /// One line of `--progress_on_stdout`: `progress DONE TOTAL`. `None` for any other line.
+    pub fn progress(line: &str) -> Option<(u64, u64)> {
+        let mut w = line.split_ascii_whitespace();
+        match (w.next(), w.next(), w.next(), w.next()) {
+            (Some("progress"), Some(d), Some(t), None) => Some((d.parse().ok()?, t.parse().ok()?)),
+            _ => None,
+        }
+    }
+}
+
+/// An in-memory stand-in for a set of grids, for the actors' tests: same validation, same
+/// errors, no SSH. Grids of one [`memory::MemoryLab`] can `migrate_import` from each other.
+pub mod memory {
+    use std::collections::BTreeMap;
+    use std::sync::{Arc, Mutex, MutexGuard};
+
+    use super::*;
+
+    #[derive(Debug, Clone)]
+    struct App {
+        state: AppState,
+        template: String,
+        props: Vec<(String, String)>,
+        volumes: Vec<(String, Vec<u8>)>,
+    }
+
+    #[derive(Debug, Default)]
+    struct Grid {
+        apps: BTreeMap<String, App>,
+        log: Vec<String>,
+        /// (verb, name, exit code, stderr): the next matching command fails, once.
+        failures: Vec<(String, String, i32, String)>,
+    }
+
+    /// Grids keyed by `host:port`.
+    #[derive(Debug, Clone, Default)]
+    pub struct MemoryLab {
+        grids: Arc<Mutex<BTreeMap<String, Grid>>>,
+    }
+
+    fn key(c: &Controller) -> String {
+        format!("{}:{}", c.host, c.port_or_default())
+    }
+
+    impl MemoryLab {
+        pub fn new() -> Self {
+            Self::default()
+        }
+
+        /// The grid behind `controller` (e.g. `"127.0.1.1:2222"`), created empty on first use.
+        pub fn grid(&self, controller: &str) -> MemoryGrid {
+            let controller: Controller = controller.parse().expect("a valid controller address");
+            self.lock().entry(key(&controller)).or_default();
+            MemoryGrid {
+                lab: self.clone(),
+                controller,
+            }
+        }
+
+        fn lock(&self) -> MutexGuard<'_, BTreeMap<String, Grid>> {
+            self.grids.lock().unwrap_or_else(|e| e.into_inner())
+        }
+    }
+
+    /// One grid of a [`MemoryLab`].
+    #[derive(Debug, Clone)]
+    pub struct MemoryGrid {
+        lab: MemoryLab,
+        controller: Controller,
+    }
+
+    impl MemoryGrid {
+        /// Adds (or replaces) an application, e.g. the one a test migrates.
+        pub fn put_app(
+            &self,
+            name: &str,
+            template: &str,
+            state: AppState,
+            props: &[(&str, &str)],
+            volumes: &[(&str, &[u8])],
+        ) {
+            let app = App {
+                state,
+                template: template.into(),
+                props: props
+                    .iter()
+                    .map(|(n, v)| (n.to_string(), v.to_string()))
+                    .collect(),
+                volumes: volumes
+                    .iter()
+                    .map(|(n, d)| (n.to_string(), d.to_vec()))
+                    .collect(),
+            };
+            self.with(|g| g.apps.insert(name.to_string(), app));
+        }
+
+        /// The next command `verb` on `name` fails with this exit code and stderr.
+        pub fn fail_next(&self, verb: &str, name: &str, exit_code: i32, stderr: &str) {
+            self.with(|g| {
+                g.failures
+                    .push((verb.into(), name.into(), exit_code, stderr.into()))
+            });
+        }
+
+        /// The command lines this grid received, in order.
+        pub fn log(&self) -> Vec<String> {
+            self.with(|g| g.log.clone())
+        }
+
+        /// Names of the applications on this grid.
+        pub fn app_names(&self) -> Vec<String> {
+            self.with(|g| g.apps.keys().cloned().collect())
+        }
+
+        /// The contents of a volume, to check that bytes arrived.
+        pub fn volume(&self, app: &str, volume: &str) -> Option<Vec<u8>> {
+            self.with(|g| {
+                g.apps
+                    .get(app)?
+                    .volumes
+                    .iter()
+                    .find(|(n, _)| n == volume)
+                    .map(|(_, d)| d.clone())
+            })
+        }
+
+        fn with<R>(&self, f: impl FnOnce(&mut Grid) -> R) -> R {
+            let mut grids = self.lab.lock();
+            f(grids.get_mut(&key(&self.controller)).expect("grid exists"))
+        }
+
+        fn failed(&self, cmd: &Command, exit_code: i32, stderr: String) -> GridError {
+            GridError::Command {
+                addr: self.controller.to_string(),
+                command: cmd.to_command_line(),
+                exit_code: Some(exit_code),
+                status: format!("exited with code {exit_code}"),
+                stderr,
+            }
+        }
+
+        /// Logs `cmd`, applies an injected failure, else runs `f` on this grid.
+        fn run<R>(
+            &self,
+            cmd: Result<Command, DialectError>,
+            name: &str,
+            f: impl FnOnce(&mut Grid) -> Result<R, String>,
+        ) -> Result<R, GridError> {
+            let cmd = cmd?;
+            let injected = self.with(|g| {
+                g.log.push(cmd.to_command_line());
+                let i = g
+                    .failures
+                    .iter()
+                    .position(|(v, n, _, _)| v == cmd.verb() && n == name)?;
+                Some(g.failures.remove(i))
+            });
+            if let Some((_, _, code, stderr)) = injected {
+                return Err(self.failed(&cmd, code, stderr));
+            }
+            self.with(f).map_err(|e| self.failed(&cmd, 1, e))
+        }
+    }
+
+    fn app<'g>(g: &'g mut Grid, name: &str) -> Result<&'g mut App, String> {
+        g.apps
+            .get_mut(name)
+            .ok_or_else(|| format!("no such application {name}"))
+    }
+
+    impl GridController for MemoryGrid {
+        fn controller(&self) -> &Controller {
+            &self.controller
+        }
+
+        fn list(&self) -> GridFuture<'_, Vec<AppSummary>> {
+            let r = self.run(Ok(commands::list()), "", |g| {
+                Ok(g.apps
+                    .iter()
+                    .map(|(n, a)| AppSummary {
+                        name: n.clone(),
+                        state: a.state,
+                        template: a.template.clone(),
+                    })
+                    .collect())
+            });
+            Box::pin(std::future::ready(r))
+        }
+
+        fn info<'a>(&'a self, name: &'a str) -> GridFuture<'a, AppInfo> {
+            let r = self.run(commands::info(name), name, |g| {
+                let a = app(g, name)?;
+                Ok(AppInfo {
+                    name: name.to_string(),
+                    state: a.state,
+                    template: a.template.clone(),
+                    error: None,
+                    props: a.props.clone(),
+                    volumes: a
+                        .volumes
+                        .iter()
+                        .map(|(n, d)| (n.clone(), d.len() as u64))
+                        .collect(),
+                    extra: Vec::new(),
+                })
+            });
+            Box::pin(std::future::ready(r))
+        }
+
+        fn provision<'a>(
+            &'a self,
+            template: &'a str,
+            name: &'a str,
+            props: &'a [(String, String)],
+        ) -> GridFuture<'a, ()> {
+            let r = self.run(commands::provision(template, name, props), name, |g| {
+                if g.apps.contains_key(name) {
+                    return Err(format!("application {name} already exists"));
+                }
+                g.apps.insert(
+                    name.to_string(),
+                    App {
+                        state: AppState::Running,
+                        template: template.to_string(),
+                        props: props.to_vec(),
+                        volumes: Vec::new(),
+                    },
+                );
+                Ok(())
+            });
+            Box::pin(std::future::ready(r))
+        }
+
+        fn start<'a>(&'a self, name: &'a str) -> GridFuture<'a, ()> {
+            let r = self.run(commands::start(name), name, |g| {
+                app(g, name)?.state = AppState::Running;
+                Ok(())
+            });
+            Box::pin(std::future::ready(r))
+        }
+
+        fn stop<'a>(&'a self, name: &'a str) -> GridFuture<'a, ()> {
+            let r = self.run(commands::stop(name), name, |g| {
+                app(g, name)?.state = AppState::Stopped;
+                Ok(())
+            });
+            Box::pin(std::future::ready(r))
+        }
+
+        fn destroy<'a>(&'a self, name: &'a str) -> GridFuture<'a, ()> {
+            let r = self.run(commands::destroy(name), name, |g| {
+                if app(g, name)?.state != AppState::Stopped {
+                    return Err(format!("application {name} is not stopped"));
+                }
+                g.apps.remove(name);
+                Ok(())
+            });
+            Box::pin(std::future::ready(r))
+        }
+
+        fn config<'a>(
+            &'a self,
+            name: &'a str,
+            props: &'a [(String, String)],
+        ) -> GridFuture<'a, ()> {
+            let r = self.run(commands::config(name, props), name, |g| {
+                let a = app(g, name)?;
+                for (n, v) in props {
+                    match a.props.iter_mut().find(|(k, _)| k == n) {
+                        Some(p) => p.1 = v.clone(),
+                        None => a.props.push((n.clone(), v.clone())),
+                    }
+                }
+                Ok(())
+            });
+            Box::pin(std::future::ready(r))
+        }
+
+        fn migrate_import<'a>(
+            &'a self,
+            remote: &'a Controller,
+            app_name: &'a str,
+            new_name: &'a str,
+            props: &'a [(String, String)],
+            opts: MigrateOptions,
+            progress: ProgressFn<'a>,
+        ) -> GridFuture<'a, ()> {
+            let cmd = commands::migrate_import(remote, app_name, new_name, props, opts);
+            // Read the source first: the lab lock is not re-entrant.
+            let source = self
+                .lab
+                .lock()
+                .get(&key(remote))
+                .map(|g| g.apps.get(app_name).cloned());
+            let r = self.run(cmd, new_name, |g| {
+                let mut a = match source {
+                    None => return Err(format!("unknown remote controller {remote}")),
+                    Some(None) => return Err(format!("{remote} has no application {app_name}")),
+                    Some(Some(a)) => a,
+                };
+                if a.state != AppState::Stopped {
+                    return Err(format!("source application {app_name} is not stopped"));
+                }
+                if g.apps.contains_key(new_name) {
+                    return Err(format!("application {new_name} already exists"));
+                }
+                if opts.novols {
+                    a.volumes.clear();
+                }
+                for (n, v) in props {
+                    match a.props.iter_mut().find(|(k, _)| k == n) {
+                        Some(p) => p.1 = v.clone(),
+                        None => a.props.push((n.clone(), v.clone())),
+                    }
+                }
+                let total: u64 = a.volumes.iter().map(|(_, d)| d.len() as u64).sum();
+                progress(0, total);
+                progress(total, total);
+                g.apps.insert(new_name.to_string(), a);
+                Ok(())
+            });
+            Box::pin(std::future::ready(r))
+        }
+
+        fn checksum<'a>(&'a self, name: &'a str) -> GridFuture<'a, Vec<VolumeChecksum>> {
+            let r = self.run(commands::checksum(name), name, |g| {
+                Ok(app(g, name)?
+                    .volumes
+                    .iter()
+                    .map(|(n, d)| VolumeChecksum {
+                        volume: n.clone(),
+                        size: d.len() as u64,
+                        blake3: blake3::hash(d).to_hex().to_string(),
+                    })
+                    .collect())
+            });
+            Box::pin(std::future::ready(r))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn list_output_parses_and_bad_lines_are_named() {
+        let l = parse::list("shop\trunning\tkvstore\nh1\tstopped\tMigHelper\n\n").unwrap();
+        assert_eq!(l.len(), 2);
+        assert_eq!(l[1].name, "h1");
+        assert_eq!(l[1].state, AppState::Stopped);
+        assert_eq!(l[1].template, "MigHelper");
+        assert!(parse::list("").unwrap().is_empty());
+        let e = parse::list("shop\tsleeping\tkvstore\n").unwrap_err();
+        assert!(e.contains("sleeping"), "{e}");
+        let e = parse::list("shop running kvstore\n").unwrap_err();
+        assert!(e.contains("got 1"), "{e}");
+    }
+
+    #[test]
+    fn info_output_parses_props_volumes_and_extras() {
+        // As gridctl prints it.
+        let out =
+            "name\tshop\nstate\trunning\ntemplate\tkvstore\nerror\t\nprop.in_ip\t127.0.1.10\n\
+                   prop.env\ta b = c\nvolume.data\t67108864\nvolume.data.kind\tfile\n";
+        let i = parse::info(out).unwrap();
+        assert_eq!(i.name, "shop");
+        assert_eq!(i.state, AppState::Running);
+        assert_eq!(i.prop("env"), Some("a b = c"));
+        assert_eq!(i.volumes, vec![("data".to_string(), 67108864)]);
+        assert_eq!(i.error, None);
+        assert_eq!(
+            i.extra,
+            vec![("volume.data.kind".to_string(), "file".to_string())]
+        );
+        let failed =
+            parse::info("name\tx\nstate\tfailed\ntemplate\tt\nerror\tweb exited 1\n").unwrap();
+        assert_eq!(failed.error.as_deref(), Some("web exited 1"));
+        assert!(parse::info("name\tshop\nstate\trunning\n")
+            .unwrap_err()
+            .contains("template"));
+        assert!(
+            parse::info("name\tshop\nstate\trunning\ntemplate\tt\nvolume.d\tbig\n")
+                .unwrap_err()
+                .contains("volume d")
+        );
+    }
+
+    #[test]
+    fn checksum_output_requires_a_blake3_digest() {
+        let hex = "ab".repeat(32);
+        let c = parse::checksum(&format!("data\t1024\tblake3:{hex}\n")).unwrap();
+        assert_eq!(
+            c,
+            vec![VolumeChecksum {
+                volume: "data".into(),
+                size: 1024,
+                blake3: hex
+            }]
+        );
+        assert!(parse::checksum("data\t1024\tsha256:00\n").is_err());
+        assert!(parse::checksum("data\t1024\tblake3:xyz\n").is_err());
+    }
+
+    #[test]
+    fn progress_lines() {
+        assert_eq!(parse::progress("progress 10 100"), Some((10, 100)));
+        assert_eq!(parse::progress("progress 10"), None);
+        assert_eq!(parse::progress("copying data"), None);
+        assert_eq!(parse::progress("progress 1 2 3"), None);
+    }
+
+    #[test]
+    fn commands_refuse_bad_names_and_values() {
+        assert!(matches!(
+            commands::stop("x; rm -rf /"),
+            Err(DialectError::Name(_))
+        ));
+        assert!(commands::provision("kvstore", "shop", &[("x".into(), "a\nb".into())]).is_err());
+        let bad_remote = Controller {
+            user: None,
+            host: "-oProxyCommand=id".into(),
+            port: None,
+        };
+        assert!(commands::migrate_import(
+            &bad_remote,
+            "shop",
+            "shop2",
+            &[],
+            MigrateOptions::default()
+        )
+        .is_err());
+    }
+
+    #[test]
+    fn errors_say_what_to_do() {
+        let e = GridError::UnknownHostKey {
+            addr: "root@127.0.1.1:2222".into(),
+            host: "127.0.1.1".into(),
+            port: 2222,
+            fingerprint: "SHA256:abc".into(),
+            known_hosts: "/cfg/known_hosts".into(),
+        };
+        let m = e.to_string();
+        assert!(m.contains("SHA256:abc"), "{m}");
+        assert!(
+            m.contains("ssh-keyscan -p 2222 127.0.1.1 >> /cfg/known_hosts"),
+            "{m}"
+        );
+        let e = GridError::Command {
+            addr: "g".into(),
+            command: "app stop shop".into(),
+            exit_code: Some(2),
+            status: "exited with code 2".into(),
+            stderr: "no such application\n".into(),
+        };
+        assert!(e.is_refused());
+        assert_eq!(
+            e.to_string(),
+            "grid controller g: `app stop shop` exited with code 2: no such application"
+        );
+    }
+
+    #[tokio::test]
+    async fn memory_grids_behave_like_a_controller() {
+        use memory::MemoryLab;
+        let lab = MemoryLab::new();
+        let g1 = lab.grid("127.0.1.1:2222");
+        let g2 = lab.grid("127.0.2.1:2222");
+        g1.put_app(
+            "shop",
+            "kvstore",
+            AppState::Running,
+            &[("in_ip", "127.0.1.10")],
+            &[("data", b"hello")],
+        );
+        let remote: Controller = "127.0.1.1:2222".parse().unwrap();
+        let over = |n: &str, v: &str| vec![(n.to_string(), v.to_string())];
+        let none = &mut |_, _| {};
+
+        // The source must be stopped.
+        let e = g2
+            .migrate_import(
+                &remote,
+                "shop",
+                "shop",
+                &[],
+                MigrateOptions::default(),
+                none,
+            )
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("not stopped"), "{e}");
+        g1.stop("shop").await.unwrap();
+        let mut seen = Vec::new();
+        g2.migrate_import(
+            &remote,
+            "shop",
+            "shop",
+            &over("in_ip", "127.0.2.10"),
+            MigrateOptions::default(),
+            &mut |d, t| seen.push((d, t)),
+        )
+        .await
+        .unwrap();
+        assert_eq!(seen.last(), Some(&(5, 5)));
+        let info = g2.info("shop").await.unwrap();
+        assert_eq!(
+            (info.state, info.prop("in_ip")),
+            (AppState::Stopped, Some("127.0.2.10"))
+        );
+        assert_eq!(g2.volume("shop", "data").as_deref(), Some(&b"hello"[..]));
+        assert_eq!(
+            g1.checksum("shop").await.unwrap(),
+            g2.checksum("shop").await.unwrap()
+        );
+
+        // Injected failures, refused names, and the log of what was sent.
+        g2.fail_next("start", "shop", 1, "component web failed");
+        let e = g2.start("shop").await.unwrap_err();
+        assert!(
+            matches!(&e, GridError::Command { exit_code: Some(1), stderr, .. } if stderr == "component web failed")
+        );
+        g2.start("shop").await.unwrap();
+        assert!(matches!(g2.stop("$(id)").await, Err(GridError::Invalid(_))));
+        assert_eq!(g2.log().last().unwrap(), "app start shop");
+        assert!(
+            g2.destroy("shop").await.is_err(),
+            "running apps are not destroyed"
+        );
+        g1.destroy("shop").await.unwrap();
+        assert!(g1.app_names().is_empty());
+    }
+}

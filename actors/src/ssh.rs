@@ -1,0 +1,670 @@
+//! [`SshGrid`]: the [`GridController`] that talks to a real grid controller over SSH (the `net`
+//! terminal), with async-ssh2-lite on tokio.
+//!
+//! One SSH session per command: simple, and a broken connection never poisons the next command.
+//! Every session checks the controller's host key against a known_hosts file (unknown or changed:
+//! refused), logs in with the private key file, runs one validated and quoted dialect command, and
+//! returns its stdout, or an error with the remote exit code and stderr.
+
+use std::io::ErrorKind;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use async_ssh2_lite::ssh2::{CheckResult, ErrorCode, HashType, KnownHostFileKind, MethodType};
+use async_ssh2_lite::{AsyncSession, TokioTcpStream};
+use dialect::{Command, Controller};
+use tokio::io::AsyncReadExt;
+use tokio::time::{sleep_until, timeout_at, Instant};
+use tracing::{debug, warn, Instrument};
+
+use crate::controller::{
+    commands, parse, AppInfo, AppSummary, GridController, GridError, GridFuture, MigrateOptions,
+    ProgressFn, VolumeChecksum,
+};
+
+/// Host key algorithms grouped by key type, tried in turn when the first key is not the pinned one.
+const HOST_KEY_TYPES: [&str; 5] = [
+    "ssh-ed25519",
+    "ecdsa-sha2-nistp256",
+    "ecdsa-sha2-nistp384",
+    "ecdsa-sha2-nistp521",
+    "rsa-sha2-512,rsa-sha2-256,ssh-rsa",
+];
+
+/// libssh2's code for "cannot read the key file".
+const LIBSSH2_ERROR_FILE: i32 = -16;
+
+/// Output kept per stream; a controller printing more than this is misbehaving.
+const MAX_OUTPUT: usize = 16 << 20;
+
+type Session = AsyncSession<TokioTcpStream>;
+
+/// A grid controller reached over SSH.
+#[derive(Debug, Clone)]
+pub struct SshGrid {
+    controller: Controller,
+    key_file: PathBuf,
+    known_hosts: PathBuf,
+    connect_timeout: Duration,
+    command_timeout: Duration,
+    migrate_idle_timeout: Duration,
+}
+
+/// What a command printed.
+#[derive(Debug, Default)]
+struct Output {
+    stdout: String,
+}
+
+/// How long a command may run: in total, or as long as it keeps printing (a migration moving
+/// gigabytes reports progress; one that falls silent is stuck).
+#[derive(Debug, Clone, Copy)]
+enum Limit {
+    Total(Duration),
+    Idle(Duration),
+}
+
+impl SshGrid {
+    /// Default timeouts: 10 s to connect and log in, 120 s per command, and a migration may run
+    /// as long as it reports progress at least every 5 minutes.
+    pub fn new(
+        controller: Controller,
+        key_file: impl Into<PathBuf>,
+        known_hosts: impl Into<PathBuf>,
+    ) -> Self {
+        SshGrid {
+            controller,
+            key_file: key_file.into(),
+            known_hosts: known_hosts.into(),
+            connect_timeout: Duration::from_secs(10),
+            command_timeout: Duration::from_secs(120),
+            migrate_idle_timeout: Duration::from_secs(300),
+        }
+    }
+
+    /// `connect`: TCP connect, SSH handshake, host key check and login together.
+    /// `command`: each command except `migrate`, from opening the channel to its exit.
+    pub fn with_timeouts(mut self, connect: Duration, command: Duration) -> Self {
+        self.connect_timeout = connect;
+        self.command_timeout = command;
+        self
+    }
+
+    /// How long `migrate_import` may go without any output before it is abandoned.
+    pub fn with_migrate_idle_timeout(mut self, idle: Duration) -> Self {
+        self.migrate_idle_timeout = idle;
+        self
+    }
+
+    fn addr(&self) -> String {
+        let c = &self.controller;
+        format!("{}@{}:{}", c.user_or_default(), c.host, c.port_or_default())
+    }
+
+    fn connect_err(&self, reason: impl Into<String>) -> GridError {
+        GridError::Connect {
+            addr: self.addr(),
+            reason: reason.into(),
+        }
+    }
+
+    /// Opens an authenticated session, all of it within the connect timeout.
+    async fn open(&self) -> Result<Session, GridError> {
+        let deadline = Instant::now() + self.connect_timeout;
+        let mut session = self.handshake(deadline, None).await?;
+        match self.check_host_key(&session) {
+            Ok(()) => {}
+            Err(changed @ GridError::HostKeyChanged { .. }) => {
+                // libssh2 picks the host key type by its own preference; known_hosts may pin
+                // another type the server also has (`ssh` records only the type it negotiated).
+                // The key has changed only if no type the server offers matches a pinned key.
+                let negotiated = session
+                    .methods(MethodType::HostKey)
+                    .unwrap_or_default()
+                    .to_string();
+                drop(session);
+                session = self
+                    .handshake_with_other_key_type(deadline, &negotiated)
+                    .await
+                    .ok_or(changed)?;
+            }
+            Err(e) => return Err(e),
+        }
+        let user = self.controller.user_or_default();
+        check_key_file(&self.key_file)?;
+        let auth = timeout_at(
+            deadline,
+            session.userauth_pubkey_file(user, None, &self.key_file, None),
+        )
+        .await
+        .map_err(|_| {
+            self.connect_err(format!(
+                "login as {user} timed out after {}s",
+                self.connect_timeout.as_secs_f64()
+            ))
+        })?;
+        let auth_err = |reason: String| GridError::Auth {
+            addr: self.addr(),
+            user: user.to_string(),
+            key_file: self.key_file.clone(),
+            reason,
+        };
+        match auth {
+            Err(e) if ssh2_code(&e) == Some(LIBSSH2_ERROR_FILE) => {
+                return Err(GridError::Key {
+                    path: self.key_file.clone(),
+                    reason: format!(
+                        "not an unencrypted OpenSSH/PEM private key libssh2 can read ({})",
+                        describe(&e)
+                    ),
+                })
+            }
+            Err(e) => return Err(auth_err(describe(&e))),
+            Ok(()) if !session.authenticated() => {
+                return Err(auth_err("not authenticated after login".into()))
+            }
+            Ok(()) => {}
+        }
+        Ok(session)
+    }
+
+    /// TCP connect and SSH handshake, optionally offering only the host key algorithms `prefs`.
+    async fn handshake(
+        &self,
+        deadline: Instant,
+        prefs: Option<&str>,
+    ) -> Result<Session, GridError> {
+        let limit = self.connect_timeout.as_secs_f64();
+        let (host, port) = (
+            self.controller.host.as_str(),
+            self.controller.port_or_default(),
+        );
+
+        let addrs: Vec<SocketAddr> = timeout_at(deadline, tokio::net::lookup_host((host, port)))
+            .await
+            .map_err(|_| self.connect_err(format!("resolving {host} timed out after {limit}s")))?
+            .map_err(|e| self.connect_err(format!("cannot resolve {host}: {e}")))?
+            .collect();
+        let mut last = None;
+        let mut stream = None;
+        for a in &addrs {
+            match timeout_at(deadline, TokioTcpStream::connect(a)).await {
+                Ok(Ok(s)) => {
+                    stream = Some(s);
+                    break;
+                }
+                Ok(Err(e)) => last = Some(format!("{a}: {e}")),
+                Err(_) => {
+                    return Err(
+                        self.connect_err(format!("TCP connect to {a} timed out after {limit}s"))
+                    )
+                }
+            }
+        }
+        let stream = stream.ok_or_else(|| {
+            self.connect_err(last.unwrap_or_else(|| format!("{host} has no address")))
+        })?;
+
+        let mut session = Session::new(stream, None).map_err(|e| {
+            self.connect_err(format!("cannot start an SSH session: {}", describe(&e)))
+        })?;
+        if let Some(prefs) = prefs {
+            session
+                .method_pref(MethodType::HostKey, prefs)
+                .await
+                .map_err(|e| {
+                    self.connect_err(format!("host key types {prefs}: {}", describe(&e)))
+                })?;
+        }
+        timeout_at(deadline, session.handshake())
+            .await
+            .map_err(|_| {
+                self.connect_err(format!(
+                    "no SSH handshake within {limit}s (is an SSH server listening on port {port}?)"
+                ))
+            })?
+            .map_err(|e| self.connect_err(format!("SSH handshake failed: {}", describe(&e))))?;
+        Ok(session)
+    }
+
+    /// Handshakes again offering one other host key type at a time; returns the first session
+    /// whose host key is pinned. A type the server lacks just fails its handshake.
+    async fn handshake_with_other_key_type(
+        &self,
+        deadline: Instant,
+        negotiated: &str,
+    ) -> Option<Session> {
+        for prefs in HOST_KEY_TYPES {
+            if prefs.split(',').any(|a| a == negotiated) {
+                continue;
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            match self.handshake(deadline, Some(prefs)).await {
+                Ok(s) if self.check_host_key(&s).is_ok() => {
+                    debug!(controller = %self.addr(), prefs, "pinned host key found with this type");
+                    return Some(s);
+                }
+                Ok(_) => {}
+                Err(e) => debug!(prefs, "no handshake with this host key type: {e}"),
+            }
+        }
+        None
+    }
+
+    /// Refuses a controller whose host key is not pinned in `known_hosts`, or differs from it.
+    fn check_host_key(&self, session: &Session) -> Result<(), GridError> {
+        let (host, port) = (
+            self.controller.host.as_str(),
+            self.controller.port_or_default(),
+        );
+        let (key, _) = session
+            .host_key()
+            .ok_or_else(|| self.connect_err("the server sent no host key"))?;
+        let fingerprint = fingerprint(key, session);
+        let mut kh = session
+            .known_hosts()
+            .map_err(|e| self.connect_err(format!("libssh2 known hosts: {}", describe(&e))))?;
+        let path = &self.known_hosts;
+        match std::fs::read_to_string(path) {
+            // Line by line: libssh2 stops at the first line it cannot read (e.g. a key type it
+            // does not know, or `@cert-authority`), and one such line must not hide the rest.
+            Ok(text) => {
+                for (n, line) in text.lines().enumerate() {
+                    let t = line.trim();
+                    if t.is_empty() || t.starts_with('#') {
+                        continue;
+                    }
+                    if let Err(e) = kh.read_str(t, KnownHostFileKind::OpenSSH) {
+                        warn!(
+                            file = %path.display(),
+                            line = n + 1,
+                            "skipping a known_hosts line libssh2 cannot read: {}",
+                            e.message()
+                        );
+                    }
+                }
+            }
+            // No file yet: every key is unknown, and the error says how to create it.
+            Err(e) if e.kind() == ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(GridError::KnownHosts {
+                    path: path.clone(),
+                    reason: e.to_string(),
+                })
+            }
+        }
+        let details = || {
+            (
+                self.addr(),
+                host.to_string(),
+                fingerprint.clone(),
+                path.clone(),
+            )
+        };
+        match kh.check_port(host, port, key) {
+            CheckResult::Match => {
+                debug!(controller = %self.addr(), %fingerprint, "host key matches known_hosts");
+                Ok(())
+            }
+            CheckResult::NotFound => {
+                let (addr, host, fingerprint, known_hosts) = details();
+                Err(GridError::UnknownHostKey {
+                    addr,
+                    host,
+                    port,
+                    fingerprint,
+                    known_hosts,
+                })
+            }
+            CheckResult::Mismatch => {
+                let (addr, host, fingerprint, known_hosts) = details();
+                Err(GridError::HostKeyChanged {
+                    addr,
+                    host,
+                    port,
+                    fingerprint,
+                    known_hosts,
+                })
+            }
+            CheckResult::Failure => Err(GridError::KnownHosts {
+                path: path.clone(),
+                reason: format!("libssh2 could not check host key {fingerprint} against it"),
+            }),
+        }
+    }
+
+    /// Runs one command in its own session. `on_line` sees each stdout line as it arrives.
+    async fn run(
+        &self,
+        cmd: &Command,
+        on_line: Option<&mut (dyn FnMut(&str) + Send)>,
+        limit: Limit,
+    ) -> Result<Output, GridError> {
+        let shown = redacted(cmd);
+        let span = tracing::debug_span!("grid", controller = %self.addr(), verb = cmd.verb());
+        async {
+            let session = self.open().await?;
+            let result = self.exec(&session, cmd, &shown, on_line, limit).await;
+            // Best effort: the session is dropped (and the socket closed) either way.
+            let _ = tokio::time::timeout(
+                Duration::from_secs(1),
+                session.disconnect(None, "done", None),
+            )
+            .await;
+            result
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn exec(
+        &self,
+        session: &Session,
+        cmd: &Command,
+        shown: &str,
+        mut on_line: Option<&mut (dyn FnMut(&str) + Send)>,
+        limit: Limit,
+    ) -> Result<Output, GridError> {
+        let started = Instant::now();
+        let (after, total_deadline) = match limit {
+            Limit::Total(d) => (d, Some(started + d)),
+            Limit::Idle(d) => (d, None),
+        };
+        let timed_out = || GridError::Timeout {
+            addr: self.addr(),
+            command: shown.to_string(),
+            after,
+        };
+        let broke = |what: &str, e: &dyn std::fmt::Display| GridError::Session {
+            addr: self.addr(),
+            command: shown.to_string(),
+            reason: format!("{what}: {e}"),
+        };
+        // Steps other than reading output get the whole budget (total) or one idle period.
+        let step_deadline = || total_deadline.unwrap_or_else(|| Instant::now() + after);
+
+        let mut channel = timeout_at(step_deadline(), session.channel_session())
+            .await
+            .map_err(|_| timed_out())?
+            .map_err(|e| broke("cannot open a channel", &describe(&e)))?;
+        // The line is already validated and every argument shell-quoted (dialect::Command).
+        timeout_at(step_deadline(), channel.exec(&cmd.to_command_line()))
+            .await
+            .map_err(|_| timed_out())?
+            .map_err(|e| broke("exec refused", &describe(&e)))?;
+        debug!(command = %shown, "sent");
+
+        let mut out_stream = channel.stream(0);
+        let mut err_stream = channel.stderr();
+        let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
+        let (mut obuf, mut ebuf) = (vec![0u8; 16384], vec![0u8; 16384]);
+        let (mut out_eof, mut err_eof) = (false, false);
+        let mut last_activity = Instant::now();
+        // Reads are re-polled on this tick too: async-ssh2-lite may park a read without a
+        // wake-up when libssh2 reports no blocking direction; the tick makes that harmless.
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        while !(out_eof && err_eof) {
+            let deadline = total_deadline.unwrap_or(last_activity + after);
+            tokio::select! {
+                r = out_stream.read(&mut obuf), if !out_eof => {
+                    let n = r.map_err(|e| broke("reading stdout", &e))?;
+                    last_activity = Instant::now();
+                    if n == 0 {
+                        out_eof = true;
+                    } else if stdout.len() < MAX_OUTPUT {
+                        stdout.extend_from_slice(&obuf[..n]);
+                    }
+                    if let Some(cb) = on_line.as_deref_mut() {
+                        // Streamed output is handed on line by line and not kept, so a long
+                        // migration's progress never fills the buffer.
+                        let mut start = 0;
+                        while let Some(i) = stdout[start..].iter().position(|&b| b == b'\n') {
+                            cb(String::from_utf8_lossy(&stdout[start..start + i]).trim_end());
+                            start += i + 1;
+                        }
+                        if out_eof && start < stdout.len() {
+                            cb(String::from_utf8_lossy(&stdout[start..]).trim_end());
+                            start = stdout.len();
+                        }
+                        stdout.drain(..start);
+                    }
+                }
+                r = err_stream.read(&mut ebuf), if !err_eof => {
+                    let n = r.map_err(|e| broke("reading stderr", &e))?;
+                    last_activity = Instant::now();
+                    if n == 0 {
+                        err_eof = true;
+                    } else if stderr.len() < MAX_OUTPUT {
+                        stderr.extend_from_slice(&ebuf[..n]);
+                    }
+                }
+                _ = sleep_until(deadline) => return Err(timed_out()),
+                _ = tick.tick() => {}
+            }
+        }
+        timeout_at(step_deadline(), channel.wait_close())
+            .await
+            .map_err(|_| timed_out())?
+            .map_err(|e| broke("waiting for the exit status", &describe(&e)))?;
+        let stderr = String::from_utf8_lossy(&stderr).into_owned();
+        let signal = channel.exit_signal().await.ok().and_then(|s| s.exit_signal);
+        let code = channel
+            .exit_status()
+            .map_err(|e| broke("reading the exit status", &describe(&e)))?;
+        let failed = |exit_code: Option<i32>, status: String| GridError::Command {
+            addr: self.addr(),
+            command: shown.to_string(),
+            exit_code,
+            status,
+            stderr: stderr.clone(),
+        };
+        if let Some(sig) = signal {
+            return Err(failed(None, format!("was killed by signal {sig}")));
+        }
+        if code != 0 {
+            return Err(failed(Some(code), format!("exited with code {code}")));
+        }
+        debug!(elapsed = ?started.elapsed(), "done");
+        Ok(Output {
+            stdout: String::from_utf8_lossy(&stdout).into_owned(),
+        })
+    }
+
+    async fn run_simple(
+        &self,
+        cmd: Result<Command, dialect::DialectError>,
+    ) -> Result<Output, GridError> {
+        let cmd = cmd?;
+        self.run(&cmd, None, Limit::Total(self.command_timeout))
+            .await
+    }
+
+    fn parse_err(&self, cmd: &Command, reason: String) -> GridError {
+        GridError::Parse {
+            addr: self.addr(),
+            command: redacted(cmd),
+            reason,
+        }
+    }
+}
+
+impl GridController for SshGrid {
+    fn controller(&self) -> &Controller {
+        &self.controller
+    }
+
+    fn list(&self) -> GridFuture<'_, Vec<AppSummary>> {
+        Box::pin(async move {
+            let cmd = commands::list();
+            let out = self.run_simple(Ok(cmd.clone())).await?;
+            parse::list(&out.stdout).map_err(|r| self.parse_err(&cmd, r))
+        })
+    }
+
+    fn info<'a>(&'a self, name: &'a str) -> GridFuture<'a, AppInfo> {
+        Box::pin(async move {
+            let cmd = commands::info(name)?;
+            let out = self.run_simple(Ok(cmd.clone())).await?;
+            parse::info(&out.stdout).map_err(|r| self.parse_err(&cmd, r))
+        })
+    }
+
+    fn provision<'a>(
+        &'a self,
+        template: &'a str,
+        name: &'a str,
+        props: &'a [(String, String)],
+    ) -> GridFuture<'a, ()> {
+        Box::pin(async move {
+            self.run_simple(commands::provision(template, name, props))
+                .await
+                .map(drop)
+        })
+    }
+
+    fn start<'a>(&'a self, name: &'a str) -> GridFuture<'a, ()> {
+        Box::pin(async move { self.run_simple(commands::start(name)).await.map(drop) })
+    }
+
+    fn stop<'a>(&'a self, name: &'a str) -> GridFuture<'a, ()> {
+        Box::pin(async move { self.run_simple(commands::stop(name)).await.map(drop) })
+    }
+
+    fn destroy<'a>(&'a self, name: &'a str) -> GridFuture<'a, ()> {
+        Box::pin(async move { self.run_simple(commands::destroy(name)).await.map(drop) })
+    }
+
+    fn config<'a>(&'a self, name: &'a str, props: &'a [(String, String)]) -> GridFuture<'a, ()> {
+        Box::pin(async move {
+            self.run_simple(commands::config(name, props))
+                .await
+                .map(drop)
+        })
+    }
+
+    fn migrate_import<'a>(
+        &'a self,
+        remote: &'a Controller,
+        app: &'a str,
+        new_name: &'a str,
+        props: &'a [(String, String)],
+        opts: MigrateOptions,
+        progress: ProgressFn<'a>,
+    ) -> GridFuture<'a, ()> {
+        Box::pin(async move {
+            let cmd = commands::migrate_import(remote, app, new_name, props, opts)?;
+            let mut on_line = |line: &str| match parse::progress(line) {
+                Some((done, total)) => progress(done, total),
+                None => debug!(line, "migrate output"),
+            };
+            self.run(
+                &cmd,
+                Some(&mut on_line),
+                Limit::Idle(self.migrate_idle_timeout),
+            )
+            .await
+            .map(drop)
+        })
+    }
+
+    fn checksum<'a>(&'a self, name: &'a str) -> GridFuture<'a, Vec<VolumeChecksum>> {
+        Box::pin(async move {
+            let cmd = commands::checksum(name)?;
+            let out = self.run_simple(Ok(cmd.clone())).await?;
+            parse::checksum(&out.stdout).map_err(|r| self.parse_err(&cmd, r))
+        })
+    }
+}
+
+/// The command line as errors and logs show it: values of properties that may hold secrets
+/// (MigHelper's `env` carries the operation key) are replaced.
+pub fn redacted(cmd: &Command) -> String {
+    let mut c = cmd.clone();
+    if let Command::Provision { props, .. }
+    | Command::Config { props, .. }
+    | Command::Migrate { props, .. } = &mut c
+    {
+        for p in props.iter_mut() {
+            let n = p.name.to_ascii_lowercase();
+            if ["env", "password", "secret", "key", "token"]
+                .iter()
+                .any(|s| n.contains(s))
+            {
+                p.value = "<redacted>".into();
+            }
+        }
+    }
+    c.to_command_line()
+}
+
+/// `SHA256:…` as `ssh-keygen -l` prints it, so a person can compare it with the controller's.
+fn fingerprint(key: &[u8], session: &Session) -> String {
+    match ssh_key::PublicKey::from_bytes(key) {
+        Ok(k) => k.fingerprint(ssh_key::HashAlg::Sha256).to_string(),
+        // A key type ssh-key does not know: still show a SHA-256 digest of it.
+        Err(_) => session
+            .host_key_hash(HashType::Sha256)
+            .map(|h| format!("SHA256(hex):{}", hex(h)))
+            .unwrap_or_else(|| "(unknown)".into()),
+    }
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// A clear error for a missing or unreadable key file, rather than libssh2's generic one.
+fn check_key_file(path: &Path) -> Result<(), GridError> {
+    let bad = |reason: String| GridError::Key {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let meta = std::fs::metadata(path).map_err(|e| bad(e.to_string()))?;
+    if !meta.is_file() {
+        return Err(bad("not a regular file".into()));
+    }
+    // Reading it proves the permission; the contents are never logged.
+    std::fs::File::open(path).map_err(|e| bad(e.to_string()))?;
+    Ok(())
+}
+
+fn ssh2_code(e: &async_ssh2_lite::Error) -> Option<i32> {
+    match e.as_ssh2()?.code() {
+        ErrorCode::Session(c) => Some(c),
+        ErrorCode::SFTP(_) => None,
+    }
+}
+
+/// async-ssh2-lite's Display is its Debug; say it in words.
+fn describe(e: &async_ssh2_lite::Error) -> String {
+    match e {
+        async_ssh2_lite::Error::Ssh2(s) => s.message().to_string(),
+        async_ssh2_lite::Error::Io(io) => io.to_string(),
+        async_ssh2_lite::Error::Other(o) => o.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dialect::{AppName, Prop};
+
+    #[test]
+    fn secrets_are_redacted_from_shown_command_lines() {
+        let cmd = Command::Provision {
+            template: AppName::new("MigHelper").unwrap(),
+            name: AppName::new("h1").unwrap(),
+            props: vec![
+                Prop::new("in_ip", "127.0.2.20").unwrap(),
+                Prop::new("env", "k_op=deadbeef").unwrap(),
+            ],
+        };
+        let shown = redacted(&cmd);
+        assert!(!shown.contains("deadbeef"), "{shown}");
+        assert!(shown.contains("in_ip=127.0.2.20"), "{shown}");
+        assert!(cmd.to_command_line().contains("deadbeef"));
+    }
+}
