@@ -2,6 +2,8 @@
 //! the actors. Kept as a library so that tests start the real server in-process on port 0.
 #![forbid(unsafe_code)]
 
+pub mod client;
+pub mod daemon;
 pub mod logging;
 pub mod server;
 pub mod site;

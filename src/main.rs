@@ -2,15 +2,13 @@
 //! calls into the library; see `mig --help`.
 #![forbid(unsafe_code)]
 
-use std::net::{SocketAddr, TcpListener};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use actors::properties::{self, Properties};
 use clap::{Args, Parser, Subcommand};
 use mig::logging::{self, LogFormat};
-use mig::site::{self, Site};
-use tokio_util::sync::CancellationToken;
+use mig::site::Site;
 
 #[derive(Parser)]
 #[command(
@@ -36,8 +34,45 @@ struct Cli {
 enum Command {
     /// Run the appliance daemon: the GUI and API on `port_no`, the pass-through ports, and `mon`.
     Serve(ConfigArgs),
+    /// Run MigHelper for one operation (started by the grid as the MigHelper application; its
+    /// operation arrives in MIG_HELPER_ENV and by handoff).
+    Helper(ConfigArgs),
     /// Run every start-up check without side effects: exit 0, or exit 2 with one line per problem.
     Check(ConfigArgs),
+    /// Move the application behind the MIG at --url to another grid, following it to the end.
+    Migrate(OpArgs),
+    /// Copy the application behind the MIG at --url to another grid, stopped; the source runs on.
+    Snapshot(OpArgs),
+    /// Print one operation as JSON, as the MIG at --url knows it.
+    Status {
+        /// The MIG (or MigHelper) to ask, e.g. http://10.0.1.10:8080
+        #[arg(long)]
+        url: String,
+        /// The operation id.
+        op_id: String,
+    },
+}
+
+#[derive(Args)]
+struct OpArgs {
+    /// The application's MIG, e.g. http://10.0.1.10:8080
+    #[arg(long)]
+    url: String,
+    /// The target grid's id in grid.info.
+    #[arg(long, value_name = "GRID")]
+    to: String,
+    /// The target application's name.
+    #[arg(long, value_name = "APP")]
+    name: String,
+    /// GUI username, when the MIG has one.
+    #[arg(long)]
+    user: Option<String>,
+    /// GUI password (or MIG_PASSWORD_CLI in the environment, to keep it out of `ps`).
+    #[arg(long, env = "MIG_PASSWORD_CLI", hide_env_values = true)]
+    password: Option<String>,
+    /// Print only the final summary.
+    #[arg(long)]
+    quiet: bool,
 }
 
 #[derive(Args)]
@@ -71,9 +106,69 @@ async fn main() -> ExitCode {
     }
     let result = match cli.command {
         Command::Check(args) => check(args),
-        Command::Serve(args) => serve(args).await,
+        Command::Serve(args) => match args.load() {
+            Ok(props) => daemon(mig::daemon::serve(props).await),
+            Err(code) => Err(code),
+        },
+        Command::Helper(args) => match args.load() {
+            Ok(props) => {
+                let env = std::env::var(actors::handoff::HELPER_ENV_VAR).ok();
+                daemon(mig::daemon::helper(props, env).await)
+            }
+            Err(code) => Err(code),
+        },
+        Command::Migrate(args) => operate("migrate", args).await,
+        Command::Snapshot(args) => operate("snapshot", args).await,
+        Command::Status { url, op_id } => status(&url, &op_id).await,
     };
     result.unwrap_or_else(|code| code)
+}
+
+fn daemon(r: Result<(), mig::daemon::Fatal>) -> Result<ExitCode, ExitCode> {
+    match r {
+        Ok(()) => {
+            tracing::info!("stopped");
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(f) => {
+            tracing::error!("{}", f.message);
+            eprintln!("mig: {}", f.message);
+            Err(ExitCode::from(f.code))
+        }
+    }
+}
+
+async fn operate(kind: &str, a: OpArgs) -> Result<ExitCode, ExitCode> {
+    let fail = |e: anyhow::Error| {
+        eprintln!("mig {kind}: {e:#}");
+        ExitCode::FAILURE
+    };
+    let creds = mig::client::Credentials {
+        user: a.user,
+        password: a.password,
+    };
+    let id = mig::client::start(&a.url, kind, &a.to, &a.name, &creds).await.map_err(fail)?;
+    println!("{kind} {id} started; follow it at {}/ops/{id}", a.url.trim_end_matches('/'));
+    let op = mig::client::follow(&a.url, &id, a.quiet).await.map_err(fail)?;
+    println!("{}", mig::client::summary(&op));
+    if op.state == actors::op::OpState::Succeeded {
+        Ok(ExitCode::SUCCESS)
+    } else {
+        Err(ExitCode::FAILURE)
+    }
+}
+
+async fn status(url: &str, id: &str) -> Result<ExitCode, ExitCode> {
+    match mig::client::fetch(&reqwest::Client::new(), url, id).await {
+        Ok(op) => {
+            println!("{}", serde_json::to_string_pretty(&op).expect("serializes"));
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            eprintln!("mig status: {e:#}");
+            Err(ExitCode::FAILURE)
+        }
+    }
 }
 
 fn check(args: ConfigArgs) -> Result<ExitCode, ExitCode> {
@@ -104,65 +199,4 @@ fn check(args: ConfigArgs) -> Result<ExitCode, ExitCode> {
 
 fn why_or(r: &Result<String, String>) -> &str {
     r.as_ref().err().map_or("unknown", String::as_str)
-}
-
-async fn serve(args: ConfigArgs) -> Result<ExitCode, ExitCode> {
-    let props = args.load()?;
-    let fail = |msg: String| {
-        tracing::error!("{msg}");
-        eprintln!("mig: {msg}");
-        ExitCode::FAILURE
-    };
-    site::run_rc_local(&props.config_dir).await.map_err(fail)?;
-
-    let site = Site::inspect(props);
-    for p in &site.problems {
-        tracing::warn!("{p}");
-    }
-    match site.operations_unavailable() {
-        Some(why) => tracing::warn!("operations are not offered: {why}"),
-        None => {
-            tracing::info!(grid = %site.own_grid.as_deref().unwrap_or_default(), "operations offered")
-        }
-    }
-
-    let p = &site.props;
-    let gui = bind(SocketAddr::new(p.listen, p.port_no))
-        .map_err(|e| fail(format!("httpd did not start: {e}")))?;
-    let mon = bind(SocketAddr::new(p.listen, p.mon_port))
-        .map_err(|e| fail(format!("mon did not start: {e}")))?;
-    tracing::info!(
-        gui = %format!("http://{}/", gui.local_addr().map_err(|e| fail(e.to_string()))?),
-        mon = %format!("http://{}/healthz", mon.local_addr().map_err(|e| fail(e.to_string()))?),
-        "serving"
-    );
-
-    let shutdown = CancellationToken::new();
-    tokio::spawn(stop_on_signal(shutdown.clone()));
-    mig::server::run(site, gui, mon, shutdown)
-        .await
-        .map_err(|e| fail(format!("server failed: {e}")))?;
-    tracing::info!("stopped");
-    Ok(ExitCode::SUCCESS)
-}
-
-fn bind(addr: SocketAddr) -> Result<TcpListener, String> {
-    TcpListener::bind(addr).map_err(|e| format!("cannot listen on {addr}: {e}"))
-}
-
-/// Cancels `shutdown` on SIGTERM (the grid stopping the application) or SIGINT (Ctrl-C).
-async fn stop_on_signal(shutdown: CancellationToken) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        tracing::error!("cannot install signal handlers; stop MIG with SIGKILL");
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM received"),
-        _ = int.recv() => tracing::info!("SIGINT received"),
-    }
-    shutdown.cancel();
 }

@@ -1,4 +1,4 @@
-//! The HTTP side of `mig serve`: the GUI port (page and `/api/v1`) and the `mon` port.
+//! The HTTP side of `mig serve` and `mig helper`: the GUI port (`/api/v1`) and the `mon` port.
 //!
 //! [`run`] takes listeners that are already bound, so a test binds port 0 and talks to the real
 //! server over real sockets, and `main` can report a port that cannot be bound before anything starts.
@@ -6,13 +6,19 @@
 use std::net::TcpListener;
 use std::time::Duration;
 
+use actix::{Addr, Recipient};
 use actix_web::body::MessageBody;
 use actix_web::dev::{ServiceRequest, ServiceResponse};
-use actix_web::http::header;
+use actix_web::http::{header, Method, StatusCode};
 use actix_web::middleware::{from_fn, Next};
-use actix_web::{web as aw, App, HttpResponse, HttpServer};
-use actors::auth::GuiCredentials;
-use serde::Serialize;
+use actix_web::{web as aw, App, HttpRequest, HttpResponse, HttpServer};
+use actors::auth::{GuiCredentials, Signed};
+use actors::book::OpBook;
+use actors::handoff::Handoff;
+use actors::op::{Op, Role};
+use actors::source::{Source, StartOp};
+use serde::{Deserialize, Serialize};
+use subtle::ConstantTimeEq;
 use tokio_util::sync::CancellationToken;
 
 use crate::site::Site;
@@ -20,28 +26,65 @@ use crate::site::Site;
 /// How long in-flight requests get when MIG stops.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
+/// The header a state-changing GUI request carries: a token only a page (or client) that could
+/// read this MIG's own responses knows, so a cross-site form cannot start an operation.
+pub const CSRF_HEADER: &str = "x-mig-csrf";
+
+/// Largest handoff body accepted (an operation with its steps is a few KiB).
+const MAX_HANDOFF: usize = 256 * 1024;
+
 /// State shared by every request handler.
 pub struct Shared {
-    pub site: Site,
+    /// The start-up findings (`mig serve`); `None` in MigHelper, which has no grid.info.
+    pub site: Option<Site>,
     pub credentials: Option<GuiCredentials>,
+    pub book: OpBook,
+    /// Starts operations (`mig serve` with operations on).
+    pub source: Option<Addr<Source>>,
+    /// Takes handoffs: Target in `mig serve`, MigHelper in `mig helper`.
+    pub handoff: Option<Recipient<Handoff>>,
+    /// The roles this instance plays; its event streams end when the operation moves on.
+    pub roles: Vec<Role>,
+    pub csrf_token: String,
 }
 
-/// Serves the GUI on `gui` and health and metrics on `mon` until `shutdown` is cancelled.
-pub async fn run(
-    site: Site,
-    gui: TcpListener,
-    mon: TcpListener,
-    shutdown: CancellationToken,
-) -> std::io::Result<()> {
-    let credentials = GuiCredentials::new(&site.props.username, &site.props.password);
-    let shared = aw::Data::new(Shared { site, credentials });
+impl Shared {
+    pub fn new(site: Option<Site>, book: OpBook, roles: Vec<Role>) -> Shared {
+        let credentials = site
+            .as_ref()
+            .and_then(|s| GuiCredentials::new(&s.props.username, &s.props.password));
+        Shared {
+            site,
+            credentials,
+            book,
+            source: None,
+            handoff: None,
+            roles,
+            csrf_token: actors::op::new_id(),
+        }
+    }
+}
+
+/// Serves the GUI on `gui` and health on `mon` until `shutdown` is cancelled.
+pub async fn run(shared: Shared, gui: TcpListener, mon: TcpListener, shutdown: CancellationToken) -> std::io::Result<()> {
+    let shared = aw::Data::new(shared);
 
     let gui_shared = shared.clone();
     let gui_server = HttpServer::new(move || {
         App::new()
             .app_data(gui_shared.clone())
+            .app_data(aw::PayloadConfig::new(MAX_HANDOFF))
+            .app_data(aw::JsonConfig::default().limit(16 * 1024))
             .wrap(from_fn(require_credentials))
-            .service(aw::scope("/api/v1").route("/grids", aw::get().to(grids)))
+            .service(
+                aw::scope("/api/v1")
+                    .route("/grids", aw::get().to(grids))
+                    .route("/csrf", aw::get().to(csrf))
+                    .route("/ops", aw::post().to(start_op))
+                    .route("/ops/{id}", aw::get().to(get_op))
+                    .route("/ops/{id}/events", aw::get().to(op_events))
+                    .route("/handoff", aw::post().to(handoff)),
+            )
     })
     .workers(1)
     .disable_signals()
@@ -71,8 +114,16 @@ pub async fn run(
     gui_res.and(mon_res)
 }
 
-/// HTTP basic auth on every GUI route when `username` is set. (The operation status routes, which
-/// must be readable across grids with only the unguessable id, are exempted when they exist.)
+/// Routes anyone may call without the GUI credentials: an operation's status (readable with its
+/// unguessable id, from any origin, so the page can follow it across grids) and the handoff
+/// (which carries its own signature).
+fn is_public(req: &ServiceRequest) -> bool {
+    let path = req.path();
+    (req.method() == Method::GET && path.starts_with("/api/v1/ops/"))
+        || (req.method() == Method::POST && path == "/api/v1/handoff")
+}
+
+/// HTTP basic auth on every other GUI route when `username` is set.
 async fn require_credentials(
     req: ServiceRequest,
     next: Next<impl MessageBody + 'static>,
@@ -81,24 +132,24 @@ async fn require_credentials(
         .app_data::<aw::Data<Shared>>()
         .expect("Shared is registered")
         .clone();
-    if let Some(creds) = &shared.credentials {
+    if let (Some(creds), false) = (&shared.credentials, is_public(&req)) {
         let given = req
             .headers()
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok());
         if !creds.check_header(given) {
             let resp = HttpResponse::Unauthorized()
-                .insert_header((
-                    header::WWW_AUTHENTICATE,
-                    r#"Basic realm="MIG", charset="UTF-8""#,
-                ))
+                .insert_header((header::WWW_AUTHENTICATE, r#"Basic realm="MIG", charset="UTF-8""#))
                 .json(serde_json::json!({"error": "this MIG needs its GUI username and password"}));
             return Ok(req.into_response(resp));
         }
     }
-    next.call(req)
-        .await
-        .map(ServiceResponse::map_into_boxed_body)
+    next.call(req).await.map(ServiceResponse::map_into_boxed_body)
+}
+
+fn error(status: u16, msg: impl Into<String>) -> HttpResponse {
+    HttpResponse::build(StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR))
+        .json(serde_json::json!({"error": msg.into()}))
 }
 
 #[derive(Serialize)]
@@ -122,7 +173,9 @@ struct GridsView<'a> {
 
 /// `GET /api/v1/grids`: the grids of grid.info, with the one MIG runs on marked.
 async fn grids(shared: aw::Data<Shared>) -> HttpResponse {
-    let site = &shared.site;
+    let Some(site) = &shared.site else {
+        return error(404, "MigHelper has no grids");
+    };
     let own = site.own_grid.as_deref().ok();
     let grids = site
         .grid_info
@@ -141,6 +194,134 @@ async fn grids(shared: aw::Data<Shared>) -> HttpResponse {
         unavailable: site.operations_unavailable(),
         grids,
     })
+}
+
+/// `GET /api/v1/csrf`: the token for state-changing requests (behind the GUI credentials, and not
+/// readable cross-origin).
+async fn csrf(shared: aw::Data<Shared>) -> HttpResponse {
+    HttpResponse::Ok().json(serde_json::json!({"csrf": shared.csrf_token}))
+}
+
+#[derive(Deserialize)]
+struct StartBody {
+    kind: String,
+    target_app: String,
+    target_grid: String,
+}
+
+/// `POST /api/v1/ops`: 202 `{id, monitor_url}`, or 400/403/409/503/502 with `{error}`.
+async fn start_op(req: HttpRequest, shared: aw::Data<Shared>, body: aw::Json<StartBody>) -> HttpResponse {
+    let token = req.headers().get(CSRF_HEADER).map(|v| v.as_bytes()).unwrap_or_default();
+    if !bool::from(token.ct_eq(shared.csrf_token.as_bytes())) {
+        return error(403, format!("missing or wrong {CSRF_HEADER} header: reload the page (or GET /api/v1/csrf)"));
+    }
+    let Some(source) = &shared.source else {
+        let why = shared
+            .site
+            .as_ref()
+            .and_then(Site::operations_unavailable)
+            .unwrap_or_else(|| "this instance does not start operations".into());
+        return error(503, format!("operations are not offered here: {why}"));
+    };
+    let body = body.into_inner();
+    let msg = StartOp {
+        kind: body.kind,
+        target_app: body.target_app,
+        target_grid: body.target_grid,
+    };
+    match source.send(msg).await {
+        Ok(Ok(started)) => HttpResponse::Accepted().json(serde_json::json!({
+            "id": started.id,
+            "monitor_url": format!("/ops/{}", started.id),
+        })),
+        Ok(Err(e)) => {
+            tracing::info!(status = e.status(), error = %e, "operation refused");
+            error(e.status(), e.to_string())
+        }
+        Err(e) => error(500, format!("the Source actor is gone: {e}")),
+    }
+}
+
+fn cors(mut resp: HttpResponse) -> HttpResponse {
+    resp.headers_mut().insert(
+        header::ACCESS_CONTROL_ALLOW_ORIGIN,
+        header::HeaderValue::from_static("*"),
+    );
+    resp
+}
+
+fn known_op(shared: &Shared, id: &str) -> Result<Op, HttpResponse> {
+    shared
+        .book
+        .get(id)
+        .ok_or_else(|| cors(error(404, format!("no operation {id} here"))))
+}
+
+/// `GET /api/v1/ops/{id}`: the operation as far as this instance knows it.
+async fn get_op(shared: aw::Data<Shared>, id: aw::Path<String>) -> HttpResponse {
+    match known_op(&shared, &id) {
+        Ok(op) => cors(HttpResponse::Ok().json(op)),
+        Err(resp) => resp,
+    }
+}
+
+/// `GET /api/v1/ops/{id}/events`: the same, live, as server-sent events (`event: op`). The stream
+/// ends once the operation has ended or has moved on to another instance.
+async fn op_events(shared: aw::Data<Shared>, id: aw::Path<String>) -> HttpResponse {
+    let Some(mut rx) = shared.book.watch(&id) else {
+        return cors(error(404, format!("no operation {id} here")));
+    };
+    let roles = shared.roles.clone();
+    let stream = async_stream::stream! {
+        loop {
+            let op = rx.borrow_and_update().clone();
+            let data = serde_json::to_string(&op).expect("an Op serializes");
+            yield Ok::<_, actix_web::Error>(aw::Bytes::from(format!("event: op\ndata: {data}\n\n")));
+            if !op.state.is_running() || !roles.contains(&op.owner) {
+                break;
+            }
+            tokio::select! {
+                changed = rx.changed() => if changed.is_err() { break },
+                // A comment now and then keeps proxies from closing an idle stream.
+                () = tokio::time::sleep(Duration::from_secs(15)) => {
+                    yield Ok(aw::Bytes::from_static(b": keep-alive\n\n"));
+                }
+            }
+        }
+    };
+    cors(
+        HttpResponse::Ok()
+            .insert_header((header::CONTENT_TYPE, "text/event-stream"))
+            .insert_header((header::CACHE_CONTROL, "no-cache"))
+            .streaming(stream),
+    )
+}
+
+/// `POST /api/v1/handoff`: a signed operation from the previous actor.
+async fn handoff(req: HttpRequest, shared: aw::Data<Shared>, body: aw::Bytes) -> HttpResponse {
+    let Some(recipient) = &shared.handoff else {
+        return error(503, "this instance cannot take operations (see mig check)");
+    };
+    let signed = match Signed::from_headers(|name| req.headers().get(name).and_then(|v| v.to_str().ok())) {
+        Ok(s) => s,
+        Err(e) => return error(401, e.to_string()),
+    };
+    let span = tracing::info_span!("op", op_id = %signed.op_id);
+    let _g = span.enter();
+    match recipient
+        .send(Handoff {
+            signed,
+            body: body.to_vec(),
+        })
+        .await
+    {
+        Ok(Ok(())) => HttpResponse::Ok().json(serde_json::json!({"accepted": true})),
+        Ok(Err(e)) => {
+            tracing::warn!(status = e.status(), error = %e, "handoff refused");
+            error(e.status(), e.to_string())
+        }
+        Err(e) => error(500, format!("the actor is gone: {e}")),
+    }
 }
 
 /// `GET /healthz` on mon: the process is alive and serving.

@@ -6,10 +6,16 @@
 #![forbid(unsafe_code)]
 
 pub mod auth;
+pub mod book;
 pub mod controller;
+pub mod driver;
 pub mod grid_info;
+pub mod handoff;
 pub mod journal;
 pub mod keys;
+pub mod mig_helper;
 pub mod op;
 pub mod properties;
+pub mod source;
 pub mod ssh;
+pub mod target;

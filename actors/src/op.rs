@@ -87,8 +87,8 @@ pub enum OpState {
 }
 
 impl OpState {
-    pub fn is_final(self) -> bool {
-        self != OpState::Running
+    pub fn is_running(self) -> bool {
+        self == OpState::Running
     }
 }
 
@@ -170,6 +170,8 @@ pub struct Op {
     pub leftovers: Vec<String>,
     /// Bumped on every change, so a reader can tell the newer of two copies.
     pub version: u64,
+    /// The sequence number of the last handoff; each handoff signs a higher one.
+    pub seq: u64,
 }
 
 /// Now, as RFC 3339 with milliseconds.
@@ -230,6 +232,7 @@ impl Op {
             rolling_back: false,
             leftovers: Vec::new(),
             version: 0,
+            seq: 0,
         }
     }
 

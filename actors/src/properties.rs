@@ -40,6 +40,7 @@ pub const NAMES: &[&str] = &[
     "mon_port",
     "known_hosts_file",
     "grid",
+    "app_name",
     "state_dir",
     "max_connections",
     "connect_timeout",
@@ -108,6 +109,8 @@ pub struct Properties {
     pub mon_port: u16,
     pub known_hosts_file: PathBuf,
     pub grid: Option<String>,
+    /// The application MIG lives in, as its grid names it.
+    pub app_name: Option<String>,
     pub state_dir: PathBuf,
     pub max_connections: usize,
     pub connect_timeout: Duration,
@@ -420,6 +423,13 @@ impl<'a> Typed<'a> {
                 Err("must be a grid id from grid.info (letters, digits, '-', '_')".into())
             }
         });
+        let app_name = self.get("app_name", None, |s| {
+            if s.is_empty() {
+                Ok(None)
+            } else {
+                dialect::AppName::new(s).map(|n| Some(n.to_string())).map_err(|e| e.to_string())
+            }
+        });
         let state_dir = self.path("state_dir");
         let max_connections = self.get("max_connections", 10_000, |s| match s.parse::<usize>() {
             Ok(n) if (1..=1_000_000).contains(&n) => Ok(n),
@@ -473,6 +483,7 @@ impl<'a> Typed<'a> {
             mon_port,
             known_hosts_file,
             grid,
+            app_name,
             state_dir,
             max_connections,
             connect_timeout,

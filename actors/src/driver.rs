@@ -1,0 +1,171 @@
+//! What the three operation actors share to run their steps: the op book, a way to reach grid
+//! controllers, an HTTP client, and the step bookkeeping (journal before a step starts, again when
+//! it ends), so each actor's file reads as its steps in order.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use dialect::AppState;
+
+use crate::book::OpBook;
+use crate::controller::{GridController, GridError};
+use crate::op::Op;
+use crate::ssh::SshGrid;
+
+/// Reaches a grid controller by its address from grid.info (`[user@]host[:port]`).
+pub trait Connect: Send + Sync {
+    fn connect(&self, controller: &str) -> Result<Arc<dyn GridController>, String>;
+}
+
+/// The real one: SSH with the application's key, host keys pinned in known_hosts.
+pub struct SshConnect {
+    pub key_file: PathBuf,
+    pub known_hosts: PathBuf,
+}
+
+impl Connect for SshConnect {
+    fn connect(&self, controller: &str) -> Result<Arc<dyn GridController>, String> {
+        let c: dialect::Controller = controller.parse().map_err(|e| format!("{e}"))?;
+        Ok(Arc::new(SshGrid::new(c, &self.key_file, &self.known_hosts)))
+    }
+}
+
+#[derive(Clone)]
+pub struct Driver {
+    pub book: OpBook,
+    pub connect: Arc<dyn Connect>,
+    pub http: reqwest::Client,
+}
+
+/// Back-off between retries of a clean-up or roll-back command.
+const BACKOFF: [u64; 6] = [1, 2, 4, 8, 15, 30];
+
+impl Driver {
+    pub fn new(book: OpBook, connect: Arc<dyn Connect>) -> Driver {
+        Driver {
+            book,
+            connect,
+            http: reqwest::Client::builder()
+                .connect_timeout(Duration::from_secs(5))
+                .build()
+                .expect("an HTTP client with default TLS-less settings builds"),
+        }
+    }
+
+    pub fn grid(&self, controller: &str) -> Result<Arc<dyn GridController>, String> {
+        self.connect.connect(controller)
+    }
+
+    /// Journals `op`; a journal that cannot be written stops the operation where it is, since
+    /// going on would leave no record to resume from.
+    pub fn commit(&self, op: &Op) -> Result<(), String> {
+        self.book.commit(op).map_err(|e| e.to_string())
+    }
+
+    /// Marks `step` running (journalled), runs `work`, then marks it done or failed (journalled).
+    pub async fn step<T>(
+        &self,
+        op: &mut Op,
+        step: &str,
+        work: impl std::future::Future<Output = Result<T, String>>,
+    ) -> Result<T, String> {
+        op.start_step(step);
+        self.commit(op)?;
+        tracing::info!(step, "step started");
+        let started = std::time::Instant::now();
+        let r = work.await;
+        match &r {
+            Ok(_) => {
+                op.finish_step(step, None);
+                tracing::info!(step, secs = started.elapsed().as_secs_f64(), "step done");
+            }
+            Err(e) => {
+                op.fail_step(step, e);
+                tracing::warn!(step, error = %e, "step failed");
+            }
+        }
+        self.commit(op)?;
+        r
+    }
+
+    /// Runs `f` until it succeeds, backing off between tries; returns the last error.
+    pub async fn retry<T, F, Fut>(&self, what: &str, mut f: F) -> Result<T, String>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, String>>,
+    {
+        let mut last = String::new();
+        for (i, wait) in std::iter::once(0).chain(BACKOFF).enumerate() {
+            tokio::time::sleep(Duration::from_secs(wait)).await;
+            match f().await {
+                Ok(v) => return Ok(v),
+                Err(e) => {
+                    tracing::warn!(attempt = i + 1, error = %e, "{what} failed; retrying");
+                    last = e;
+                }
+            }
+        }
+        Err(last)
+    }
+}
+
+/// The state of `name` on `grid`, `None` when the grid has no such application.
+pub async fn app_state(grid: &dyn GridController, name: &str) -> Result<Option<AppState>, String> {
+    let apps = grid.list().await.map_err(|e| e.to_string())?;
+    Ok(apps.into_iter().find(|a| a.name == name).map(|a| a.state))
+}
+
+/// Stops `name` unless it is already stopped (or absent). Idempotent.
+pub async fn ensure_stopped(grid: &dyn GridController, name: &str) -> Result<(), String> {
+    match app_state(grid, name).await? {
+        None | Some(AppState::Stopped) => Ok(()),
+        Some(_) => grid.stop(name).await.map_err(|e| e.to_string()),
+    }
+}
+
+/// Starts `name` unless it is already running. Idempotent.
+pub async fn ensure_running(grid: &dyn GridController, name: &str) -> Result<(), String> {
+    match app_state(grid, name).await? {
+        Some(AppState::Running) => Ok(()),
+        None => Err(format!("application {name} does not exist on {}", grid.controller())),
+        Some(AppState::Failed) | Some(AppState::Starting) | Some(AppState::Stopping) => {
+            // A failed or half-way application is stopped first so `start` begins clean.
+            let _ = grid.stop(name).await;
+            grid.start(name).await.map_err(|e| e.to_string())
+        }
+        Some(AppState::Stopped) => grid.start(name).await.map_err(|e| e.to_string()),
+    }
+}
+
+/// Stops (if needed) and destroys `name` unless it is already gone. Idempotent.
+pub async fn ensure_destroyed(grid: &dyn GridController, name: &str) -> Result<(), String> {
+    match app_state(grid, name).await? {
+        None => Ok(()),
+        Some(AppState::Stopped) | Some(AppState::Failed) => {
+            grid.destroy(name).await.map_err(|e| e.to_string())
+        }
+        Some(_) => {
+            grid.stop(name).await.map_err(|e| e.to_string())?;
+            grid.destroy(name).await.map_err(|e| e.to_string())
+        }
+    }
+}
+
+/// The exact command an operator runs to do `verb NAME` by hand on a controller.
+pub fn manual_command(controller: &str, verb: &str, name: &str) -> String {
+    match controller.parse::<dialect::Controller>() {
+        Ok(c) => format!(
+            "ssh -p {} {}@{} app {verb} {name}",
+            c.port_or_default(),
+            c.user_or_default(),
+            c.host
+        ),
+        Err(_) => format!("ssh {controller} app {verb} {name}"),
+    }
+}
+
+/// Makes a grid error read as one line for a step's detail.
+pub fn grid_err(e: GridError) -> String {
+    e.to_string()
+}

@@ -1,0 +1,176 @@
+//! Handing an operation to the next actor: `POST /api/v1/handoff`, signed with `k_op`, and the
+//! `env` property that carries what MigHelper needs.
+//!
+//! The receiver answers 200 only once it has journalled the operation; the sender counts the
+//! handoff as done only then.
+
+use std::time::Duration;
+
+use actix::Message;
+use base64::Engine;
+use serde::{Deserialize, Serialize};
+
+use crate::auth::{HandoffAuthError, OpKey, Signed};
+use crate::book::OpBook;
+use crate::op::Op;
+
+/// The environment variable through which gridctl's MigHelper template passes the `env` property.
+pub const HELPER_ENV_VAR: &str = "MIG_HELPER_ENV";
+
+/// How long a sender keeps trying to reach the next instance (it may still be starting).
+pub const SEND_PATIENCE: Duration = Duration::from_secs(90);
+
+/// A handoff as it arrived: the signing headers and the raw body they sign.
+#[derive(Message)]
+#[rtype(result = "Result<(), HandoffError>")]
+pub struct Handoff {
+    pub signed: Signed,
+    pub body: Vec<u8>,
+}
+
+/// Why a handoff was not accepted. Nothing is changed in any of these cases.
+#[derive(Debug, thiserror::Error)]
+pub enum HandoffError {
+    #[error(transparent)]
+    Auth(#[from] HandoffAuthError),
+    #[error("bad handoff: {0}")]
+    Bad(String),
+    #[error("this instance cannot take the operation: {0}")]
+    Refused(String),
+    #[error("cannot journal the operation: {0}")]
+    Journal(String),
+}
+
+impl HandoffError {
+    pub fn status(&self) -> u16 {
+        match self {
+            HandoffError::Auth(_) => 401,
+            HandoffError::Bad(_) => 400,
+            HandoffError::Refused(_) => 409,
+            HandoffError::Journal(_) => 500,
+        }
+    }
+}
+
+/// Checks a handoff against `key` and what `book` already knows, and returns the operation it
+/// carries. The caller journals it before answering.
+pub fn accept(h: &Handoff, key: &OpKey, book: &OpBook) -> Result<Op, HandoffError> {
+    let last_seq = book.get(&h.signed.op_id).map_or(0, |op| op.seq);
+    key.verify(&h.signed, &h.body, last_seq, crate::auth::unix_now())?;
+    let mut op: Op = serde_json::from_slice(&h.body).map_err(|e| HandoffError::Bad(e.to_string()))?;
+    if op.id != h.signed.op_id {
+        return Err(HandoffAuthError::OpMismatch {
+            header: h.signed.op_id.clone(),
+            body: op.id,
+        }
+        .into());
+    }
+    op.seq = h.signed.seq;
+    Ok(op)
+}
+
+/// Sends `op` to `base_url`'s handoff route, signed with the next sequence number, retrying while
+/// the receiver cannot be reached. A refusal (4xx) is final.
+pub async fn send(http: &reqwest::Client, base_url: &str, key: &OpKey, op: &mut Op) -> Result<(), String> {
+    op.seq += 1;
+    op.version += 1;
+    let body = serde_json::to_vec(op).expect("an Op always serializes");
+    let url = format!("{base_url}/api/v1/handoff");
+    let deadline = tokio::time::Instant::now() + SEND_PATIENCE;
+    let mut last_err = String::new();
+    while tokio::time::Instant::now() < deadline {
+        // Signed afresh each try so the timestamp stays current.
+        let signed = key.sign(&op.id, op.seq, &body);
+        let mut req = http.post(&url).timeout(Duration::from_secs(30)).body(body.clone());
+        req = req.header("content-type", "application/json");
+        for (k, v) in signed.headers() {
+            req = req.header(k, v);
+        }
+        match req.send().await {
+            Ok(r) if r.status().is_success() => {
+                tracing::info!(to = %url, seq = op.seq, "handoff accepted");
+                return Ok(());
+            }
+            Ok(r) if r.status().is_client_error() => {
+                let status = r.status();
+                let text = r.text().await.unwrap_or_default();
+                return Err(format!("{url} refused the handoff ({status}): {text}"));
+            }
+            Ok(r) => last_err = format!("{url} answered {}", r.status()),
+            Err(e) => last_err = format!("{url}: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    Err(format!(
+        "could not hand the operation over within {} s: {last_err}",
+        SEND_PATIENCE.as_secs()
+    ))
+}
+
+/// What MigHelper needs, carried in its `env` property: the operation id, `k_op` (so it can sign
+/// for this operation and no other), and the SSH credentials it uses on both grids (the
+/// application's key and pinned host keys). Never logged; see the README's security section.
+#[derive(Clone, Serialize, Deserialize)]
+pub struct HelperEnv {
+    pub op_id: String,
+    pub k_op: String,
+    pub private_key: String,
+    pub known_hosts: String,
+}
+
+impl std::fmt::Debug for HelperEnv {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HelperEnv")
+            .field("op_id", &self.op_id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl HelperEnv {
+    /// One token with no spaces or quotes, safe as a property value.
+    pub fn encode(&self) -> String {
+        let json = serde_json::to_vec(self).expect("serializes");
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(json)
+    }
+
+    pub fn decode(s: &str) -> Result<HelperEnv, String> {
+        let json = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(s.trim())
+            .map_err(|e| format!("{HELPER_ENV_VAR} is not base64: {e}"))?;
+        let env: HelperEnv =
+            serde_json::from_slice(&json).map_err(|e| format!("{HELPER_ENV_VAR} is not a helper environment: {e}"))?;
+        if !crate::op::valid_id(&env.op_id) || OpKey::from_hex(&env.k_op).is_none() {
+            return Err(format!("{HELPER_ENV_VAR} holds a malformed operation id or key"));
+        }
+        Ok(env)
+    }
+
+    pub fn op_key(&self) -> OpKey {
+        OpKey::from_hex(&self.k_op).expect("checked in decode")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn helper_env_round_trips_as_one_safe_token_and_hides_secrets() {
+        let k = crate::auth::AppKey::from_private_key_bytes(b"k").op_key("x");
+        let env = HelperEnv {
+            op_id: crate::op::new_id(),
+            k_op: k.to_hex(),
+            private_key: "-----BEGIN OPENSSH PRIVATE KEY-----\nabc\n".into(),
+            known_hosts: "[127.0.1.1]:2222 ssh-ed25519 AAAA\n".into(),
+        };
+        let token = env.encode();
+        assert!(token.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_'));
+        let back = HelperEnv::decode(&token).unwrap();
+        assert_eq!(back.op_key(), k);
+        assert_eq!(back.private_key, env.private_key);
+        let dbg = format!("{env:?}");
+        assert!(!dbg.contains("OPENSSH") && !dbg.contains(&env.k_op));
+        assert!(HelperEnv::decode("not base64 !").is_err());
+        assert!(HelperEnv::decode("e30").is_err());
+    }
+}

@@ -1,0 +1,290 @@
+//! **Source**, in the source MIG: checks a new operation before anything changes, then runs the
+//! Source Application Monitor's one step, "provisioning MigHelper on the target grid", and hands
+//! the operation to MigHelper.
+//!
+//! A failure here rolls back at once (MigHelper destroyed if it was made); the source application
+//! has not been touched yet.
+
+use std::sync::Arc;
+
+use actix::prelude::*;
+use tracing::Instrument;
+
+use crate::auth::AppKey;
+use crate::driver::{ensure_destroyed, Driver};
+use crate::grid_info::{Grid, GridInfo};
+use crate::handoff::{self, HelperEnv};
+use crate::op::{self, Kind, Op, OpState, Plan, Role, HELPER_TEMPLATE, PROVISIONING_HELPER};
+use crate::properties::Mode;
+
+/// The port MigHelper's API listens on (its template's `port_no`).
+pub const HELPER_PORT: u16 = 8080;
+
+/// What the Source knows of where it runs. Built once at start-up.
+pub struct SourceConfig {
+    pub mode: Mode,
+    /// The application MIG lives in, as its grid names it; `None`: operations are off.
+    pub app_name: Option<String>,
+    /// grid.info and the id of the grid MIG runs on, or why MIG cannot offer operations.
+    pub site: Result<(GridInfo, String), String>,
+    pub app_key: AppKey,
+    /// The application's private key and pinned host keys, handed to MigHelper in `env`.
+    pub private_key: String,
+    pub known_hosts: String,
+}
+
+pub struct Source {
+    cfg: Arc<SourceConfig>,
+    driver: Driver,
+}
+
+impl Source {
+    pub fn new(cfg: SourceConfig, driver: Driver) -> Source {
+        Source {
+            cfg: Arc::new(cfg),
+            driver,
+        }
+    }
+}
+
+impl Actor for Source {
+    type Context = Context<Self>;
+
+    /// Picks up an operation this MIG was provisioning when it stopped: provisioning is
+    /// idempotent, so it simply runs again.
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        for op in self.driver.book.running_owned_by(Role::Source) {
+            tracing::info!(op_id = %op.id, "resuming provisioning from the journal");
+            ctx.spawn(provision(self.cfg.clone(), self.driver.clone(), op).into_actor(self));
+        }
+    }
+}
+
+/// `POST /api/v1/ops`.
+#[derive(Message, Debug, Clone)]
+#[rtype(result = "Result<Started, StartError>")]
+pub struct StartOp {
+    pub kind: String,
+    pub target_app: String,
+    pub target_grid: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct Started {
+    pub id: String,
+}
+
+/// Why an operation was not started. Nothing has changed on any grid in any of these cases.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StartError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("operation {id} is still running; wait for it to end")]
+    Busy { id: String },
+    #[error("operations are not offered here: {0}")]
+    Unavailable(String),
+    #[error("{0}")]
+    Grid(String),
+    #[error("cannot journal the operation: {0}")]
+    Journal(String),
+}
+
+impl StartError {
+    pub fn status(&self) -> u16 {
+        match self {
+            StartError::Invalid(_) => 400,
+            StartError::Forbidden(_) => 403,
+            StartError::Busy { .. } => 409,
+            StartError::Unavailable(_) => 503,
+            StartError::Grid(_) => 502,
+            StartError::Journal(_) => 500,
+        }
+    }
+}
+
+impl Handler<StartOp> for Source {
+    // Atomic: the checks and the creation of the operation happen as one, so two requests cannot
+    // both pass the "nothing is running" check.
+    type Result = AtomicResponse<Self, Result<Started, StartError>>;
+
+    fn handle(&mut self, msg: StartOp, _ctx: &mut Context<Self>) -> Self::Result {
+        let cfg = self.cfg.clone();
+        let driver = self.driver.clone();
+        let checked = check_request(&cfg, &driver, &msg);
+        AtomicResponse::new(Box::pin(
+            async move {
+                let (kind, plan) = checked?;
+                check_grids(&driver, &plan).await?;
+                let mut op = Op::new(op::new_id(), kind, plan);
+                op.plan.helper_app = format!("mighelper-{}", op.short_id());
+                driver
+                    .commit(&op)
+                    .map_err(StartError::Journal)?;
+                tracing::info!(op_id = %op.id, kind = kind.as_str(), target_grid = %op.plan.target_grid,
+                    target_app = %op.plan.target_app, "operation started");
+                Ok(op)
+            }
+            .into_actor(self)
+            .map(|res: Result<Op, StartError>, act, ctx| {
+                let op = res?;
+                let id = op.id.clone();
+                ctx.spawn(provision(act.cfg.clone(), act.driver.clone(), op).into_actor(act));
+                Ok(Started { id })
+            }),
+        ))
+    }
+}
+
+/// The checks that need no grid: kind, mode, names, grids, one at a time. A bad request is
+/// refused here, before any SSH connection.
+fn check_request(cfg: &SourceConfig, driver: &Driver, msg: &StartOp) -> Result<(Kind, Plan), StartError> {
+    let kind: Kind = msg.kind.parse().map_err(StartError::Invalid)?;
+    if !cfg.mode.allows(kind.as_str()) {
+        return Err(StartError::Forbidden(format!(
+            "this MIG's mode does not allow {}",
+            kind.as_str()
+        )));
+    }
+    let (gi, own_id) = cfg.site.as_ref().map_err(|why| StartError::Unavailable(why.clone()))?;
+    let app = cfg
+        .app_name
+        .clone()
+        .ok_or_else(|| StartError::Unavailable("app_name is not set, so MIG does not know which application it is".into()))?;
+    dialect::AppName::new(&msg.target_app).map_err(|e| StartError::Invalid(format!("target_app: {e}")))?;
+    let target: &Grid = gi.get(&msg.target_grid).ok_or_else(|| {
+        StartError::Invalid(format!("target_grid: no grid {:?} in grid.info", msg.target_grid))
+    })?;
+    if target.id == *own_id {
+        return Err(StartError::Invalid(format!(
+            "target_grid: {} is the grid this application runs on; pick another",
+            target.id
+        )));
+    }
+    if let Some(running) = driver.book.any_running() {
+        return Err(StartError::Busy { id: running.id });
+    }
+    let source = gi.get(own_id).expect("own grid is in grid.info");
+    let final_grid = match kind {
+        Kind::Migrate => target,
+        Kind::Snapshot => source,
+    };
+    let helper_ip = target
+        .mighelper("in_ip")
+        .expect("grid.info checks MigHelper_config has in_ip");
+    Ok((
+        kind,
+        Plan {
+            source_grid: source.id.clone(),
+            target_grid: target.id.clone(),
+            source_app: app,
+            target_app: msg.target_app.clone(),
+            source_controller: source.controller.to_string(),
+            target_controller: target.controller.to_string(),
+            source_mig_url: format!("http://{}", source.mig_ip),
+            helper_url: format!("http://{helper_ip}:{HELPER_PORT}"),
+            final_mig_url: format!("http://{}", final_grid.mig_ip),
+            helper_app: String::new(),
+            helper_config: target.mighelper_config.clone(),
+            target_app_config: target.app_config.clone(),
+        },
+    ))
+}
+
+/// The checks that need the grids: both controllers answer (with pinned keys), the source
+/// application exists here, the target name is free there.
+async fn check_grids(driver: &Driver, plan: &Plan) -> Result<(), StartError> {
+    let grid = |c: &str| driver.grid(c).map_err(StartError::Grid);
+    let (src, dst) = (grid(&plan.source_controller)?, grid(&plan.target_controller)?);
+    let (src_apps, dst_apps) = tokio::join!(src.list(), dst.list());
+    let src_apps = src_apps.map_err(|e| StartError::Grid(format!("source grid {}: {e}", plan.source_grid)))?;
+    let dst_apps = dst_apps.map_err(|e| StartError::Grid(format!("target grid {}: {e}", plan.target_grid)))?;
+    if !src_apps.iter().any(|a| a.name == plan.source_app) {
+        return Err(StartError::Unavailable(format!(
+            "grid {} has no application {} (is app_name right?)",
+            plan.source_grid, plan.source_app
+        )));
+    }
+    if dst_apps.iter().any(|a| a.name == plan.target_app) {
+        return Err(StartError::Invalid(format!(
+            "target_app: grid {} already has an application {}; pick another name",
+            plan.target_grid, plan.target_app
+        )));
+    }
+    Ok(())
+}
+
+/// "provisioning MigHelper on the target grid", then the handoff to MigHelper; on failure, the
+/// roll-back (MigHelper destroyed).
+async fn provision(cfg: Arc<SourceConfig>, driver: Driver, mut op: Op) {
+    let span = tracing::info_span!("op", op_id = %op.id, actor = "source");
+    async move {
+        let k_op = cfg.app_key.op_key(&op.id);
+        let env = HelperEnv {
+            op_id: op.id.clone(),
+            k_op: k_op.to_hex(),
+            private_key: cfg.private_key.clone(),
+            known_hosts: cfg.known_hosts.clone(),
+        };
+        let plan = op.plan.clone();
+        let provisioned = driver
+            .step(&mut op, PROVISIONING_HELPER, async {
+                let target = driver.grid(&plan.target_controller)?;
+                if crate::driver::app_state(target.as_ref(), &plan.helper_app).await?.is_none() {
+                    let mut props = plan.helper_config.clone();
+                    props.push(("env".into(), env.encode()));
+                    target
+                        .provision(HELPER_TEMPLATE, &plan.helper_app, &props)
+                        .await
+                        .map_err(|e| format!("cannot provision MigHelper on grid {}: {e}", plan.target_grid))?;
+                }
+                Ok(())
+            })
+            .await;
+        if provisioned.is_ok() {
+            let mut next = op.clone();
+            next.owner = Role::Helper;
+            match handoff::send(&driver.http, &plan.helper_url, &k_op, &mut next).await {
+                Ok(()) => {
+                    op = next;
+                    if let Err(e) = driver.commit(&op) {
+                        tracing::error!(error = %e, "handed off, but cannot journal it");
+                    }
+                    return;
+                }
+                Err(e) => op.fail_step(PROVISIONING_HELPER, &format!("MigHelper did not take the operation: {e}")),
+            }
+        }
+        // Roll back: the source was never touched; only MigHelper may exist.
+        let reason = op.step(PROVISIONING_HELPER).detail.clone().unwrap_or_default();
+        let cleanup = driver
+            .retry("destroying MigHelper", || async {
+                let target = driver.grid(&plan.target_controller)?;
+                ensure_destroyed(target.as_ref(), &plan.helper_app).await
+            })
+            .await;
+        op.roll_back_rest(&[]);
+        match cleanup {
+            Ok(()) => op.end(OpState::RolledBack, Some(format!("{PROVISIONING_HELPER} failed: {reason}"))),
+            Err(e) => {
+                op.leftovers.push(format!(
+                    "MigHelper {} on grid {}: {}",
+                    plan.helper_app,
+                    plan.target_grid,
+                    crate::driver::manual_command(&plan.target_controller, "destroy", &plan.helper_app)
+                ));
+                op.end(
+                    OpState::Failed,
+                    Some(format!("{PROVISIONING_HELPER} failed: {reason}; MigHelper could not be destroyed: {e}")),
+                );
+            }
+        }
+        if let Err(e) = driver.commit(&op) {
+            tracing::error!(error = %e, "cannot journal the roll-back");
+        }
+        tracing::warn!(state = ?op.state, "operation ended before the handoff");
+    }
+    .instrument(span)
+    .await
+}

@@ -1,0 +1,179 @@
+//! The operator's side of the API: `mig migrate|snapshot` start an operation and follow it across
+//! the three instances that run it, as the browser page does; `mig status` prints one operation.
+
+use std::time::{Duration, Instant};
+
+use actors::op::{Op, Role, StepState, MIGRATING};
+use anyhow::{bail, Context};
+use indicatif::{ProgressBar, ProgressStyle};
+
+/// How often the follower asks for news.
+const POLL: Duration = Duration::from_millis(200);
+/// How long every instance may be unreachable before the follower gives up.
+const LOST_AFTER: Duration = Duration::from_secs(300);
+
+pub struct Credentials {
+    pub user: Option<String>,
+    pub password: Option<String>,
+}
+
+fn with_auth(req: reqwest::RequestBuilder, c: &Credentials) -> reqwest::RequestBuilder {
+    match &c.user {
+        Some(u) => req.basic_auth(u, c.password.as_deref()),
+        None => req,
+    }
+}
+
+async fn error_text(r: reqwest::Response) -> String {
+    let status = r.status();
+    let body: serde_json::Value = r.json().await.unwrap_or_default();
+    match body["error"].as_str() {
+        Some(e) => format!("{status}: {e}"),
+        None => status.to_string(),
+    }
+}
+
+/// Starts an operation on the MIG at `url`; returns its id.
+pub async fn start(url: &str, kind: &str, to: &str, name: &str, creds: &Credentials) -> anyhow::Result<String> {
+    let http = reqwest::Client::new();
+    let url = url.trim_end_matches('/');
+    let r = with_auth(http.get(format!("{url}/api/v1/csrf")), creds)
+        .send()
+        .await
+        .with_context(|| format!("cannot reach MIG at {url}"))?;
+    if !r.status().is_success() {
+        bail!("MIG at {url} refused: {}", error_text(r).await);
+    }
+    let token: serde_json::Value = r.json().await.context("reading the CSRF token")?;
+    let token = token["csrf"].as_str().unwrap_or_default().to_string();
+    let r = with_auth(http.post(format!("{url}/api/v1/ops")), creds)
+        .header(crate::server::CSRF_HEADER, token)
+        .json(&serde_json::json!({"kind": kind, "target_app": name, "target_grid": to}))
+        .send()
+        .await
+        .with_context(|| format!("cannot reach MIG at {url}"))?;
+    if r.status() != reqwest::StatusCode::ACCEPTED {
+        bail!("MIG at {url} did not start the {kind}: {}", error_text(r).await);
+    }
+    let v: serde_json::Value = r.json().await.context("reading the answer")?;
+    v["id"]
+        .as_str()
+        .map(str::to_string)
+        .context("the answer has no operation id")
+}
+
+/// Reads one operation from one instance.
+pub async fn fetch(http: &reqwest::Client, url: &str, id: &str) -> anyhow::Result<Op> {
+    let url = url.trim_end_matches('/');
+    let r = http
+        .get(format!("{url}/api/v1/ops/{id}"))
+        .timeout(Duration::from_secs(5))
+        .send()
+        .await
+        .with_context(|| format!("cannot reach {url}"))?;
+    if !r.status().is_success() {
+        bail!("{url}: {}", error_text(r).await);
+    }
+    r.json().await.with_context(|| format!("{url}: not an operation"))
+}
+
+/// The instance that drives `op` now.
+pub fn owner_url(op: &Op) -> &str {
+    let p = &op.plan;
+    match op.owner {
+        Role::Source => &p.source_mig_url,
+        Role::Helper => &p.helper_url,
+        Role::Target if op.rolling_back => &p.source_mig_url,
+        Role::Target => &p.final_mig_url,
+    }
+}
+
+/// Follows operation `id` from `url` to its end, across instances, drawing progress; returns the
+/// final operation.
+pub async fn follow(url: &str, id: &str, quiet: bool) -> anyhow::Result<Op> {
+    let http = reqwest::Client::new();
+    let mut op = fetch(&http, url, id).await?;
+    let bar = if quiet { ProgressBar::hidden() } else { ProgressBar::new(0) };
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} {msg}\n  [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
+            .expect("a valid template")
+            .progress_chars("=> "),
+    );
+    let mut last_seen = Instant::now();
+    let mut printed: Vec<(String, StepState)> = Vec::new();
+    loop {
+        for m in &op.monitors {
+            for s in &m.steps {
+                let key = (s.name.clone(), s.state);
+                if s.state != StepState::Pending && !printed.contains(&key) {
+                    printed.push(key);
+                    let detail = s.detail.as_deref().map(|d| format!(": {d}")).unwrap_or_default();
+                    bar.println(format!("{:<11} {} — {}{detail}", format!("{:?}", s.state).to_lowercase(), m.name, s.name));
+                }
+                if s.name == MIGRATING {
+                    if let (Some(d), Some(t)) = (s.bytes_done, s.bytes_total) {
+                        bar.set_length(t);
+                        bar.set_position(d);
+                    }
+                }
+            }
+        }
+        bar.set_message(format!("{} {}: {:?}, at {}", op.kind.as_str(), op.id, op.state, owner_url(&op)));
+        if !op.state.is_running() {
+            bar.finish_and_clear();
+            return Ok(op);
+        }
+        tokio::time::sleep(POLL).await;
+        // Ask the owner first; if it has moved on or is gone, ask the others.
+        let p = &op.plan;
+        let mut urls = vec![owner_url(&op).to_string()];
+        for u in [&p.source_mig_url, &p.helper_url, &p.final_mig_url] {
+            if !urls.contains(u) {
+                urls.push(u.clone());
+            }
+        }
+        for u in urls {
+            if let Ok(newer) = fetch(&http, &u, id).await {
+                last_seen = Instant::now();
+                if newer.version >= op.version {
+                    op = newer;
+                    break;
+                }
+            }
+        }
+        if last_seen.elapsed() > LOST_AFTER {
+            bar.finish_and_clear();
+            bail!(
+                "lost operation {id}: no instance answered for {} s (last known at {})",
+                LOST_AFTER.as_secs(),
+                owner_url(&op)
+            );
+        }
+    }
+}
+
+/// One line per step with its duration, for the end of a run.
+pub fn summary(op: &Op) -> String {
+    let mut out = String::new();
+    for m in &op.monitors {
+        out.push_str(&format!("{} ({})\n", m.name, m.grid));
+        for s in &m.steps {
+            let secs = match (&s.started_at, &s.ended_at) {
+                (Some(a), Some(b)) => match (humantime::parse_rfc3339(a), humantime::parse_rfc3339(b)) {
+                    (Ok(a), Ok(b)) => b.duration_since(a).map(|d| format!("{:.1} s", d.as_secs_f64())).unwrap_or_default(),
+                    _ => String::new(),
+                },
+                _ => String::new(),
+            };
+            out.push_str(&format!("  {:<11} {:>8}  {}\n", format!("{:?}", s.state).to_lowercase(), secs, s.name));
+        }
+    }
+    out.push_str(&format!("operation {}: {:?}", op.id, op.state));
+    if let Some(e) = &op.error {
+        out.push_str(&format!(": {e}"));
+    }
+    for l in &op.leftovers {
+        out.push_str(&format!("\n  left over: {l}"));
+    }
+    out
+}

@@ -1,0 +1,169 @@
+//! Wiring of the two daemons: `mig serve` (Source and Target actors, GUI, mon) and `mig helper`
+//! (the MigHelper actor for one operation). Each binds its ports first, so a port that cannot be
+//! bound is reported before anything else starts.
+
+use std::net::{SocketAddr, TcpListener};
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::sync::Arc;
+
+use actix::Actor;
+use actors::auth::AppKey;
+use actors::book::OpBook;
+use actors::driver::{Driver, SshConnect};
+use actors::handoff::{HelperEnv, HELPER_ENV_VAR};
+use actors::journal::Journal;
+use actors::mig_helper::MigHelper;
+use actors::op::Role;
+use actors::properties::Properties;
+use actors::source::{Source, SourceConfig};
+use actors::target::Target;
+use tokio_util::sync::CancellationToken;
+
+use crate::server::{self, Shared};
+use crate::site::{self, Site};
+
+/// A reason to stop at start-up, with the process exit code.
+#[derive(Debug)]
+pub struct Fatal {
+    pub code: u8,
+    pub message: String,
+}
+
+fn fatal(message: impl Into<String>) -> Fatal {
+    Fatal {
+        code: 1,
+        message: message.into(),
+    }
+}
+
+fn bind(what: &str, addr: SocketAddr) -> Result<TcpListener, Fatal> {
+    TcpListener::bind(addr).map_err(|e| fatal(format!("{what} did not start: cannot listen on {addr}: {e}")))
+}
+
+fn open_book(props: &Properties) -> Result<OpBook, Fatal> {
+    Journal::open(&props.state_dir)
+        .and_then(OpBook::open)
+        .map_err(|e| fatal(format!("cannot open the operation journal (state_dir): {e}")))
+}
+
+/// Binds the GUI and mon ports, logs where they are, and serves until SIGTERM/SIGINT.
+async fn listen_and_serve(props: &Properties, shared: Shared) -> Result<(), Fatal> {
+    let gui = bind("httpd", SocketAddr::new(props.listen, props.port_no))?;
+    let mon = bind("mon", SocketAddr::new(props.listen, props.mon_port))?;
+    let addr = |l: &TcpListener| l.local_addr().map(|a| a.to_string()).unwrap_or_default();
+    tracing::info!(gui = %format!("http://{}/", addr(&gui)), mon = %format!("http://{}/healthz", addr(&mon)), "serving");
+    let shutdown = CancellationToken::new();
+    tokio::spawn(stop_on_signal(shutdown.clone()));
+    server::run(shared, gui, mon, shutdown)
+        .await
+        .map_err(|e| fatal(format!("server failed: {e}")))
+}
+
+/// `mig serve`.
+pub async fn serve(props: Properties) -> Result<(), Fatal> {
+    site::run_rc_local(&props.config_dir).await.map_err(fatal)?;
+    let site = Site::inspect(props);
+    for p in &site.problems {
+        tracing::warn!("{p}");
+    }
+    let props = site.props.clone();
+    let book = open_book(&props)?;
+    let driver = Driver::new(
+        book.clone(),
+        Arc::new(SshConnect {
+            key_file: props.private_key_file.clone(),
+            known_hosts: props.known_hosts_file.clone(),
+        }),
+    );
+
+    // Without a usable key MIG can neither reach a grid nor check a handoff.
+    let key_ok = actors::keys::check_private_key(&props.private_key_file).is_ok();
+    let app_key = key_ok
+        .then(|| AppKey::from_private_key_file(&props.private_key_file).ok())
+        .flatten();
+    let mut shared = Shared::new(None, book, vec![Role::Source, Role::Target]);
+    if let Some(app_key) = app_key {
+        let target = Target::new(app_key.clone(), driver.clone()).start();
+        shared.handoff = Some(target.recipient());
+        match site.operations_unavailable() {
+            Some(why) => tracing::warn!("operations are not offered: {why}"),
+            None => {
+                let cfg = SourceConfig {
+                    mode: props.mode,
+                    app_name: props.app_name.clone(),
+                    site: Ok((
+                        site.grid_info.clone().expect("no problems means grid.info parsed"),
+                        site.own_grid.clone().expect("no problems means own grid known"),
+                    )),
+                    app_key,
+                    private_key: read(&props.private_key_file)?,
+                    known_hosts: read(&props.known_hosts_file)?,
+                };
+                tracing::info!(grid = %cfg.site.as_ref().map(|s| s.1.as_str()).unwrap_or(""), "operations offered");
+                shared.source = Some(Source::new(cfg, driver).start());
+            }
+        }
+    } else {
+        tracing::warn!("operations are not offered: the private key is not usable (see mig check)");
+    }
+    shared.credentials = actors::auth::GuiCredentials::new(&props.username, &props.password);
+    shared.site = Some(site);
+    listen_and_serve(&props, shared).await
+}
+
+fn read(path: &Path) -> Result<String, Fatal> {
+    std::fs::read_to_string(path).map_err(|e| fatal(format!("{}: {e}", path.display())))
+}
+
+/// `mig helper`: MigHelper for the one operation named in `MIG_HELPER_ENV`.
+pub async fn helper(mut props: Properties, env: Option<String>) -> Result<(), Fatal> {
+    let env = env.ok_or_else(|| Fatal {
+        code: 2,
+        message: format!("{HELPER_ENV_VAR} is not set: mig helper runs only as the MigHelper application that MIG provisions"),
+    })?;
+    let env = HelperEnv::decode(&env).map_err(|message| Fatal { code: 2, message })?;
+
+    // The credentials arrive in the environment; libssh2 wants files, private to this helper.
+    let creds = props.state_dir.join("credentials");
+    std::fs::create_dir_all(&creds).map_err(|e| fatal(format!("{}: {e}", creds.display())))?;
+    props.private_key_file = creds.join("private.key");
+    props.known_hosts_file = creds.join("known_hosts");
+    write_private(&props.private_key_file, &env.private_key)?;
+    write_private(&props.known_hosts_file, &env.known_hosts)?;
+
+    let book = open_book(&props)?;
+    let driver = Driver::new(
+        book.clone(),
+        Arc::new(SshConnect {
+            key_file: props.private_key_file.clone(),
+            known_hosts: props.known_hosts_file.clone(),
+        }),
+    );
+    let span = tracing::info_span!("op", op_id = %env.op_id, actor = "mig_helper");
+    span.in_scope(|| tracing::info!("MigHelper starting"));
+    let helper = MigHelper::new(env.op_id.clone(), env.op_key(), driver).start();
+    let mut shared = Shared::new(None, book, vec![Role::Helper]);
+    shared.handoff = Some(helper.recipient());
+    listen_and_serve(&props, shared).await
+}
+
+fn write_private(path: &Path, text: &str) -> Result<(), Fatal> {
+    let err = |e: std::io::Error| fatal(format!("{}: {e}", path.display()));
+    std::fs::write(path, text).map_err(err)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(err)
+}
+
+/// Cancels `shutdown` on SIGTERM (the grid stopping the application) or SIGINT (Ctrl-C).
+async fn stop_on_signal(shutdown: CancellationToken) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        tracing::error!("cannot install signal handlers; stop MIG with SIGKILL");
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = int.recv() => tracing::info!("SIGINT received"),
+    }
+    shutdown.cancel();
+}
