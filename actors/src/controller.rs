@@ -678,6 +678,12 @@ pub mod memory {
         ) -> GridFuture<'a, ()> {
             let r = self.run(commands::config(name, props), name, |g| {
                 let a = app(g, name)?;
+                // As gridctl: properties change only while the application is stopped.
+                if a.state != AppState::Stopped {
+                    return Err(format!(
+                        "cannot configure {name}: it is running; stop it first"
+                    ));
+                }
                 for (n, v) in props {
                     match a.props.iter_mut().find(|(k, _)| k == n) {
                         Some(p) => p.1 = v.clone(),
@@ -935,6 +941,7 @@ mod tests {
             matches!(&e, GridError::Command { exit_code: Some(1), stderr, .. } if stderr == "component web failed")
         );
         g2.start("shop").await.unwrap();
+        assert!(g2.config("shop", &over("port", "1")).await.is_err());
         assert!(matches!(g2.stop("$(id)").await, Err(GridError::Invalid(_))));
         assert_eq!(g2.log().last().unwrap(), "app start shop");
         assert!(
