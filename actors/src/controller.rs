@@ -941,9 +941,13 @@ mod tests {
             matches!(&e, GridError::Command { exit_code: Some(1), stderr, .. } if stderr == "component web failed")
         );
         g2.start("shop").await.unwrap();
-        assert!(g2.config("shop", &over("port", "1")).await.is_err());
         assert!(matches!(g2.stop("$(id)").await, Err(GridError::Invalid(_))));
-        assert_eq!(g2.log().last().unwrap(), "app start shop");
+        assert_eq!(
+            g2.log().last().unwrap(),
+            "app start shop",
+            "refused before sending"
+        );
+        assert!(g2.config("shop", &over("port", "1")).await.is_err());
         assert!(
             g2.destroy("shop").await.is_err(),
             "running apps are not destroyed"
