@@ -678,6 +678,12 @@ pub mod memory {
         ) -> GridFuture<'a, ()> {
             let r = self.run(commands::config(name, props), name, |g| {
                 let a = app(g, name)?;
+                // As gridctl: properties change only while the application is stopped.
+                if a.state != AppState::Stopped {
+                    return Err(format!(
+                        "cannot configure {name}: it is running; stop it first"
+                    ));
+                }
                 for (n, v) in props {
                     match a.props.iter_mut().find(|(k, _)| k == n) {
                         Some(p) => p.1 = v.clone(),
@@ -936,7 +942,12 @@ mod tests {
         );
         g2.start("shop").await.unwrap();
         assert!(matches!(g2.stop("$(id)").await, Err(GridError::Invalid(_))));
-        assert_eq!(g2.log().last().unwrap(), "app start shop");
+        assert_eq!(
+            g2.log().last().unwrap(),
+            "app start shop",
+            "refused before sending"
+        );
+        assert!(g2.config("shop", &over("port", "1")).await.is_err());
         assert!(
             g2.destroy("shop").await.is_err(),
             "running apps are not destroyed"
