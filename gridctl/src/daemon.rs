@@ -1,0 +1,820 @@
+//! The grid's supervisor: owns the applications' processes and their state, and answers the
+//! requests of [`crate::protocol`] on `STATE/daemon.sock`.
+//!
+//! Every state change is written to `app.json` before it is acted on, so a restarted daemon finds
+//! each application where it was: running applications whose processes are all alive are adopted
+//! (and watched by polling), anything caught half-way is made safe (`starting` → `failed`,
+//! `stopping` → `stopped`, processes killed).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::{self, OpenOptions};
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use dialect::Command;
+use nix::sys::signal::{killpg, Signal};
+use nix::unistd::Pid;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::Notify;
+use tokio::task::JoinSet;
+
+use crate::model::{self, AppRecord, State, Vars};
+use crate::protocol::{socket_path, Reply, Request};
+use crate::template::Template;
+use crate::util;
+use crate::volume;
+
+struct Entry {
+    rec: AppRecord,
+    /// Export connections holding the application stopped.
+    leases: u32,
+    /// Bumped by every start and stop, so a watcher of an older run leaves the state alone.
+    generation: u64,
+}
+
+#[derive(Default)]
+struct Inner {
+    apps: BTreeMap<String, Entry>,
+    /// Names being provisioned or imported, not yet listed.
+    reserved: BTreeSet<String>,
+}
+
+pub struct Daemon {
+    state: PathBuf,
+    inner: Mutex<Inner>,
+    shutdown: Notify,
+}
+
+type Res = Result<String, String>;
+
+/// Runs the daemon until a `Shutdown` request.
+pub async fn run(state: PathBuf) -> anyhow::Result<()> {
+    fs::create_dir_all(model::apps_dir(&state))
+        .with_context(|| format!("creating {}", state.display()))?;
+    fs::create_dir_all(state.join("templates"))?;
+    let sock = socket_path(&state);
+    if std::os::unix::net::UnixStream::connect(&sock).is_ok() {
+        anyhow::bail!("another gridctl daemon already serves {}", state.display());
+    }
+    let _ = fs::remove_file(&sock);
+    let d = Arc::new(Daemon {
+        state: state.clone(),
+        inner: Mutex::new(Inner::default()),
+        shutdown: Notify::new(),
+    });
+    d.load().context("loading the applications")?;
+    let listener =
+        UnixListener::bind(&sock).with_context(|| format!("binding {}", sock.display()))?;
+    tracing::info!(state = %state.display(), "gridctl daemon listening");
+    loop {
+        tokio::select! {
+            _ = d.shutdown.notified() => break,
+            acc = listener.accept() => match acc {
+                Ok((s, _)) => { tokio::spawn(serve_conn(d.clone(), s)); }
+                Err(e) => tracing::warn!("accept: {e}"),
+            }
+        }
+    }
+    let _ = fs::remove_file(&sock);
+    tracing::info!("gridctl daemon stopped");
+    Ok(())
+}
+
+async fn serve_conn(d: Arc<Daemon>, s: UnixStream) {
+    let (r, mut w) = s.into_split();
+    let mut lines = BufReader::new(r).lines();
+    let mut leases: Vec<String> = Vec::new();
+    let mut import: Option<String> = None;
+    while let Ok(Some(line)) = lines.next_line().await {
+        let req = serde_json::from_str::<Request>(&line);
+        let shutdown = matches!(req, Ok(Request::Shutdown));
+        let reply = match req {
+            Err(e) => Reply::fail(2, format!("bad request: {e}")),
+            Ok(req) => d.handle(req, &mut leases, &mut import).await,
+        };
+        let mut out = serde_json::to_vec(&reply).unwrap_or_default();
+        out.push(b'\n');
+        if w.write_all(&out).await.is_err() {
+            break;
+        }
+        if shutdown {
+            d.shutdown.notify_one();
+        }
+    }
+    // The connection is gone: leases end, an uncommitted import is removed.
+    let mut inner = d.inner.lock().unwrap();
+    for name in leases {
+        if let Some(e) = inner.apps.get_mut(&name) {
+            e.leases = e.leases.saturating_sub(1);
+        }
+    }
+    if let Some(name) = import {
+        d.abort_import(&mut inner, &name);
+    }
+}
+
+fn err<T>(msg: impl Into<String>) -> Result<T, String> {
+    Err(msg.into())
+}
+
+impl Daemon {
+    async fn handle(
+        self: &Arc<Self>,
+        req: Request,
+        leases: &mut Vec<String>,
+        import: &mut Option<String>,
+    ) -> Reply {
+        let done = |r: Res| match r {
+            Ok(out) => Reply::ok(out),
+            Err(e) => Reply::fail(1, e),
+        };
+        match req {
+            Request::Ping => Reply::ok("pong\n"),
+            Request::Command { line } => match Command::parse(&line) {
+                Err(e) => Reply::fail(2, format!("refused: {e}")),
+                Ok(cmd) => self.command(cmd).await,
+            },
+            Request::ExportBegin { app } => match self.export_begin(&app) {
+                Ok((record, app_dir)) => {
+                    leases.push(app);
+                    Reply::Export { record, app_dir }
+                }
+                Err(e) => Reply::fail(1, e),
+            },
+            Request::ImportBegin { name } => {
+                if import.is_some() {
+                    return Reply::fail(2, "one import per connection");
+                }
+                match self.import_begin(&name) {
+                    Ok(app_dir) => {
+                        *import = Some(name);
+                        Reply::Import { app_dir }
+                    }
+                    Err(e) => Reply::fail(1, e),
+                }
+            }
+            Request::ImportCommit { record } => match import.take() {
+                Some(name) if name == record.name => done(self.import_commit(record)),
+                other => {
+                    *import = other;
+                    Reply::fail(2, "commit without a matching import")
+                }
+            },
+            Request::ImportAbort => {
+                if let Some(name) = import.take() {
+                    let mut inner = self.inner.lock().unwrap();
+                    self.abort_import(&mut inner, &name);
+                }
+                Reply::ok("")
+            }
+            Request::Shutdown => done(self.shutdown_apps().await),
+        }
+    }
+
+    async fn command(self: &Arc<Self>, cmd: Command) -> Reply {
+        let r = match cmd {
+            Command::List { batch } => Ok(self.list(batch)),
+            Command::Info { name, batch } => self.with_app(name.as_str(), |e| {
+                Ok(if batch {
+                    e.rec.info_batch()
+                } else {
+                    e.rec.info_human()
+                })
+            }),
+            Command::Provision {
+                template,
+                name,
+                props,
+            } => {
+                self.provision(template.as_str(), name.as_str(), &props)
+                    .await
+            }
+            Command::Start { name } => self.start(name.as_str()).await,
+            Command::Stop { name } => self.stop(name.as_str()).await,
+            Command::Destroy { name } => self.destroy(name.as_str()).await,
+            Command::Config { name, props } => self.config(name.as_str(), &props),
+            Command::Checksum { name } => self.checksum(name.as_str()).await,
+            Command::Migrate { .. } => {
+                return Reply::fail(
+                    2,
+                    "refused: app migrate is run by gridctl ssh, not the daemon",
+                )
+            }
+        };
+        match r {
+            Ok(out) => Reply::ok(out),
+            Err(e) => Reply::fail(1, e),
+        }
+    }
+
+    fn with_app<T>(
+        &self,
+        name: &str,
+        f: impl FnOnce(&mut Entry) -> Result<T, String>,
+    ) -> Result<T, String> {
+        let mut inner = self.inner.lock().unwrap();
+        match inner.apps.get_mut(name) {
+            Some(e) => f(e),
+            None => err(format!("no application named {name} on this grid")),
+        }
+    }
+
+    fn persist(&self, rec: &AppRecord) {
+        if let Err(e) = rec.save(&self.state) {
+            tracing::error!(app = %rec.name, "cannot save app.json: {e}");
+        }
+    }
+
+    fn list(&self, batch: bool) -> String {
+        let inner = self.inner.lock().unwrap();
+        let mut s = String::new();
+        if !batch {
+            s.push_str(&format!("{:<24} {:<9} {}\n", "NAME", "STATE", "TEMPLATE"));
+        }
+        for e in inner.apps.values() {
+            if batch {
+                s.push_str(&format!(
+                    "{}\t{}\t{}\n",
+                    e.rec.name, e.rec.state, e.rec.template
+                ));
+            } else {
+                s.push_str(&format!(
+                    "{:<24} {:<9} {}\n",
+                    e.rec.name, e.rec.state, e.rec.template
+                ));
+            }
+        }
+        s
+    }
+
+    fn reserve(&self, name: &str) -> Result<(), String> {
+        let mut inner = self.inner.lock().unwrap();
+        if inner.apps.contains_key(name) || inner.reserved.contains(name) {
+            return err(format!(
+                "an application named {name} already exists on this grid"
+            ));
+        }
+        inner.reserved.insert(name.to_string());
+        Ok(())
+    }
+
+    async fn provision(
+        self: &Arc<Self>,
+        template: &str,
+        name: &str,
+        props: &[dialect::Prop],
+    ) -> Res {
+        let t = Template::load(&self.state, template)?;
+        let (rec, inits) = model::record_from_template(&self.state, template, &t, name, props)?;
+        self.reserve(name)?;
+        let dir = model::app_dir(&self.state, name);
+        let state = self.state.clone();
+        let rec2 = rec.clone();
+        let created = tokio::task::spawn_blocking(move || -> Result<(), String> {
+            let dir = model::app_dir(&state, &rec2.name);
+            fs::create_dir_all(dir.join("vols")).map_err(|e| format!("{}: {e}", dir.display()))?;
+            for (v, init) in rec2.volumes.iter().zip(&inits) {
+                volume::create(
+                    &model::volume_path(&dir, &v.name),
+                    v.kind,
+                    v.size,
+                    init.as_deref(),
+                )
+                .map_err(|e| format!("creating volume {} of {}: {e}", v.name, rec2.name))?;
+            }
+            rec2.save(&state)
+                .map_err(|e| format!("saving {}: {e}", rec2.name))
+        })
+        .await
+        .map_err(|e| e.to_string())
+        .and_then(|r| r);
+        {
+            let mut inner = self.inner.lock().unwrap();
+            inner.reserved.remove(name);
+            if let Err(e) = created {
+                let _ = fs::remove_dir_all(&dir);
+                return err(format!("cannot provision {name}: {e}"));
+            }
+            inner.apps.insert(
+                name.to_string(),
+                Entry {
+                    rec,
+                    leases: 0,
+                    generation: 0,
+                },
+            );
+        }
+        match self.start(name).await {
+            Ok(_) => Ok(format!(
+                "provisioned {name} from {template}; it is running\n"
+            )),
+            Err(e) => err(format!("provisioned {name} from {template}, but {e}")),
+        }
+    }
+
+    async fn start(self: &Arc<Self>, name: &str) -> Res {
+        let started = self.with_app(name, |e| {
+            match e.rec.state {
+                State::Running => return Ok(None),
+                State::Stopped | State::Failed => {}
+                s => return err(format!("cannot start {name}: it is {s}")),
+            }
+            if e.leases > 0 {
+                return err(format!(
+                    "cannot start {name}: it is being copied to another grid"
+                ));
+            }
+            e.generation += 1;
+            e.rec.state = State::Starting;
+            e.rec.error.clear();
+            self.persist(&e.rec);
+            Ok(Some((e.rec.clone(), e.generation)))
+        })?;
+        let Some((rec, generation)) = started else {
+            return Ok(format!("{name} is already running\n"));
+        };
+        match self.launch(&rec, generation).await {
+            Ok(()) => Ok(format!("started {name}\n")),
+            Err(reason) => {
+                let pgid = self.fail(name, generation, &reason);
+                terminate_group(pgid, Duration::from_secs(2)).await;
+                err(format!("{name} failed to start: {reason}"))
+            }
+        }
+    }
+
+    /// Marks `name` failed if `generation` is still its current run; returns the group to kill.
+    fn fail(&self, name: &str, generation: u64, reason: &str) -> i32 {
+        let mut inner = self.inner.lock().unwrap();
+        match inner.apps.get_mut(name) {
+            Some(e) if e.generation == generation => {
+                if matches!(e.rec.state, State::Starting | State::Running) {
+                    tracing::warn!(app = name, "failed: {reason}");
+                    e.rec.state = State::Failed;
+                    e.rec.error = reason.to_string();
+                    self.persist(&e.rec);
+                }
+                e.rec.pgid
+            }
+            _ => 0,
+        }
+    }
+
+    /// Spawns the components as one process group, watches them, and waits until each is ready.
+    async fn launch(self: &Arc<Self>, rec: &AppRecord, generation: u64) -> Result<(), String> {
+        let vars = Vars {
+            state: &self.state,
+            app: &rec.name,
+            props: &rec.props,
+            grid: model::grid_vars(&self.state),
+        };
+        let dir = model::app_dir(&self.state, &rec.name);
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("log"))
+            .map_err(|e| format!("opening its log: {e}"))?;
+        // Substitute everything first, so a bad template fails before anything runs.
+        let mut plans = Vec::new();
+        let mut ready = Vec::new();
+        for c in &rec.components {
+            let sub = |w: &String| {
+                vars.subst(w)
+                    .map_err(|e| format!("component {}: {e}", c.name))
+            };
+            let argv: Vec<String> = c.command.iter().map(sub).collect::<Result<_, _>>()?;
+            let env: Vec<(String, String)> = c
+                .env
+                .iter()
+                .map(|(k, v)| sub(v).map(|v| (k.clone(), v)))
+                .collect::<Result<_, _>>()?;
+            if let Some(r) = &c.ready {
+                ready.push((
+                    c.name.clone(),
+                    sub(r)?,
+                    Duration::from_secs(c.ready_timeout_secs),
+                ));
+            }
+            plans.push((c.name.clone(), argv, env));
+        }
+        let mut pgid = 0;
+        let mut pids = Vec::new();
+        let mut children = JoinSet::new();
+        for (cname, argv, env) in plans {
+            let mut cmd = tokio::process::Command::new(&argv[0]);
+            cmd.args(&argv[1..])
+                .envs(env)
+                .current_dir(&dir)
+                .stdin(Stdio::null())
+                .stdout(log.try_clone().map_err(|e| e.to_string())?)
+                .stderr(log.try_clone().map_err(|e| e.to_string())?)
+                .process_group(pgid);
+            let mut child = match cmd.spawn() {
+                Ok(ch) => ch,
+                Err(e) => {
+                    self.set_pids(&rec.name, generation, pids, pgid);
+                    return Err(format!("component {cname} ({}): {e}", argv[0]));
+                }
+            };
+            let pid = child.id().unwrap_or(0) as i32;
+            if pgid == 0 {
+                pgid = pid;
+            }
+            pids.push(pid);
+            children.spawn(async move {
+                let st = child.wait().await;
+                (
+                    cname,
+                    st.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string()),
+                )
+            });
+        }
+        self.set_pids(&rec.name, generation, pids, pgid);
+        // A component that exits makes the application failed.
+        let d = self.clone();
+        let name = rec.name.clone();
+        tokio::spawn(async move {
+            if let Some(Ok((c, status))) = children.join_next().await {
+                let pgid = d.fail(
+                    &name,
+                    generation,
+                    &format!("component {c} exited ({status})"),
+                );
+                terminate_group(pgid, Duration::from_secs(2)).await;
+            }
+            while children.join_next().await.is_some() {}
+        });
+        for (c, addr, timeout) in ready {
+            let deadline = Instant::now() + timeout;
+            loop {
+                if let Some(reason) = self.failure_of(&rec.name, generation) {
+                    return Err(reason);
+                }
+                let conn = tokio::time::timeout(
+                    Duration::from_millis(500),
+                    tokio::net::TcpStream::connect(&addr),
+                )
+                .await;
+                if matches!(conn, Ok(Ok(_))) {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    return Err(format!(
+                        "component {c} did not accept connections on {addr} within {}s",
+                        timeout.as_secs()
+                    ));
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        let mut inner = self.inner.lock().unwrap();
+        match inner.apps.get_mut(&rec.name) {
+            Some(e) if e.generation == generation && e.rec.state == State::Starting => {
+                e.rec.state = State::Running;
+                self.persist(&e.rec);
+                Ok(())
+            }
+            Some(e) if e.generation == generation => Err(e.rec.error.clone()),
+            _ => Err("it was stopped or destroyed while starting".into()),
+        }
+    }
+
+    fn set_pids(&self, name: &str, generation: u64, pids: Vec<i32>, pgid: i32) {
+        let mut inner = self.inner.lock().unwrap();
+        if let Some(e) = inner.apps.get_mut(name) {
+            if e.generation == generation {
+                e.rec.pids = pids;
+                e.rec.pgid = pgid;
+                self.persist(&e.rec);
+            }
+        }
+    }
+
+    /// The failure reason if this run of `name` has failed (or is gone).
+    fn failure_of(&self, name: &str, generation: u64) -> Option<String> {
+        let inner = self.inner.lock().unwrap();
+        match inner.apps.get(name) {
+            Some(e) if e.generation == generation && e.rec.state == State::Failed => {
+                Some(e.rec.error.clone())
+            }
+            Some(e) if e.generation == generation => None,
+            _ => Some("it was stopped or destroyed while starting".into()),
+        }
+    }
+
+    async fn stop(self: &Arc<Self>, name: &str) -> Res {
+        let r = self.with_app(name, |e| {
+            match e.rec.state {
+                State::Stopped => return Ok(None),
+                State::Stopping => return err(format!("{name} is already stopping")),
+                _ => {}
+            }
+            e.generation += 1;
+            e.rec.state = State::Stopping;
+            self.persist(&e.rec);
+            let timeout = e
+                .rec
+                .components
+                .iter()
+                .map(|c| c.stop_timeout_secs)
+                .max()
+                .unwrap_or(10);
+            Ok(Some((
+                e.rec.pgid,
+                Duration::from_secs(timeout),
+                e.generation,
+            )))
+        })?;
+        let Some((pgid, timeout, generation)) = r else {
+            return Ok(format!("{name} is already stopped\n"));
+        };
+        terminate_group(pgid, timeout).await;
+        self.with_app(name, |e| {
+            if e.generation == generation {
+                e.rec.state = State::Stopped;
+                e.rec.pids.clear();
+                e.rec.pgid = 0;
+                self.persist(&e.rec);
+            }
+            Ok(format!("stopped {name}\n"))
+        })
+    }
+
+    async fn destroy(self: &Arc<Self>, name: &str) -> Res {
+        let pgid = {
+            let mut inner = self.inner.lock().unwrap();
+            let Some(e) = inner.apps.get(name) else {
+                return err(format!("no application named {name} on this grid"));
+            };
+            match e.rec.state {
+                State::Stopped | State::Failed => {}
+                s => return err(format!("cannot destroy {name}: it is {s}; stop it first")),
+            }
+            if e.leases > 0 {
+                return err(format!(
+                    "cannot destroy {name}: it is being copied to another grid"
+                ));
+            }
+            let pgid = e.rec.pgid;
+            // Renamed away first so that a crash mid-delete never leaves a half application.
+            let dir = model::app_dir(&self.state, name);
+            let trash = model::apps_dir(&self.state)
+                .join(format!(".destroy-{name}-{}", std::process::id()));
+            if let Err(e) = fs::rename(&dir, &trash) {
+                return err(format!("cannot destroy {name}: {e}"));
+            }
+            inner.apps.remove(name);
+            tokio::task::spawn_blocking(move || fs::remove_dir_all(trash));
+            pgid
+        };
+        terminate_group(pgid, Duration::from_secs(2)).await;
+        Ok(format!("destroyed {name}\n"))
+    }
+
+    fn config(&self, name: &str, props: &[dialect::Prop]) -> Res {
+        self.with_app(name, |e| {
+            match e.rec.state {
+                State::Stopped | State::Failed => {}
+                s => return err(format!("cannot configure {name}: it is {s}; stop it first")),
+            }
+            let mut p = e.rec.props.clone();
+            model::apply_props(name, &mut p, props)?;
+            for r in &e.rec.required {
+                if p.get(r).is_none_or(|v| v.is_empty()) {
+                    return err(format!(
+                        "cannot configure {name}: property {r} must not be empty"
+                    ));
+                }
+            }
+            e.rec.props = p;
+            self.persist(&e.rec);
+            Ok(format!("configured {name}\n"))
+        })
+    }
+
+    async fn checksum(&self, name: &str) -> Res {
+        let rec = self.with_app(name, |e| Ok(e.rec.clone()))?;
+        let dir = model::app_dir(&self.state, name);
+        let name = name.to_string();
+        tokio::task::spawn_blocking(move || {
+            let mut out = String::new();
+            for v in &rec.volumes {
+                let line =
+                    volume::checksum_line(&v.name, v.kind, &model::volume_path(&dir, &v.name))
+                        .map_err(|e| format!("checksum of {name} volume {}: {e}", v.name))?;
+                out.push_str(&line);
+                out.push('\n');
+            }
+            Ok(out)
+        })
+        .await
+        .map_err(|e| e.to_string())?
+    }
+
+    fn export_begin(&self, name: &str) -> Result<(AppRecord, PathBuf), String> {
+        self.with_app(name, |e| {
+            if e.rec.state != State::Stopped {
+                return err(format!(
+                    "cannot copy {name}: it is {}; stop it first",
+                    e.rec.state
+                ));
+            }
+            e.leases += 1;
+            Ok((e.rec.clone(), model::app_dir(&self.state, name)))
+        })
+    }
+
+    fn import_begin(&self, name: &str) -> Result<PathBuf, String> {
+        self.reserve(name)?;
+        let dir = model::app_dir(&self.state, name);
+        if let Err(e) = fs::create_dir_all(dir.join("vols")) {
+            self.inner.lock().unwrap().reserved.remove(name);
+            return err(format!("creating {}: {e}", dir.display()));
+        }
+        Ok(dir)
+    }
+
+    fn import_commit(&self, mut rec: AppRecord) -> Res {
+        rec.state = State::Stopped;
+        rec.pids.clear();
+        rec.pgid = 0;
+        rec.error.clear();
+        let mut inner = self.inner.lock().unwrap();
+        if let Err(e) = rec.save(&self.state) {
+            self.abort_import(&mut inner, &rec.name);
+            return err(format!("saving {}: {e}", rec.name));
+        }
+        inner.reserved.remove(&rec.name);
+        let name = rec.name.clone();
+        inner.apps.insert(
+            name.clone(),
+            Entry {
+                rec,
+                leases: 0,
+                generation: 0,
+            },
+        );
+        Ok(format!("imported {name}\n"))
+    }
+
+    fn abort_import(&self, inner: &mut Inner, name: &str) {
+        if inner.reserved.remove(name) {
+            let dir = model::app_dir(&self.state, name);
+            if let Err(e) = fs::remove_dir_all(&dir) {
+                tracing::error!("removing the partial import {}: {e}", dir.display());
+            }
+        }
+    }
+
+    /// `lab down`: every application's processes are ended and it is left `stopped`.
+    async fn shutdown_apps(self: &Arc<Self>) -> Res {
+        let groups: Vec<(String, i32)> = {
+            let mut inner = self.inner.lock().unwrap();
+            inner
+                .apps
+                .values_mut()
+                .filter(|e| e.rec.state != State::Stopped)
+                .map(|e| {
+                    e.generation += 1;
+                    e.rec.state = State::Stopping;
+                    self.persist(&e.rec);
+                    (e.rec.name.clone(), e.rec.pgid)
+                })
+                .collect()
+        };
+        let mut set = JoinSet::new();
+        for (_, pgid) in &groups {
+            set.spawn(terminate_group(*pgid, Duration::from_secs(3)));
+        }
+        while set.join_next().await.is_some() {}
+        let mut inner = self.inner.lock().unwrap();
+        for (name, _) in groups {
+            if let Some(e) = inner.apps.get_mut(&name) {
+                e.rec.state = State::Stopped;
+                e.rec.pids.clear();
+                e.rec.pgid = 0;
+                self.persist(&e.rec);
+            }
+        }
+        Ok("shut down\n".into())
+    }
+
+    /// Loads every application at start-up and makes half-done work safe.
+    fn load(self: &Arc<Self>) -> anyhow::Result<()> {
+        let apps = model::apps_dir(&self.state);
+        let mut adopted = Vec::new();
+        for ent in fs::read_dir(&apps)? {
+            let ent = ent?;
+            let name = ent.file_name().to_string_lossy().to_string();
+            let path = ent.path();
+            if name.starts_with('.') || !path.join("app.json").exists() {
+                // A destroy or an import that did not finish.
+                tracing::warn!("removing leftover {}", path.display());
+                let _ = fs::remove_dir_all(&path);
+                continue;
+            }
+            let mut rec = match AppRecord::load(&path) {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::error!("skipping {}: {e}", path.display());
+                    continue;
+                }
+            };
+            let alive = rec.pgid > 0 && rec.pids.iter().all(|p| util::pid_alive(*p));
+            match rec.state {
+                State::Running if alive => adopted.push(rec.name.clone()),
+                State::Stopped => {}
+                State::Stopping => {
+                    kill_group_now(rec.pgid);
+                    rec.state = State::Stopped;
+                    rec.pids.clear();
+                    rec.pgid = 0;
+                }
+                State::Failed => kill_group_now(rec.pgid),
+                State::Running | State::Starting => {
+                    kill_group_now(rec.pgid);
+                    rec.error = format!(
+                        "its processes did not survive while the grid daemon was down (was {})",
+                        rec.state
+                    );
+                    rec.state = State::Failed;
+                }
+            }
+            self.persist(&rec);
+            self.inner.lock().unwrap().apps.insert(
+                rec.name.clone(),
+                Entry {
+                    rec,
+                    leases: 0,
+                    generation: 0,
+                },
+            );
+        }
+        for name in adopted {
+            tracing::info!(app = %name, "adopted running application");
+            let d = self.clone();
+            tokio::spawn(async move { d.poll_adopted(name).await });
+        }
+        Ok(())
+    }
+
+    /// Watches an application started by an earlier daemon: it is not our child, so poll.
+    async fn poll_adopted(self: Arc<Self>, name: String) {
+        loop {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let (generation, dead) = {
+                let inner = self.inner.lock().unwrap();
+                match inner.apps.get(&name) {
+                    Some(e) if e.generation == 0 && e.rec.state == State::Running => (
+                        e.generation,
+                        e.rec.pids.iter().find(|p| !util::pid_alive(**p)).copied(),
+                    ),
+                    _ => return,
+                }
+            };
+            if let Some(pid) = dead {
+                let pgid = self.fail(
+                    &name,
+                    generation,
+                    &format!("component process {pid} exited"),
+                );
+                terminate_group(pgid, Duration::from_secs(2)).await;
+                return;
+            }
+        }
+    }
+}
+
+fn group_exists(pgid: i32) -> bool {
+    pgid > 0 && killpg(Pid::from_raw(pgid), None).is_ok()
+}
+
+fn kill_group_now(pgid: i32) {
+    if pgid > 0 {
+        let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
+    }
+}
+
+/// SIGTERM to the group, SIGKILL after `timeout`, then waits (briefly) until it is gone.
+pub async fn terminate_group(pgid: i32, timeout: Duration) {
+    if !group_exists(pgid) {
+        return;
+    }
+    let _ = killpg(Pid::from_raw(pgid), Signal::SIGTERM);
+    let deadline = Instant::now() + timeout;
+    while group_exists(pgid) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    if group_exists(pgid) {
+        tracing::warn!(pgid, "process group ignored SIGTERM; sending SIGKILL");
+        kill_group_now(pgid);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while group_exists(pgid) && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}

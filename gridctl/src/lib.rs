@@ -1,0 +1,107 @@
+//! gridctl: a reference grid controller that speaks the AppLogic command dialect behind OpenSSH.
+//!
+//! A **grid** is a state directory, a supervising daemon (`gridctl daemon --state STATE`) that owns
+//! the applications' processes, and the forced command of the grid's `sshd`
+//! (`gridctl ssh --state STATE`) that turns `SSH_ORIGINAL_COMMAND` into a request to the daemon.
+//! Applications therefore outlive the SSH session that started them.
+//!
+//! # Commands (`gridctl --help`)
+//!
+//! ```text
+//! gridctl daemon --state STATE              the supervisor; listens on STATE/daemon.sock
+//! gridctl ssh --state STATE                 sshd's ForceCommand; reads SSH_ORIGINAL_COMMAND
+//! gridctl kvstore --listen IP:PORT --data FILE   the built-in `kvstore` component
+//! gridctl lab up --grids N --dir DIR [--base B] [--mig-bin PATH]
+//! gridctl lab down --dir DIR
+//! ```
+//!
+//! `gridctl ssh` exits 0 when the operation succeeded, 1 when it failed (stderr names the
+//! application and the reason), 2 when the command was refused (not in the dialect, a bad name
+//! or value, an interactive login). Every line MIG sends is parsed with
+//! [`dialect::Command::parse`]; nothing else runs.
+//!
+//! # Batch formats (`--batch`; stable, tab-separated, one record per line, no header)
+//!
+//! * `app list --batch`: `NAME\tSTATE\tTEMPLATE`, sorted by name.
+//! * `app info NAME --batch`: `KEY\tVALUE` lines, in this order:
+//!   `name`, `state` (`stopped|starting|running|stopping|failed`), `template`,
+//!   `error` (the last failure, empty when none), then `prop.PROP\tVALUE` for every property
+//!   (sorted), then `volume.VOL\tSIZE_BYTES` and `volume.VOL.kind\tfile|dir` for every volume.
+//! * `app checksum NAME`: `VOLUME\tSIZE\tblake3:HEX` per volume. For a `file` volume SIZE is its
+//!   logical size and the digest covers its logical content (holes read as zeros); for a `dir`
+//!   volume SIZE is the sum of its regular files' sizes and the digest covers a canonical walk
+//!   (see [`volume::dir_digest`]).
+//! * `app migrate … --progress_on_stdout`: `progress BYTES_DONE BYTES_TOTAL` lines, at most every
+//!   250 ms and a final one; BYTES count the data that moves (holes excluded).
+//!
+//! # State directory layout
+//!
+//! ```text
+//! STATE/grid.toml                 optional: [vars] usable in templates as ${NAME} (lab, grid, mig_bin)
+//! STATE/templates/NAME.toml       one template per file (format below)
+//! STATE/apps/NAME/app.json        the descriptor and state, written atomically (tmp, fsync, rename)
+//! STATE/apps/NAME/vols/VOL        a volume: a sparse file (kind file) or a directory (kind dir)
+//! STATE/apps/NAME/log             the components' stdout and stderr
+//! STATE/daemon.sock               the daemon's Unix socket (JSON lines, see [`protocol`])
+//! STATE/peer/id_ed25519           this grid's client key for pulling from other grids
+//! STATE/peer/known_hosts          the other grids' pinned host keys; a REMOTE must be listed here
+//! STATE/peer/peer_keys            public keys of the grids allowed to use the `peer` verbs
+//! STATE/faults/corrupt-export-after   test hook: flip one bit of the next export after N bytes
+//! ```
+//!
+//! # Template format (`STATE/templates/NAME.toml`)
+//!
+//! ```toml
+//! description = "what it is"
+//! required = ["in_ip"]               # properties that must be non-empty at provision
+//! [properties]                       # every property the application accepts, with its default
+//! in_ip = ""
+//! port = "8000"
+//! data_size = "64M"
+//! [[volumes]]
+//! name = "data"                      # file volume: a sparse file of `size` bytes (K/M/G/T suffixes)
+//! size = "${data_size}"
+//! [[volumes]]
+//! name = "config"
+//! kind = "dir"                       # dir volume: a directory, copied from `init_from` if given
+//! init_from = "${lab}/mig"
+//! [[components]]
+//! name = "main"
+//! command = ["${gridctl}", "kvstore", "--listen", "${in_ip}:${port}", "--data", "${vol:data}"]
+//! env = { EXAMPLE = "${app}" }
+//! ready = "${in_ip}:${port}"         # must accept TCP before the app is `running`
+//! ready_timeout_secs = 30
+//! ```
+//!
+//! Substitutions (in `command`, `env`, `ready`, volume `size` and `init_from`): `${app}` the
+//! application's name, `${vol:NAME}` a volume's absolute path, `${gridctl}` this executable,
+//! `${state}` the state directory, `${PROP}` a property, then `${VAR}` from `STATE/grid.toml`.
+//! Commands are argument vectors, never shell lines: a property value stays one argument.
+//! The descriptor keeps the template's components and volumes, so an application migrates to a
+//! grid that lacks its template.
+//!
+//! # The lab (`gridctl lab up --grids N --dir DIR`)
+//!
+//! Grid `gn` (n = 1..N) listens on `127.0.(B+n).1:2222` (B = `--base`, default 0). Files:
+//!
+//! ```text
+//! DIR/ssh_config                  Host g1..gN: `ssh -F DIR/ssh_config g1 app list --batch`
+//! DIR/mig/grid.info               MIG's grid.info for the lab
+//! DIR/mig/private.key(.pub)       MIG's key, authorized on every grid (not a peer key)
+//! DIR/mig/known_hosts             every controller's host key, as [127.0.n.1]:2222
+//! DIR/gn/sshd_config, ssh_host_ed25519_key, authorized_keys, sshd.pid, sshd.log
+//! DIR/gn/daemon.pid, daemon.log
+//! DIR/gn/state/                   the grid's state directory (above)
+//! ```
+#![forbid(unsafe_code)]
+
+pub mod client;
+pub mod daemon;
+pub mod kvstore;
+pub mod lab;
+pub mod model;
+pub mod protocol;
+pub mod template;
+pub mod transfer;
+pub mod util;
+pub mod volume;

@@ -1,0 +1,633 @@
+//! The `app migrate --import` data path: the wire format between `peer export` (on the source
+//! grid, writing to its SSH channel) and the importer (on the target grid, reading from `ssh`).
+//!
+//! Stream: one JSON [`Header`] line, then per volume a sequence of frames and an `E` frame with
+//! the sender's BLAKE3 of the volume, then `Z`. File volumes send only their data extents
+//! (SEEK_DATA/SEEK_HOLE), so holes stay holes; each chunk is zstd level 1 unless the import asked
+//! for `--nocompress` or the data does not compress. The receiver hashes what it writes, holes as
+//! zeros, and any difference fails the import.
+//!
+//! ```text
+//! D offset:u64 raw_len:u32 enc_len:u32 codec:u8 payload   file data (codec 0 raw, 1 zstd)
+//! K plen:u32 path mode:u32                                 dir volume: a directory
+//! F plen:u32 path mode:u32 size:u64 content                dir volume: a regular file
+//! L plen:u32 path tlen:u32 target                          dir volume: a symlink
+//! E blake3:[u8;32]                                         end of a volume
+//! Z                                                        end of the stream
+//! ```
+//! Integers are little-endian.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, BufRead, Read, Write};
+use std::os::unix::fs::{FileExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{sync_channel, Receiver};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use crate::model::{self, AppRecord};
+use crate::template::VolumeKind;
+use crate::volume::{self, hash_zeros, DirEntry};
+
+const CHUNK: usize = 1 << 20;
+const MAX_CHUNK: usize = 8 << 20;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WireVolume {
+    pub name: String,
+    pub kind: VolumeKind,
+    pub size: u64,
+    /// Bytes that will move: data extents of a file, file contents of a dir.
+    pub data_bytes: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Header {
+    pub record: AppRecord,
+    pub volumes: Vec<WireVolume>,
+    /// False with `--novols`: volumes are announced but no data follows.
+    pub with_data: bool,
+}
+
+fn bad(msg: impl Into<String>) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, msg.into())
+}
+
+/// Flips one bit after `after` payload bytes: the test hook `STATE/faults/corrupt-export-after`.
+struct Fault {
+    after: Option<u64>,
+    sent: u64,
+}
+
+impl Fault {
+    fn apply(&mut self, data: &mut [u8]) {
+        if let Some(a) = self.after {
+            let end = self.sent + data.len() as u64;
+            if a < end && !data.is_empty() {
+                let i = a.saturating_sub(self.sent) as usize;
+                data[i.min(data.len() - 1)] ^= 0x01;
+                self.after = None;
+            }
+            self.sent = end;
+        }
+    }
+}
+
+/// Reads and consumes the fault hook, if a test planted it.
+pub fn take_fault(state: &Path) -> Option<u64> {
+    let p = state.join("faults").join("corrupt-export-after");
+    let n = fs::read_to_string(&p).ok()?.trim().parse().ok()?;
+    let _ = fs::remove_file(&p);
+    tracing::warn!("test hook: corrupting this export after {n} bytes");
+    Some(n)
+}
+
+/// Writes the export stream of a stopped application to `out`.
+pub fn export(
+    app_dir: &Path,
+    record: &AppRecord,
+    novols: bool,
+    compress: bool,
+    fault: Option<u64>,
+    out: &mut dyn Write,
+) -> io::Result<()> {
+    let mut volumes = Vec::new();
+    for v in &record.volumes {
+        let p = model::volume_path(app_dir, &v.name);
+        let data_bytes = match v.kind {
+            VolumeKind::File => {
+                let f = File::open(&p)?;
+                volume::data_extents(&f, v.size)?.iter().map(|e| e.1).sum()
+            }
+            VolumeKind::Dir => volume::walk_dir(&p)?
+                .iter()
+                .map(|e| match e {
+                    DirEntry::File { size, .. } => *size,
+                    _ => 0,
+                })
+                .sum(),
+        };
+        volumes.push(WireVolume {
+            name: v.name.clone(),
+            kind: v.kind,
+            size: v.size,
+            data_bytes,
+        });
+    }
+    let header = Header {
+        record: record.clone(),
+        volumes,
+        with_data: !novols,
+    };
+    let mut line = serde_json::to_vec(&header)?;
+    line.push(b'\n');
+    out.write_all(&line)?;
+    let mut fault = Fault {
+        after: fault,
+        sent: 0,
+    };
+    if !novols {
+        for v in &record.volumes {
+            let p = model::volume_path(app_dir, &v.name);
+            match v.kind {
+                VolumeKind::File => export_file(&p, v.size, compress, &mut fault, out)?,
+                VolumeKind::Dir => export_dir(&p, &mut fault, out)?,
+            }
+        }
+    }
+    out.write_all(b"Z")?;
+    out.flush()
+}
+
+fn export_file(
+    path: &Path,
+    size: u64,
+    compress: bool,
+    fault: &mut Fault,
+    out: &mut dyn Write,
+) -> io::Result<()> {
+    let f = File::open(path)?;
+    let extents = volume::data_extents(&f, size)?;
+    // Reading and hashing run on their own thread, compressing and sending on this one.
+    let (tx, rx) = sync_channel::<io::Result<(u64, Vec<u8>)>>(8);
+    let reader = std::thread::spawn(move || -> blake3::Hash {
+        let mut h = blake3::Hasher::new();
+        let mut pos = 0u64;
+        for (off, len) in extents {
+            hash_zeros(&mut h, off - pos);
+            let mut done = 0;
+            while done < len {
+                let k = (len - done).min(CHUNK as u64) as usize;
+                let mut buf = vec![0u8; k];
+                if let Err(e) = f.read_exact_at(&mut buf, off + done) {
+                    let _ = tx.send(Err(e));
+                    return h.finalize();
+                }
+                h.update(&buf);
+                if tx.send(Ok((off + done, buf))).is_err() {
+                    return h.finalize();
+                }
+                done += k as u64;
+            }
+            pos = off + len;
+        }
+        hash_zeros(&mut h, size - pos);
+        h.finalize()
+    });
+    let mut comp = zstd::bulk::Compressor::new(1)?;
+    // Data that does not compress is sent raw, and compression rests for a while.
+    let mut rest = 0u32;
+    for item in rx.iter() {
+        let (off, mut buf) = item?;
+        fault.apply(&mut buf);
+        let mut codec = 0u8;
+        let mut enc: Option<Vec<u8>> = None;
+        if compress && rest == 0 {
+            let c = comp.compress(&buf)?;
+            if c.len() < buf.len() - buf.len() / 10 {
+                codec = 1;
+                enc = Some(c);
+            } else {
+                rest = 32;
+            }
+        } else {
+            rest = rest.saturating_sub(1);
+        }
+        let payload = enc.as_deref().unwrap_or(&buf);
+        let mut hdr = Vec::with_capacity(18);
+        hdr.push(b'D');
+        hdr.extend_from_slice(&off.to_le_bytes());
+        hdr.extend_from_slice(&(buf.len() as u32).to_le_bytes());
+        hdr.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+        hdr.push(codec);
+        out.write_all(&hdr)?;
+        out.write_all(payload)?;
+    }
+    let hash = reader
+        .join()
+        .map_err(|_| io::Error::other("reader thread panicked"))?;
+    out.write_all(b"E")?;
+    out.write_all(hash.as_bytes())
+}
+
+fn put_str(v: &mut Vec<u8>, s: &str) {
+    v.extend_from_slice(&(s.len() as u32).to_le_bytes());
+    v.extend_from_slice(s.as_bytes());
+}
+
+fn export_dir(root: &Path, fault: &mut Fault, out: &mut dyn Write) -> io::Result<()> {
+    let mut h = blake3::Hasher::new();
+    for e in volume::walk_dir(root)? {
+        h.update(&volume::entry_header(&e));
+        let mut frame = Vec::new();
+        match &e {
+            DirEntry::Dir { path, mode } => {
+                frame.push(b'K');
+                put_str(&mut frame, path);
+                frame.extend_from_slice(&mode.to_le_bytes());
+                out.write_all(&frame)?;
+            }
+            DirEntry::Symlink { path, target } => {
+                frame.push(b'L');
+                put_str(&mut frame, path);
+                put_str(&mut frame, target);
+                out.write_all(&frame)?;
+            }
+            DirEntry::File { path, mode, size } => {
+                frame.push(b'F');
+                put_str(&mut frame, path);
+                frame.extend_from_slice(&mode.to_le_bytes());
+                frame.extend_from_slice(&size.to_le_bytes());
+                out.write_all(&frame)?;
+                let mut f = File::open(root.join(path))?;
+                let mut left = *size;
+                let mut buf = vec![0u8; 1 << 16];
+                while left > 0 {
+                    let k = left.min(buf.len() as u64) as usize;
+                    f.read_exact(&mut buf[..k])?;
+                    h.update(&buf[..k]);
+                    fault.apply(&mut buf[..k]);
+                    out.write_all(&buf[..k])?;
+                    left -= k as u64;
+                }
+            }
+        }
+    }
+    out.write_all(b"E")?;
+    out.write_all(h.finalize().as_bytes())
+}
+
+/// Progress of an import, reported at most every 250 ms.
+pub struct Progress<'a> {
+    pub done: u64,
+    pub total: u64,
+    last: Option<Instant>,
+    sink: Option<&'a mut dyn FnMut(u64, u64)>,
+}
+
+impl<'a> Progress<'a> {
+    pub fn new(sink: Option<&'a mut dyn FnMut(u64, u64)>) -> Self {
+        Progress {
+            done: 0,
+            total: 0,
+            last: None,
+            sink,
+        }
+    }
+
+    fn add(&mut self, n: u64) {
+        self.done += n;
+        if self
+            .last
+            .is_none_or(|t| t.elapsed() >= Duration::from_millis(250))
+        {
+            self.emit();
+        }
+    }
+
+    pub fn emit(&mut self) {
+        self.last = Some(Instant::now());
+        if let Some(s) = self.sink.as_mut() {
+            s(self.done, self.total);
+        }
+    }
+}
+
+fn read_u8(r: &mut dyn Read) -> io::Result<u8> {
+    let mut b = [0u8; 1];
+    r.read_exact(&mut b)?;
+    Ok(b[0])
+}
+fn read_u32(r: &mut dyn Read) -> io::Result<u32> {
+    let mut b = [0u8; 4];
+    r.read_exact(&mut b)?;
+    Ok(u32::from_le_bytes(b))
+}
+fn read_u64(r: &mut dyn Read) -> io::Result<u64> {
+    let mut b = [0u8; 8];
+    r.read_exact(&mut b)?;
+    Ok(u64::from_le_bytes(b))
+}
+fn read_str(r: &mut dyn Read) -> io::Result<String> {
+    let n = read_u32(r)? as usize;
+    if n > 4096 {
+        return Err(bad("path longer than 4096 bytes in the stream"));
+    }
+    let mut b = vec![0u8; n];
+    r.read_exact(&mut b)?;
+    String::from_utf8(b).map_err(|_| bad("non-UTF-8 path in the stream"))
+}
+fn read_hash(r: &mut dyn Read) -> io::Result<blake3::Hash> {
+    let mut b = [0u8; 32];
+    r.read_exact(&mut b)?;
+    Ok(blake3::Hash::from_bytes(b))
+}
+
+/// Reads the stream's header.
+pub fn read_header(r: &mut dyn BufRead) -> io::Result<Header> {
+    let mut line = String::new();
+    if r.read_line(&mut line)? == 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "the source grid sent nothing",
+        ));
+    }
+    serde_json::from_str(&line).map_err(|e| bad(format!("bad stream header: {e}")))
+}
+
+/// Reads every volume of the stream into `app_dir/vols/`, verifying each digest.
+pub fn import_volumes(
+    r: &mut dyn Read,
+    header: &Header,
+    app_dir: &Path,
+    progress: &mut Progress,
+) -> io::Result<()> {
+    progress.total = if header.with_data {
+        header.volumes.iter().map(|v| v.data_bytes).sum()
+    } else {
+        0
+    };
+    progress.emit();
+    for v in &header.volumes {
+        dialect::AppName::new(&v.name).map_err(|e| bad(e.to_string()))?;
+        let p = model::volume_path(app_dir, &v.name);
+        if !header.with_data {
+            volume::create(&p, v.kind, v.size, None)?;
+            continue;
+        }
+        let ok = match v.kind {
+            VolumeKind::File => import_file(r, &p, v.size, progress)?,
+            VolumeKind::Dir => import_dir(r, &p, progress)?,
+        };
+        if let Some((sent, got)) = ok {
+            return Err(bad(format!(
+                "volume {}: BLAKE3 mismatch (source {}, received {}): the stream was corrupted",
+                v.name,
+                sent.to_hex(),
+                got.to_hex()
+            )));
+        }
+    }
+    match read_u8(r)? {
+        b'Z' => Ok(()),
+        t => Err(bad(format!(
+            "unexpected frame {t:#x} at the end of the stream"
+        ))),
+    }
+}
+
+type Mismatch = Option<(blake3::Hash, blake3::Hash)>;
+
+fn import_file(
+    r: &mut dyn Read,
+    path: &Path,
+    size: u64,
+    progress: &mut Progress,
+) -> io::Result<Mismatch> {
+    let f = OpenOptions::new().write(true).create_new(true).open(path)?;
+    f.set_len(size)?;
+    // Hashing and writing run on their own thread, reading and decompressing on this one.
+    let (tx, rx) = sync_channel::<(u64, Vec<u8>)>(8);
+    let writer = std::thread::spawn(move || write_extents(f, size, rx));
+    let mut dec = zstd::bulk::Decompressor::new()?;
+    let mut pos = 0u64;
+    let res = (|| -> io::Result<blake3::Hash> {
+        loop {
+            match read_u8(r)? {
+                b'D' => {
+                    let off = read_u64(r)?;
+                    let raw = read_u32(r)? as usize;
+                    let enc = read_u32(r)? as usize;
+                    let codec = read_u8(r)?;
+                    if raw > MAX_CHUNK
+                        || enc > MAX_CHUNK + 1024
+                        || off < pos
+                        || off + raw as u64 > size
+                    {
+                        return Err(bad(format!("bad data frame at offset {off}")));
+                    }
+                    let mut payload = vec![0u8; enc];
+                    r.read_exact(&mut payload)?;
+                    let data = match codec {
+                        0 if enc == raw => payload,
+                        1 => {
+                            let d = dec.decompress(&payload, raw)?;
+                            if d.len() != raw {
+                                return Err(bad("decompressed chunk has the wrong size"));
+                            }
+                            d
+                        }
+                        _ => return Err(bad(format!("bad codec {codec}"))),
+                    };
+                    pos = off + raw as u64;
+                    progress.add(raw as u64);
+                    if tx.send((off, data)).is_err() {
+                        return Err(io::Error::other("the volume writer stopped"));
+                    }
+                }
+                b'E' => return read_hash(r),
+                t => return Err(bad(format!("unexpected frame {t:#x} in a file volume"))),
+            }
+        }
+    })();
+    drop(tx);
+    let written = writer
+        .join()
+        .map_err(|_| io::Error::other("writer thread panicked"))?;
+    let sent = res?;
+    let got = written?;
+    Ok((sent != got).then_some((sent, got)))
+}
+
+fn write_extents(f: File, size: u64, rx: Receiver<(u64, Vec<u8>)>) -> io::Result<blake3::Hash> {
+    let mut h = blake3::Hasher::new();
+    let mut pos = 0u64;
+    for (off, data) in rx {
+        hash_zeros(&mut h, off - pos);
+        h.update(&data);
+        f.write_all_at(&data, off)?;
+        pos = off + data.len() as u64;
+    }
+    hash_zeros(&mut h, size - pos);
+    f.sync_all()?;
+    Ok(h.finalize())
+}
+
+fn import_dir(r: &mut dyn Read, root: &Path, progress: &mut Progress) -> io::Result<Mismatch> {
+    fs::create_dir(root)?;
+    let mut h = blake3::Hasher::new();
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        match read_u8(r)? {
+            b'K' => {
+                let path = read_str(r)?;
+                let mode = read_u32(r)?;
+                let p = volume::safe_rel(root, &path)?;
+                h.update(&volume::entry_header(&DirEntry::Dir { path, mode }));
+                fs::create_dir(&p)?;
+                fs::set_permissions(&p, fs::Permissions::from_mode(mode & 0o7777))?;
+            }
+            b'L' => {
+                let path = read_str(r)?;
+                let target = read_str(r)?;
+                let p = volume::safe_rel(root, &path)?;
+                std::os::unix::fs::symlink(&target, &p)?;
+                h.update(&volume::entry_header(&DirEntry::Symlink { path, target }));
+            }
+            b'F' => {
+                let path = read_str(r)?;
+                let mode = read_u32(r)?;
+                let size = read_u64(r)?;
+                let p = volume::safe_rel(root, &path)?;
+                h.update(&volume::entry_header(&DirEntry::File {
+                    path: path.clone(),
+                    mode,
+                    size,
+                }));
+                let mut f = OpenOptions::new().write(true).create_new(true).open(&p)?;
+                let mut left = size;
+                while left > 0 {
+                    let k = left.min(buf.len() as u64) as usize;
+                    r.read_exact(&mut buf[..k])?;
+                    h.update(&buf[..k]);
+                    f.write_all(&buf[..k])?;
+                    left -= k as u64;
+                    progress.add(k as u64);
+                }
+                f.sync_all()?;
+                fs::set_permissions(&p, fs::Permissions::from_mode(mode & 0o7777))?;
+            }
+            b'E' => {
+                let sent = read_hash(r)?;
+                let got = h.finalize();
+                return Ok((sent != got).then_some((sent, got)));
+            }
+            t => return Err(bad(format!("unexpected frame {t:#x} in a dir volume"))),
+        }
+    }
+}
+
+/// The record the target grid keeps: the source's, renamed, with the overrides applied.
+pub fn imported_record(
+    header: &Header,
+    new_name: &str,
+    overrides: &[dialect::Prop],
+) -> Result<AppRecord, String> {
+    let mut rec = header.record.clone();
+    rec.name = new_name.to_string();
+    model::apply_props(new_name, &mut rec.props, overrides)?;
+    Ok(rec)
+}
+
+/// Paths of the volumes of an application directory (for tests and tools).
+pub fn volume_paths(app_dir: &Path, rec: &AppRecord) -> Vec<PathBuf> {
+    rec.volumes
+        .iter()
+        .map(|v| model::volume_path(app_dir, &v.name))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{State, Volume};
+
+    fn record(vols: Vec<Volume>) -> AppRecord {
+        AppRecord {
+            name: "src".into(),
+            template: "t".into(),
+            state: State::Stopped,
+            error: String::new(),
+            props: [("a".to_string(), "1".to_string())].into(),
+            required: vec![],
+            volumes: vols,
+            components: vec![],
+            pids: vec![],
+            pgid: 0,
+        }
+    }
+
+    fn setup() -> (tempfile::TempDir, AppRecord) {
+        let d = tempfile::tempdir().unwrap();
+        let src = d.path().join("src");
+        fs::create_dir_all(src.join("vols/conf/sub")).unwrap();
+        fs::write(src.join("vols/conf/sub/k"), "key").unwrap();
+        std::os::unix::fs::symlink("sub/k", src.join("vols/conf/link")).unwrap();
+        let data = src.join("vols/data");
+        volume::create(&data, VolumeKind::File, 256 << 20, None).unwrap();
+        let f = OpenOptions::new().write(true).open(&data).unwrap();
+        f.write_all_at(&vec![7u8; 3 << 20], 100 << 20).unwrap();
+        f.write_all_at(b"tail", (256 << 20) - 4).unwrap();
+        let rec = record(vec![
+            Volume {
+                name: "data".into(),
+                kind: VolumeKind::File,
+                size: 256 << 20,
+            },
+            Volume {
+                name: "conf".into(),
+                kind: VolumeKind::Dir,
+                size: 0,
+            },
+        ]);
+        (d, rec)
+    }
+
+    fn run(d: &Path, rec: &AppRecord, compress: bool, fault: Option<u64>) -> io::Result<()> {
+        let mut wire = Vec::new();
+        export(&d.join("src"), rec, false, compress, fault, &mut wire).unwrap();
+        let dst = d.join("dst");
+        let _ = fs::remove_dir_all(&dst);
+        fs::create_dir_all(dst.join("vols")).unwrap();
+        let mut r = io::BufReader::new(&wire[..]);
+        let h = read_header(&mut r).unwrap();
+        let mut lines = Vec::new();
+        let mut sink = |a, b| lines.push((a, b));
+        let mut p = Progress::new(Some(&mut sink));
+        let res = import_volumes(&mut r, &h, &dst, &mut p);
+        let _ = p;
+        res?;
+        let (done, total) = *lines.last().unwrap();
+        assert_eq!(total, h.volumes.iter().map(|v| v.data_bytes).sum::<u64>());
+        assert!(done <= total);
+        Ok(())
+    }
+
+    #[test]
+    fn a_sparse_file_and_a_dir_arrive_identical_with_holes_kept() {
+        let (d, rec) = setup();
+        for compress in [true, false] {
+            run(d.path(), &rec, compress, None).unwrap();
+            for v in ["data", "conf"] {
+                let k = if v == "data" {
+                    VolumeKind::File
+                } else {
+                    VolumeKind::Dir
+                };
+                assert_eq!(
+                    volume::checksum_line(v, k, &d.path().join("src/vols").join(v)).unwrap(),
+                    volume::checksum_line(v, k, &d.path().join("dst/vols").join(v)).unwrap()
+                );
+            }
+            let md = fs::metadata(d.path().join("dst/vols/data")).unwrap();
+            use std::os::unix::fs::MetadataExt;
+            assert_eq!(md.len(), 256 << 20);
+            assert!(
+                md.blocks() * 512 < 16 << 20,
+                "holes were filled: {} blocks",
+                md.blocks()
+            );
+        }
+    }
+
+    #[test]
+    fn a_corrupted_stream_is_detected() {
+        let (d, rec) = setup();
+        let e = run(d.path(), &rec, true, Some(1000)).unwrap_err();
+        assert!(e.to_string().contains("BLAKE3 mismatch"), "{e}");
+        // In the dir volume too (after all file data: 3 MiB plus the 4 KiB block of the tail).
+        let e = run(d.path(), &rec, false, Some((3 << 20) + 4096 + 1)).unwrap_err();
+        assert!(e.to_string().contains("volume conf"), "{e}");
+    }
+}

@@ -1,0 +1,115 @@
+//! `gridctl lab up|down` over real sshd: files, trust, idempotence, leftovers, a taken port, and
+//! applications surviving a daemon restart.
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+#[test]
+fn lab_up_writes_trust_and_config_is_idempotent_and_down_leaves_nothing() {
+    let lab = Lab::up(2, 100);
+    let dir = lab.dir();
+    // MIG's config volume.
+    let info = std::fs::read_to_string(dir.join("mig/grid.info")).unwrap();
+    for want in [
+        "grid g2:",
+        "controller = 127.0.102.1:2222",
+        "location = Lab 2",
+        "MIG_ip = 127.0.101.10:8080",
+        "app_config = \"in_ip=127.0.102.10 web_ip=127.0.102.11\"",
+        "MigHelper_config = \"in_ip=127.0.101.20 out_ip=127.0.101.21 netmask=255.0.0.0 gateway=127.0.0.1\"",
+    ] {
+        assert!(info.contains(want), "grid.info lacks {want:?}:\n{info}");
+    }
+    let key = std::fs::metadata(dir.join("mig/private.key")).unwrap();
+    assert_eq!(key.permissions().mode() & 0o777, 0o600);
+    let kh = std::fs::read_to_string(dir.join("mig/known_hosts")).unwrap();
+    assert!(kh.contains("[127.0.101.1]:2222 ssh-ed25519 "), "{kh}");
+    assert!(kh.contains("[127.0.102.1]:2222 ssh-ed25519 "), "{kh}");
+    let cfg = std::fs::read_to_string(dir.join("ssh_config")).unwrap();
+    assert!(
+        cfg.contains("Host g2\n  HostName 127.0.102.1\n  Port 2222\n  User root\n"),
+        "{cfg}"
+    );
+    assert!(cfg.contains("StrictHostKeyChecking yes"), "{cfg}");
+    // Every grid answers over real SSH with MIG's key.
+    for n in 1..=2 {
+        assert_eq!(lab.ok(n, "app list --batch"), "");
+    }
+    lab.ok(
+        1,
+        &format!("app provision kvstore kv in_ip={}", lab.ip(1, 10)),
+    );
+    // Idempotent: a second `up` neither fails nor restarts anything.
+    let pids = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap();
+    let before = (pids("g1/sshd.pid"), pids("g1/daemon.pid"));
+    let r = lab.lab_up(&[]);
+    assert_eq!(r.code, 0, "{r:?}");
+    assert_eq!((pids("g1/sshd.pid"), pids("g1/daemon.pid")), before);
+    assert_eq!(lab.ok(1, "app list --batch"), "kv\trunning\tkvstore\n");
+    assert!(!gridctl::lab::processes_mentioning(&dir).is_empty());
+    // Down: sshd, daemons and the application's processes are all gone.
+    let r = gridctl(&["lab", "down", "--dir", &dir.display().to_string()]);
+    assert_eq!(r.code, 0, "{r:?}");
+    let left = gridctl::lab::processes_mentioning(&dir);
+    assert!(left.is_empty(), "left behind: {left:?}");
+    assert!(std::net::TcpStream::connect("127.0.101.1:2222").is_err());
+    assert!(std::net::TcpStream::connect(format!("{}:8000", lab.ip(1, 10))).is_err());
+}
+
+#[test]
+fn a_taken_port_fails_loudly_naming_the_address() {
+    let _squatter = std::net::TcpListener::bind("127.0.104.1:2222").unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path().display().to_string();
+    let r = gridctl(&["lab", "up", "--grids", "1", "--base", "103", "--dir", &d]);
+    gridctl(&["lab", "down", "--dir", &d]);
+    assert_ne!(r.code, 0, "{r:?}");
+    assert!(
+        r.stderr.contains("127.0.104.1:2222 is already in use"),
+        "{r:?}"
+    );
+}
+
+#[test]
+fn a_running_application_survives_a_daemon_restart_and_is_still_watched() {
+    let lab = Lab::up(1, 105);
+    let ip = lab.ip(1, 10);
+    lab.ok(1, &format!("app provision kvstore kv in_ip={ip}"));
+    let daemon: i32 = std::fs::read_to_string(lab.dir().join("g1/daemon.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(daemon),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while gridctl::util::pid_alive(daemon) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // `lab up` again restarts the missing daemon, which adopts the running application.
+    let r = lab.lab_up(&[]);
+    assert_eq!(r.code, 0, "{r:?}");
+    assert_eq!(lab.state_of(1, "kv"), "running");
+    assert_eq!(http(&format!("{ip}:8000"), "PUT", "/kv/a", b"1").0, 204);
+    // Its component dies: the adopted application becomes failed.
+    let info = std::fs::read_to_string(lab.app_dir(1, "kv").join("app.json")).unwrap();
+    let rec: gridctl::model::AppRecord = serde_json::from_str(&info).unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(rec.pids[0]),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    lab.wait_state(1, "kv", "failed", 10);
+    let info = lab.ok(1, "app info kv --batch");
+    assert!(
+        info_field(&info, "error").unwrap().contains("exited"),
+        "{info}"
+    );
+}

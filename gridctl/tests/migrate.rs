@@ -1,0 +1,169 @@
+//! `app migrate REMOTE APP .name=NEW --import` between two real grids over their own SSH trust.
+
+mod common;
+
+use common::*;
+
+fn provision_with_data(lab: &Lab, app: &str, size: &str) -> String {
+    let ip = lab.ip(1, 10);
+    lab.ok(
+        1,
+        &format!("app provision kvstore {app} in_ip={ip} data_size={size}"),
+    );
+    let addr = format!("{ip}:8000");
+    assert_eq!(http(&addr, "PUT", "/kv/order-1", b"two coffees").0, 204);
+    assert_eq!(http(&addr, "PUT", "/kv/big", &vec![b'x'; 3 << 20]).0, 204);
+    lab.ok(1, &format!("app stop {app}"));
+    lab.ok(1, &format!("app checksum {app}"))
+}
+
+#[test]
+fn kvstore_data_written_on_g1_is_read_on_g2_after_migrate() {
+    let lab = Lab::up(2, 120);
+    let sum = provision_with_data(&lab, "shop", "64M");
+    let ip2 = lab.ip(2, 10);
+    let out = lab.ok(
+        2,
+        &format!(
+            "app migrate {} shop .name=shop2 --import in_ip={ip2} --progress_on_stdout",
+            lab.controller(1)
+        ),
+    );
+    // Progress lines, the last one complete.
+    let lines: Vec<(u64, u64)> = out
+        .lines()
+        .map(|l| {
+            let w: Vec<&str> = l.split(' ').collect();
+            assert_eq!(w.len(), 3, "{l}");
+            assert_eq!(w[0], "progress", "{l}");
+            (w[1].parse().unwrap(), w[2].parse().unwrap())
+        })
+        .collect();
+    let (done, total) = *lines.last().unwrap();
+    assert_eq!(done, total, "{out}");
+    assert!(total >= 3 << 20, "{out}");
+    assert_eq!(lab.ok(2, "app checksum shop2"), sum);
+    let info = lab.ok(2, "app info shop2 --batch");
+    assert_eq!(info_field(&info, "state").unwrap(), "stopped");
+    assert_eq!(info_field(&info, "prop.in_ip").unwrap(), ip2);
+    // The source is untouched.
+    assert_eq!(lab.state_of(1, "shop"), "stopped");
+    lab.ok(2, "app start shop2");
+    let (code, body) = http(&format!("{ip2}:8000"), "GET", "/kv/order-1", b"");
+    assert_eq!((code, body.as_slice()), (200, &b"two coffees"[..]));
+    assert_eq!(
+        http(&format!("{ip2}:8000"), "GET", "/kv/big", b"").1.len(),
+        3 << 20
+    );
+    // --novols: the descriptor and empty volumes of the same size.
+    lab.ok(
+        2,
+        &format!(
+            "app migrate {} shop .name=shell --import --novols in_ip={ip2}",
+            lab.controller(1)
+        ),
+    );
+    let info = lab.ok(2, "app info shell --batch");
+    assert_eq!(
+        info_field(&info, "volume.data").unwrap(),
+        (64 << 20).to_string()
+    );
+    assert_ne!(lab.ok(2, "app checksum shell"), sum);
+}
+
+#[test]
+fn a_sparse_volume_keeps_its_holes_compressed_or_not() {
+    let lab = Lab::up(2, 122);
+    let sum = provision_with_data(&lab, "big", "4G");
+    let src = lab.app_dir(1, "big").join("vols/data");
+    assert!(allocated(&src) < 16 << 20);
+    for (name, flag) in [("big2", ""), ("big3", "--nocompress")] {
+        lab.ok(
+            2,
+            &format!(
+                "app migrate {} big .name={name} --import {flag}",
+                lab.controller(1)
+            ),
+        );
+        let dst = lab.app_dir(2, name).join("vols/data");
+        assert_eq!(std::fs::metadata(&dst).unwrap().len(), 4 << 30);
+        assert!(
+            allocated(&dst) < 16 << 20,
+            "{name}: {} bytes allocated for 3 MiB of data",
+            allocated(&dst)
+        );
+        assert_eq!(lab.ok(2, &format!("app checksum {name}")), sum);
+    }
+}
+
+#[test]
+fn a_corrupted_stream_is_detected_and_leaves_nothing_on_the_target() {
+    let lab = Lab::up(2, 124);
+    provision_with_data(&lab, "shop", "64M");
+    // The test hook: the source flips one bit after 1 MB of its next export.
+    std::fs::write(lab.state(1).join("faults/corrupt-export-after"), "1000000").unwrap();
+    let r = lab.ssh(
+        2,
+        &format!(
+            "app migrate {} shop .name=shop2 --import",
+            lab.controller(1)
+        ),
+    );
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(r.stderr.contains("BLAKE3 mismatch"), "{r:?}");
+    assert!(r.stderr.contains("shop"), "{r:?}");
+    assert_eq!(lab.ok(2, "app list --batch"), "");
+    assert!(
+        !lab.app_dir(2, "shop2").exists(),
+        "partial copy left behind"
+    );
+    // The hook was used once: the next migrate succeeds.
+    lab.ok(
+        2,
+        &format!(
+            "app migrate {} shop .name=shop2 --import",
+            lab.controller(1)
+        ),
+    );
+}
+
+#[test]
+fn refusals_source_running_new_exists_unknown_remote() {
+    let lab = Lab::up(2, 126);
+    let ip = lab.ip(1, 10);
+    lab.ok(1, &format!("app provision kvstore shop in_ip={ip}"));
+    let ctl = lab.controller(1);
+    let r = lab.ssh(2, &format!("app migrate {ctl} shop .name=shop2 --import"));
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(
+        r.stderr.contains("shop: it is running; stop it first"),
+        "{r:?}"
+    );
+    assert_eq!(lab.ok(2, "app list --batch"), "");
+    lab.ok(1, "app stop shop");
+    let r = lab.ssh(2, &format!("app migrate {ctl} nosuch .name=x --import"));
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(r.stderr.contains("no application named nosuch"), "{r:?}");
+    lab.ok(2, &format!("app migrate {ctl} shop .name=shop2 --import"));
+    let r = lab.ssh(2, &format!("app migrate {ctl} shop .name=shop2 --import"));
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(r.stderr.contains("shop2 already exists"), "{r:?}");
+    let r = lab.ssh(2, "app migrate 127.0.99.1:2222 shop .name=shop3 --import");
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(
+        r.stderr.contains("127.0.99.1:2222 is not a known peer"),
+        "{r:?}"
+    );
+    let r = lab.ssh(
+        2,
+        &format!("app migrate {ctl} shop .name=shop3 --import bogus=1"),
+    );
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(r.stderr.contains("no property bogus"), "{r:?}");
+    assert!(!lab.app_dir(2, "shop3").exists());
+    // The copies released their hold on the source: it starts again.
+    lab.ok(1, "app start shop");
+    // MIG's key cannot use the peer verbs directly.
+    let r = lab.ssh(1, "peer export shop");
+    assert_eq!(r.code, 2, "{r:?}");
+}

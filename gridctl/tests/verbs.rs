@@ -1,0 +1,271 @@
+//! Every verb of the dialect through real sshd, the refusals, and the life of an application's
+//! processes (readiness, a component that exits, stop, templates as data files).
+
+mod common;
+
+use common::*;
+
+#[test]
+fn every_verb_through_ssh() {
+    let lab = Lab::up(1, 110);
+    let ip = lab.ip(1, 10);
+    let addr = format!("{ip}:8000");
+    let out = lab.ok(
+        1,
+        &format!("app provision kvstore shop in_ip={ip} data_size=16M"),
+    );
+    assert!(out.contains("provisioned shop"), "{out}");
+    assert_eq!(lab.ok(1, "app list --batch"), "shop\trunning\tkvstore\n");
+    assert!(lab.ok(1, "app list").contains("shop"));
+    let info = lab.ok(1, "app info shop --batch");
+    assert_eq!(info_field(&info, "state").unwrap(), "running");
+    assert_eq!(info_field(&info, "template").unwrap(), "kvstore");
+    assert_eq!(info_field(&info, "prop.in_ip").unwrap(), ip);
+    assert_eq!(info_field(&info, "prop.port").unwrap(), "8000");
+    assert_eq!(
+        info_field(&info, "volume.data").unwrap(),
+        (16 << 20).to_string()
+    );
+    assert_eq!(info_field(&info, "volume.data.kind").unwrap(), "file");
+    assert!(lab.ok(1, "app info shop").contains("state:    running"));
+    assert_eq!(http(&addr, "PUT", "/kv/greeting", b"hello grid").0, 204);
+    // Refused while running: config and destroy, with the reason and the app named.
+    let r = lab.ssh(1, "app config shop port=8001");
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(
+        r.stderr.contains("cannot configure shop: it is running"),
+        "{r:?}"
+    );
+    let r = lab.ssh(1, "app destroy shop");
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(
+        r.stderr
+            .contains("cannot destroy shop: it is running; stop it first"),
+        "{r:?}"
+    );
+    let r = lab.ssh(1, "app provision kvstore shop in_ip=127.0.0.1");
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(r.stderr.contains("already exists"), "{r:?}");
+    // Stop, reconfigure, start: the data is still there and the new port is used.
+    assert!(lab.ok(1, "app stop shop").contains("stopped shop"));
+    assert_eq!(lab.state_of(1, "shop"), "stopped");
+    assert!(
+        std::net::TcpStream::connect(&addr).is_err(),
+        "still listening after stop"
+    );
+    lab.ok(1, "app config shop port=8001");
+    let r = lab.ssh(1, "app config shop nosuch=1");
+    assert_eq!(r.code, 1);
+    assert!(r.stderr.contains("has no property nosuch"), "{r:?}");
+    let sum = lab.ok(1, "app checksum shop");
+    let fields: Vec<&str> = sum.trim_end().split('\t').collect();
+    assert_eq!(fields.len(), 3, "{sum}");
+    assert_eq!(fields[0], "data");
+    assert_eq!(fields[1], (16 << 20).to_string());
+    assert!(
+        fields[2].starts_with("blake3:") && fields[2].len() == 7 + 64,
+        "{sum}"
+    );
+    lab.ok(1, "app start shop");
+    let (code, body) = http(&format!("{ip}:8001"), "GET", "/kv/greeting", b"");
+    assert_eq!((code, body.as_slice()), (200, &b"hello grid"[..]));
+    lab.ok(1, "app stop shop");
+    assert!(lab.ok(1, "app destroy shop").contains("destroyed shop"));
+    assert_eq!(lab.ok(1, "app list --batch"), "");
+    assert!(!lab.app_dir(1, "shop").exists());
+    let r = lab.ssh(1, "app info shop");
+    assert_eq!(r.code, 1);
+    assert!(r.stderr.contains("no application named shop"), "{r:?}");
+}
+
+#[test]
+fn anything_outside_the_dialect_is_refused_with_exit_2() {
+    let lab = Lab::up(1, 112);
+    for line in [
+        "ls -la",
+        "app stop 'x; rm -rf /'",
+        "app info $(id)",
+        "app info `id`",
+        "app list; id",
+        "app reboot now",
+        "app provision kvstore 'a b'",
+        "app migrate 127.0.113.1:2222 a .name=b",
+        "peer export anything",
+        "bash -c id",
+    ] {
+        let r = lab.ssh(1, line);
+        assert_eq!(r.code, 2, "`{line}` was not refused: {r:?}");
+        assert!(r.stderr.contains("refused"), "`{line}`: {r:?}");
+        assert!(!r.stdout.contains("uid="), "`{line}` ran a command: {r:?}");
+    }
+    // No command at all is an interactive login: refused too.
+    let r = std::process::Command::new("ssh")
+        .arg("-F")
+        .arg(lab.dir().join("ssh_config"))
+        .arg("g1")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(r.status.code(), Some(2), "{r:?}");
+    // A hostile property value is one argument, stored verbatim, never run.
+    let ip = lab.ip(1, 10);
+    lab.ok(1, &format!("app provision kvstore kv in_ip={ip}"));
+    lab.ok(1, "app stop kv");
+    lab.ok(1, "app config kv data_size='$(id); rm -rf / `reboot`'");
+    let info = lab.ok(1, "app info kv --batch");
+    assert_eq!(
+        info_field(&info, "prop.data_size").unwrap(),
+        "$(id); rm -rf / `reboot`"
+    );
+}
+
+#[test]
+fn components_readiness_failure_and_stop() {
+    let lab = Lab::up(1, 114);
+    let ip = lab.ip(1, 10);
+    // A component that exits after starting makes the application failed.
+    lab.write_template(
+        1,
+        "flaky",
+        r#"
+[properties]
+delay = "1"
+[[components]]
+name = "worker"
+command = ["/bin/sh", "-c", "sleep ${delay}; exit 3"]
+"#,
+    );
+    lab.ok(1, "app provision flaky f");
+    lab.wait_state(1, "f", "failed", 10);
+    let info = lab.ok(1, "app info f --batch");
+    assert!(
+        info_field(&info, "error")
+            .unwrap()
+            .contains("component worker exited"),
+        "{info}"
+    );
+    // A failed application may be destroyed.
+    lab.ok(1, "app destroy f");
+    // Not ready in time: failed, and its processes are killed.
+    lab.write_template(
+        1,
+        "deaf",
+        &format!(
+            r#"
+[[components]]
+name = "mute"
+command = ["/bin/sleep", "300"]
+ready = "{ip}:9"
+ready_timeout_secs = 1
+"#
+        ),
+    );
+    let r = lab.ssh(1, "app provision deaf d");
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(r.stderr.contains("did not accept connections"), "{r:?}");
+    assert_eq!(lab.state_of(1, "d"), "failed");
+    let rec: gridctl::model::AppRecord = serde_json::from_str(
+        &std::fs::read_to_string(lab.app_dir(1, "d").join("app.json")).unwrap(),
+    )
+    .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    assert!(
+        !gridctl::util::pid_alive(rec.pids[0]),
+        "sleep still running"
+    );
+    // SIGTERM ignored: stop escalates to SIGKILL after stop_timeout_secs.
+    lab.write_template(
+        1,
+        "stubborn",
+        r#"
+[[components]]
+name = "s"
+command = ["/bin/sh", "-c", "trap '' TERM; while :; do sleep 0.1; done"]
+stop_timeout_secs = 1
+"#,
+    );
+    lab.ok(1, "app provision stubborn s");
+    let t = std::time::Instant::now();
+    lab.ok(1, "app stop s");
+    assert!(t.elapsed() < std::time::Duration::from_secs(8));
+    assert_eq!(lab.state_of(1, "s"), "stopped");
+    // A template error names the template and the field.
+    lab.write_template(1, "broken", "[[volumes]]\nname = \"v\"\n");
+    let r = lab.ssh(1, "app provision broken b");
+    assert_eq!(r.code, 1);
+    assert!(
+        r.stderr.contains("broken.toml") && r.stderr.contains("needs a size"),
+        "{r:?}"
+    );
+    let r = lab.ssh(1, "app provision nosuch b");
+    assert!(r.stderr.contains("no template named nosuch"), "{r:?}");
+}
+
+#[test]
+fn a_dir_volume_is_initialised_from_its_source_and_the_env_is_substituted() {
+    // A fake `mig` stands in for the real one: it records its arguments and environment, and
+    // listens on in_ip:8080 like `mig helper` does.
+    let lab = Lab::up(1, 116);
+    let fake = lab.dir().join("fake-mig");
+    std::fs::write(
+        &fake,
+        "#!/bin/sh\nfor a; do case $a in listen=*) ip=${a#listen=};; state_dir=*) sd=${a#state_dir=};; esac; done\n\
+         printf '%s' \"$MIG_HELPER_ENV\" > \"$sd/env\"\necho \"$@\" > \"$sd/args\"\n\
+         exec python3 -m http.server 8080 --bind \"$ip\"\n",
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let r = lab.lab_up(&["--mig-bin", &fake.display().to_string()]);
+    assert_eq!(r.code, 0, "{r:?}");
+    let ip = lab.ip(1, 20);
+    let env = "k_op=abc 'quoted' $(id)";
+    lab.ok(
+        1,
+        &shell_words::join([
+            "app",
+            "provision",
+            "MigHelper",
+            "mighelper-1",
+            &format!("in_ip={ip}"),
+            &format!("out_ip={}", lab.ip(1, 21)),
+            "netmask=255.0.0.0",
+            "gateway=127.0.0.1",
+            &format!("env={env}"),
+        ]),
+    );
+    let state = lab.app_dir(1, "mighelper-1").join("vols/state");
+    assert_eq!(std::fs::read_to_string(state.join("env")).unwrap(), env);
+    let args = std::fs::read_to_string(state.join("args")).unwrap();
+    assert!(
+        args.contains(&format!("helper --set listen={ip} --set port_no=8080")),
+        "{args}"
+    );
+    lab.ok(1, "app stop mighelper-1");
+    lab.ok(1, "app destroy mighelper-1");
+    // A template with a dir volume copied from the lab's MIG config volume.
+    lab.write_template(
+        1,
+        "withconf",
+        r#"
+[[volumes]]
+name = "config"
+kind = "dir"
+init_from = "${lab}/mig"
+[[components]]
+name = "idle"
+command = ["/bin/sleep", "300"]
+"#,
+    );
+    lab.ok(1, "app provision withconf w");
+    let conf = lab.app_dir(1, "w").join("vols/config");
+    assert_eq!(
+        std::fs::read(conf.join("grid.info")).unwrap(),
+        std::fs::read(lab.dir().join("mig/grid.info")).unwrap()
+    );
+    let sum = lab.ok(1, "app checksum w");
+    assert!(sum.starts_with("config\t"), "{sum}");
+    assert!(lab
+        .ok(1, "app info w --batch")
+        .contains("volume.config.kind\tdir\n"));
+}
