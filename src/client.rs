@@ -34,7 +34,13 @@ async fn error_text(r: reqwest::Response) -> String {
 }
 
 /// Starts an operation on the MIG at `url`; returns its id.
-pub async fn start(url: &str, kind: &str, to: &str, name: &str, creds: &Credentials) -> anyhow::Result<String> {
+pub async fn start(
+    url: &str,
+    kind: &str,
+    to: &str,
+    name: &str,
+    creds: &Credentials,
+) -> anyhow::Result<String> {
     let http = reqwest::Client::new();
     let url = url.trim_end_matches('/');
     let r = with_auth(http.get(format!("{url}/api/v1/csrf")), creds)
@@ -53,7 +59,10 @@ pub async fn start(url: &str, kind: &str, to: &str, name: &str, creds: &Credenti
         .await
         .with_context(|| format!("cannot reach MIG at {url}"))?;
     if r.status() != reqwest::StatusCode::ACCEPTED {
-        bail!("MIG at {url} did not start the {kind}: {}", error_text(r).await);
+        bail!(
+            "MIG at {url} did not start the {kind}: {}",
+            error_text(r).await
+        );
     }
     let v: serde_json::Value = r.json().await.context("reading the answer")?;
     v["id"]
@@ -74,7 +83,9 @@ pub async fn fetch(http: &reqwest::Client, url: &str, id: &str) -> anyhow::Resul
     if !r.status().is_success() {
         bail!("{url}: {}", error_text(r).await);
     }
-    r.json().await.with_context(|| format!("{url}: not an operation"))
+    r.json()
+        .await
+        .with_context(|| format!("{url}: not an operation"))
 }
 
 /// The instance that drives `op` now.
@@ -93,11 +104,17 @@ pub fn owner_url(op: &Op) -> &str {
 pub async fn follow(url: &str, id: &str, quiet: bool) -> anyhow::Result<Op> {
     let http = reqwest::Client::new();
     let mut op = fetch(&http, url, id).await?;
-    let bar = if quiet { ProgressBar::hidden() } else { ProgressBar::new(0) };
+    let bar = if quiet {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(0)
+    };
     bar.set_style(
-        ProgressStyle::with_template("{spinner} {msg}\n  [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
-            .expect("a valid template")
-            .progress_chars("=> "),
+        ProgressStyle::with_template(
+            "{spinner} {msg}\n  [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+        )
+        .expect("a valid template")
+        .progress_chars("=> "),
     );
     let mut last_seen = Instant::now();
     let mut printed: Vec<(String, StepState)> = Vec::new();
@@ -107,8 +124,17 @@ pub async fn follow(url: &str, id: &str, quiet: bool) -> anyhow::Result<Op> {
                 let key = (s.name.clone(), s.state);
                 if s.state != StepState::Pending && !printed.contains(&key) {
                     printed.push(key);
-                    let detail = s.detail.as_deref().map(|d| format!(": {d}")).unwrap_or_default();
-                    bar.println(format!("{:<11} {} — {}{detail}", format!("{:?}", s.state).to_lowercase(), m.name, s.name));
+                    let detail = s
+                        .detail
+                        .as_deref()
+                        .map(|d| format!(": {d}"))
+                        .unwrap_or_default();
+                    bar.println(format!(
+                        "{:<11} {} — {}{detail}",
+                        format!("{:?}", s.state).to_lowercase(),
+                        m.name,
+                        s.name
+                    ));
                 }
                 if s.name == MIGRATING {
                     if let (Some(d), Some(t)) = (s.bytes_done, s.bytes_total) {
@@ -118,7 +144,13 @@ pub async fn follow(url: &str, id: &str, quiet: bool) -> anyhow::Result<Op> {
                 }
             }
         }
-        bar.set_message(format!("{} {}: {:?}, at {}", op.kind.as_str(), op.id, op.state, owner_url(&op)));
+        bar.set_message(format!(
+            "{} {}: {:?}, at {}",
+            op.kind.as_str(),
+            op.id,
+            op.state,
+            owner_url(&op)
+        ));
         if !op.state.is_running() {
             bar.finish_and_clear();
             return Ok(op);
@@ -159,13 +191,23 @@ pub fn summary(op: &Op) -> String {
         out.push_str(&format!("{} ({})\n", m.name, m.grid));
         for s in &m.steps {
             let secs = match (&s.started_at, &s.ended_at) {
-                (Some(a), Some(b)) => match (humantime::parse_rfc3339(a), humantime::parse_rfc3339(b)) {
-                    (Ok(a), Ok(b)) => b.duration_since(a).map(|d| format!("{:.1} s", d.as_secs_f64())).unwrap_or_default(),
-                    _ => String::new(),
-                },
+                (Some(a), Some(b)) => {
+                    match (humantime::parse_rfc3339(a), humantime::parse_rfc3339(b)) {
+                        (Ok(a), Ok(b)) => b
+                            .duration_since(a)
+                            .map(|d| format!("{:.1} s", d.as_secs_f64()))
+                            .unwrap_or_default(),
+                        _ => String::new(),
+                    }
+                }
                 _ => String::new(),
             };
-            out.push_str(&format!("  {:<11} {:>8}  {}\n", format!("{:?}", s.state).to_lowercase(), secs, s.name));
+            out.push_str(&format!(
+                "  {:<11} {:>8}  {}\n",
+                format!("{:?}", s.state).to_lowercase(),
+                secs,
+                s.name
+            ));
         }
     }
     out.push_str(&format!("operation {}: {:?}", op.id, op.state));

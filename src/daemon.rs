@@ -38,13 +38,21 @@ fn fatal(message: impl Into<String>) -> Fatal {
 }
 
 fn bind(what: &str, addr: SocketAddr) -> Result<TcpListener, Fatal> {
-    TcpListener::bind(addr).map_err(|e| fatal(format!("{what} did not start: cannot listen on {addr}: {e}")))
+    TcpListener::bind(addr).map_err(|e| {
+        fatal(format!(
+            "{what} did not start: cannot listen on {addr}: {e}"
+        ))
+    })
 }
 
 fn open_book(props: &Properties) -> Result<OpBook, Fatal> {
     Journal::open(&props.state_dir)
         .and_then(OpBook::open)
-        .map_err(|e| fatal(format!("cannot open the operation journal (state_dir): {e}")))
+        .map_err(|e| {
+            fatal(format!(
+                "cannot open the operation journal (state_dir): {e}"
+            ))
+        })
 }
 
 /// Binds the GUI and mon ports, logs where they are, and serves until SIGTERM/SIGINT.
@@ -93,8 +101,12 @@ pub async fn serve(props: Properties) -> Result<(), Fatal> {
                     mode: props.mode,
                     app_name: props.app_name.clone(),
                     site: Ok((
-                        site.grid_info.clone().expect("no problems means grid.info parsed"),
-                        site.own_grid.clone().expect("no problems means own grid known"),
+                        site.grid_info
+                            .clone()
+                            .expect("no problems means grid.info parsed"),
+                        site.own_grid
+                            .clone()
+                            .expect("no problems means own grid known"),
                     )),
                     app_key,
                     private_key: read(&props.private_key_file)?,
@@ -157,7 +169,10 @@ fn write_private(path: &Path, text: &str) -> Result<(), Fatal> {
 /// Cancels `shutdown` on SIGTERM (the grid stopping the application) or SIGINT (Ctrl-C).
 async fn stop_on_signal(shutdown: CancellationToken) {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         tracing::error!("cannot install signal handlers; stop MIG with SIGKILL");
         return;
     };

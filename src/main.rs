@@ -147,9 +147,16 @@ async fn operate(kind: &str, a: OpArgs) -> Result<ExitCode, ExitCode> {
         user: a.user,
         password: a.password,
     };
-    let id = mig::client::start(&a.url, kind, &a.to, &a.name, &creds).await.map_err(fail)?;
-    println!("{kind} {id} started; follow it at {}/ops/{id}", a.url.trim_end_matches('/'));
-    let op = mig::client::follow(&a.url, &id, a.quiet).await.map_err(fail)?;
+    let id = mig::client::start(&a.url, kind, &a.to, &a.name, &creds)
+        .await
+        .map_err(fail)?;
+    println!(
+        "{kind} {id} started; follow it at {}/ops/{id}",
+        a.url.trim_end_matches('/')
+    );
+    let op = mig::client::follow(&a.url, &id, a.quiet)
+        .await
+        .map_err(fail)?;
     println!("{}", mig::client::summary(&op));
     if op.state == actors::op::OpState::Succeeded {
         Ok(ExitCode::SUCCESS)

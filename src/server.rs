@@ -66,7 +66,12 @@ impl Shared {
 }
 
 /// Serves the GUI on `gui` and health on `mon` until `shutdown` is cancelled.
-pub async fn run(shared: Shared, gui: TcpListener, mon: TcpListener, shutdown: CancellationToken) -> std::io::Result<()> {
+pub async fn run(
+    shared: Shared,
+    gui: TcpListener,
+    mon: TcpListener,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
     let shared = aw::Data::new(shared);
 
     let gui_shared = shared.clone();
@@ -139,12 +144,17 @@ async fn require_credentials(
             .and_then(|v| v.to_str().ok());
         if !creds.check_header(given) {
             let resp = HttpResponse::Unauthorized()
-                .insert_header((header::WWW_AUTHENTICATE, r#"Basic realm="MIG", charset="UTF-8""#))
+                .insert_header((
+                    header::WWW_AUTHENTICATE,
+                    r#"Basic realm="MIG", charset="UTF-8""#,
+                ))
                 .json(serde_json::json!({"error": "this MIG needs its GUI username and password"}));
             return Ok(req.into_response(resp));
         }
     }
-    next.call(req).await.map(ServiceResponse::map_into_boxed_body)
+    next.call(req)
+        .await
+        .map(ServiceResponse::map_into_boxed_body)
 }
 
 fn error(status: u16, msg: impl Into<String>) -> HttpResponse {
@@ -210,10 +220,21 @@ struct StartBody {
 }
 
 /// `POST /api/v1/ops`: 202 `{id, monitor_url}`, or 400/403/409/503/502 with `{error}`.
-async fn start_op(req: HttpRequest, shared: aw::Data<Shared>, body: aw::Json<StartBody>) -> HttpResponse {
-    let token = req.headers().get(CSRF_HEADER).map(|v| v.as_bytes()).unwrap_or_default();
+async fn start_op(
+    req: HttpRequest,
+    shared: aw::Data<Shared>,
+    body: aw::Json<StartBody>,
+) -> HttpResponse {
+    let token = req
+        .headers()
+        .get(CSRF_HEADER)
+        .map(|v| v.as_bytes())
+        .unwrap_or_default();
     if !bool::from(token.ct_eq(shared.csrf_token.as_bytes())) {
-        return error(403, format!("missing or wrong {CSRF_HEADER} header: reload the page (or GET /api/v1/csrf)"));
+        return error(
+            403,
+            format!("missing or wrong {CSRF_HEADER} header: reload the page (or GET /api/v1/csrf)"),
+        );
     }
     let Some(source) = &shared.source else {
         let why = shared
@@ -302,10 +323,11 @@ async fn handoff(req: HttpRequest, shared: aw::Data<Shared>, body: aw::Bytes) ->
     let Some(recipient) = &shared.handoff else {
         return error(503, "this instance cannot take operations (see mig check)");
     };
-    let signed = match Signed::from_headers(|name| req.headers().get(name).and_then(|v| v.to_str().ok())) {
-        Ok(s) => s,
-        Err(e) => return error(401, e.to_string()),
-    };
+    let signed =
+        match Signed::from_headers(|name| req.headers().get(name).and_then(|v| v.to_str().ok())) {
+            Ok(s) => s,
+            Err(e) => return error(401, e.to_string()),
+        };
     let span = tracing::info_span!("op", op_id = %signed.op_id);
     let _g = span.enter();
     match recipient

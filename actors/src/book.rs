@@ -64,12 +64,20 @@ impl OpBook {
     }
 
     pub fn get(&self, id: &str) -> Option<Op> {
-        self.ops.lock().expect("op book lock").get(id).map(|tx| tx.borrow().clone())
+        self.ops
+            .lock()
+            .expect("op book lock")
+            .get(id)
+            .map(|tx| tx.borrow().clone())
     }
 
     /// A live view of one operation, for the event stream.
     pub fn watch(&self, id: &str) -> Option<watch::Receiver<Op>> {
-        self.ops.lock().expect("op book lock").get(id).map(|tx| tx.subscribe())
+        self.ops
+            .lock()
+            .expect("op book lock")
+            .get(id)
+            .map(|tx| tx.subscribe())
     }
 
     /// Every operation still running that `role` drives here.

@@ -128,7 +128,10 @@ pub async fn ensure_stopped(grid: &dyn GridController, name: &str) -> Result<(),
 pub async fn ensure_running(grid: &dyn GridController, name: &str) -> Result<(), String> {
     match app_state(grid, name).await? {
         Some(AppState::Running) => Ok(()),
-        None => Err(format!("application {name} does not exist on {}", grid.controller())),
+        None => Err(format!(
+            "application {name} does not exist on {}",
+            grid.controller()
+        )),
         Some(AppState::Failed) | Some(AppState::Starting) | Some(AppState::Stopping) => {
             // A failed or half-way application is stopped first so `start` begins clean.
             let _ = grid.stop(name).await;

@@ -57,7 +57,8 @@ impl HandoffError {
 pub fn accept(h: &Handoff, key: &OpKey, book: &OpBook) -> Result<Op, HandoffError> {
     let last_seq = book.get(&h.signed.op_id).map_or(0, |op| op.seq);
     key.verify(&h.signed, &h.body, last_seq, crate::auth::unix_now())?;
-    let mut op: Op = serde_json::from_slice(&h.body).map_err(|e| HandoffError::Bad(e.to_string()))?;
+    let mut op: Op =
+        serde_json::from_slice(&h.body).map_err(|e| HandoffError::Bad(e.to_string()))?;
     if op.id != h.signed.op_id {
         return Err(HandoffAuthError::OpMismatch {
             header: h.signed.op_id.clone(),
@@ -71,7 +72,12 @@ pub fn accept(h: &Handoff, key: &OpKey, book: &OpBook) -> Result<Op, HandoffErro
 
 /// Sends `op` to `base_url`'s handoff route, signed with the next sequence number, retrying while
 /// the receiver cannot be reached. A refusal (4xx) is final.
-pub async fn send(http: &reqwest::Client, base_url: &str, key: &OpKey, op: &mut Op) -> Result<(), String> {
+pub async fn send(
+    http: &reqwest::Client,
+    base_url: &str,
+    key: &OpKey,
+    op: &mut Op,
+) -> Result<(), String> {
     op.seq += 1;
     op.version += 1;
     let body = serde_json::to_vec(op).expect("an Op always serializes");
@@ -81,7 +87,10 @@ pub async fn send(http: &reqwest::Client, base_url: &str, key: &OpKey, op: &mut 
     while tokio::time::Instant::now() < deadline {
         // Signed afresh each try so the timestamp stays current.
         let signed = key.sign(&op.id, op.seq, &body);
-        let mut req = http.post(&url).timeout(Duration::from_secs(30)).body(body.clone());
+        let mut req = http
+            .post(&url)
+            .timeout(Duration::from_secs(30))
+            .body(body.clone());
         req = req.header("content-type", "application/json");
         for (k, v) in signed.headers() {
             req = req.header(k, v);
@@ -137,10 +146,12 @@ impl HelperEnv {
         let json = base64::engine::general_purpose::URL_SAFE_NO_PAD
             .decode(s.trim())
             .map_err(|e| format!("{HELPER_ENV_VAR} is not base64: {e}"))?;
-        let env: HelperEnv =
-            serde_json::from_slice(&json).map_err(|e| format!("{HELPER_ENV_VAR} is not a helper environment: {e}"))?;
+        let env: HelperEnv = serde_json::from_slice(&json)
+            .map_err(|e| format!("{HELPER_ENV_VAR} is not a helper environment: {e}"))?;
         if !crate::op::valid_id(&env.op_id) || OpKey::from_hex(&env.k_op).is_none() {
-            return Err(format!("{HELPER_ENV_VAR} holds a malformed operation id or key"));
+            return Err(format!(
+                "{HELPER_ENV_VAR} holds a malformed operation id or key"
+            ));
         }
         Ok(env)
     }
@@ -164,7 +175,9 @@ mod tests {
             known_hosts: "[127.0.1.1]:2222 ssh-ed25519 AAAA\n".into(),
         };
         let token = env.encode();
-        assert!(token.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_'));
+        assert!(token
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_'));
         let back = HelperEnv::decode(&token).unwrap();
         assert_eq!(back.op_key(), k);
         assert_eq!(back.private_key, env.private_key);

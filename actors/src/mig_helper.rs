@@ -16,8 +16,8 @@ use crate::auth::OpKey;
 use crate::driver::{ensure_destroyed, ensure_running, ensure_stopped, manual_command, Driver};
 use crate::handoff::{self, Handoff, HandoffError};
 use crate::op::{
-    Kind, Op, OpState, Role, StepState, DESTROYING_HELPER, MIGRATING, RESTARTING_SOURCE, STARTING_TARGET,
-    STOPPING_HELPER, STOPPING_SOURCE,
+    Kind, Op, OpState, Role, StepState, DESTROYING_HELPER, MIGRATING, RESTARTING_SOURCE,
+    STARTING_TARGET, STOPPING_HELPER, STOPPING_SOURCE,
 };
 
 /// How often progress reaches the op book (and so the page).
@@ -77,11 +77,15 @@ impl Handler<Handoff> for MigHelper {
 
     fn handle(&mut self, h: Handoff, ctx: &mut Context<Self>) -> Self::Result {
         if h.signed.op_id != self.op_id {
-            return Err(HandoffError::Auth(crate::auth::HandoffAuthError::BadSignature));
+            return Err(HandoffError::Auth(
+                crate::auth::HandoffAuthError::BadSignature,
+            ));
         }
         let mut op = handoff::accept(&h, &self.key, &self.driver.book)?;
         if op.owner != Role::Helper {
-            return Err(HandoffError::Bad("a handoff to MigHelper must make it the owner".into()));
+            return Err(HandoffError::Bad(
+                "a handoff to MigHelper must make it the owner".into(),
+            ));
         }
         op.version += 1;
         self.driver.commit(&op).map_err(HandoffError::Journal)?;
@@ -137,7 +141,11 @@ async fn steps(driver: &Driver, op: &mut Op) -> Result<(), String> {
 
     if todo(op, STOPPING_SOURCE) {
         driver
-            .step(op, STOPPING_SOURCE, ensure_stopped(src.as_ref(), &plan.source_app))
+            .step(
+                op,
+                STOPPING_SOURCE,
+                ensure_stopped(src.as_ref(), &plan.source_app),
+            )
             .await?;
     }
     if todo(op, MIGRATING) {
@@ -155,7 +163,8 @@ async fn steps(driver: &Driver, op: &mut Op) -> Result<(), String> {
                     book.publish(op.clone());
                 }
             };
-            let remote: dialect::Controller = plan.source_controller.parse().map_err(|e| format!("{e}"))?;
+            let remote: dialect::Controller =
+                plan.source_controller.parse().map_err(|e| format!("{e}"))?;
             dst.migrate_import(
                 &remote,
                 &plan.source_app,
@@ -208,16 +217,27 @@ async fn steps(driver: &Driver, op: &mut Op) -> Result<(), String> {
 /// operation to the source MIG, which destroys this helper.
 async fn roll_back(driver: &Driver, key: &OpKey, mut op: Op) {
     let plan = op.plan.clone();
-    let undone: Vec<&str> = [STOPPING_SOURCE, MIGRATING, STARTING_TARGET, RESTARTING_SOURCE]
-        .into_iter()
-        .filter(|s| op.has_step(s) && op.step(s).state == StepState::Done)
-        .collect();
+    let undone: Vec<&str> = [
+        STOPPING_SOURCE,
+        MIGRATING,
+        STARTING_TARGET,
+        RESTARTING_SOURCE,
+    ]
+    .into_iter()
+    .filter(|s| op.has_step(s) && op.step(s).state == StepState::Done)
+    .collect();
     let failed = op
         .monitors
         .iter()
         .flat_map(|m| &m.steps)
         .find(|s| s.state == StepState::Failed)
-        .map(|s| format!("{} failed: {}", s.name, s.detail.clone().unwrap_or_default()))
+        .map(|s| {
+            format!(
+                "{} failed: {}",
+                s.name,
+                s.detail.clone().unwrap_or_default()
+            )
+        })
         .unwrap_or_else(|| "MigHelper failed".into());
     op.rolling_back = true;
     op.error = Some(failed.clone());
@@ -255,7 +275,10 @@ async fn roll_back(driver: &Driver, key: &OpKey, mut op: Op) {
         Ok(()) => {
             let mut next = op.clone();
             next.owner = Role::Target;
-            if handoff::send(&driver.http, &plan.source_mig_url, key, &mut next).await.is_ok() {
+            if handoff::send(&driver.http, &plan.source_mig_url, key, &mut next)
+                .await
+                .is_ok()
+            {
                 let _ = driver.commit(&next);
                 return;
             }
@@ -281,6 +304,9 @@ async fn roll_back(driver: &Driver, key: &OpKey, mut op: Op) {
             ));
         }
     }
-    op.end(OpState::Failed, Some(format!("{failed}; the roll-back did not finish")));
+    op.end(
+        OpState::Failed,
+        Some(format!("{failed}; the roll-back did not finish")),
+    );
     let _ = driver.commit(&op);
 }

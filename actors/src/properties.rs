@@ -427,7 +427,9 @@ impl<'a> Typed<'a> {
             if s.is_empty() {
                 Ok(None)
             } else {
-                dialect::AppName::new(s).map(|n| Some(n.to_string())).map_err(|e| e.to_string())
+                dialect::AppName::new(s)
+                    .map(|n| Some(n.to_string()))
+                    .map_err(|e| e.to_string())
             }
         });
         let state_dir = self.path("state_dir");

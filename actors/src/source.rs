@@ -139,7 +139,11 @@ impl Handler<StartOp> for Source {
 
 /// The checks that need no grid: kind, mode, names, grids, one at a time. A bad request is
 /// refused here, before any SSH connection.
-fn check_request(cfg: &SourceConfig, driver: &Driver, msg: &StartOp) -> Result<(Kind, Plan), StartError> {
+fn check_request(
+    cfg: &SourceConfig,
+    driver: &Driver,
+    msg: &StartOp,
+) -> Result<(Kind, Plan), StartError> {
     let kind: Kind = msg.kind.parse().map_err(StartError::Invalid)?;
     if !cfg.mode.allows(kind.as_str()) {
         return Err(StartError::Forbidden(format!(
@@ -147,14 +151,22 @@ fn check_request(cfg: &SourceConfig, driver: &Driver, msg: &StartOp) -> Result<(
             kind.as_str()
         )));
     }
-    let (gi, own_id) = cfg.site.as_ref().map_err(|why| StartError::Unavailable(why.clone()))?;
-    let app = cfg
-        .app_name
-        .clone()
-        .ok_or_else(|| StartError::Unavailable("app_name is not set, so MIG does not know which application it is".into()))?;
-    dialect::AppName::new(&msg.target_app).map_err(|e| StartError::Invalid(format!("target_app: {e}")))?;
+    let (gi, own_id) = cfg
+        .site
+        .as_ref()
+        .map_err(|why| StartError::Unavailable(why.clone()))?;
+    let app = cfg.app_name.clone().ok_or_else(|| {
+        StartError::Unavailable(
+            "app_name is not set, so MIG does not know which application it is".into(),
+        )
+    })?;
+    dialect::AppName::new(&msg.target_app)
+        .map_err(|e| StartError::Invalid(format!("target_app: {e}")))?;
     let target: &Grid = gi.get(&msg.target_grid).ok_or_else(|| {
-        StartError::Invalid(format!("target_grid: no grid {:?} in grid.info", msg.target_grid))
+        StartError::Invalid(format!(
+            "target_grid: no grid {:?} in grid.info",
+            msg.target_grid
+        ))
     })?;
     if target.id == *own_id {
         return Err(StartError::Invalid(format!(
@@ -196,10 +208,15 @@ fn check_request(cfg: &SourceConfig, driver: &Driver, msg: &StartOp) -> Result<(
 /// application exists here, the target name is free there.
 async fn check_grids(driver: &Driver, plan: &Plan) -> Result<(), StartError> {
     let grid = |c: &str| driver.grid(c).map_err(StartError::Grid);
-    let (src, dst) = (grid(&plan.source_controller)?, grid(&plan.target_controller)?);
+    let (src, dst) = (
+        grid(&plan.source_controller)?,
+        grid(&plan.target_controller)?,
+    );
     let (src_apps, dst_apps) = tokio::join!(src.list(), dst.list());
-    let src_apps = src_apps.map_err(|e| StartError::Grid(format!("source grid {}: {e}", plan.source_grid)))?;
-    let dst_apps = dst_apps.map_err(|e| StartError::Grid(format!("target grid {}: {e}", plan.target_grid)))?;
+    let src_apps =
+        src_apps.map_err(|e| StartError::Grid(format!("source grid {}: {e}", plan.source_grid)))?;
+    let dst_apps =
+        dst_apps.map_err(|e| StartError::Grid(format!("target grid {}: {e}", plan.target_grid)))?;
     if !src_apps.iter().any(|a| a.name == plan.source_app) {
         return Err(StartError::Unavailable(format!(
             "grid {} has no application {} (is app_name right?)",

@@ -13,7 +13,9 @@ use tracing::Instrument;
 use crate::auth::AppKey;
 use crate::driver::{ensure_destroyed, ensure_stopped, manual_command, Driver};
 use crate::handoff::{self, Handoff, HandoffError};
-use crate::op::{Kind, Op, OpState, Role, StepState, DESTROYING_HELPER, DESTROYING_SOURCE, STOPPING_HELPER};
+use crate::op::{
+    Kind, Op, OpState, Role, StepState, DESTROYING_HELPER, DESTROYING_SOURCE, STOPPING_HELPER,
+};
 
 pub struct Target {
     app_key: AppKey,
@@ -44,10 +46,15 @@ impl Handler<Handoff> for Target {
         let key = self.app_key.op_key(&h.signed.op_id);
         let mut op = handoff::accept(&h, &key, &self.driver.book)?;
         if op.owner != Role::Target {
-            return Err(HandoffError::Bad("a handoff to a MIG must make it the owner".into()));
+            return Err(HandoffError::Bad(
+                "a handoff to a MIG must make it the owner".into(),
+            ));
         }
         if !op.state.is_running() {
-            return Err(HandoffError::Refused(format!("operation {} has already ended", op.id)));
+            return Err(HandoffError::Refused(format!(
+                "operation {} has already ended",
+                op.id
+            )));
         }
         op.version += 1;
         self.driver.commit(&op).map_err(HandoffError::Journal)?;
@@ -64,10 +71,25 @@ async fn clean_up(driver: Driver, mut op: Op) {
         let mut left = Vec::new();
         let mut steps: Vec<(&str, &str, &str, &str)> = Vec::new();
         if op.kind == Kind::Migrate && !op.rolling_back {
-            steps.push((DESTROYING_SOURCE, &plan.source_controller, "destroy", &plan.source_app));
+            steps.push((
+                DESTROYING_SOURCE,
+                &plan.source_controller,
+                "destroy",
+                &plan.source_app,
+            ));
         }
-        steps.push((STOPPING_HELPER, &plan.target_controller, "stop", &plan.helper_app));
-        steps.push((DESTROYING_HELPER, &plan.target_controller, "destroy", &plan.helper_app));
+        steps.push((
+            STOPPING_HELPER,
+            &plan.target_controller,
+            "stop",
+            &plan.helper_app,
+        ));
+        steps.push((
+            DESTROYING_HELPER,
+            &plan.target_controller,
+            "destroy",
+            &plan.helper_app,
+        ));
 
         for (step, controller, verb, app) in steps {
             if op.step(step).state == StepState::Done {
@@ -75,19 +97,29 @@ async fn clean_up(driver: Driver, mut op: Op) {
             }
             let what = format!("{step} ({app})");
             let r = driver
-                .step(&mut op, step, driver.retry(&what, || async {
-                    let grid = driver.grid(controller)?;
-                    match verb {
-                        "stop" => ensure_stopped(grid.as_ref(), app).await,
-                        _ => ensure_destroyed(grid.as_ref(), app).await,
-                    }
-                }))
+                .step(
+                    &mut op,
+                    step,
+                    driver.retry(&what, || async {
+                        let grid = driver.grid(controller)?;
+                        match verb {
+                            "stop" => ensure_stopped(grid.as_ref(), app).await,
+                            _ => ensure_destroyed(grid.as_ref(), app).await,
+                        }
+                    }),
+                )
                 .await;
             if let Err(e) = r {
-                left.push(format!("{app} ({e}): {}", manual_command(controller, verb, app)));
+                left.push(format!(
+                    "{app} ({e}): {}",
+                    manual_command(controller, verb, app)
+                ));
                 if step == STOPPING_HELPER {
                     // A helper that would not stop cannot be destroyed either; say both.
-                    left.push(format!("then: {}", manual_command(controller, "destroy", app)));
+                    left.push(format!(
+                        "then: {}",
+                        manual_command(controller, "destroy", app)
+                    ));
                     break;
                 }
             }
@@ -100,8 +132,15 @@ async fn clean_up(driver: Driver, mut op: Op) {
             }
         } else {
             op.leftovers.extend(left);
-            let what = if op.rolling_back { "rolled back, but" } else { "the application runs, but" };
-            op.end(OpState::Failed, Some(format!("{what} clean-up left things behind; see leftovers")));
+            let what = if op.rolling_back {
+                "rolled back, but"
+            } else {
+                "the application runs, but"
+            };
+            op.end(
+                OpState::Failed,
+                Some(format!("{what} clean-up left things behind; see leftovers")),
+            );
         }
         if let Err(e) = driver.commit(&op) {
             tracing::error!(error = %e, "cannot journal the end of the operation");
