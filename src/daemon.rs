@@ -90,37 +90,31 @@ pub async fn serve(props: Properties) -> Result<(), Fatal> {
     let app_key = key_ok
         .then(|| AppKey::from_private_key_file(&props.private_key_file).ok())
         .flatten();
-    let mut shared = Shared::new(None, book, vec![Role::Source, Role::Target]);
+    let (mut handoff, mut source) = (None, None);
     if let Some(app_key) = app_key {
-        let target = Target::new(app_key.clone(), driver.clone()).start();
-        shared.handoff = Some(target.recipient());
+        handoff = Some(Target::new(app_key.clone(), driver.clone()).start().recipient());
         match site.operations_unavailable() {
             Some(why) => tracing::warn!("operations are not offered: {why}"),
             None => {
+                let own = site.own_grid.clone().expect("no problems means own grid known");
+                tracing::info!(grid = %own, "operations offered");
                 let cfg = SourceConfig {
                     mode: props.mode,
                     app_name: props.app_name.clone(),
-                    site: Ok((
-                        site.grid_info
-                            .clone()
-                            .expect("no problems means grid.info parsed"),
-                        site.own_grid
-                            .clone()
-                            .expect("no problems means own grid known"),
-                    )),
+                    site: Ok((site.grid_info.clone().expect("no problems means grid.info parsed"), own)),
                     app_key,
                     private_key: read(&props.private_key_file)?,
                     known_hosts: read(&props.known_hosts_file)?,
                 };
-                tracing::info!(grid = %cfg.site.as_ref().map(|s| s.1.as_str()).unwrap_or(""), "operations offered");
-                shared.source = Some(Source::new(cfg, driver).start());
+                source = Some(Source::new(cfg, driver).start());
             }
         }
     } else {
         tracing::warn!("operations are not offered: the private key is not usable (see mig check)");
     }
-    shared.credentials = actors::auth::GuiCredentials::new(&props.username, &props.password);
-    shared.site = Some(site);
+    let mut shared = Shared::new(Some(site), book, vec![Role::Source, Role::Target]);
+    shared.handoff = handoff;
+    shared.source = source;
     listen_and_serve(&props, shared).await
 }
 

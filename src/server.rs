@@ -15,7 +15,7 @@ use actix_web::{web as aw, App, HttpRequest, HttpResponse, HttpServer};
 use actors::auth::{GuiCredentials, Signed};
 use actors::book::OpBook;
 use actors::handoff::Handoff;
-use actors::op::{Op, Role};
+use actors::op::Role;
 use actors::source::{Source, StartOp};
 use serde::{Deserialize, Serialize};
 use subtle::ConstantTimeEq;
@@ -271,18 +271,11 @@ fn cors(mut resp: HttpResponse) -> HttpResponse {
     resp
 }
 
-fn known_op(shared: &Shared, id: &str) -> Result<Op, HttpResponse> {
-    shared
-        .book
-        .get(id)
-        .ok_or_else(|| cors(error(404, format!("no operation {id} here"))))
-}
-
 /// `GET /api/v1/ops/{id}`: the operation as far as this instance knows it.
 async fn get_op(shared: aw::Data<Shared>, id: aw::Path<String>) -> HttpResponse {
-    match known_op(&shared, &id) {
-        Ok(op) => cors(HttpResponse::Ok().json(op)),
-        Err(resp) => resp,
+    match shared.book.get(&id) {
+        Some(op) => cors(HttpResponse::Ok().json(op)),
+        None => cors(error(404, format!("no operation {id} here"))),
     }
 }
 

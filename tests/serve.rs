@@ -8,8 +8,12 @@ use std::net::TcpListener;
 use std::process::{Child, Stdio};
 use std::time::Duration;
 
+use actors::book::OpBook;
+use actors::journal::Journal;
+use actors::op::Role;
 use actors::properties;
 use common::*;
+use mig::server::Shared;
 use mig::site::Site;
 use tokio_util::sync::CancellationToken;
 
@@ -23,9 +27,11 @@ fn start_in_process(
     CancellationToken,
     tokio::task::JoinHandle<std::io::Result<()>>,
 ) {
-    let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+    let mut sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+    sets.push(format!("state_dir={}", state_dir(dir).display()));
     let props = properties::load(dir, std::iter::empty(), &sets).unwrap();
-    let site = Site::inspect(props);
+    let book = OpBook::open(Journal::open(&props.state_dir).unwrap()).unwrap();
+    let shared = Shared::new(Some(Site::inspect(props)), book, vec![Role::Source, Role::Target]);
     let gui = TcpListener::bind("127.0.0.1:0").unwrap();
     let mon = TcpListener::bind("127.0.0.1:0").unwrap();
     let urls = (
@@ -33,7 +39,7 @@ fn start_in_process(
         format!("http://{}", mon.local_addr().unwrap()),
     );
     let token = CancellationToken::new();
-    let task = actix_rt::spawn(mig::server::run(site, gui, mon, token.clone()));
+    let task = actix_rt::spawn(mig::server::run(shared, gui, mon, token.clone()));
     (urls.0, urls.1, token, task)
 }
 
@@ -150,6 +156,8 @@ fn spawn_serve(dir: &std::path::Path, extra: &[&str]) -> (Child, String) {
     let mut cmd = mig();
     cmd.args(["--log-format", "json", "serve", "--config-dir"])
         .arg(dir)
+        .arg("--set")
+        .arg(format!("state_dir={}", state_dir(dir).display()))
         .args([
             "--set",
             "listen=127.0.0.1",

@@ -1,6 +1,8 @@
 //! Shared by the `mig` binary's integration tests: a config volume in a temp dir, and the binary.
 #![allow(dead_code)]
 
+pub mod lab;
+
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -33,6 +35,12 @@ pub fn config_dir() -> tempfile::TempDir {
         .unwrap();
     assert!(status.success());
     std::fs::write(dir.path().join("known_hosts"), "").unwrap();
+    // Journal inside the temp dir, never in the system's /var/lib/mig.
+    std::fs::write(
+        dir.path().join("mig.toml"),
+        format!("state_dir = {:?}\n", state_dir(dir.path()).display().to_string()),
+    )
+    .unwrap();
     dir
 }
 

@@ -1,0 +1,191 @@
+//! A real lab of grids for one test: `gridctl lab up` on its own addresses, the demo application
+//! template installed, torn down on drop, and by a watchdog if the test process dies first.
+//!
+//! Address plan: grid n of a lab with base B is 127.0.(B+n).x. The `mig` package's tests own bases
+//! 200..=249 (gridctl's own tests use 100..=199), handed out per test binary by `BASES`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::time::{Duration, Instant};
+
+pub struct Lab {
+    pub dir: tempfile::TempDir,
+    pub base: u8,
+    pub grids: u8,
+}
+
+/// The `gridctl` binary beside `mig`, built on demand (it is another package's binary).
+pub fn gridctl() -> PathBuf {
+    let mig = PathBuf::from(env!("CARGO_BIN_EXE_mig"));
+    let g = mig.with_file_name("gridctl");
+    if !g.exists() {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let st = Command::new(cargo)
+            .args(["build", "-q", "-p", "gridctl", "--bin", "gridctl"])
+            .status()
+            .expect("cargo runs");
+        assert!(st.success(), "building gridctl failed");
+    }
+    g
+}
+
+impl Lab {
+    /// Brings up `grids` grids at the next free base of `bases` (a per-binary counter).
+    pub fn up(grids: u8, bases: &AtomicU8) -> Lab {
+        let base = bases.fetch_add(grids, Ordering::SeqCst);
+        assert!(
+            (200..250).contains(&base),
+            "out of lab addresses: base {base}"
+        );
+        let dir = tempfile::Builder::new()
+            .prefix("mig-lab")
+            .tempdir()
+            .unwrap();
+        let lab = Lab { dir, base, grids };
+        let out = Command::new(gridctl())
+            .args([
+                "lab",
+                "up",
+                "--grids",
+                &grids.to_string(),
+                "--base",
+                &base.to_string(),
+                "--dir",
+            ])
+            .arg(lab.path())
+            .arg("--mig-bin")
+            .arg(env!("CARGO_BIN_EXE_mig"))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "lab up: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        // A watchdog tears the lab down if this process dies without running Drop (a panic in
+        // another thread aborting, a kill).
+        let pid = std::process::id();
+        let _ = Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "while kill -0 {pid} 2>/dev/null; do sleep 1; done; '{}' lab down --dir '{}' >/dev/null 2>&1",
+                gridctl().display(),
+                lab.path().display()
+            ))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn();
+        let template = Path::new(env!("CARGO_MANIFEST_DIR")).join("conf/templates/demoapp.toml");
+        for n in 1..=grids {
+            std::fs::copy(&template, lab.state(n).join("templates/demoapp.toml")).unwrap();
+        }
+        lab
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn state(&self, n: u8) -> PathBuf {
+        self.path().join(format!("g{n}/state"))
+    }
+
+    /// `127.0.(base+n).host`
+    pub fn ip(&self, n: u8, host: u8) -> String {
+        format!("127.0.{}.{host}", self.base + n)
+    }
+
+    /// The MIG GUI of an application at grid n's MIG_ip.
+    pub fn mig_url(&self, n: u8) -> String {
+        format!("http://{}:8080", self.ip(n, 10))
+    }
+
+    pub fn data_url(&self, n: u8) -> String {
+        format!("http://{}:8000", self.ip(n, 11))
+    }
+
+    /// `ssh -F DIR/ssh_config gN app ARGS...`
+    pub fn app(&self, n: u8, args: &[&str]) -> Output {
+        Command::new("ssh")
+            .arg("-F")
+            .arg(self.path().join("ssh_config"))
+            .arg(format!("g{n}"))
+            .arg("app")
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    /// `app list --batch` on grid n as (name, state) pairs.
+    pub fn apps(&self, n: u8) -> Vec<(String, String)> {
+        let out = self.app(n, &["list", "--batch"]);
+        assert!(
+            out.status.success(),
+            "app list on g{n}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| {
+                let f: Vec<&str> = l.split('\t').collect();
+                (f[0].to_string(), f[1].to_string())
+            })
+            .collect()
+    }
+
+    pub fn checksum(&self, n: u8, app: &str) -> String {
+        let out = self.app(n, &["checksum", app]);
+        assert!(
+            out.status.success(),
+            "checksum: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// Provisions the demo application `name` on grid n at that grid's MIG_ip, and waits for its MIG.
+    pub fn provision_demo(&self, n: u8, name: &str) {
+        let in_ip = format!("in_ip={}", self.ip(n, 10));
+        let web_ip = format!("web_ip={}", self.ip(n, 11));
+        let out = self.app(n, &["provision", "demoapp", name, &in_ip, &web_ip]);
+        assert!(
+            out.status.success(),
+            "provision: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Rewrites a line of the lab's grid.info (what new applications' config volumes start from).
+    pub fn edit_grid_info(&self, from: &str, to: &str) {
+        let p = self.path().join("mig/grid.info");
+        let s = std::fs::read_to_string(&p).unwrap();
+        assert!(s.contains(from), "{from:?} not in grid.info:\n{s}");
+        std::fs::write(&p, s.replacen(from, to, 1)).unwrap();
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        let _ = Command::new(gridctl())
+            .args(["lab", "down", "--dir"])
+            .arg(self.path())
+            .output();
+    }
+}
+
+/// Waits until `f` returns Some, or panics after `secs` saying what it waited for.
+pub fn wait_for<T>(what: &str, secs: u64, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {secs} s waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}

@@ -1,0 +1,292 @@
+//! Migrate and snapshot end to end over a real lab: three grids behind real sshd, the demo
+//! application's data written before and read after, and the end state of every grid checked.
+
+mod common;
+
+use std::sync::atomic::AtomicU8;
+use std::time::Duration;
+
+use common::lab::{wait_for, Lab};
+use common::mig;
+
+static BASES: AtomicU8 = AtomicU8::new(200);
+
+fn put(url: &str, key: &str, value: &[u8]) {
+    let st = std::process::Command::new("curl")
+        .args([
+            "-fsS",
+            "-X",
+            "PUT",
+            "--data-binary",
+            "@-",
+            &format!("{url}/kv/{key}"),
+        ])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|mut c| {
+            use std::io::Write;
+            c.stdin.take().unwrap().write_all(value)?;
+            c.wait()
+        })
+        .unwrap();
+    assert!(st.success(), "PUT {url}/kv/{key}");
+}
+
+fn get(url: &str, key: &str) -> Option<Vec<u8>> {
+    let out = std::process::Command::new("curl")
+        .args(["-fsS", "--max-time", "5", &format!("{url}/kv/{key}")])
+        .output()
+        .unwrap();
+    out.status.success().then_some(out.stdout)
+}
+
+fn names(apps: &[(String, String)]) -> Vec<(&str, &str)> {
+    apps.iter().map(|(n, s)| (n.as_str(), s.as_str())).collect()
+}
+
+/// Runs `mig migrate|snapshot` and returns (exit ok, stdout).
+fn run_cli(kind: &str, url: &str, to: &str, name: &str) -> (bool, String) {
+    let out = mig()
+        .args([kind, "--url", url, "--to", to, "--name", name, "--quiet"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    (out.status.success(), format!("{stdout}\n{stderr}"))
+}
+
+/// The operation id the CLI printed.
+fn op_id(cli_out: &str) -> String {
+    cli_out
+        .split_whitespace()
+        .nth(1)
+        .expect("the CLI names the operation")
+        .to_string()
+}
+
+fn random_bytes(n: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+#[test]
+fn migrate_then_snapshot_keep_every_byte_and_leave_nothing_behind() {
+    let lab = Lab::up(3, &BASES);
+    lab.provision_demo(1, "shop");
+    let value = random_bytes(3 << 20, 7);
+    put(&lab.data_url(1), "blob", &value);
+    put(&lab.data_url(1), "greeting", b"hello");
+
+    // Migrate g1 -> g2.
+    let (ok, out) = run_cli("migrate", &lab.mig_url(1), "g2", "shop2");
+    assert!(ok, "migrate failed:\n{out}");
+    assert!(out.contains("Succeeded"), "{out}");
+    for step in [
+        "provisioning MigHelper on the target grid",
+        "destroying MigHelper",
+    ] {
+        assert!(
+            out.contains(step),
+            "{step} missing from the summary:\n{out}"
+        );
+    }
+    assert_eq!(
+        names(&lab.apps(1)),
+        [] as [(&str, &str); 0],
+        "the source is destroyed"
+    );
+    assert_eq!(
+        names(&lab.apps(2)),
+        [("shop2", "running")],
+        "only the target, no MigHelper"
+    );
+    assert_eq!(get(&lab.data_url(2), "blob").as_deref(), Some(&value[..]));
+    assert_eq!(
+        get(&lab.data_url(2), "greeting").as_deref(),
+        Some(&b"hello"[..])
+    );
+    // The target MIG answers for the whole operation.
+    let status = mig()
+        .args(["status", "--url", &lab.mig_url(2), &op_id(&out)])
+        .output()
+        .unwrap();
+    assert!(status.status.success());
+    let op: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(op["state"], "succeeded");
+    let monitors: Vec<&str> = op["monitors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        monitors,
+        [
+            "Source Application Monitor",
+            "MigHelper Application Monitor",
+            "Target Application Monitor"
+        ]
+    );
+    for m in op["monitors"].as_array().unwrap() {
+        for s in m["steps"].as_array().unwrap() {
+            assert_eq!(s["state"], "done", "{s}");
+        }
+    }
+    let copy = &op["monitors"][1]["steps"][1];
+    assert!(
+        copy["bytes_total"].as_u64().unwrap() >= value.len() as u64,
+        "{copy}"
+    );
+    assert_eq!(copy["bytes_done"], copy["bytes_total"]);
+
+    // Snapshot g2 -> g3: a stopped copy there, the source running on.
+    put(&lab.data_url(2), "after-move", b"written on g2");
+    let (ok, out) = run_cli("snapshot", &lab.mig_url(2), "g3", "shop3");
+    assert!(ok, "snapshot failed:\n{out}");
+    assert!(out.contains("Re-Start Source Application Monitor"), "{out}");
+    assert_eq!(names(&lab.apps(2)), [("shop2", "running")]);
+    assert_eq!(names(&lab.apps(3)), [("shop3", "stopped")]);
+    assert_eq!(lab.checksum(2, "shop2"), lab.checksum(3, "shop3"));
+    assert_eq!(
+        get(&lab.data_url(2), "after-move").as_deref(),
+        Some(&b"written on g2"[..])
+    );
+}
+
+#[test]
+fn a_target_that_cannot_start_rolls_back_to_the_running_source() {
+    let lab = Lab::up(3, &BASES);
+    // g2's app_config gives the copy a web address no interface has: it cannot start there.
+    let g2_web = format!("web_ip={}", lab.ip(2, 11));
+    lab.edit_grid_info(&g2_web, "web_ip=192.0.2.1");
+    lab.provision_demo(1, "shop");
+    put(&lab.data_url(1), "k", b"precious");
+    let before = lab.checksum(1, "shop");
+
+    let (ok, out) = run_cli("migrate", &lab.mig_url(1), "g2", "shop2");
+    assert!(
+        !ok,
+        "a migrate whose target cannot start must not succeed:\n{out}"
+    );
+    assert!(out.contains("RolledBack"), "{out}");
+    assert!(out.contains("starting the target application"), "{out}");
+
+    wait_for("no MigHelper left", 30, || {
+        lab.apps(2).is_empty().then_some(())
+    });
+    assert_eq!(names(&lab.apps(1)), [("shop", "running")]);
+    assert_eq!(
+        get(&lab.data_url(1), "k").as_deref(),
+        Some(&b"precious"[..])
+    );
+    assert_eq!(
+        lab.checksum(1, "shop"),
+        before,
+        "the source's data is untouched"
+    );
+
+    // The source MIG, running again, answers for the whole operation.
+    let status = mig()
+        .args(["status", "--url", &lab.mig_url(1), &op_id(&out)])
+        .output()
+        .unwrap();
+    let op: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(op["state"], "rolled_back");
+    let helper = &op["monitors"][1]["steps"];
+    assert_eq!(
+        helper[0]["state"], "rolled_back",
+        "stopping the source was undone"
+    );
+    assert_eq!(helper[1]["state"], "rolled_back", "the copy was destroyed");
+    assert_eq!(helper[2]["state"], "failed");
+    assert!(
+        helper[2]["detail"]
+            .as_str()
+            .unwrap()
+            .contains("did not start"),
+        "{}",
+        helper[2]
+    );
+    let last = &op["monitors"][2]["steps"];
+    assert_eq!(
+        last[0]["state"], "rolled_back",
+        "the source was not destroyed"
+    );
+    assert_eq!(last[1]["state"], "done");
+    assert_eq!(last[2]["state"], "done");
+}
+
+#[test]
+fn a_corrupted_copy_is_caught_and_rolled_back() {
+    let lab = Lab::up(2, &BASES);
+    lab.provision_demo(1, "shop");
+    put(&lab.data_url(1), "k", &random_bytes(1 << 20, 3));
+    let before = lab.checksum(1, "shop");
+    // gridctl's test hook: the source grid flips one bit of its next export after 1000 bytes.
+    std::fs::write(lab.state(1).join("faults/corrupt-export-after"), "1000").unwrap();
+
+    let (ok, out) = run_cli("migrate", &lab.mig_url(1), "g2", "shop2");
+    assert!(!ok, "{out}");
+    assert!(out.contains("RolledBack"), "{out}");
+    wait_for("no MigHelper left", 30, || {
+        lab.apps(2).is_empty().then_some(())
+    });
+    assert_eq!(names(&lab.apps(1)), [("shop", "running")]);
+    assert_eq!(lab.checksum(1, "shop"), before);
+}
+
+#[test]
+fn one_operation_at_a_time_and_bad_requests_change_nothing() {
+    let lab = Lab::up(2, &BASES);
+    lab.provision_demo(1, "shop");
+    let url = lab.mig_url(1);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let http = reqwest::Client::new();
+        let token: serde_json::Value = http.get(format!("{url}/api/v1/csrf")).send().await.unwrap().json().await.unwrap();
+        let token = token["csrf"].as_str().unwrap().to_string();
+        let post = |body: serde_json::Value, token: &str| {
+            http.post(format!("{url}/api/v1/ops"))
+                .header("x-mig-csrf", token)
+                .json(&body)
+                .send()
+        };
+        // Bad requests: nothing starts.
+        let r = post(serde_json::json!({"kind": "migrate", "target_app": "x; rm -rf /", "target_grid": "g2"}), &token).await.unwrap();
+        assert_eq!(r.status(), 400);
+        let r = post(serde_json::json!({"kind": "migrate", "target_app": "ok", "target_grid": "g1"}), &token).await.unwrap();
+        assert_eq!(r.status(), 400, "the own grid is not a target");
+        let r = post(serde_json::json!({"kind": "migrate", "target_app": "ok", "target_grid": "g9"}), &token).await.unwrap();
+        assert_eq!(r.status(), 400);
+        let r = post(serde_json::json!({"kind": "migrate", "target_app": "ok", "target_grid": "g2"}), "forged").await.unwrap();
+        assert_eq!(r.status(), 403, "no CSRF token, no operation");
+        assert_eq!(names(&lab.apps(2)), [] as [(&str, &str); 0]);
+
+        // One runs; a second one is refused, naming the first.
+        let r = post(serde_json::json!({"kind": "snapshot", "target_app": "copy1", "target_grid": "g2"}), &token).await.unwrap();
+        assert_eq!(r.status(), 202);
+        let first: serde_json::Value = r.json().await.unwrap();
+        let id = first["id"].as_str().unwrap().to_string();
+        assert_eq!(first["monitor_url"], format!("/ops/{id}"));
+        let r = post(serde_json::json!({"kind": "snapshot", "target_app": "copy2", "target_grid": "g2"}), &token).await.unwrap();
+        assert_eq!(r.status(), 409);
+        let e: serde_json::Value = r.json().await.unwrap();
+        assert!(e["error"].as_str().unwrap().contains(&id), "{e}");
+    });
+    // Let the first one finish so the lab goes down clean.
+    wait_for("the snapshot to finish", 60, || {
+        (lab.apps(2)
+            .iter()
+            .any(|(n, s)| n == "copy1" && s == "stopped")
+            && lab.apps(2).len() == 1)
+            .then_some(())
+    });
+    std::thread::sleep(Duration::from_millis(200));
+}
