@@ -92,16 +92,28 @@ pub async fn serve(props: Properties) -> Result<(), Fatal> {
         .flatten();
     let (mut handoff, mut source) = (None, None);
     if let Some(app_key) = app_key {
-        handoff = Some(Target::new(app_key.clone(), driver.clone()).start().recipient());
+        handoff = Some(
+            Target::new(app_key.clone(), driver.clone())
+                .start()
+                .recipient(),
+        );
         match site.operations_unavailable() {
             Some(why) => tracing::warn!("operations are not offered: {why}"),
             None => {
-                let own = site.own_grid.clone().expect("no problems means own grid known");
+                let own = site
+                    .own_grid
+                    .clone()
+                    .expect("no problems means own grid known");
                 tracing::info!(grid = %own, "operations offered");
                 let cfg = SourceConfig {
                     mode: props.mode,
                     app_name: props.app_name.clone(),
-                    site: Ok((site.grid_info.clone().expect("no problems means grid.info parsed"), own)),
+                    site: Ok((
+                        site.grid_info
+                            .clone()
+                            .expect("no problems means grid.info parsed"),
+                        own,
+                    )),
                     app_key,
                     private_key: read(&props.private_key_file)?,
                     known_hosts: read(&props.known_hosts_file)?,

@@ -31,7 +31,11 @@ fn start_in_process(
     sets.push(format!("state_dir={}", state_dir(dir).display()));
     let props = properties::load(dir, std::iter::empty(), &sets).unwrap();
     let book = OpBook::open(Journal::open(&props.state_dir).unwrap()).unwrap();
-    let shared = Shared::new(Some(Site::inspect(props)), book, vec![Role::Source, Role::Target]);
+    let shared = Shared::new(
+        Some(Site::inspect(props)),
+        book,
+        vec![Role::Source, Role::Target],
+    );
     let gui = TcpListener::bind("127.0.0.1:0").unwrap();
     let mon = TcpListener::bind("127.0.0.1:0").unwrap();
     let urls = (

@@ -172,3 +172,13 @@ pub fn manual_command(controller: &str, verb: &str, name: &str) -> String {
 pub fn grid_err(e: GridError) -> String {
     e.to_string()
 }
+
+/// Tests and dry runs reach in-memory grids the same way.
+impl Connect for crate::controller::memory::MemoryLab {
+    fn connect(&self, controller: &str) -> Result<Arc<dyn GridController>, String> {
+        controller
+            .parse::<dialect::Controller>()
+            .map_err(|e| e.to_string())?;
+        Ok(Arc::new(self.grid(controller)))
+    }
+}

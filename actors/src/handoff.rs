@@ -55,8 +55,16 @@ impl HandoffError {
 /// Checks a handoff against `key` and what `book` already knows, and returns the operation it
 /// carries. The caller journals it before answering.
 pub fn accept(h: &Handoff, key: &OpKey, book: &OpBook) -> Result<Op, HandoffError> {
-    let last_seq = book.get(&h.signed.op_id).map_or(0, |op| op.seq);
+    let known = book.get(&h.signed.op_id);
+    let last_seq = known.as_ref().map_or(0, |op| op.seq);
     key.verify(&h.signed, &h.body, last_seq, crate::auth::unix_now())?;
+    // An ended operation stays ended, whatever a later message says.
+    if let Some(op) = known.filter(|op| !op.state.is_running()) {
+        return Err(HandoffError::Refused(format!(
+            "operation {} has already ended",
+            op.id
+        )));
+    }
     let mut op: Op =
         serde_json::from_slice(&h.body).map_err(|e| HandoffError::Bad(e.to_string()))?;
     if op.id != h.signed.op_id {
@@ -65,6 +73,12 @@ pub fn accept(h: &Handoff, key: &OpKey, book: &OpBook) -> Result<Op, HandoffErro
             body: op.id,
         }
         .into());
+    }
+    if !op.state.is_running() {
+        return Err(HandoffError::Refused(format!(
+            "operation {} has already ended",
+            op.id
+        )));
     }
     op.seq = h.signed.seq;
     Ok(op)

@@ -38,7 +38,10 @@ pub fn config_dir() -> tempfile::TempDir {
     // Journal inside the temp dir, never in the system's /var/lib/mig.
     std::fs::write(
         dir.path().join("mig.toml"),
-        format!("state_dir = {:?}\n", state_dir(dir.path()).display().to_string()),
+        format!(
+            "state_dir = {:?}\n",
+            state_dir(dir.path()).display().to_string()
+        ),
     )
     .unwrap();
     dir

@@ -1,0 +1,297 @@
+//! The operations API in-process, over real HTTP, with in-memory grids: what is refused before any
+//! grid is touched (mode, names, grids, CSRF, auth), and handoff trust (forged, replayed, cross-op,
+//! tampered, stale: 401 and no state change; a good one runs the clean-up).
+
+mod common;
+
+use std::net::TcpListener;
+use std::sync::Arc;
+
+use actix::Actor;
+use actors::auth::{AppKey, OpKey};
+use actors::book::OpBook;
+use actors::controller::memory::MemoryLab;
+use actors::driver::Driver;
+use actors::journal::Journal;
+use actors::op::{self, Kind, Op, Plan, Role};
+use actors::properties::{self, Mode};
+use actors::source::{Source, SourceConfig};
+use actors::target::Target;
+use dialect::AppState;
+use mig::server::Shared;
+use mig::site::Site;
+use tokio_util::sync::CancellationToken;
+
+const KEY: &[u8] = b"-----BEGIN OPENSSH PRIVATE KEY----- the application's key";
+
+struct Api {
+    url: String,
+    lab: MemoryLab,
+    book: OpBook,
+    csrf: String,
+    _dir: tempfile::TempDir,
+    stop: CancellationToken,
+}
+
+impl Drop for Api {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// A `mig serve` for application `shop` on g1 of common::GRID_INFO, with memory grids.
+fn start(mode: &str, sets: &[&str]) -> Api {
+    let dir = common::config_dir();
+    let mut all: Vec<String> = vec![
+        format!("mode={mode}"),
+        "grid=g1".into(),
+        "app_name=shop".into(),
+    ];
+    all.extend(sets.iter().map(|s| s.to_string()));
+    let props = properties::load(dir.path(), std::iter::empty(), &all).unwrap();
+    let site = Site::inspect(props.clone());
+    let lab = MemoryLab::new();
+    lab.grid("127.0.1.1:2222").put_app(
+        "shop",
+        "demoapp",
+        AppState::Running,
+        &[],
+        &[("data", b"bytes")],
+    );
+    lab.grid("root@127.0.2.1:2222");
+    let book = OpBook::open(Journal::open(&props.state_dir).unwrap()).unwrap();
+    let driver = Driver::new(book.clone(), Arc::new(lab.clone()));
+    let app_key = AppKey::from_private_key_bytes(KEY);
+    let source = Source::new(
+        SourceConfig {
+            mode: props.mode,
+            app_name: Some("shop".into()),
+            site: Ok((site.grid_info.clone().unwrap(), "g1".into())),
+            app_key: app_key.clone(),
+            private_key: String::new(),
+            known_hosts: String::new(),
+        },
+        driver.clone(),
+    )
+    .start();
+    let target = Target::new(app_key, driver).start();
+    let mut shared = Shared::new(Some(site), book.clone(), vec![Role::Source, Role::Target]);
+    shared.source = Some(source);
+    shared.handoff = Some(target.recipient());
+    let csrf = shared.csrf_token.clone();
+    let gui = TcpListener::bind("127.0.0.1:0").unwrap();
+    let mon = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", gui.local_addr().unwrap());
+    let stop = CancellationToken::new();
+    actix_rt::spawn(mig::server::run(shared, gui, mon, stop.clone()));
+    assert_eq!(Mode::Both.allows("migrate"), true);
+    Api {
+        url,
+        lab,
+        book,
+        csrf,
+        _dir: dir,
+        stop,
+    }
+}
+
+impl Api {
+    async fn post_op(&self, kind: &str, app: &str, grid: &str) -> (u16, serde_json::Value) {
+        let r = reqwest::Client::new()
+            .post(format!("{}/api/v1/ops", self.url))
+            .header("x-mig-csrf", &self.csrf)
+            .json(&serde_json::json!({"kind": kind, "target_app": app, "target_grid": grid}))
+            .send()
+            .await
+            .unwrap();
+        (r.status().as_u16(), r.json().await.unwrap_or_default())
+    }
+
+    fn grid_logs(&self) -> Vec<String> {
+        let mut l = self.lab.grid("127.0.1.1:2222").log();
+        l.extend(self.lab.grid("root@127.0.2.1:2222").log());
+        l
+    }
+}
+
+#[actix_rt::test]
+async fn mode_forbids_the_other_kind_with_403_before_any_grid_is_touched() {
+    let api = start("migrate", &[]);
+    let (status, body) = api.post_op("snapshot", "copy", "g2").await;
+    assert_eq!(status, 403, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("mode"), "{body}");
+    let (status, _) = api.post_op("copy", "copy", "g2").await;
+    assert_eq!(status, 400, "an unknown kind");
+    assert!(api.grid_logs().is_empty(), "{:?}", api.grid_logs());
+    assert!(api.book.all().is_empty());
+}
+
+#[actix_rt::test]
+async fn bad_names_and_grids_are_400_before_any_ssh() {
+    let api = start("both", &[]);
+    for (app, grid, fragment) in [
+        ("x; rm -rf /", "g2", "invalid application name"),
+        ("$(id)", "g2", "invalid application name"),
+        ("", "g2", "invalid application name"),
+        ("ok", "g1", "is the grid this application runs on"),
+        ("ok", "nowhere", "no grid \"nowhere\""),
+    ] {
+        let (status, body) = api.post_op("migrate", app, grid).await;
+        assert_eq!(status, 400, "{app:?} {grid:?}: {body}");
+        assert!(body["error"].as_str().unwrap().contains(fragment), "{body}");
+    }
+    assert!(api.grid_logs().is_empty(), "{:?}", api.grid_logs());
+    // A name already taken on the target is found by asking the grid, and refused too.
+    api.lab
+        .grid("root@127.0.2.1:2222")
+        .put_app("taken", "demoapp", AppState::Stopped, &[], &[]);
+    let (status, body) = api.post_op("migrate", "taken", "g2").await;
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .contains("already has an application taken"),
+        "{body}"
+    );
+    assert!(api.book.all().is_empty());
+}
+
+#[actix_rt::test]
+async fn with_a_username_starting_an_operation_needs_it_but_status_does_not() {
+    let api = start("both", &["username=ops", "password=pw"]);
+    let http = reqwest::Client::new();
+    let r = http
+        .post(format!("{}/api/v1/ops", api.url))
+        .header("x-mig-csrf", &api.csrf)
+        .json(&serde_json::json!({"kind": "migrate", "target_app": "a", "target_grid": "g2"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let r = http
+        .get(format!("{}/api/v1/csrf", api.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.status(),
+        401,
+        "the CSRF token is behind the credentials too"
+    );
+    let r = http
+        .get(format!("{}/api/v1/ops/{}", api.url, op::new_id()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404, "status reads need only the id");
+    assert_eq!(r.headers()["access-control-allow-origin"], "*");
+    assert!(api.grid_logs().is_empty());
+}
+
+fn plan() -> Plan {
+    Plan {
+        source_grid: "g1".into(),
+        target_grid: "g2".into(),
+        source_app: "shop".into(),
+        target_app: "shop2".into(),
+        source_controller: "127.0.1.1:2222".into(),
+        target_controller: "root@127.0.2.1:2222".into(),
+        source_mig_url: "http://127.0.1.10:8080".into(),
+        helper_url: "http://127.0.2.20:8080".into(),
+        final_mig_url: "http://127.0.2.10:8080".into(),
+        helper_app: "mighelper-x".into(),
+        helper_config: vec![],
+        target_app_config: vec![],
+    }
+}
+
+/// An operation as MigHelper hands it to the target MIG: everything before the clean-up done.
+fn handed_over() -> Op {
+    let mut op = Op::new(op::new_id(), Kind::Migrate, plan());
+    for s in [
+        op::PROVISIONING_HELPER,
+        op::STOPPING_SOURCE,
+        op::MIGRATING,
+        op::STARTING_TARGET,
+    ] {
+        op.finish_step(s, None);
+    }
+    op.owner = Role::Target;
+    op
+}
+
+async fn send(api: &Api, key: &OpKey, op: &Op, seq: u64, tamper: bool, skew: i64) -> u16 {
+    let body = serde_json::to_vec(op).unwrap();
+    let mut signed = key.sign(&op.id, seq, &body);
+    if skew != 0 {
+        // Re-sign with a timestamp far from now: the signature is right, the time is not.
+        signed = actors::auth::Signed {
+            timestamp: (signed.timestamp as i64 + skew) as u64,
+            ..signed
+        };
+    }
+    let mut body = body;
+    if tamper {
+        let i = body.len() / 2;
+        body[i] ^= 1;
+    }
+    let mut req = reqwest::Client::new()
+        .post(format!("{}/api/v1/handoff", api.url))
+        .body(body);
+    for (k, v) in signed.headers() {
+        req = req.header(k, v);
+    }
+    req.send().await.unwrap().status().as_u16()
+}
+
+#[actix_rt::test]
+async fn forged_replayed_cross_op_tampered_and_stale_handoffs_are_401_and_change_nothing() {
+    let api = start("both", &[]);
+    let app_key = AppKey::from_private_key_bytes(KEY);
+    let op = handed_over();
+    let k_op = app_key.op_key(&op.id);
+
+    // Another application's key, another operation's key, a changed body, a stale signature.
+    let wrong_app = AppKey::from_private_key_bytes(b"another application").op_key(&op.id);
+    assert_eq!(send(&api, &wrong_app, &op, 1, false, 0).await, 401);
+    let other_op = app_key.op_key(&op::new_id());
+    assert_eq!(send(&api, &other_op, &op, 1, false, 0).await, 401);
+    assert_eq!(send(&api, &k_op, &op, 1, true, 0).await, 401);
+    assert_eq!(send(&api, &k_op, &op, 1, false, -3600).await, 401);
+    let unsigned = reqwest::Client::new()
+        .post(format!("{}/api/v1/handoff", api.url))
+        .body(serde_json::to_vec(&op).unwrap())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unsigned.status(), 401);
+    assert!(
+        api.book.get(&op.id).is_none(),
+        "a refused handoff must not be journalled"
+    );
+    assert!(
+        api.grid_logs().is_empty(),
+        "a refused handoff must not touch a grid"
+    );
+
+    // The real one is taken and runs the clean-up; the same message again is a replay.
+    assert_eq!(send(&api, &k_op, &op, 1, false, 0).await, 200);
+    assert_eq!(send(&api, &k_op, &op, 1, false, 0).await, 401);
+    let mut done = None;
+    for _ in 0..100 {
+        if let Some(o) = api.book.get(&op.id).filter(|o| !o.state.is_running()) {
+            done = Some(o);
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let done = done.expect("the clean-up finished");
+    assert_eq!(done.state, op::OpState::Succeeded, "{:?}", done.error);
+    assert!(
+        api.lab.grid("127.0.1.1:2222").app_names().is_empty(),
+        "the source is destroyed"
+    );
+    // A replay after the end does not reopen it either.
+    assert_eq!(send(&api, &k_op, &op, 2, false, 0).await, 409);
+}
