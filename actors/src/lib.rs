@@ -1,1 +1,3 @@
 //! tmp
+
+pub mod proxy;
