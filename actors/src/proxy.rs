@@ -3,9 +3,13 @@
 //!
 //! MIG sits in the application's path, so the pass-through must be invisible: no byte changed, FIN in
 //! one direction does not end the other (half-close), TCP_NODELAY on both ends, and as fast as a
-//! direct connection. On Linux the bytes move with `splice(2)` through a pipe (the `tokio-splice2`
-//! crate, which holds the `unsafe`; this module has none); a copy loop with 64 KiB buffers takes
-//! over when a pipe cannot be made, or everywhere when [`ProxyConfig::splice`] is false.
+//! direct connection. On Linux the bytes move with `splice(2)` through a pipe, never through our
+//! memory. A pipe is borrowed from a small per-thread pool only while bytes sit in it, so an idle
+//! connection costs its two sockets and nothing else (the `tokio-splice2` crate keeps two pipes,
+//! four descriptors, per connection for its whole life: 10 000 connections would need 60 000
+//! descriptors). A copy loop with 64 KiB buffers takes over when a pipe cannot be made, or
+//! everywhere when [`ProxyConfig::splice`] is false. `nix` wraps the syscalls safely; this module
+//! has no `unsafe`.
 //!
 //! Concurrency limit: a semaphore of [`ProxyConfig::max_connections`] permits is held by the
 //! listeners. When all permits are taken the listeners stop calling `accept`, so the next
@@ -18,7 +22,7 @@
 
 #![forbid(unsafe_code)]
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::future::poll_fn;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
@@ -29,11 +33,13 @@ use std::task::{ready, Poll};
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
+use nix::fcntl::{fcntl, splice, FcntlArg, OFlag, SpliceFFlags};
+use nix::unistd::pipe2;
 use serde::Serialize;
-use tokio::io::AsyncWrite;
+use std::os::fd::{AsRawFd, OwnedFd};
+use tokio::io::{AsyncWrite, Interest};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tokio_splice2::{SpliceIo, SpliceIoCtx};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -547,11 +553,28 @@ async fn idle(timeout: Option<Duration>, last_activity: &Cell<Instant>) {
 
 /// One direction of a connection.
 enum Direction {
-    /// Nothing read yet: no pipe or buffer allocated, so idle connections stay cheap.
-    Waiting,
-    Splice(Pin<Box<SpliceIo<TcpStream, TcpStream>>>),
+    Splice(SpliceState),
     Copy(CopyState),
     Done,
+}
+
+impl Direction {
+    fn new(splice: bool) -> Self {
+        if splice {
+            Direction::Splice(SpliceState::default())
+        } else {
+            Direction::Copy(CopyState::default())
+        }
+    }
+}
+
+/// Splice state: bytes go socket → pipe → socket. The pipe is borrowed from the thread's pool
+/// only while it holds bytes, so an idle connection holds no pipe.
+#[derive(Default)]
+struct SpliceState {
+    pipe: Option<Pipe>,
+    in_pipe: usize,
+    eof: bool,
 }
 
 #[derive(Default)]
@@ -570,8 +593,8 @@ async fn relay(
     counters: &PortCounters,
     last_activity: &Cell<Instant>,
 ) -> io::Result<()> {
-    let mut up = Direction::Waiting;
-    let mut down = Direction::Waiting;
+    let mut up = Direction::new(splice);
+    let mut down = Direction::new(splice);
     let count_in = |n: usize| {
         counters.bytes_in.fetch_add(n as u64, Ordering::Relaxed);
         last_activity.set(Instant::now());
@@ -581,8 +604,8 @@ async fn relay(
         last_activity.set(Instant::now());
     };
     poll_fn(|cx| {
-        let up_done = poll_direction(&mut up, cx, client, upstream, splice, &count_in)?;
-        let down_done = poll_direction(&mut down, cx, upstream, client, splice, &count_out)?;
+        let up_done = poll_direction(&mut up, cx, client, upstream, &count_in)?;
+        let down_done = poll_direction(&mut down, cx, upstream, client, &count_out)?;
         if up_done && down_done {
             Poll::Ready(Ok(()))
         } else {
@@ -598,51 +621,176 @@ fn poll_direction(
     cx: &mut std::task::Context<'_>,
     src: &mut TcpStream,
     dst: &mut TcpStream,
-    splice: bool,
     count: &dyn Fn(usize),
 ) -> io::Result<bool> {
     loop {
-        match dir {
-            Direction::Waiting => {
-                match src.poll_read_ready(cx) {
-                    Poll::Pending => return Ok(false),
-                    Poll::Ready(Err(e)) => return Err(e),
-                    Poll::Ready(Ok(())) => {}
+        let r = match dir {
+            Direction::Splice(st) => match poll_splice(st, cx, src, dst, count) {
+                Poll::Ready(Err(SpliceError::NoPipe(e))) => {
+                    // Out of descriptors or pipe pages: this direction still works, by copying.
+                    tracing::debug!(error = %e, "no pipe for splice; copying instead");
+                    *dir = Direction::Copy(CopyState {
+                        eof: st.eof,
+                        ..CopyState::default()
+                    });
+                    continue;
                 }
-                *dir = if splice {
-                    match SpliceIoCtx::prepare() {
-                        Ok(ctx) => Direction::Splice(Box::pin(ctx.into_io())),
-                        Err(e) => {
-                            // Out of descriptors or pipe pages: this direction still works.
-                            tracing::debug!(error = %e, "no pipe for splice; copying instead");
-                            Direction::Copy(CopyState::default())
-                        }
-                    }
-                } else {
-                    Direction::Copy(CopyState::default())
-                };
-            }
-            Direction::Splice(io) => {
-                let before = io.has_written();
-                let r = io
-                    .as_mut()
-                    .poll_execute(cx, Pin::new(&mut *src), Pin::new(&mut *dst));
-                let moved = io.has_written() - before;
-                if moved > 0 {
-                    count(moved);
-                }
-                match r {
-                    Poll::Pending => return Ok(false),
-                    Poll::Ready(Ok(())) => *dir = Direction::Done,
-                    Poll::Ready(Err(e)) => return Err(e),
-                }
-            }
-            Direction::Copy(state) => match poll_copy(state, cx, src, dst, count) {
-                Poll::Pending => return Ok(false),
-                Poll::Ready(Ok(())) => *dir = Direction::Done,
-                Poll::Ready(Err(e)) => return Err(e),
+                Poll::Ready(Err(SpliceError::Io(e))) => Poll::Ready(Err(e)),
+                Poll::Ready(Ok(())) => Poll::Ready(Ok(())),
+                Poll::Pending => Poll::Pending,
             },
+            Direction::Copy(st) => poll_copy(st, cx, src, dst, count),
             Direction::Done => return Ok(true),
+        };
+        match r {
+            Poll::Pending => return Ok(false),
+            Poll::Ready(Ok(())) => *dir = Direction::Done,
+            Poll::Ready(Err(e)) => return Err(e),
+        }
+    }
+}
+
+/// Pipe size asked of the kernel: fewer, larger splices. Unprivileged users past
+/// `fs.pipe-user-pages-soft` are refused it and keep the default 64 KiB, which still works.
+const PIPE_SIZE: usize = 1 << 20;
+/// Empty pipes kept for reuse per thread; beyond that they are closed.
+const PIPE_POOL_MAX: usize = 64;
+const SPLICE_FLAGS: SpliceFFlags =
+    SpliceFFlags::SPLICE_F_MOVE.union(SpliceFFlags::SPLICE_F_NONBLOCK);
+
+struct Pipe {
+    read: OwnedFd,
+    write: OwnedFd,
+    size: usize,
+}
+
+thread_local! {
+    static PIPE_POOL: RefCell<Vec<Pipe>> = const { RefCell::new(Vec::new()) };
+    static PIPES_HELD: Cell<usize> = const { Cell::new(0) };
+}
+
+/// Pipes that connections on the calling thread hold right now (each holds one only while bytes
+/// sit in it). For tests and the mon terminal: idle connections must hold none.
+pub fn pipes_held_on_this_thread() -> usize {
+    PIPES_HELD.with(Cell::get)
+}
+
+impl Pipe {
+    fn take() -> io::Result<Pipe> {
+        let pipe = match PIPE_POOL.with(|p| p.borrow_mut().pop()) {
+            Some(p) => p,
+            None => {
+                let (read, write) = pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC)?;
+                let raw = write.as_raw_fd();
+                let size = match fcntl(raw, FcntlArg::F_SETPIPE_SZ(PIPE_SIZE as i32)) {
+                    Ok(n) => n,
+                    Err(_) => fcntl(raw, FcntlArg::F_GETPIPE_SZ)?,
+                };
+                Pipe {
+                    read,
+                    write,
+                    size: usize::try_from(size).unwrap_or(64 * 1024),
+                }
+            }
+        };
+        PIPES_HELD.with(|n| n.set(n.get() + 1));
+        Ok(pipe)
+    }
+
+    /// Returns an empty pipe to the pool. Only empty: bytes left in a pipe would surface in
+    /// another connection, so a pipe with bytes in it is dropped (closed) instead.
+    fn give_back(self) {
+        PIPES_HELD.with(|n| n.set(n.get() - 1));
+        PIPE_POOL.with(|p| {
+            let mut p = p.borrow_mut();
+            if p.len() < PIPE_POOL_MAX {
+                p.push(self);
+            }
+        });
+    }
+}
+
+impl Drop for SpliceState {
+    fn drop(&mut self) {
+        if self.pipe.take().is_some() {
+            // Dropped mid-transfer (error or cut): the pipe may hold bytes; close it.
+            PIPES_HELD.with(|n| n.set(n.get() - 1));
+        }
+    }
+}
+
+enum SpliceError {
+    /// No pipe could be made; the caller falls back to copying.
+    NoPipe(io::Error),
+    Io(io::Error),
+}
+
+/// The splice loop: socket → pipe (up to the pipe's size), pipe → socket until empty, repeat;
+/// on EOF shut down the writer.
+fn poll_splice(
+    st: &mut SpliceState,
+    cx: &mut std::task::Context<'_>,
+    src: &mut TcpStream,
+    dst: &mut TcpStream,
+    count: &dyn Fn(usize),
+) -> Poll<Result<(), SpliceError>> {
+    loop {
+        if let (Some(pipe), true) = (&st.pipe, st.in_pipe > 0) {
+            ready!(dst.poll_write_ready(cx)).map_err(SpliceError::Io)?;
+            let out = &*dst;
+            match dst.try_io(Interest::WRITABLE, || {
+                Ok(splice(
+                    &pipe.read,
+                    None,
+                    out,
+                    None,
+                    st.in_pipe,
+                    SPLICE_FLAGS,
+                )?)
+            }) {
+                Ok(0) => return Poll::Ready(Err(SpliceError::Io(io::ErrorKind::WriteZero.into()))),
+                Ok(n) => {
+                    st.in_pipe -= n;
+                    count(n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Poll::Ready(Err(SpliceError::Io(e))),
+            }
+            continue;
+        }
+        if let Some(pipe) = st.pipe.take() {
+            pipe.give_back();
+        }
+        if st.eof {
+            ready!(Pin::new(&mut *dst).poll_shutdown(cx)).map_err(SpliceError::Io)?;
+            return Poll::Ready(Ok(()));
+        }
+        ready!(src.poll_read_ready(cx)).map_err(SpliceError::Io)?;
+        let pipe = Pipe::take().map_err(SpliceError::NoPipe)?;
+        let from = &*src;
+        match src.try_io(Interest::READABLE, || {
+            Ok(splice(
+                from,
+                None,
+                &pipe.write,
+                None,
+                pipe.size,
+                SPLICE_FLAGS,
+            )?)
+        }) {
+            Ok(0) => {
+                st.eof = true;
+                pipe.give_back();
+            }
+            Ok(n) => {
+                st.in_pipe = n;
+                st.pipe = Some(pipe);
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => pipe.give_back(),
+            Err(e) => {
+                pipe.give_back();
+                return Poll::Ready(Err(SpliceError::Io(e)));
+            }
         }
     }
 }

@@ -384,6 +384,27 @@ async fn two_thousand_concurrent_connections() {
     assert_eq!(s.bytes_out, (N * 4097) as u64, "{s:?}");
 }
 
+#[actix_rt::test]
+async fn idle_spliced_connections_hold_no_pipe() {
+    let upstream = spawn_echo(LOCALHOST);
+    let p = start(config(upstream, true)).await;
+    let local = p.local;
+    let conns = on_ends(async move {
+        let mut open = Vec::new();
+        for _ in 0..50 {
+            let mut s = TcpStream::connect(local).await.unwrap();
+            assert!(ping(&mut s, Duration::from_secs(5)).await);
+            open.push(s);
+        }
+        open
+    })
+    .await;
+    // The proxy runs on this thread: every echo has arrived, so every splice has finished.
+    assert_eq!(p.port_stats().active, 50);
+    assert_eq!(actors::proxy::pipes_held_on_this_thread(), 0);
+    drop(conns);
+}
+
 /// Connects and reads; returns how long until the proxy closed the connection.
 async fn time_to_close(addr: SocketAddr) -> Duration {
     on_ends(async move {
