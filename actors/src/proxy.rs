@@ -17,6 +17,9 @@
 //! not read) until a live connection ends; it is not refused. Past the backlog (4096 or
 //! `net.core.somaxconn`, whichever is smaller) the kernel drops new SYNs and clients retry.
 //!
+//! A connection that cannot be served (aux unset, refusing, or slower than the connect timeout)
+//! is reset at once, as a closed port would be, and counted as refused.
+//!
 //! Connections run as tasks on the thread of the actor's arbiter, so a caller that wants the proxy
 //! on its own thread starts it with `Proxy::start_in_arbiter`.
 
@@ -483,7 +486,7 @@ async fn serve_connection(
     let Some(aux) = conn.aux.as_deref() else {
         counters.refused.fetch_add(1, Ordering::Relaxed);
         tracing::info!(port, %peer, "aux is not set; closing pass-through connection");
-        return;
+        return refuse(client);
     };
     let target = (aux, counters.upstream_port);
     let connected = tokio::select! {
@@ -496,13 +499,13 @@ async fn serve_connection(
             counters.refused.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(port, %peer, aux, upstream_port = target.1, error = %e,
                 "cannot connect to aux; closing the client's connection");
-            return;
+            return refuse(client);
         }
         Err(_) => {
             counters.refused.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(port, %peer, aux, upstream_port = target.1, timeout = ?conn.connect_timeout,
                 "connecting to aux timed out; closing the client's connection");
-            return;
+            return refuse(client);
         }
     };
     // Small writes (request/response protocols) must not wait for Nagle on our hop.
@@ -532,6 +535,14 @@ async fn serve_connection(
         _ = idle(conn.idle_timeout, &last_activity) => {
             tracing::info!(port, %peer, "pass-through connection idle too long; cut");
         }
+    }
+}
+
+/// Closes a client we cannot serve with a reset, as a closed port on aux would: a plain FIN could
+/// pass for an empty but complete answer.
+fn refuse(client: TcpStream) {
+    if let Err(e) = client.set_zero_linger() {
+        tracing::debug!(error = %e, "SO_LINGER not set; closing with FIN");
     }
 }
 
