@@ -622,16 +622,16 @@ async fn shutdown_ends_early_when_connections_finish() {
 async fn idle_connections_are_cut_and_busy_ones_kept() {
     let upstream = spawn_echo(LOCALHOST);
     let mut c = config(upstream, true);
-    c.idle_timeout = Some(Duration::from_millis(400));
+    c.idle_timeout = Some(Duration::from_millis(800));
     let p = start(c).await;
     let local = p.local;
     let (idle_cut, busy_ok) = on_ends(async move {
         let mut idle = TcpStream::connect(local).await.unwrap();
         let mut busy = TcpStream::connect(local).await.unwrap();
         assert!(ping(&mut idle, Duration::from_secs(5)).await);
-        // 12 pings 100 ms apart: 1.2 s of life, never 400 ms quiet.
+        // 20 pings 100 ms apart: 2 s of life, never 800 ms quiet.
         let mut busy_ok = true;
-        for _ in 0..12 {
+        for _ in 0..20 {
             tokio::time::sleep(Duration::from_millis(100)).await;
             busy_ok &= ping(&mut busy, Duration::from_secs(1)).await;
         }
