@@ -16,6 +16,7 @@ pub mod keys;
 pub mod mig_helper;
 pub mod op;
 pub mod properties;
+pub mod proxy;
 pub mod source;
 pub mod ssh;
 pub mod target;

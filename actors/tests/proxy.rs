@@ -1,0 +1,720 @@
+//! The Proxy actor over real loopback sockets: bytes through unchanged both ways (splice and copy
+//! paths), half-close, many connections, aux down or unset, the connection limit, drain on
+//! shutdown, idle timeout and the counters.
+//!
+//! The proxy runs on the test's actix System; clients and upstream servers run on a separate
+//! two-thread tokio runtime (`ends()`) so they do not share the proxy's thread.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use actix::{Actor, Addr};
+use actors::proxy::{PortStats, Proxy, ProxyConfig, ProxyStats, Shutdown};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+
+const LOCALHOST: &str = "127.0.0.1";
+
+/// The runtime of clients and upstream servers; never dropped (a runtime cannot be dropped from
+/// inside another).
+fn ends() -> &'static tokio::runtime::Runtime {
+    static RT: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
+    RT.get_or_init(|| {
+        // RUST_LOG=actors=debug shows the proxy's view of each connection.
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
+        // 2 000 connections need ~16 000 descriptors in this one process.
+        let _ = actors::proxy::raise_fd_limit();
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("test runtime")
+    })
+}
+
+/// Runs `f` on the ends' runtime and waits for it from the actix thread.
+async fn on_ends<F>(f: F) -> F::Output
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    ends().spawn(f).await.expect("client/server task panicked")
+}
+
+/// Binds a listener of the ends' runtime on `ip`, port 0 unless given.
+fn bind_upstream(ip: &str, port: u16) -> (std::net::TcpListener, SocketAddr) {
+    let l = std::net::TcpListener::bind((ip, port)).expect("bind upstream");
+    l.set_nonblocking(true).unwrap();
+    let addr = l.local_addr().unwrap();
+    (l, addr)
+}
+
+/// An upstream that echoes every byte and passes the client's EOF on once all is echoed.
+fn spawn_echo(ip: &str) -> SocketAddr {
+    let (l, addr) = bind_upstream(ip, 0);
+    ends().spawn(async move {
+        let l = TcpListener::from_std(l).unwrap();
+        loop {
+            let Ok((mut s, _)) = l.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                if tokio::io::copy(&mut r, &mut w).await.is_ok() {
+                    let _ = w.shutdown().await;
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// The proxy's configuration for one upstream on 127.0.0.1, listening on an ephemeral port.
+fn config(upstream: SocketAddr, splice: bool) -> ProxyConfig {
+    ProxyConfig {
+        upstream_port: Some(upstream.port()),
+        splice,
+        ..ProxyConfig::new(
+            LOCALHOST.parse().unwrap(),
+            Some(upstream.ip().to_string()),
+            vec![0],
+        )
+    }
+}
+
+struct Running {
+    addr: Addr<Proxy>,
+    local: SocketAddr,
+    stats: Arc<ProxyStats>,
+}
+
+async fn start(config: ProxyConfig) -> Running {
+    ends();
+    let stats = Arc::new(ProxyStats::new());
+    let proxy = Proxy::bind(config, stats.clone())
+        .await
+        .expect("bind proxy");
+    let local = proxy.local_addrs()[0];
+    Running {
+        addr: proxy.start(),
+        local,
+        stats,
+    }
+}
+
+impl Running {
+    fn port_stats(&self) -> PortStats {
+        self.stats.snapshot()[0]
+    }
+
+    /// Waits (up to 5 s) until the counters satisfy `ok`: the proxy's side of a connection ends a
+    /// moment after the client's.
+    async fn stats_until(&self, ok: impl Fn(&PortStats) -> bool) -> PortStats {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let s = self.port_stats();
+            if ok(&s) || Instant::now() > deadline {
+                return s;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+/// Sends `data`, half-closes, and returns everything read back until EOF.
+async fn send_and_read_all(addr: SocketAddr, data: Vec<u8>) -> Vec<u8> {
+    on_ends(async move {
+        let mut s = TcpStream::connect(addr).await.expect("connect to proxy");
+        let (mut r, mut w) = s.split();
+        let mut back = Vec::new();
+        let write = async {
+            w.write_all(&data).await.expect("write");
+            w.shutdown().await.expect("shutdown write");
+        };
+        let read = async {
+            r.read_to_end(&mut back).await.expect("read");
+        };
+        tokio::join!(write, read);
+        back
+    })
+    .await
+}
+
+/// Deterministic, non-repeating test bytes.
+fn pattern(seed: &str, len: usize) -> Vec<u8> {
+    let mut out = vec![0; len];
+    blake3::Hasher::new()
+        .update(seed.as_bytes())
+        .finalize_xof()
+        .fill(&mut out);
+    out
+}
+
+async fn echo_case(splice: bool, len: usize) {
+    let upstream = spawn_echo(LOCALHOST);
+    let p = start(config(upstream, splice)).await;
+    let data = pattern(&format!("echo {len}"), len);
+    let back = send_and_read_all(p.local, data.clone()).await;
+    assert_eq!(back.len(), len, "echoed length");
+    assert_eq!(
+        blake3::hash(&back),
+        blake3::hash(&data),
+        "echoed bytes differ"
+    );
+    let s = p
+        .stats_until(|s| s.active == 0 && s.bytes_out == len as u64)
+        .await;
+    assert_eq!((s.total, s.refused, s.active), (1, 0, 0), "{s:?}");
+    assert_eq!((s.bytes_in, s.bytes_out), (len as u64, len as u64), "{s:?}");
+}
+
+#[actix_rt::test]
+async fn echo_one_byte_splice() {
+    echo_case(true, 1).await;
+}
+
+#[actix_rt::test]
+async fn echo_one_byte_copy() {
+    echo_case(false, 1).await;
+}
+
+#[actix_rt::test]
+async fn echo_64k_splice() {
+    echo_case(true, 64 * 1024).await;
+}
+
+#[actix_rt::test]
+async fn echo_64k_copy() {
+    echo_case(false, 64 * 1024).await;
+}
+
+/// Streams `len` bytes from seed `seed` into `w` in 1 MiB chunks, then half-closes; returns the
+/// hash of what was sent.
+async fn send_stream(
+    mut w: impl tokio::io::AsyncWrite + Unpin,
+    seed: &str,
+    len: u64,
+) -> blake3::Hash {
+    let mut xof = blake3::Hasher::new().update(seed.as_bytes()).finalize_xof();
+    let mut hasher = blake3::Hasher::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut left = len;
+    while left > 0 {
+        let n = left.min(buf.len() as u64) as usize;
+        xof.fill(&mut buf[..n]);
+        hasher.update(&buf[..n]);
+        w.write_all(&buf[..n]).await.expect("bulk write");
+        left -= n as u64;
+    }
+    w.shutdown().await.expect("bulk shutdown");
+    hasher.finalize()
+}
+
+/// Reads `r` to EOF; returns the byte count and hash.
+async fn hash_stream(mut r: impl tokio::io::AsyncRead + Unpin) -> (u64, blake3::Hash) {
+    let mut hasher = blake3::Hasher::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut total = 0u64;
+    loop {
+        let n = r.read(&mut buf).await.expect("bulk read");
+        if n == 0 {
+            return (total, hasher.finalize());
+        }
+        hasher.update(&buf[..n]);
+        total += n as u64;
+    }
+}
+
+/// 256 MiB each way at the same time, checked with BLAKE3 on both ends.
+async fn bulk_case(splice: bool) {
+    const LEN: u64 = 256 << 20;
+    let (l, upstream) = bind_upstream(LOCALHOST, 0);
+    let (tx, mut rx) = mpsc::channel(1);
+    ends().spawn(async move {
+        let l = TcpListener::from_std(l).unwrap();
+        let (mut s, _) = l.accept().await.unwrap();
+        let (r, w) = s.split();
+        let (sent, received) = tokio::join!(send_stream(w, "down", LEN), hash_stream(r));
+        tx.send((sent, received)).await.unwrap();
+    });
+    let p = start(config(upstream, splice)).await;
+    let local = p.local;
+    let (client_sent, client_received) = on_ends(async move {
+        let mut s = TcpStream::connect(local).await.unwrap();
+        let (r, w) = s.split();
+        tokio::join!(send_stream(w, "up", LEN), hash_stream(r))
+    })
+    .await;
+    let (server_sent, server_received) = rx.recv().await.unwrap();
+    assert_eq!(server_received, (LEN, client_sent), "client → aux bytes");
+    assert_eq!(client_received, (LEN, server_sent), "aux → client bytes");
+    let s = p.stats_until(|s| s.active == 0).await;
+    assert_eq!((s.bytes_in, s.bytes_out, s.total), (LEN, LEN, 1), "{s:?}");
+}
+
+#[actix_rt::test]
+async fn bulk_256mib_both_ways_splice() {
+    bulk_case(true).await;
+}
+
+#[actix_rt::test]
+async fn bulk_256mib_both_ways_copy() {
+    bulk_case(false).await;
+}
+
+/// The client half-closes first; aux answers only after it saw that EOF, and the answer must
+/// still reach the client.
+async fn client_half_close_case(splice: bool) {
+    let (l, upstream) = bind_upstream(LOCALHOST, 0);
+    ends().spawn(async move {
+        let l = TcpListener::from_std(l).unwrap();
+        let (mut s, _) = l.accept().await.unwrap();
+        let mut req = Vec::new();
+        s.read_to_end(&mut req).await.unwrap();
+        s.write_all(b"answer to ").await.unwrap();
+        s.write_all(&req).await.unwrap();
+        s.shutdown().await.unwrap();
+    });
+    let p = start(config(upstream, splice)).await;
+    let back = send_and_read_all(p.local, b"question".to_vec()).await;
+    assert_eq!(back, b"answer to question");
+}
+
+#[actix_rt::test]
+async fn half_close_by_client_splice() {
+    client_half_close_case(true).await;
+}
+
+#[actix_rt::test]
+async fn half_close_by_client_copy() {
+    client_half_close_case(false).await;
+}
+
+/// Aux half-closes first (greets, then FIN); the client must see that EOF and still be able to
+/// send, and aux must receive it.
+async fn aux_half_close_case(splice: bool) {
+    let (l, upstream) = bind_upstream(LOCALHOST, 0);
+    let (tx, mut rx) = mpsc::channel(1);
+    ends().spawn(async move {
+        let l = TcpListener::from_std(l).unwrap();
+        let (mut s, _) = l.accept().await.unwrap();
+        s.write_all(b"greeting").await.unwrap();
+        s.shutdown().await.unwrap();
+        let mut got = Vec::new();
+        s.read_to_end(&mut got).await.unwrap();
+        tx.send(got).await.unwrap();
+    });
+    let p = start(config(upstream, splice)).await;
+    let local = p.local;
+    let greeting = on_ends(async move {
+        let mut s = TcpStream::connect(local).await.unwrap();
+        let mut greeting = Vec::new();
+        s.read_to_end(&mut greeting).await.unwrap();
+        // aux's direction is closed; ours must still carry bytes.
+        s.write_all(b"late reply").await.unwrap();
+        s.shutdown().await.unwrap();
+        greeting
+    })
+    .await;
+    assert_eq!(greeting, b"greeting");
+    let late = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+        .await
+        .expect("aux never got the client's bytes after its own FIN")
+        .unwrap();
+    assert_eq!(late, b"late reply");
+}
+
+#[actix_rt::test]
+async fn half_close_by_aux_splice() {
+    aux_half_close_case(true).await;
+}
+
+#[actix_rt::test]
+async fn half_close_by_aux_copy() {
+    aux_half_close_case(false).await;
+}
+
+#[actix_rt::test]
+async fn two_thousand_concurrent_connections() {
+    const N: usize = 2000;
+    let upstream = spawn_echo(LOCALHOST);
+    let p = start(config(upstream, true)).await;
+    let local = p.local;
+    // Every client connects and round-trips one byte, then all wait together (the test counts
+    // them live), then each sends its own 4 KiB and checks the echo.
+    let connected = Arc::new(tokio::sync::Barrier::new(N + 1));
+    let go = Arc::new(tokio::sync::Barrier::new(N + 1));
+    let mut clients = Vec::with_capacity(N);
+    for i in 0..N {
+        let (connected, go) = (connected.clone(), go.clone());
+        clients.push(ends().spawn(async move {
+            let mut s = TcpStream::connect(local).await.expect("connect");
+            s.write_all(&[1]).await.unwrap();
+            let mut one = [0u8; 1];
+            s.read_exact(&mut one).await.unwrap();
+            connected.wait().await;
+            go.wait().await;
+            let data = pattern(&format!("client {i}"), 4096);
+            s.write_all(&data).await.unwrap();
+            s.shutdown().await.unwrap();
+            let mut back = Vec::new();
+            s.read_to_end(&mut back).await.unwrap();
+            back == data
+        }));
+    }
+    tokio::time::timeout(Duration::from_secs(30), connected.wait())
+        .await
+        .expect("not all 2 000 connections got through");
+    assert_eq!(p.port_stats().active, N as u64, "live at once");
+    go.wait().await;
+    let mut right = 0;
+    for c in clients {
+        right += usize::from(c.await.unwrap());
+    }
+    assert_eq!(right, N, "connections whose bytes came back right");
+    let s = p.stats_until(|s| s.active == 0).await;
+    assert_eq!((s.total, s.refused, s.active), (N as u64, 0, 0), "{s:?}");
+    assert_eq!(s.bytes_in, (N * 4097) as u64, "{s:?}");
+    assert_eq!(s.bytes_out, (N * 4097) as u64, "{s:?}");
+}
+
+#[actix_rt::test]
+async fn idle_spliced_connections_hold_no_pipe() {
+    let upstream = spawn_echo(LOCALHOST);
+    let p = start(config(upstream, true)).await;
+    let local = p.local;
+    let conns = on_ends(async move {
+        let mut open = Vec::new();
+        for _ in 0..50 {
+            let mut s = TcpStream::connect(local).await.unwrap();
+            assert!(ping(&mut s, Duration::from_secs(5)).await);
+            open.push(s);
+        }
+        open
+    })
+    .await;
+    // The proxy runs on this thread: every echo has arrived, so every splice has finished.
+    assert_eq!(p.port_stats().active, 50);
+    assert_eq!(actors::proxy::pipes_held_on_this_thread(), 0);
+    drop(conns);
+}
+
+/// Connects and reads; returns how long until the proxy reset the connection.
+async fn time_to_reset(addr: SocketAddr) -> Duration {
+    on_ends(async move {
+        let started = Instant::now();
+        // A quick reset can beat the client's own check of its connect.
+        let mut s = match TcpStream::connect(addr).await {
+            Ok(s) => s,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return started.elapsed(),
+            Err(e) => panic!("connect to proxy: {e}"),
+        };
+        let mut buf = [0u8; 16];
+        match tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf)).await {
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionReset => started.elapsed(),
+            Ok(r) => panic!("want a reset, got {r:?}"),
+            Err(_) => panic!("connection left hanging"),
+        }
+    })
+    .await
+}
+
+fn free_port() -> SocketAddr {
+    let l = std::net::TcpListener::bind((LOCALHOST, 0)).unwrap();
+    l.local_addr().unwrap()
+}
+
+#[actix_rt::test]
+async fn aux_down_closes_the_client_at_once() {
+    let p = start(config(free_port(), true)).await;
+    let took = time_to_reset(p.local).await;
+    assert!(took < Duration::from_millis(500), "closed after {took:?}");
+    let s = p.stats_until(|s| s.refused == 1).await;
+    assert_eq!((s.total, s.refused, s.active), (1, 1, 0), "{s:?}");
+}
+
+#[actix_rt::test]
+async fn aux_unset_accepts_and_closes() {
+    let mut c = config(free_port(), true);
+    c.aux = None;
+    let p = start(c).await;
+    for _ in 0..2 {
+        let took = time_to_reset(p.local).await;
+        assert!(took < Duration::from_millis(500), "closed after {took:?}");
+    }
+    let s = p.stats_until(|s| s.refused == 2).await;
+    assert_eq!((s.total, s.refused, s.active), (2, 2, 0), "{s:?}");
+}
+
+#[actix_rt::test]
+async fn aux_too_slow_to_accept_hits_connect_timeout() {
+    // An upstream whose accept queue is full drops new SYNs: connecting to it hangs.
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    sock.bind(&free_port().into()).unwrap();
+    sock.listen(0).unwrap();
+    let upstream = sock.local_addr().unwrap().as_socket().unwrap();
+    let fillers = on_ends(async move {
+        let mut held = Vec::new();
+        for _ in 0..2 {
+            if let Ok(Ok(s)) =
+                tokio::time::timeout(Duration::from_millis(200), TcpStream::connect(upstream)).await
+            {
+                held.push(s);
+            }
+        }
+        held
+    })
+    .await;
+    let mut c = config(upstream, true);
+    c.connect_timeout = Duration::from_millis(300);
+    let p = start(c).await;
+    let took = time_to_reset(p.local).await;
+    assert!(
+        took >= Duration::from_millis(250) && took < Duration::from_secs(3),
+        "closed after {took:?}, want about the 300 ms connect timeout"
+    );
+    let s = p.stats_until(|s| s.refused == 1).await;
+    assert_eq!((s.total, s.refused, s.active), (1, 1, 0), "{s:?}");
+    drop((fillers, sock));
+}
+
+/// One byte there and back on an open connection, within `within`.
+async fn ping(s: &mut TcpStream, within: Duration) -> bool {
+    if s.write_all(&[7]).await.is_err() {
+        return false;
+    }
+    let mut b = [0u8; 1];
+    matches!(
+        tokio::time::timeout(within, s.read(&mut b)).await,
+        Ok(Ok(1))
+    )
+}
+
+#[actix_rt::test]
+async fn at_the_limit_the_next_connection_waits_in_the_backlog() {
+    let upstream = spawn_echo(LOCALHOST);
+    let mut c = config(upstream, true);
+    c.max_connections = 2;
+    let p = start(c).await;
+    let local = p.local;
+    let (mut first, _second, mut third) = on_ends(async move {
+        let mut a = TcpStream::connect(local).await.unwrap();
+        let mut b = TcpStream::connect(local).await.unwrap();
+        assert!(ping(&mut a, Duration::from_secs(5)).await);
+        assert!(ping(&mut b, Duration::from_secs(5)).await);
+        // The kernel completes the handshake; the proxy does not accept it yet.
+        let mut c = TcpStream::connect(local).await.expect("third connect");
+        assert!(
+            !ping(&mut c, Duration::from_millis(300)).await,
+            "third connection served beyond max_connections = 2"
+        );
+        (a, b, c)
+    })
+    .await;
+    let s = p.port_stats();
+    assert_eq!((s.total, s.active, s.refused), (2, 2, 0), "{s:?}");
+    first.shutdown().await.ok();
+    drop(first);
+    // The byte the third client sent waits in its socket; once a permit frees it is served.
+    let served = on_ends(async move {
+        let mut b = [0u8; 1];
+        matches!(
+            tokio::time::timeout(Duration::from_secs(5), third.read(&mut b)).await,
+            Ok(Ok(1))
+        )
+    })
+    .await;
+    assert!(served, "third connection not served after a slot freed");
+    assert_eq!(p.port_stats().total, 3);
+}
+
+#[actix_rt::test]
+async fn shutdown_drains_then_cuts() {
+    let upstream = spawn_echo(LOCALHOST);
+    let mut c = config(upstream, true);
+    c.drain = Duration::from_millis(1500);
+    let p = start(c).await;
+    let local = p.local;
+    let mut live = on_ends(async move {
+        let mut s = TcpStream::connect(local).await.unwrap();
+        assert!(ping(&mut s, Duration::from_secs(5)).await);
+        s
+    })
+    .await;
+    let started = Instant::now();
+    let shutdown = actix_rt::spawn(p.addr.send(Shutdown));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    // Listeners close first: a new connection is refused by the kernel.
+    let refused = on_ends(async move { TcpStream::connect(local).await.is_err() }).await;
+    assert!(refused, "listener still open during drain");
+    // The live connection keeps working during the drain period.
+    let (alive, back) = on_ends(async move {
+        let ok = ping(&mut live, Duration::from_secs(1)).await;
+        (ok, live)
+    })
+    .await;
+    live = back;
+    assert!(alive, "live connection broken inside the drain period");
+    assert!(
+        !shutdown.is_finished(),
+        "shutdown resolved while a connection was live"
+    );
+
+    // Then it is cut, and shutdown resolves.
+    let (cut_at, _) = on_ends(async move {
+        let mut b = [0u8; 1];
+        let r = tokio::time::timeout(Duration::from_secs(5), live.read(&mut b)).await;
+        assert!(matches!(r, Ok(Ok(0)) | Ok(Err(_))), "not cut: {r:?}");
+        (Instant::now(), live)
+    })
+    .await;
+    let cut_after = cut_at - started;
+    assert!(
+        cut_after >= Duration::from_millis(1400) && cut_after < Duration::from_secs(4),
+        "cut after {cut_after:?}, drain is 1.5 s"
+    );
+    tokio::time::timeout(Duration::from_secs(2), shutdown)
+        .await
+        .expect("shutdown did not resolve after the cut")
+        .unwrap()
+        .unwrap();
+    assert_eq!(p.port_stats().active, 0);
+}
+
+#[actix_rt::test]
+async fn shutdown_ends_early_when_connections_finish() {
+    let upstream = spawn_echo(LOCALHOST);
+    let mut c = config(upstream, false);
+    c.drain = Duration::from_secs(30);
+    let p = start(c).await;
+    let local = p.local;
+    let mut live = on_ends(async move {
+        let mut s = TcpStream::connect(local).await.unwrap();
+        assert!(ping(&mut s, Duration::from_secs(5)).await);
+        s
+    })
+    .await;
+    let started = Instant::now();
+    let shutdown = actix_rt::spawn(p.addr.send(Shutdown));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    on_ends(async move {
+        live.shutdown().await.unwrap();
+        let mut rest = Vec::new();
+        let _ = live.read_to_end(&mut rest).await;
+    })
+    .await;
+    tokio::time::timeout(Duration::from_secs(5), shutdown)
+        .await
+        .expect("shutdown waited for the whole drain period")
+        .unwrap()
+        .unwrap();
+    assert!(started.elapsed() < Duration::from_secs(5));
+}
+
+#[actix_rt::test]
+async fn idle_connections_are_cut_and_busy_ones_kept() {
+    let upstream = spawn_echo(LOCALHOST);
+    let mut c = config(upstream, true);
+    c.idle_timeout = Some(Duration::from_millis(800));
+    let p = start(c).await;
+    let local = p.local;
+    let (idle_cut, busy_ok) = on_ends(async move {
+        let mut idle = TcpStream::connect(local).await.unwrap();
+        let mut busy = TcpStream::connect(local).await.unwrap();
+        assert!(ping(&mut idle, Duration::from_secs(5)).await);
+        // 20 pings 100 ms apart: 2 s of life, never 800 ms quiet.
+        let mut busy_ok = true;
+        for _ in 0..20 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            busy_ok &= ping(&mut busy, Duration::from_secs(1)).await;
+        }
+        let mut b = [0u8; 1];
+        let r = tokio::time::timeout(Duration::from_millis(100), idle.read(&mut b)).await;
+        (matches!(r, Ok(Ok(0)) | Ok(Err(_))), busy_ok)
+    })
+    .await;
+    assert!(idle_cut, "idle connection not cut after the idle timeout");
+    assert!(busy_ok, "busy connection cut");
+}
+
+#[actix_rt::test]
+async fn each_port_goes_to_the_same_port_on_aux() {
+    // Two upstreams on 127.0.78.1 that say which port they are; the proxy listens on 127.0.77.1
+    // with the same port numbers and no override.
+    let mut ports = Vec::new();
+    for _ in 0..2 {
+        let (l, addr) = bind_upstream("127.0.78.1", 0);
+        ports.push(addr.port());
+        ends().spawn(async move {
+            let l = TcpListener::from_std(l).unwrap();
+            loop {
+                let (mut s, _) = l.accept().await.unwrap();
+                let tag = format!("port {}", addr.port());
+                let _ = s.write_all(tag.as_bytes()).await;
+            }
+        });
+    }
+    let config = ProxyConfig::new(
+        "127.0.77.1".parse().unwrap(),
+        Some("127.0.78.1".into()),
+        ports.clone(),
+    );
+    let stats = Arc::new(ProxyStats::new());
+    let proxy = Proxy::bind(config, stats.clone()).await.unwrap();
+    let locals = proxy.local_addrs();
+    let _addr = proxy.start();
+    for (local, port) in locals.into_iter().zip(&ports) {
+        assert_eq!(local.port(), *port);
+        let got = send_and_read_all(local, Vec::new()).await;
+        assert_eq!(String::from_utf8(got).unwrap(), format!("port {port}"));
+    }
+    let snap = stats.snapshot();
+    assert_eq!(
+        snap.iter()
+            .map(|s| (s.port, s.upstream_port, s.total))
+            .collect::<Vec<_>>(),
+        ports.iter().map(|&p| (p, p, 1)).collect::<Vec<_>>()
+    );
+}
+
+#[actix_rt::test]
+async fn aux_may_be_a_host_name() {
+    let upstream = spawn_echo(LOCALHOST);
+    let mut c = config(upstream, true);
+    c.aux = Some("localhost".into());
+    let p = start(c).await;
+    assert_eq!(send_and_read_all(p.local, b"hi".to_vec()).await, b"hi");
+}
+
+#[actix_rt::test]
+async fn bind_error_names_the_port() {
+    let (_taken, addr) = bind_upstream(LOCALHOST, 0);
+    let c = ProxyConfig::new(addr.ip(), Some(LOCALHOST.into()), vec![addr.port()]);
+    let err = Proxy::bind(c, Arc::new(ProxyStats::new()))
+        .await
+        .err()
+        .expect("bound a port already in use");
+    let text = err.to_string();
+    assert!(
+        text.contains(&format!("pass-through port {}", addr.port())),
+        "{text}"
+    );
+}
+
+#[actix_rt::test]
+async fn zero_max_connections_is_refused() {
+    let mut c = config(free_port(), true);
+    c.max_connections = 0;
+    let err = Proxy::bind(c, Arc::new(ProxyStats::new()))
+        .await
+        .err()
+        .expect("accepted max_connections = 0");
+    assert!(err.to_string().contains("max_connections is 0"), "{err}");
+}
