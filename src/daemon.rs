@@ -7,7 +7,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::sync::Arc;
 
-use actix::Actor;
+use actix::{Actor, Addr};
 use actors::auth::AppKey;
 use actors::book::OpBook;
 use actors::driver::{Driver, SshConnect};
@@ -16,6 +16,7 @@ use actors::journal::Journal;
 use actors::mig_helper::MigHelper;
 use actors::op::Role;
 use actors::properties::Properties;
+use actors::proxy::{Proxy, ProxyConfig, ProxyStats, Shutdown as ProxyShutdown};
 use actors::source::{Source, SourceConfig};
 use actors::target::Target;
 use tokio_util::sync::CancellationToken;
@@ -55,17 +56,50 @@ fn open_book(props: &Properties) -> Result<OpBook, Fatal> {
         })
 }
 
-/// Binds the GUI and mon ports, logs where they are, and serves until SIGTERM/SIGINT.
-async fn listen_and_serve(props: &Properties, shared: Shared) -> Result<(), Fatal> {
+/// Binds the GUI and mon ports, logs where they are, and serves until SIGTERM/SIGINT. On the
+/// signal the proxy (when there is one) closes its listeners and drains while the GUI finishes.
+async fn listen_and_serve(props: &Properties, shared: Shared, proxy: Option<Addr<Proxy>>) -> Result<(), Fatal> {
     let gui = bind("httpd", SocketAddr::new(props.listen, props.port_no))?;
     let mon = bind("mon", SocketAddr::new(props.listen, props.mon_port))?;
     let addr = |l: &TcpListener| l.local_addr().map(|a| a.to_string()).unwrap_or_default();
     tracing::info!(gui = %format!("http://{}/", addr(&gui)), mon = %format!("http://{}/healthz", addr(&mon)), "serving");
     let shutdown = CancellationToken::new();
     tokio::spawn(stop_on_signal(shutdown.clone()));
-    server::run(shared, gui, mon, shutdown)
+    let drain = {
+        let shutdown = shutdown.clone();
+        async move {
+            if let Some(p) = proxy {
+                shutdown.cancelled().await;
+                let _ = p.send(ProxyShutdown).await;
+                tracing::info!("pass-through drained");
+            }
+        }
+    };
+    let (served, ()) = tokio::join!(server::run(shared, gui, mon, shutdown), drain);
+    served.map_err(|e| fatal(format!("server failed: {e}")))
+}
+
+/// Starts the pass-through listeners for `passthrough` on `listen`, to `aux`.
+async fn start_proxy(props: &Properties) -> Result<Option<Addr<Proxy>>, Fatal> {
+    if props.passthrough.is_empty() {
+        return Ok(None);
+    }
+    if let Err(e) = actors::proxy::raise_fd_limit() {
+        tracing::warn!(error = %e, "cannot raise the open-file limit; fewer pass-through connections fit");
+    }
+    let mut cfg = ProxyConfig::new(props.listen, props.aux.clone(), props.passthrough.clone());
+    cfg.max_connections = props.max_connections;
+    cfg.connect_timeout = props.connect_timeout;
+    cfg.idle_timeout = props.idle_timeout;
+    cfg.drain = props.drain_timeout;
+    let proxy = Proxy::bind(cfg, Arc::new(ProxyStats::new()))
         .await
-        .map_err(|e| fatal(format!("server failed: {e}")))
+        .map_err(|e| fatal(format!("pass-through did not start: {e}")))?;
+    match &props.aux {
+        Some(aux) => tracing::info!(ports = ?props.passthrough, %aux, "passing through"),
+        None => tracing::warn!(ports = ?props.passthrough, "aux is not set: pass-through connections are closed at once"),
+    }
+    Ok(Some(proxy.start()))
 }
 
 /// `mig serve`.
@@ -127,7 +161,8 @@ pub async fn serve(props: Properties) -> Result<(), Fatal> {
     let mut shared = Shared::new(Some(site), book, vec![Role::Source, Role::Target]);
     shared.handoff = handoff;
     shared.source = source;
-    listen_and_serve(&props, shared).await
+    let proxy = start_proxy(&props).await?;
+    listen_and_serve(&props, shared, proxy).await
 }
 
 fn read(path: &Path) -> Result<String, Fatal> {
@@ -163,7 +198,7 @@ pub async fn helper(mut props: Properties, env: Option<String>) -> Result<(), Fa
     let helper = MigHelper::new(env.op_id.clone(), env.op_key(), driver).start();
     let mut shared = Shared::new(None, book, vec![Role::Helper]);
     shared.handoff = Some(helper.recipient());
-    listen_and_serve(&props, shared).await
+    listen_and_serve(&props, shared, None).await
 }
 
 fn write_private(path: &Path, text: &str) -> Result<(), Fatal> {

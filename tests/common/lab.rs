@@ -102,8 +102,10 @@ impl Lab {
         format!("http://{}:8080", self.ip(n, 10))
     }
 
+    /// The application's data through MIG's pass-through on the application's address (`in`),
+    /// as its users reach it.
     pub fn data_url(&self, n: u8) -> String {
-        format!("http://{}:8000", self.ip(n, 11))
+        format!("http://{}:8000", self.ip(n, 10))
     }
 
     /// `ssh -F DIR/ssh_config gN app ARGS...`
