@@ -20,8 +20,8 @@
 //! A connection that cannot be served (aux unset, refusing, or slower than the connect timeout)
 //! is reset at once, as a closed port would be, and counted as refused.
 //!
-//! Connections run as tasks on the thread of the actor's arbiter, so a caller that wants the proxy
-//! on its own thread starts it with `Proxy::start_in_arbiter`.
+//! Connections run as tasks on the thread of the actor's arbiter; [`Proxy::start_on`] puts the
+//! proxy on an arbiter of its own.
 
 #![forbid(unsafe_code)]
 
@@ -346,6 +346,29 @@ impl Proxy {
     /// The bound addresses, one per port in the order of [`ProxyConfig::ports`].
     pub fn local_addrs(&self) -> Vec<SocketAddr> {
         self.local_addrs.clone()
+    }
+
+    /// Binds and starts the proxy on `arbiter`'s thread, so that the sockets, the accepting and
+    /// every connection live on that thread and bulk traffic cannot delay the other actors.
+    /// Returns the actor's address and the bound addresses.
+    pub async fn start_on(
+        arbiter: &actix::ArbiterHandle,
+        config: ProxyConfig,
+        stats: Arc<ProxyStats>,
+    ) -> io::Result<(Addr<Proxy>, Vec<SocketAddr>)> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let spawned = arbiter.spawn(async move {
+            let started = Proxy::bind(config, stats).await.map(|proxy| {
+                let addrs = proxy.local_addrs();
+                (proxy.start(), addrs)
+            });
+            let _ = tx.send(started);
+        });
+        if !spawned {
+            return Err(io::Error::other("the proxy's arbiter has stopped"));
+        }
+        rx.await
+            .map_err(|_| io::Error::other("the proxy's arbiter stopped while binding"))?
     }
 }
 
