@@ -309,6 +309,7 @@ impl Proxy {
                 ),
             ));
         }
+        warn_if_fd_limit_is_low(config.max_connections);
         let mut listeners = Vec::with_capacity(config.ports.len());
         let mut local_addrs = Vec::with_capacity(config.ports.len());
         for &port in &config.ports {
@@ -370,6 +371,31 @@ impl Proxy {
         rx.await
             .map_err(|_| io::Error::other("the proxy's arbiter stopped while binding"))?
     }
+}
+
+/// Each connection holds two sockets; past the open-file limit `accept` fails with EMFILE and
+/// clients wait. Say so at start-up rather than under load.
+fn warn_if_fd_limit_is_low(max_connections: usize) {
+    use nix::sys::resource::{getrlimit, Resource};
+    if let Ok((soft, _)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        let fits = connections_fitting(soft);
+        if fits < max_connections as u64 {
+            tracing::warn!(
+                open_file_limit = soft,
+                max_connections,
+                "the open-file limit allows about {fits} pass-through connections; raise it \
+                 (ulimit -n, or proxy::raise_fd_limit) or lower max_connections"
+            );
+        }
+    }
+}
+
+/// Descriptors kept aside for everything else the process opens.
+const FD_RESERVE: u64 = 256;
+
+/// How many pass-through connections (two sockets each) an open-file limit leaves room for.
+fn connections_fitting(open_file_limit: u64) -> u64 {
+    open_file_limit.saturating_sub(FD_RESERVE) / 2
 }
 
 fn listen(addr: SocketAddr) -> io::Result<TcpListener> {
@@ -921,6 +947,15 @@ mod tests {
         assert!(check_reserved_ports(&[80, 443], &reserved).is_ok());
         let err = check_reserved_ports(&[80, 9100], &reserved).unwrap_err();
         assert!(err.contains("port 9100 is MIG's own mon_port"), "{err}");
+    }
+
+    #[test]
+    fn fd_limit_room() {
+        assert_eq!(connections_fitting(20_000), 9_872);
+        assert_eq!(connections_fitting(1024), 384);
+        assert_eq!(connections_fitting(100), 0);
+        // The default limit of 10 000 connections needs more than the usual 1024 or 20 000.
+        assert!(connections_fitting(20_000) < DEFAULT_MAX_CONNECTIONS as u64);
     }
 
     #[test]
