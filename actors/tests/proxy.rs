@@ -694,6 +694,17 @@ async fn aux_may_be_a_host_name() {
 }
 
 #[actix_rt::test]
+async fn ipv6_in_and_aux() {
+    let upstream = spawn_echo("::1");
+    let mut c = config(upstream, true);
+    c.listen = "::1".parse().unwrap();
+    c.aux = Some("::1".into());
+    let p = start(c).await;
+    assert!(p.local.is_ipv6());
+    assert_eq!(send_and_read_all(p.local, b"v6".to_vec()).await, b"v6");
+}
+
+#[actix_rt::test]
 async fn runs_on_an_arbiter_of_its_own() {
     let upstream = spawn_echo(LOCALHOST);
     let arbiter = actix::Arbiter::new();
