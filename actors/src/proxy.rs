@@ -20,8 +20,8 @@
 //! A connection that cannot be served (aux unset, refusing, or slower than the connect timeout)
 //! is reset at once, as a closed port would be, and counted as refused.
 //!
-//! Connections run as tasks on the thread of the actor's arbiter, so a caller that wants the proxy
-//! on its own thread starts it with `Proxy::start_in_arbiter`.
+//! Connections run as tasks on the thread of the actor's arbiter; [`Proxy::start_on`] puts the
+//! proxy on an arbiter of its own.
 
 #![forbid(unsafe_code)]
 
@@ -309,6 +309,7 @@ impl Proxy {
                 ),
             ));
         }
+        warn_if_fd_limit_is_low(config.max_connections);
         let mut listeners = Vec::with_capacity(config.ports.len());
         let mut local_addrs = Vec::with_capacity(config.ports.len());
         for &port in &config.ports {
@@ -347,6 +348,54 @@ impl Proxy {
     pub fn local_addrs(&self) -> Vec<SocketAddr> {
         self.local_addrs.clone()
     }
+
+    /// Binds and starts the proxy on `arbiter`'s thread, so that the sockets, the accepting and
+    /// every connection live on that thread and bulk traffic cannot delay the other actors.
+    /// Returns the actor's address and the bound addresses.
+    pub async fn start_on(
+        arbiter: &actix::ArbiterHandle,
+        config: ProxyConfig,
+        stats: Arc<ProxyStats>,
+    ) -> io::Result<(Addr<Proxy>, Vec<SocketAddr>)> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let spawned = arbiter.spawn(async move {
+            let started = Proxy::bind(config, stats).await.map(|proxy| {
+                let addrs = proxy.local_addrs();
+                (proxy.start(), addrs)
+            });
+            let _ = tx.send(started);
+        });
+        if !spawned {
+            return Err(io::Error::other("the proxy's arbiter has stopped"));
+        }
+        rx.await
+            .map_err(|_| io::Error::other("the proxy's arbiter stopped while binding"))?
+    }
+}
+
+/// Each connection holds two sockets; past the open-file limit `accept` fails with EMFILE and
+/// clients wait. Say so at start-up rather than under load.
+fn warn_if_fd_limit_is_low(max_connections: usize) {
+    use nix::sys::resource::{getrlimit, Resource};
+    if let Ok((soft, _)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        let fits = connections_fitting(soft);
+        if fits < max_connections as u64 {
+            tracing::warn!(
+                open_file_limit = soft,
+                max_connections,
+                "the open-file limit allows about {fits} pass-through connections; raise it \
+                 (ulimit -n, or proxy::raise_fd_limit) or lower max_connections"
+            );
+        }
+    }
+}
+
+/// Descriptors kept aside for everything else the process opens.
+const FD_RESERVE: u64 = 256;
+
+/// How many pass-through connections (two sockets each) an open-file limit leaves room for.
+fn connections_fitting(open_file_limit: u64) -> u64 {
+    open_file_limit.saturating_sub(FD_RESERVE) / 2
 }
 
 fn listen(addr: SocketAddr) -> io::Result<TcpListener> {
@@ -898,6 +947,15 @@ mod tests {
         assert!(check_reserved_ports(&[80, 443], &reserved).is_ok());
         let err = check_reserved_ports(&[80, 9100], &reserved).unwrap_err();
         assert!(err.contains("port 9100 is MIG's own mon_port"), "{err}");
+    }
+
+    #[test]
+    fn fd_limit_room() {
+        assert_eq!(connections_fitting(20_000), 9_872);
+        assert_eq!(connections_fitting(1024), 384);
+        assert_eq!(connections_fitting(100), 0);
+        // The default limit of 10 000 connections needs more than the usual 1024 or 20 000.
+        assert!(connections_fitting(20_000) < DEFAULT_MAX_CONNECTIONS as u64);
     }
 
     #[test]

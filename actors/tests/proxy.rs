@@ -694,6 +694,34 @@ async fn aux_may_be_a_host_name() {
 }
 
 #[actix_rt::test]
+async fn ipv6_in_and_aux() {
+    let upstream = spawn_echo("::1");
+    let mut c = config(upstream, true);
+    c.listen = "::1".parse().unwrap();
+    c.aux = Some("::1".into());
+    let p = start(c).await;
+    assert!(p.local.is_ipv6());
+    assert_eq!(send_and_read_all(p.local, b"v6".to_vec()).await, b"v6");
+}
+
+#[actix_rt::test]
+async fn runs_on_an_arbiter_of_its_own() {
+    let upstream = spawn_echo(LOCALHOST);
+    let arbiter = actix::Arbiter::new();
+    let stats = Arc::new(ProxyStats::new());
+    let (addr, locals) = Proxy::start_on(&arbiter.handle(), config(upstream, true), stats.clone())
+        .await
+        .expect("start the proxy on its arbiter");
+    assert_eq!(
+        send_and_read_all(locals[0], b"there".to_vec()).await,
+        b"there"
+    );
+    assert_eq!(stats.snapshot()[0].total, 1);
+    addr.send(Shutdown).await.unwrap();
+    arbiter.stop();
+}
+
+#[actix_rt::test]
 async fn bind_error_names_the_port() {
     let (_taken, addr) = bind_upstream(LOCALHOST, 0);
     let c = ProxyConfig::new(addr.ip(), Some(LOCALHOST.into()), vec![addr.port()]);
