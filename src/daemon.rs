@@ -58,7 +58,11 @@ fn open_book(props: &Properties) -> Result<OpBook, Fatal> {
 
 /// Binds the GUI and mon ports, logs where they are, and serves until SIGTERM/SIGINT. On the
 /// signal the proxy (when there is one) closes its listeners and drains while the GUI finishes.
-async fn listen_and_serve(props: &Properties, shared: Shared, proxy: Option<Addr<Proxy>>) -> Result<(), Fatal> {
+async fn listen_and_serve(
+    props: &Properties,
+    shared: Shared,
+    proxy: Option<Addr<Proxy>>,
+) -> Result<(), Fatal> {
     let gui = bind("httpd", SocketAddr::new(props.listen, props.port_no))?;
     let mon = bind("mon", SocketAddr::new(props.listen, props.mon_port))?;
     let addr = |l: &TcpListener| l.local_addr().map(|a| a.to_string()).unwrap_or_default();
@@ -92,14 +96,18 @@ async fn start_proxy(props: &Properties) -> Result<Option<Addr<Proxy>>, Fatal> {
     cfg.connect_timeout = props.connect_timeout;
     cfg.idle_timeout = props.idle_timeout;
     cfg.drain = props.drain_timeout;
-    let proxy = Proxy::bind(cfg, Arc::new(ProxyStats::new()))
+    // On an arbiter (thread) of its own, so bulk traffic cannot delay the GUI or the actors.
+    let arbiter = actix::Arbiter::new();
+    let (proxy, _addrs) = Proxy::start_on(&arbiter.handle(), cfg, Arc::new(ProxyStats::new()))
         .await
         .map_err(|e| fatal(format!("pass-through did not start: {e}")))?;
     match &props.aux {
         Some(aux) => tracing::info!(ports = ?props.passthrough, %aux, "passing through"),
-        None => tracing::warn!(ports = ?props.passthrough, "aux is not set: pass-through connections are closed at once"),
+        None => {
+            tracing::warn!(ports = ?props.passthrough, "aux is not set: pass-through connections are closed at once")
+        }
     }
-    Ok(Some(proxy.start()))
+    Ok(Some(proxy))
 }
 
 /// `mig serve`.

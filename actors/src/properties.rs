@@ -410,7 +410,7 @@ impl<'a> Typed<'a> {
                 )
             }
         });
-        let passthrough = self.get("passthrough", Vec::new(), parse_passthrough);
+        let passthrough = self.get("passthrough", Vec::new(), crate::proxy::parse_passthrough);
         let grid = self.get("grid", None, |s| {
             if s.is_empty() {
                 Ok(None)
@@ -519,35 +519,6 @@ fn is_host_name(s: &str) -> bool {
         })
 }
 
-/// Parses a pass-through port list: `80,443,5000-5010`. Empty means none. Each port 1-65535,
-/// ranges low-high; the result is sorted and without repeats.
-pub fn parse_passthrough(s: &str) -> Result<Vec<u16>, String> {
-    let mut ports = Vec::new();
-    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-        let one = |p: &str| -> Result<u16, String> {
-            match p.trim().parse::<u16>() {
-                Ok(n) if n > 0 => Ok(n),
-                _ => Err(format!(
-                    "{part:?} is not a port or range: use ports 1-65535 and ranges like 5000-5010"
-                )),
-            }
-        };
-        match part.split_once('-') {
-            Some((lo, hi)) => {
-                let (lo, hi) = (one(lo)?, one(hi)?);
-                if lo > hi {
-                    return Err(format!("range {part:?} runs backwards: write it low-high"));
-                }
-                ports.extend(lo..=hi);
-            }
-            None => ports.push(one(part)?),
-        }
-    }
-    ports.sort_unstable();
-    ports.dedup();
-    Ok(ports)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -646,7 +617,7 @@ mod tests {
             ("private_key_file=", "must name a file"),
             ("aux=not a host", "host name or an IP"),
             ("aux=-bad.example", "host name or an IP"),
-            ("passthrough=80,abc", "\"abc\" is not a port or range"),
+            ("passthrough=80,abc", "'abc' in item 2 is not a port number"),
             ("passthrough=90-80", "runs backwards"),
             ("passthrough=0", "is not a port"),
             ("grid=g 1", "must be a grid id"),
@@ -738,16 +709,6 @@ mod tests {
             problem: "x".into(),
         };
         assert!(!e.to_string().contains("hunter2"));
-    }
-
-    #[test]
-    fn passthrough_lists_and_ranges() {
-        assert_eq!(parse_passthrough("").unwrap(), Vec::<u16>::new());
-        assert_eq!(
-            parse_passthrough("443, 80,5000-5002,80").unwrap(),
-            vec![80, 443, 5000, 5001, 5002]
-        );
-        assert!(parse_passthrough("65536").is_err());
     }
 
     #[test]

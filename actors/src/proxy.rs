@@ -116,7 +116,7 @@ pub fn parse_passthrough(s: &str) -> Result<Vec<u16>, String> {
         let n = i + 1;
         if item.is_empty() {
             return Err(format!(
-                "passthrough: item {n} is empty (expected a port like 443 or a range like 5000-5010)"
+                "item {n} is empty (expected a port like 443 or a range like 5000-5010)"
             ));
         }
         let (lo, hi) = match item.split_once('-') {
@@ -129,7 +129,7 @@ pub fn parse_passthrough(s: &str) -> Result<Vec<u16>, String> {
                 let hi = parse_port(b.trim(), n)?;
                 if lo > hi {
                     return Err(format!(
-                        "passthrough: range '{item}' (item {n}) runs backwards; write {hi}-{lo}"
+                        "range '{item}' (item {n}) runs backwards; write {hi}-{lo}"
                     ));
                 }
                 (lo, hi)
@@ -138,7 +138,7 @@ pub fn parse_passthrough(s: &str) -> Result<Vec<u16>, String> {
         for p in lo..=hi {
             if !seen.insert(p) {
                 return Err(format!(
-                    "passthrough: port {p} is listed twice (again in '{item}', item {n})"
+                    "port {p} is listed twice (again in '{item}', item {n})"
                 ));
             }
             ports.push(p);
@@ -149,27 +149,12 @@ pub fn parse_passthrough(s: &str) -> Result<Vec<u16>, String> {
 
 fn parse_port(text: &str, item: usize) -> Result<u16, String> {
     match text.parse::<u16>() {
-        Ok(0) => Err(format!(
-            "passthrough: port 0 in item {item} is not a port (use 1-65535)"
-        )),
+        Ok(0) => Err(format!("port 0 in item {item} is not a port (use 1-65535)")),
         Ok(p) => Ok(p),
         Err(_) => Err(format!(
-            "passthrough: '{text}' in item {item} is not a port number (use 1-65535)"
+            "'{text}' in item {item} is not a port number (use 1-65535)"
         )),
     }
-}
-
-/// Rejects a pass-through list that would proxy one of MIG's own ports (the GUI's `port_no`, the
-/// `mon_port`): those are never passed through. `reserved` pairs a property name with its port.
-pub fn check_reserved_ports(ports: &[u16], reserved: &[(&str, u16)]) -> Result<(), String> {
-    for (name, port) in reserved {
-        if ports.contains(port) {
-            return Err(format!(
-                "passthrough: port {port} is MIG's own {name}; remove it from passthrough or change {name}"
-            ));
-        }
-    }
-    Ok(())
 }
 
 /// Live counters of the proxy, per listening port, shared with whoever exports them (the mon
@@ -939,14 +924,6 @@ mod tests {
             let err = parse_passthrough(input).unwrap_err();
             assert!(err.contains(want), "{input:?}: got {err:?}, want {want:?}");
         }
-    }
-
-    #[test]
-    fn reserved_ports_are_refused() {
-        let reserved = [("port_no", 8080), ("mon_port", 9100)];
-        assert!(check_reserved_ports(&[80, 443], &reserved).is_ok());
-        let err = check_reserved_ports(&[80, 9100], &reserved).unwrap_err();
-        assert!(err.contains("port 9100 is MIG's own mon_port"), "{err}");
     }
 
     #[test]
