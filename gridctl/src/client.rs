@@ -65,7 +65,13 @@ pub fn main(state: &Path) -> i32 {
                 progress_on_stdout,
             };
             match import_app(state, &opts) {
-                Ok(()) => OK,
+                Ok(()) => {
+                    // With --progress_on_stdout, stdout carries progress lines only.
+                    if !progress_on_stdout {
+                        println!("imported {app} from {remote} as {new_name}; it is stopped");
+                    }
+                    OK
+                }
                 Err(e) => {
                     eprintln!(
                         "gridctl: app migrate: cannot import {} from {} as {}: {e}",

@@ -56,12 +56,16 @@ fn kvstore_data_written_on_g1_is_read_on_g2_after_migrate() {
         3 << 20
     );
     // --novols: the descriptor and empty volumes of the same size.
-    lab.ok(
+    let out = lab.ok(
         2,
         &format!(
             "app migrate {} shop .name=shell --import --novols in_ip={ip2}",
             lab.controller(1)
         ),
+    );
+    assert!(
+        out.contains("imported shop from") && out.contains("as shell"),
+        "{out}"
     );
     let info = lab.ok(2, "app info shell --batch");
     assert_eq!(
