@@ -409,7 +409,15 @@ impl Daemon {
         let mut children = JoinSet::new();
         for (cname, argv, env) in plans {
             let mut cmd = tokio::process::Command::new(&argv[0]);
+            // Components get a clean environment, as on a real grid: nothing of whoever started
+            // the daemon (a test runner's MIG_* variables, say) leaks into an application.
             cmd.args(&argv[1..])
+                .env_clear()
+                .env(
+                    "PATH",
+                    std::env::var_os("PATH").unwrap_or_else(|| DEFAULT_PATH.into()),
+                )
+                .env("HOME", "/root")
                 .envs(env)
                 .current_dir(&dir)
                 .stdin(Stdio::null())
@@ -794,6 +802,8 @@ impl Daemon {
         }
     }
 }
+
+const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 fn group_exists(pgid: i32) -> bool {
     pgid > 0 && killpg(Pid::from_raw(pgid), None).is_ok()

@@ -77,6 +77,10 @@
 //! application's name, `${vol:NAME}` a volume's absolute path, `${gridctl}` this executable,
 //! `${state}` the state directory, `${PROP}` a property, then `${VAR}` from `STATE/grid.toml`.
 //! Commands are argument vectors, never shell lines: a property value stays one argument.
+//! A component runs in the application's directory with a clean environment: `PATH`,
+//! `HOME=/root` and its `env`; stdout and stderr go to `STATE/apps/NAME/log`. All components of
+//! an application form one process group: `stop` sends it SIGTERM, then SIGKILL after the largest
+//! `stop_timeout_secs`; any component exiting makes the application `failed`.
 //! The descriptor keeps the template's components and volumes, so an application migrates to a
 //! grid that lacks its template.
 //!
