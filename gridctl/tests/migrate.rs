@@ -171,3 +171,57 @@ fn refusals_source_running_new_exists_unknown_remote() {
     let r = lab.ssh(1, "peer export shop");
     assert_eq!(r.code, 2, "{r:?}");
 }
+
+#[test]
+fn a_changed_host_key_or_a_dead_source_controller_fails_with_ssh_s_reason() {
+    let lab = Lab::up(2, 128);
+    lab.ok(
+        1,
+        &format!("app provision kvstore shop in_ip={}", lab.ip(1, 10)),
+    );
+    lab.ok(1, "app stop shop");
+    let ctl = lab.controller(1);
+    // g2 pins a different host key for g1: the pull is refused by ssh itself.
+    let kh = lab.state(2).join("peer/known_hosts");
+    let pinned = std::fs::read_to_string(&kh).unwrap();
+    let other_key = std::fs::read_to_string(lab.dir().join("mig/private.key.pub")).unwrap();
+    let forged: String = pinned
+        .lines()
+        .map(|l| {
+            if l.starts_with(&format!("[{}]", lab.ip(1, 1))) {
+                let key: Vec<&str> = other_key.split_whitespace().take(2).collect();
+                format!("[{}]:2222 {}\n", lab.ip(1, 1), key.join(" "))
+            } else {
+                format!("{l}\n")
+            }
+        })
+        .collect();
+    std::fs::write(&kh, forged).unwrap();
+    let r = lab.ssh(2, &format!("app migrate {ctl} shop .name=shop2 --import"));
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(r.stderr.contains("Host key verification failed"), "{r:?}");
+    assert!(!lab.app_dir(2, "shop2").exists());
+    std::fs::write(&kh, pinned).unwrap();
+    // g1's sshd is gone: the reason is ssh's, within seconds.
+    let pid: i32 = std::fs::read_to_string(lab.dir().join("g1/sshd.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while std::net::TcpStream::connect(&ctl).is_ok() {
+        assert!(std::time::Instant::now() < deadline, "sshd did not stop");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let t = std::time::Instant::now();
+    let r = lab.ssh(2, &format!("app migrate {ctl} shop .name=shop2 --import"));
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(r.stderr.contains("Connection refused"), "{r:?}");
+    assert!(t.elapsed() < std::time::Duration::from_secs(10));
+    assert_eq!(lab.ok(2, "app list --batch"), "");
+}
