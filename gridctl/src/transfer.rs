@@ -20,7 +20,7 @@
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufRead, Read, Write};
 use std::os::unix::fs::{FileExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -638,14 +638,6 @@ pub fn imported_record(
     rec.name = new_name.to_string();
     model::apply_props(new_name, &mut rec.props, overrides)?;
     Ok(rec)
-}
-
-/// Paths of the volumes of an application directory (for tests and tools).
-pub fn volume_paths(app_dir: &Path, rec: &AppRecord) -> Vec<PathBuf> {
-    rec.volumes
-        .iter()
-        .map(|v| model::volume_path(app_dir, &v.name))
-        .collect()
 }
 
 #[cfg(test)]
