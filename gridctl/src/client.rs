@@ -358,14 +358,14 @@ fn pull(state: &Path, o: &ImportOpts, app_dir: &Path) -> Result<crate::model::Ap
     });
     let mut r = BufReader::with_capacity(1 << 20, child.stdout.take().expect("piped"));
     let stdout = io::stdout();
-    let mut print = |done: u64, total: u64| {
+    let mut print = |done: u64, total: u64| -> io::Result<()> {
         let mut out = stdout.lock();
-        let _ = writeln!(out, "progress {done} {total}");
-        let _ = out.flush();
+        writeln!(out, "progress {done} {total}")?;
+        out.flush()
     };
     let mut progress = transfer::Progress::new(
         o.progress_on_stdout
-            .then_some(&mut print as &mut dyn FnMut(u64, u64)),
+            .then_some(&mut print as transfer::ProgressSink),
     );
     let res = (|| -> Result<crate::model::AppRecord, String> {
         let header = transfer::read_header(&mut r).map_err(|e| e.to_string())?;
@@ -385,7 +385,7 @@ fn pull(state: &Path, o: &ImportOpts, app_dir: &Path) -> Result<crate::model::Ap
     let remote_err = remote_err.trim().trim_start_matches("gridctl: ");
     match res {
         Ok(rec) if status.success() => {
-            progress.emit();
+            progress.emit().map_err(|e| e.to_string())?;
             Ok(rec)
         }
         Ok(_) => Err(format!("the source grid failed: {remote_err}")),

@@ -356,38 +356,50 @@ fn export_dir(root: &Path, fault: &mut Fault, out: &mut dyn Write) -> io::Result
     out.write_all(h.finalize().as_bytes())
 }
 
-/// Progress of an import, reported at most every 250 ms.
+/// Where progress goes; an error means whoever asked for it is gone.
+pub type ProgressSink<'a> = &'a mut dyn FnMut(u64, u64) -> io::Result<()>;
+
+/// Progress of an import, reported at most every 250 ms. When the sink fails (the SSH client
+/// that asked for `--progress_on_stdout` went away), the import fails too: nobody would learn
+/// of a copy that completed after its requester gave up.
 pub struct Progress<'a> {
     pub done: u64,
     pub total: u64,
     last: Option<Instant>,
-    sink: Option<&'a mut dyn FnMut(u64, u64)>,
+    /// The least time between two reports.
+    every: Duration,
+    sink: Option<ProgressSink<'a>>,
 }
 
 impl<'a> Progress<'a> {
-    pub fn new(sink: Option<&'a mut dyn FnMut(u64, u64)>) -> Self {
+    pub fn new(sink: Option<ProgressSink<'a>>) -> Self {
         Progress {
             done: 0,
             total: 0,
             last: None,
+            every: Duration::from_millis(250),
             sink,
         }
     }
 
-    fn add(&mut self, n: u64) {
+    fn add(&mut self, n: u64) -> io::Result<()> {
         self.done += n;
-        if self
-            .last
-            .is_none_or(|t| t.elapsed() >= Duration::from_millis(250))
-        {
-            self.emit();
+        if self.last.is_none_or(|t| t.elapsed() >= self.every) {
+            self.emit()?;
         }
+        Ok(())
     }
 
-    pub fn emit(&mut self) {
+    pub fn emit(&mut self) -> io::Result<()> {
         self.last = Some(Instant::now());
-        if let Some(s) = self.sink.as_mut() {
-            s(self.done, self.total);
+        match self.sink.as_mut() {
+            Some(s) => s(self.done, self.total).map_err(|e| {
+                io::Error::new(
+                    e.kind(),
+                    format!("the client went away (writing progress: {e})"),
+                )
+            }),
+            None => Ok(()),
         }
     }
 }
@@ -446,7 +458,7 @@ pub fn import_volumes(
     } else {
         0
     };
-    progress.emit();
+    progress.emit()?;
     for v in &header.volumes {
         dialect::AppName::new(&v.name).map_err(|e| bad(e.to_string()))?;
         let p = model::volume_path(app_dir, &v.name);
@@ -520,7 +532,7 @@ fn import_file(
                         _ => return Err(bad(format!("bad codec {codec}"))),
                     };
                     pos = off + raw as u64;
-                    progress.add(raw as u64);
+                    progress.add(raw as u64)?;
                     let data = Arc::new(data);
                     hasher.feed(off, &data)?;
                     if tx.send((off, data)).is_err() {
@@ -613,7 +625,7 @@ fn import_dir(r: &mut dyn Read, root: &Path, progress: &mut Progress) -> io::Res
                     h.update(&buf[..k]);
                     f.write_all(&buf[..k])?;
                     left -= k as u64;
-                    progress.add(k as u64);
+                    progress.add(k as u64)?;
                 }
                 f.sync_all()?;
                 fs::set_permissions(&p, fs::Permissions::from_mode(mode & 0o7777))?;
@@ -695,7 +707,10 @@ mod tests {
         let mut r = io::BufReader::new(&wire[..]);
         let h = read_header(&mut r).unwrap();
         let mut lines = Vec::new();
-        let mut sink = |a, b| lines.push((a, b));
+        let mut sink = |a, b| {
+            lines.push((a, b));
+            Ok(())
+        };
         let mut p = Progress::new(Some(&mut sink));
         let res = import_volumes(&mut r, &h, &dst, &mut p);
         let _ = p;
@@ -751,6 +766,30 @@ mod tests {
         }
         let off = Adapt::new(false);
         assert!(!off.compress_next());
+    }
+
+    #[test]
+    fn an_import_stops_when_its_progress_reader_is_gone() {
+        let (d, rec) = setup();
+        let mut wire = Vec::new();
+        export(&d.path().join("src"), &rec, false, true, None, &mut wire).unwrap();
+        let dst = d.path().join("dst");
+        fs::create_dir_all(dst.join("vols")).unwrap();
+        let mut r = io::BufReader::new(&wire[..]);
+        let h = read_header(&mut r).unwrap();
+        let mut calls = 0;
+        let mut sink = |_, _| {
+            calls += 1;
+            if calls > 1 {
+                Err(io::Error::from(io::ErrorKind::BrokenPipe))
+            } else {
+                Ok(())
+            }
+        };
+        let mut p = Progress::new(Some(&mut sink));
+        p.every = Duration::ZERO;
+        let e = import_volumes(&mut r, &h, &dst, &mut p).unwrap_err();
+        assert!(e.to_string().contains("the client went away"), "{e}");
     }
 
     #[test]

@@ -225,3 +225,59 @@ fn a_changed_host_key_or_a_dead_source_controller_fails_with_ssh_s_reason() {
     assert!(t.elapsed() < std::time::Duration::from_secs(10));
     assert_eq!(lab.ok(2, "app list --batch"), "");
 }
+
+#[test]
+fn an_import_whose_client_went_away_leaves_nothing() {
+    let lab = Lab::up(2, 130);
+    lab.write_template(1, "blob", "[[volumes]]\nname = \"data\"\nsize = \"512M\"\n");
+    lab.ok(1, "app provision blob b");
+    lab.ok(1, "app stop b");
+    let st = std::process::Command::new("dd")
+        .args([
+            "if=/dev/urandom",
+            "bs=1M",
+            "count=256",
+            "conv=notrunc",
+            "status=none",
+        ])
+        .arg(format!(
+            "of={}",
+            lab.app_dir(1, "b").join("vols/data").display()
+        ))
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let mut client = std::process::Command::new("ssh")
+        .arg("-F")
+        .arg(lab.dir().join("ssh_config"))
+        .arg("g2")
+        .arg(format!(
+            "app migrate {} b .name=b2 --import --nocompress --progress_on_stdout",
+            lab.controller(1)
+        ))
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(client.stdout.as_mut().unwrap()),
+        &mut first,
+    )
+    .unwrap();
+    assert!(first.starts_with("progress 0 "), "{first}");
+    client.kill().unwrap();
+    client.wait().unwrap();
+    // The import notices at its next progress line and removes its partial copy.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while lab.app_dir(2, "b2").exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "partial import left behind"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    assert_eq!(lab.ok(2, "app list --batch"), "");
+    // The source is released: it starts again.
+    lab.ok(1, "app start b");
+}
