@@ -84,7 +84,10 @@ async fn listen_and_serve(
 }
 
 /// Starts the pass-through listeners for `passthrough` on `listen`, to `aux`.
-async fn start_proxy(props: &Properties) -> Result<Option<Addr<Proxy>>, Fatal> {
+async fn start_proxy(
+    props: &Properties,
+    stats: Arc<ProxyStats>,
+) -> Result<Option<Addr<Proxy>>, Fatal> {
     if props.passthrough.is_empty() {
         return Ok(None);
     }
@@ -98,7 +101,7 @@ async fn start_proxy(props: &Properties) -> Result<Option<Addr<Proxy>>, Fatal> {
     cfg.drain = props.drain_timeout;
     // On an arbiter (thread) of its own, so bulk traffic cannot delay the GUI or the actors.
     let arbiter = actix::Arbiter::new();
-    let (proxy, _addrs) = Proxy::start_on(&arbiter.handle(), cfg, Arc::new(ProxyStats::new()))
+    let (proxy, _addrs) = Proxy::start_on(&arbiter.handle(), cfg, stats)
         .await
         .map_err(|e| fatal(format!("pass-through did not start: {e}")))?;
     match &props.aux {
@@ -112,6 +115,8 @@ async fn start_proxy(props: &Properties) -> Result<Option<Addr<Proxy>>, Fatal> {
 
 /// `mig serve`.
 pub async fn serve(props: Properties) -> Result<(), Fatal> {
+    // Before the actors start: what they record before a recorder exists is lost.
+    crate::metrics::install();
     site::run_rc_local(&props.config_dir).await.map_err(fatal)?;
     let site = Site::inspect(props);
     for p in &site.problems {
@@ -169,7 +174,11 @@ pub async fn serve(props: Properties) -> Result<(), Fatal> {
     let mut shared = Shared::new(Some(site), book, vec![Role::Source, Role::Target]);
     shared.handoff = handoff;
     shared.source = source;
-    let proxy = start_proxy(&props).await?;
+    let stats = Arc::new(ProxyStats::new());
+    let proxy = start_proxy(&props, stats.clone()).await?;
+    if proxy.is_some() {
+        shared.proxy_stats = Some(stats);
+    }
     listen_and_serve(&props, shared, proxy).await
 }
 
@@ -179,6 +188,7 @@ fn read(path: &Path) -> Result<String, Fatal> {
 
 /// `mig helper`: MigHelper for the one operation named in `MIG_HELPER_ENV`.
 pub async fn helper(mut props: Properties, env: Option<String>) -> Result<(), Fatal> {
+    crate::metrics::install();
     let env = env.ok_or_else(|| Fatal {
         code: 2,
         message: format!("{HELPER_ENV_VAR} is not set: mig helper runs only as the MigHelper application that MIG provisions"),

@@ -4,6 +4,7 @@
 //! server over real sockets, and `main` can report a port that cannot be bound before anything starts.
 
 use std::net::TcpListener;
+use std::sync::Arc;
 use std::time::Duration;
 
 use actix::{Addr, Recipient};
@@ -16,6 +17,7 @@ use actors::auth::{GuiCredentials, Signed};
 use actors::book::OpBook;
 use actors::handoff::Handoff;
 use actors::op::Role;
+use actors::proxy::ProxyStats;
 use actors::source::{Source, StartOp};
 use serde::{Deserialize, Serialize};
 use subtle::ConstantTimeEq;
@@ -46,6 +48,8 @@ pub struct Shared {
     /// The roles this instance plays; its event streams end when the operation moves on.
     pub roles: Vec<Role>,
     pub csrf_token: String,
+    /// The pass-through counters, for `/metrics`.
+    pub proxy_stats: Option<Arc<ProxyStats>>,
 }
 
 impl Shared {
@@ -61,6 +65,7 @@ impl Shared {
             handoff: None,
             roles,
             csrf_token: actors::op::new_id(),
+            proxy_stats: None,
         }
     }
 }
@@ -72,6 +77,8 @@ pub async fn run(
     mon: TcpListener,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
+    // Before anything records: a metric recorded before the recorder exists is lost.
+    crate::metrics::install();
     let shared = aw::Data::new(shared);
 
     let gui_shared = shared.clone();
@@ -102,6 +109,8 @@ pub async fn run(
         App::new()
             .app_data(mon_shared.clone())
             .route("/healthz", aw::get().to(healthz))
+            .route("/readyz", aw::get().to(readyz))
+            .route("/metrics", aw::get().to(metrics))
     })
     .workers(1)
     .disable_signals()
@@ -342,4 +351,31 @@ async fn handoff(req: HttpRequest, shared: aw::Data<Shared>, body: aw::Bytes) ->
 /// `GET /healthz` on mon: the process is alive and serving.
 async fn healthz() -> HttpResponse {
     HttpResponse::Ok().json(serde_json::json!({"status": "alive"}))
+}
+
+/// `GET /readyz` on mon: 200 when this instance can do its job (configuration loaded, its grid
+/// known, GUI bound, journal writable), else 503 with what is wrong.
+async fn readyz(shared: aw::Data<Shared>) -> HttpResponse {
+    let mut problems = Vec::new();
+    if let Some(site) = &shared.site {
+        if let Some(why) = site.operations_unavailable() {
+            problems.push(why);
+        }
+    }
+    if let Err(e) = shared.book.journal().probe() {
+        problems.push(format!("the journal is not writable: {e}"));
+    }
+    let body = serde_json::json!({"ready": problems.is_empty(), "problems": problems});
+    if problems.is_empty() {
+        HttpResponse::Ok().json(body)
+    } else {
+        HttpResponse::ServiceUnavailable().json(body)
+    }
+}
+
+/// `GET /metrics` on mon: Prometheus text.
+async fn metrics(shared: aw::Data<Shared>) -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type("text/plain; version=0.0.4")
+        .body(crate::metrics::render(shared.proxy_stats.as_deref()))
 }

@@ -40,6 +40,22 @@ fn get(url: &str, key: &str) -> Option<Vec<u8>> {
     out.status.success().then_some(out.stdout)
 }
 
+fn scrape(url: &str) -> String {
+    let out = std::process::Command::new("curl")
+        .args(["-fsS", "--max-time", "5", url])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "GET {url}");
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// The value of one sample in Prometheus text, by its exact name and labels.
+fn metric(text: &str, key: &str) -> Option<f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
 fn names(apps: &[(String, String)]) -> Vec<(&str, &str)> {
     apps.iter().map(|(n, s)| (n.as_str(), s.as_str())).collect()
 }
@@ -145,6 +161,41 @@ fn migrate_then_snapshot_keep_every_byte_and_leave_nothing_behind() {
         "{copy}"
     );
     assert_eq!(copy["bytes_done"], copy["bytes_total"]);
+
+    // The target MIG's metrics: exactly this one operation ended there, its three clean-up steps
+    // timed, and the data read through its pass-through counted.
+    let metrics = scrape(&format!("http://{}:9480/metrics", lab.ip(2, 10)));
+    assert_eq!(
+        metric(
+            &metrics,
+            r#"mig_operations_ended_total{kind="migrate",state="succeeded"}"#
+        ),
+        Some(1.0),
+        "{metrics}"
+    );
+    assert_eq!(
+        metric(&metrics, r#"mig_operations_started_total{kind="migrate"}"#),
+        None,
+        "the target started nothing"
+    );
+    for step in [
+        "destroying the source application",
+        "stopping MigHelper",
+        "destroying MigHelper",
+    ] {
+        let key = format!(r#"mig_step_duration_seconds_count{{step="{step}",state="done"}}"#);
+        assert_eq!(metric(&metrics, &key), Some(1.0), "{key}\n{metrics}");
+    }
+    let read = metric(
+        &metrics,
+        r#"mig_proxy_bytes_total{port="8000",direction="out"}"#,
+    )
+    .unwrap_or(0.0);
+    assert!(
+        read >= value.len() as f64,
+        "pass-through bytes to clients: {read}\n{metrics}"
+    );
+    assert!(metric(&metrics, "mig_process_resident_memory_bytes").unwrap() > 0.0);
 
     // Snapshot g2 -> g3: a stopped copy there, the source running on.
     put(&lab.data_url(2), "after-move", b"written on g2");

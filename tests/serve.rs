@@ -327,3 +327,60 @@ fn bad_properties_stop_serve_with_exit_2_and_one_line_each() {
         ]
     );
 }
+
+#[actix_rt::test]
+async fn readiness_says_what_is_wrong_and_metrics_answer() {
+    let dir = config_dir();
+    let (_gui, mon, token, task) = start_in_process(dir.path(), &["grid=g1"]);
+    let r = reqwest::get(format!("{mon}/readyz")).await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.json::<serde_json::Value>().await.unwrap()["ready"], true);
+
+    // The journal's directory becomes a file: not ready, and the body says why.
+    let ops = state_dir(dir.path()).join("ops");
+    std::fs::remove_dir_all(&ops).unwrap();
+    std::fs::write(&ops, "not a directory").unwrap();
+    let r = reqwest::get(format!("{mon}/readyz")).await.unwrap();
+    assert_eq!(r.status(), 503);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["ready"], false);
+    assert!(
+        body["problems"][0]
+            .as_str()
+            .unwrap()
+            .contains("journal is not writable"),
+        "{body}"
+    );
+
+    let text = reqwest::get(format!("{mon}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        text.contains("# TYPE mig_process_resident_memory_bytes gauge"),
+        "{text}"
+    );
+    assert!(text.contains(r#"mig_build_info{version=""#), "{text}");
+    token.cancel();
+    task.await.unwrap().unwrap();
+}
+
+#[actix_rt::test]
+async fn readiness_is_false_while_the_own_grid_is_unknown() {
+    let dir = config_dir();
+    let (_gui, mon, token, task) = start_in_process(dir.path(), &[]);
+    let r = reqwest::get(format!("{mon}/readyz")).await.unwrap();
+    assert_eq!(r.status(), 503);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert!(
+        body["problems"][0]
+            .as_str()
+            .unwrap()
+            .contains("cannot match itself"),
+        "{body}"
+    );
+    token.cancel();
+    task.await.unwrap().unwrap();
+}

@@ -90,6 +90,10 @@ impl OpState {
     pub fn is_running(self) -> bool {
         self == OpState::Running
     }
+
+    pub fn is_final(self) -> bool {
+        !self.is_running()
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -172,6 +176,31 @@ pub struct Op {
     pub version: u64,
     /// The sequence number of the last handoff; each handoff signs a higher one.
     pub seq: u64,
+}
+
+/// How long a finished step took, in seconds.
+pub fn duration(step: &Step) -> Option<f64> {
+    let start = humantime::parse_rfc3339(step.started_at.as_deref()?).ok()?;
+    let end = humantime::parse_rfc3339(step.ended_at.as_deref()?).ok()?;
+    Some(end.duration_since(start).ok()?.as_secs_f64())
+}
+
+/// Bytes per second of a migrating step in progress.
+pub fn copy_rate(op: &Op) -> Option<f64> {
+    let s = op
+        .monitors
+        .iter()
+        .flat_map(|m| &m.steps)
+        .find(|s| s.name == MIGRATING)?;
+    if s.state != StepState::Running {
+        return None;
+    }
+    let start = humantime::parse_rfc3339(s.started_at.as_deref()?).ok()?;
+    let secs = std::time::SystemTime::now()
+        .duration_since(start)
+        .ok()?
+        .as_secs_f64();
+    (secs > 0.0).then(|| s.bytes_done.unwrap_or(0) as f64 / secs)
 }
 
 /// Now, as RFC 3339 with milliseconds.
