@@ -121,6 +121,13 @@
     );
   }
 
+  // Set through the CSSOM: the page's CSP forbids inline style attributes.
+  function fill(pct) {
+    const f = node("div", { class: "fill" });
+    f.style.width = pct.toFixed(1) + "%";
+    return f;
+  }
+
   function stepProgress(s) {
     if (s.bytes_total === null || s.bytes_total === undefined) return null;
     const done = s.bytes_done || 0;
@@ -145,7 +152,7 @@
           "aria-valuemax": "100",
           "aria-valuenow": String(Math.floor(pct)),
         },
-        node("div", { class: "fill", style: "width:" + pct.toFixed(1) + "%" }),
+        fill(pct),
       ),
       node("div", { class: "figures" }, figures),
     );
@@ -277,7 +284,9 @@
         { id: "end-state" },
         op.state === "rolled_back"
           ? p.source_app + " runs on grid " + p.source_grid + " as before; nothing of it was lost. " +
-              p.target_app + " was not left on grid " + p.target_grid + "."
+              (op.leftovers && op.leftovers.length
+                ? "Part of the attempt is left over: see below."
+                : p.target_app + " was not left on grid " + p.target_grid + ".")
           : "The operation stopped after the cut-over: " + p.target_app + " is on grid " +
               p.target_grid + ". See what is left over below.",
       ),
