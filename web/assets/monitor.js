@@ -8,6 +8,7 @@
   const POLL_MS = 200;          // a step change reaches the page within about this
   const FETCH_TIMEOUT_MS = 1500; // a dead instance must not stall the others
   const RATE_WINDOW_MS = 5000;   // the transfer rate is measured over this much recent history
+  const WATCHDOG_MS = 1000;      // how often a page on a silent stream checks the other instances
 
   const main = document.getElementById("monitor");
   const opId = main.dataset.opId;
@@ -21,7 +22,7 @@
 
   let best = null;       // the newest copy of the operation seen
   let finished = false;  // the operation reached a final state
-  let source = null;     // the open EventSource
+  let stopStream = null; // closes the open stream, if any
   const samples = {};    // step name -> [{t, bytes}] for the rate
 
   const STATE_LABEL = {
@@ -335,7 +336,7 @@
     render();
     if (op.state !== "running") {
       finished = true;
-      if (source) { source.close(); source = null; }
+      if (stopStream) stopStream();
       el.following.textContent = "";
     }
     return true;
@@ -384,24 +385,33 @@
     return new Promise((resolve) => {
       let count = 0;
       const es = new EventSource(base + "/api/v1/ops/" + opId + "/events");
-      source = es;
       const onOp = (ev) => {
         count++;
         try { accept(JSON.parse(ev.data)); } catch (_) { /* a bad event is skipped */ }
-        if (finished) { es.close(); resolve(count); }
       };
       es.addEventListener("op", onOp);
       es.onmessage = onOp;
       es.onopen = () => {
         el.following.textContent = "Live from " + describe(base) + ".";
       };
-      // The server ends the stream when it no longer owns the operation; EventSource would
-      // reconnect to the same place, so close it and decide where to go next.
-      es.onerror = () => {
+      // An instance that lost the operation without a word (a hard stop, a cut link) may hold
+      // its stream open forever: every so often ask the others whether they know better.
+      const watchdog = setInterval(async () => {
+        const others = instances().filter((u) => u !== base);
+        const answers = await Promise.all(others.map(fetchOp));
+        answers.forEach((op) => accept(op));
+        if (!finished && best && ownerUrl(best) !== base) stop();
+      }, WATCHDOG_MS);
+      const stop = () => {
+        clearInterval(watchdog);
         es.close();
-        if (source === es) source = null;
+        if (stopStream === stop) stopStream = null;
         resolve(count);
       };
+      stopStream = stop;
+      // The server ends the stream when it no longer owns the operation; EventSource would
+      // reconnect to the same place, so close it and decide where to go next.
+      es.onerror = stop;
     });
   }
 
