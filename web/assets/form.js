@@ -68,7 +68,10 @@
     submit.disabled = true;
     submitHint.textContent = "Starting…";
     try {
-      const resp = await fetch("/api/v1/ops", {
+      // From the origin, not relative: a page opened as http://user:pass@host/ would otherwise
+      // build a URL with credentials, which fetch refuses. The browser still sends the
+      // credentials it holds for this origin.
+      const resp = await fetch(location.origin + "/api/v1/ops", {
         method: "POST",
         credentials: "same-origin",
         headers: { "Content-Type": "application/json", "X-Mig-Csrf": csrf },

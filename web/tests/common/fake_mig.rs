@@ -9,9 +9,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use actix_web::dev::ServerHandle;
+use actix_web::body::{BoxBody, MessageBody};
+use actix_web::dev::{ServerHandle, ServiceRequest, ServiceResponse};
 use actix_web::http::header;
 use actix_web::middleware::DefaultHeaders;
+use actix_web::middleware::{from_fn, Next};
 use actix_web::{web as aw, App, HttpRequest, HttpResponse, HttpServer};
 use actors::op::{Op, Role};
 use bytes::Bytes;
@@ -28,6 +30,10 @@ pub enum Copy {
 }
 
 pub const CSRF: &str = "csrf-6f1d2a";
+/// The GUI credentials when an instance asks for them (`username` set): admin / s3cret.
+pub const USER: &str = "admin";
+pub const PASSWORD: &str = "s3cret";
+const BASIC: &str = "Basic YWRtaW46czNjcmV0";
 
 struct State {
     role: Role,
@@ -39,6 +45,10 @@ struct State {
     started: Mutex<Vec<serde_json::Value>>,
     /// The id `POST /api/v1/ops` hands out.
     next_id: Mutex<String>,
+    /// Whether every route but the operation status ones needs [`USER`] and [`PASSWORD`].
+    auth: std::sync::atomic::AtomicBool,
+    /// Requests refused for want of credentials.
+    unauthorized: AtomicUsize,
 }
 
 pub struct Instance {
@@ -63,6 +73,8 @@ impl Instance {
             posts: AtomicUsize::new(0),
             started: Mutex::new(Vec::new()),
             next_id: Mutex::new(String::new()),
+            auth: std::sync::atomic::AtomicBool::new(false),
+            unauthorized: AtomicUsize::new(0),
         });
         let data = aw::Data::from(state.clone());
         let server = HttpServer::new(move || {
@@ -70,6 +82,7 @@ impl Instance {
                 .app_data(data.clone())
                 // The status routes are readable from any origin (DESIGN.md); the test serves
                 // everything with it, which only makes the page's own origin checks weaker.
+                .wrap(from_fn(require_credentials))
                 .wrap(DefaultHeaders::new().add((header::ACCESS_CONTROL_ALLOW_ORIGIN, "*")))
                 .configure(web::configure_assets)
                 .route("/", aw::get().to(index))
@@ -102,6 +115,15 @@ impl Instance {
         *self.state.next_id.lock().unwrap() = id.to_string();
     }
 
+    /// Asks for HTTP basic auth on every route except the operation status routes.
+    pub fn require_auth(&self) {
+        self.state.auth.store(true, Ordering::SeqCst);
+    }
+
+    pub fn unauthorized(&self) -> usize {
+        self.state.unauthorized.load(Ordering::SeqCst)
+    }
+
     pub fn posts(&self) -> usize {
         self.state.posts.load(Ordering::SeqCst)
     }
@@ -120,6 +142,30 @@ impl Instance {
         self.state.copy.send_replace(Copy::Dead);
         self.handle.stop(false).await;
     }
+}
+
+/// Basic auth as the real server does it: everything but `GET /api/v1/ops/{id}[/events]`, which
+/// the page reads across grids with only the operation id.
+async fn require_credentials(
+    req: ServiceRequest,
+    next: Next<impl MessageBody + 'static>,
+) -> Result<ServiceResponse<BoxBody>, actix_web::Error> {
+    let state = req.app_data::<aw::Data<State>>().expect("State").clone();
+    let status_route =
+        req.method() == actix_web::http::Method::GET && req.path().starts_with("/api/v1/ops/");
+    if state.auth.load(Ordering::SeqCst) && !status_route {
+        let given = req.headers().get(header::AUTHORIZATION);
+        if given.and_then(|v| v.to_str().ok()) != Some(BASIC) {
+            state.unauthorized.fetch_add(1, Ordering::SeqCst);
+            let resp = HttpResponse::Unauthorized()
+                .insert_header((header::WWW_AUTHENTICATE, r#"Basic realm="MIG""#))
+                .json(serde_json::json!({"error": "this MIG needs its GUI username and password"}));
+            return Ok(req.into_response(resp));
+        }
+    }
+    next.call(req)
+        .await
+        .map(ServiceResponse::map_into_boxed_body)
 }
 
 fn html(body: String) -> HttpResponse {

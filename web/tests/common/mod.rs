@@ -149,6 +149,31 @@ impl Browser {
         }
     }
 
+    /// Types `text` as key presses to whatever has the focus (WebDriver key codes such as
+    /// `\u{e004}` for Tab work too), the way a person at the keyboard would.
+    pub async fn keys(&self, text: &str) {
+        use fantoccini::actions::{InputSource, KeyAction, KeyActions};
+        let mut actions = KeyActions::new("keyboard".into());
+        for value in text.chars() {
+            actions = actions
+                .then(KeyAction::Down { value })
+                .then(KeyAction::Up { value });
+        }
+        self.client
+            .perform_actions(actions)
+            .await
+            .unwrap_or_else(|e| panic!("typing {text:?}: {e}"));
+    }
+
+    /// The id of the focused element.
+    pub async fn focused(&self) -> String {
+        self.js("return document.activeElement ? document.activeElement.id : ''")
+            .await
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    }
+
     pub async fn close(self) {
         // Ends the browser session cleanly; Drop kills whatever is left.
         let _ = self.client.clone().close().await;
