@@ -251,7 +251,10 @@
               : p.target_app + " runs on grid " + p.target_grid + "; " + p.source_app +
                   " is gone from grid " + p.source_grid + ".",
           ),
-          node("a", { id: "target-link", class: "big-link", href: p.final_mig_url }, linkText),
+          norm(p.final_mig_url)
+            ? node("a", { id: "target-link", class: "big-link", href: norm(p.final_mig_url) }, linkText)
+            : node("p", { id: "no-link" }, "The final MIG's address in the plan is not an http(s) URL: " +
+                String(p.final_mig_url)),
         ),
       );
       return;
@@ -312,6 +315,12 @@
       (op.kind === "snapshot" ? "Snapshot of " : "Migration of ") + p.source_app + " on grid " +
       p.source_grid + " to " + p.target_app + " on grid " + p.target_grid + ".";
     main.dataset.state = op.state;
+    document.title = {
+      running: "Running",
+      succeeded: "Done",
+      failed: "Failed",
+      rolled_back: "Rolled back",
+    }[op.state] + " · MIG operation " + opId.slice(0, 8);
     main.dataset.version = String(op.version);
     renderMonitors(op);
     // The live region speaks only when the summary changes, not on every byte count.
@@ -342,8 +351,11 @@
     return true;
   }
 
+  // Only http(s) URLs are followed or linked: the plan comes over the network, and a
+  // "javascript:" link would run in this page.
   function norm(url) {
-    return String(url || "").replace(/\/+$/, "");
+    const u = String(url || "").replace(/\/+$/, "");
+    return /^https?:\/\/[^\s]+$/i.test(u) ? u : "";
   }
 
   // The instances in the order the operation visits them.
@@ -425,6 +437,8 @@
   }
 
   // Polls every instance until one that owns the operation answers, and returns its URL.
+  let misses = 0;
+
   async function findOwner() {
     for (;;) {
       const bases = instances();
@@ -432,8 +446,13 @@
       answers.forEach((op) => accept(op));
       if (finished) return null;
       if (!best) {
-        el.summary.textContent = "Looking for operation " + opId.slice(0, 8) + "…";
-        await sleep(POLL_MS);
+        // Nobody knows this id yet: a mistyped link, or an operation that is just starting.
+        misses++;
+        el.summary.textContent =
+          misses * POLL_MS < 5000
+            ? "Looking for operation " + opId.slice(0, 8) + "…"
+            : "This MIG knows no operation " + opId + ". Check the link; the page keeps looking.";
+        await sleep(misses * POLL_MS < 5000 ? POLL_MS : 1000);
         continue;
       }
       const owner = ownerUrl(best);

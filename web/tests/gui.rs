@@ -846,3 +846,68 @@ async fn the_form_refuses_bad_names_and_offers_what_mode_allows() {
     browser.screenshot("unavailable").await;
     browser.close().await;
 }
+
+#[actix_web::test]
+async fn what_comes_over_the_network_is_shown_as_text_and_never_linked_as_script() {
+    let _one = ONE_BROWSER.lock().await;
+    let trio = Trio::start().await;
+    let evil = "<img src=x onerror=\"document.title='pwned'\">";
+    let mut plan = trio.plan();
+    plan.final_mig_url = "javascript:document.title='pwned'".into();
+    plan.target_app = evil.into();
+    let mut op = Op::new(OP_ID.into(), Kind::Migrate, plan);
+    op.owner = Role::Target;
+    for name in all_steps(&op) {
+        op.start_step(&name);
+        op.finish_step(&name, Some(evil.into()));
+    }
+    op.leftovers = vec![evil.into()];
+    op.end(OpState::Succeeded, None);
+    trio.target.set(&op);
+
+    let browser = Browser::start().await;
+    let c = &browser.client;
+    c.goto(&format!("{}/ops/{OP_ID}", trio.target.url))
+        .await
+        .unwrap();
+    browser
+        .wait_for(
+            "the finished operation",
+            Duration::from_secs(5),
+            "return document.getElementById('monitor').dataset.state === 'succeeded'",
+        )
+        .await;
+    let shown = browser
+        .js(r#"return {
+            imgs: document.querySelectorAll('img').length,
+            link: document.getElementById('target-link'),
+            noLink: document.getElementById('no-link').textContent,
+            detail: document.querySelector('.step .detail').textContent,
+            title: document.title,
+        }"#)
+        .await;
+    assert_eq!(shown["imgs"], 0);
+    assert_eq!(shown["link"], Value::Null, "no javascript: link");
+    assert!(shown["noLink"]
+        .as_str()
+        .unwrap()
+        .contains("not an http(s) URL"));
+    assert_eq!(shown["detail"], evil);
+    assert_eq!(shown["title"], "Done · MIG operation 5f0c1e9a");
+
+    // An id nobody knows: the page says it is looking rather than showing nothing.
+    c.goto(&format!(
+        "{}/ops/00000000000000000000000000000000",
+        trio.target.url
+    ))
+    .await
+    .unwrap();
+    browser
+        .wait_for(
+            "the page to say it is looking",
+            Duration::from_secs(3),
+            "return document.getElementById('summary').textContent.startsWith('Looking for operation 00000000')",
+        )
+        .await;
+    browser.close().await;
+}
