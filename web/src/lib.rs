@@ -4,7 +4,26 @@
 //! Pages are rendered by pure functions ([`index_page`], [`monitor_page`]) from plain data, and the
 //! script and style are embedded in the binary ([`asset`]): the grids may be offline, so there is no
 //! build step, no CDN and no external font. The pages carry no inline script, so the server can send
-//! [`CONTENT_SECURITY_POLICY`].
+//! [`CONTENT_SECURITY_POLICY`] (as [`html_response`] does).
+//!
+//! # Wiring it into the server
+//!
+//! - `GET /` → `html_response(index_page(&ctx))`; `ctx.csrf_token` is a random secret of the
+//!   process, and `POST /api/v1/ops` refuses (403 `{error}`) a request whose [`CSRF_HEADER`] does
+//!   not match it (compare in constant time). The page posts JSON `{kind, target_app,
+//!   target_grid}` to `location.origin + "/api/v1/ops"` with the browser's credentials, expects
+//!   202 `{id, monitor_url}` and goes to `monitor_url` (e.g. `/ops/{id}`); on 400/403/409 it
+//!   shows the body's `error` to the user, so write it for a person.
+//! - `GET /ops/{id}` → check the id with `actors::op::valid_id`, then
+//!   `html_response(monitor_page(id))`. `App::configure(web::configure_assets)` serves
+//!   `/static/*` (they reveal nothing, so they may skip authentication).
+//! - The monitor reads `GET /api/v1/ops/{id}` and `GET /api/v1/ops/{id}/events` on every instance
+//!   of the plan, cross-origin and without credentials: both need
+//!   `Access-Control-Allow-Origin: *` and no authentication. Each SSE event is `event: op` with
+//!   `data: <Op JSON>`; an instance ends the stream after the event that names another owner, or
+//!   once the op is final.
+//! - The page keeps the copy with the highest `version` and ignores older ones, so the receiver
+//!   of a handoff must continue the sender's `version`, never restart it.
 
 #![forbid(unsafe_code)]
 
@@ -60,6 +79,19 @@ pub fn asset(path: &str) -> Option<(&'static str, &'static [u8])> {
     Some((ctype, body.as_bytes()))
 }
 
+/// A page as an HTTP response, with the headers it is written for: the CSP, no sniffing, no
+/// caching (an op's page changes), and no referrer (the monitor URL holds the op id, which is
+/// what lets a reader see the operation).
+pub fn html_response(body: String) -> actix_web::HttpResponse {
+    actix_web::HttpResponse::Ok()
+        .content_type("text/html; charset=utf-8")
+        .insert_header(("Content-Security-Policy", CONTENT_SECURITY_POLICY))
+        .insert_header(("X-Content-Type-Options", "nosniff"))
+        .insert_header(("Referrer-Policy", "no-referrer"))
+        .insert_header(("Cache-Control", "no-store"))
+        .body(body)
+}
+
 /// Registers `GET /static/{file}` serving [`asset`], for an actix-web `App::configure`.
 pub fn configure_assets(cfg: &mut actix_web::web::ServiceConfig) {
     cfg.route("/static/{file}", actix_web::web::get().to(serve_asset));
@@ -70,6 +102,7 @@ async fn serve_asset(req: actix_web::HttpRequest) -> actix_web::HttpResponse {
         Some((ctype, body)) => actix_web::HttpResponse::Ok()
             .content_type(ctype)
             .insert_header(("Cache-Control", "no-cache"))
+            .insert_header(("X-Content-Type-Options", "nosniff"))
             .body(body),
         None => actix_web::HttpResponse::NotFound()
             .content_type("text/plain; charset=utf-8")
@@ -371,6 +404,46 @@ mod tests {
             let text = std::str::from_utf8(asset(p).unwrap().1).unwrap();
             assert!(!text.contains("@import") && !text.contains("//cdn"), "{p}");
         }
+    }
+
+    #[actix_web::test]
+    async fn pages_and_assets_are_served_with_their_headers() {
+        use actix_web::{test, web as aw, App};
+        let app = test::init_service(App::new().configure(configure_assets).route(
+            "/",
+            aw::get().to(|| async { html_response(index_page(&ctx())) }),
+        ))
+        .await;
+        let resp = test::call_service(&app, test::TestRequest::get().uri("/").to_request()).await;
+        assert_eq!(resp.status(), 200);
+        let h = |name: &str| {
+            resp.headers()
+                .get(name)
+                .unwrap()
+                .to_str()
+                .unwrap()
+                .to_string()
+        };
+        assert_eq!(h("content-security-policy"), CONTENT_SECURITY_POLICY);
+        assert_eq!(h("referrer-policy"), "no-referrer");
+        assert_eq!(h("content-type"), "text/html; charset=utf-8");
+
+        let req = test::TestRequest::get()
+            .uri("/static/monitor.js")
+            .to_request();
+        let resp = test::call_service(&app, req).await;
+        assert_eq!(resp.status(), 200);
+        assert_eq!(
+            resp.headers().get("x-content-type-options").unwrap(),
+            "nosniff"
+        );
+        let body = test::read_body(resp).await;
+        assert_eq!(&body[..], asset("/static/monitor.js").unwrap().1);
+
+        let req = test::TestRequest::get()
+            .uri("/static/secret.key")
+            .to_request();
+        assert_eq!(test::call_service(&app, req).await.status(), 404);
     }
 
     #[test]

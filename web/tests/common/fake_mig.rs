@@ -169,13 +169,7 @@ async fn require_credentials(
 }
 
 fn html(body: String) -> HttpResponse {
-    HttpResponse::Ok()
-        .content_type("text/html; charset=utf-8")
-        .insert_header((
-            header::CONTENT_SECURITY_POLICY,
-            web::CONTENT_SECURITY_POLICY,
-        ))
-        .body(body)
+    web::html_response(body)
 }
 
 async fn index(state: aw::Data<State>) -> HttpResponse {
