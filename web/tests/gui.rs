@@ -421,6 +421,14 @@ async fn run_operation(kind: Kind, start: Start, screenshots: bool) {
         [json!({"kind": kind.as_str(), "target_app": "shop-eu", "target_grid": "g2"})]
     );
 
+    // The form goes to the monitor page once the server answered.
+    browser
+        .wait_for(
+            "the monitor page",
+            Duration::from_secs(5),
+            "return document.getElementById('monitor') !== null",
+        )
+        .await;
     let op = Op::new(OP_ID.into(), kind, trio.plan());
     let names = all_steps(&op);
     let (timed, marks) = tokio::join!(
@@ -584,6 +592,13 @@ async fn a_rolled_back_operation_shows_what_failed_and_what_was_undone() {
         .goto(&format!("{}/ops/{OP_ID}", trio.source.url))
         .await
         .unwrap();
+    browser
+        .wait_for(
+            "the monitor page",
+            Duration::from_secs(5),
+            "return document.getElementById('monitor') !== null",
+        )
+        .await;
     let (timed, _) = tokio::join!(watch(&browser, None), play(&trio, op, true));
     let log: Vec<Seen> = timed.into_iter().map(|(_, s)| s).collect();
     assert_never_backwards(&log);
