@@ -8,6 +8,7 @@
   const POLL_MS = 200;          // a step change reaches the page within about this
   const FETCH_TIMEOUT_MS = 1500; // a dead instance must not stall the others
   const RATE_WINDOW_MS = 5000;   // the transfer rate is measured over this much recent history
+  const STALL_MS = 5000;         // no new bytes for this long: say so instead of a rate
   const WATCHDOG_MS = 1000;      // how often a page on a silent stream checks the other instances
 
   const main = document.getElementById("monitor");
@@ -136,7 +137,12 @@
     const pct = total > 0 ? Math.min(100, (done * 100) / total) : s.state === "done" ? 100 : 0;
     const r = rate(s);
     let figures = bytes(done) + " of " + bytes(total) + " (" + Math.floor(pct) + "%)";
-    if (r !== null && r > 0) {
+    const list = samples[s.name] || [];
+    const still = list.length ? Date.now() - list[list.length - 1].t : 0;
+    if (s.state === "running" && done < total && still > STALL_MS) {
+      // A rate from before a stall would promise an end that is not coming.
+      figures += " · no progress for " + duration(still);
+    } else if (r !== null && r > 0) {
       figures += " · " + bytes(r) + "/s";
       if (s.state === "running") figures += " · ETA " + duration(((total - done) * 1000) / r);
     }

@@ -926,3 +926,54 @@ async fn what_comes_over_the_network_is_shown_as_text_and_never_linked_as_script
         .await;
     browser.close().await;
 }
+
+#[actix_web::test]
+async fn a_stalled_copy_says_so_instead_of_promising_an_end() {
+    let _one = ONE_BROWSER.lock().await;
+    let trio = Trio::start().await;
+    let mut op = Op::new(OP_ID.into(), Kind::Migrate, trio.plan());
+    op.owner = Role::Helper;
+    op.finish_step(op::PROVISIONING_HELPER, None);
+    op.finish_step(op::STOPPING_SOURCE, None);
+    op.start_step(op::MIGRATING);
+    op.set_progress(op::MIGRATING, 0, 2 * GIB);
+    trio.helper.set(&op);
+    let browser = Browser::start().await;
+    browser
+        .client
+        .goto(&format!("{}/ops/{OP_ID}", trio.helper.url))
+        .await
+        .unwrap();
+    let figures = "const f = document.querySelector('[data-step^=\"migrating\"] .figures'); \
+                   return f && f.textContent";
+    browser
+        .wait_for("the copy", Duration::from_secs(5), figures)
+        .await;
+    for i in 1..=4 {
+        pause(200).await;
+        op.set_progress(op::MIGRATING, GIB * i / 4, 2 * GIB);
+        trio.helper.set(&op);
+    }
+    let moving = browser
+        .wait_for(
+            "a rate",
+            Duration::from_secs(2),
+            "const f = document.querySelector('[data-step^=\"migrating\"] .figures'); \
+             return f && f.textContent.includes('(50%)') && f.textContent",
+        )
+        .await;
+    assert!(moving.as_str().unwrap().contains("ETA"), "{moving}");
+    // Then nothing moves: within a few seconds the page stops promising an end.
+    let stalled = browser
+        .wait_for(
+            "the stall",
+            Duration::from_secs(8),
+            "const f = document.querySelector('[data-step^=\"migrating\"] .figures'); \
+             return f && f.textContent.includes('no progress for') && f.textContent",
+        )
+        .await;
+    let stalled = stalled.as_str().unwrap();
+    assert!(stalled.starts_with("1.00 GiB of 2.00 GiB (50%) · no progress for "));
+    assert!(!stalled.contains("ETA"), "{stalled}");
+    browser.close().await;
+}
