@@ -88,6 +88,9 @@ pub async fn run(
             .app_data(aw::PayloadConfig::new(MAX_HANDOFF))
             .app_data(aw::JsonConfig::default().limit(16 * 1024))
             .wrap(from_fn(require_credentials))
+            .route("/", aw::get().to(index))
+            .route("/ops/{id}", aw::get().to(monitor))
+            .configure(web::configure_assets)
             .service(
                 aw::scope("/api/v1")
                     .route("/grids", aw::get().to(grids))
@@ -133,7 +136,12 @@ pub async fn run(
 /// (which carries its own signature).
 fn is_public(req: &ServiceRequest) -> bool {
     let path = req.path();
-    (req.method() == Method::GET && path.starts_with("/api/v1/ops/"))
+    let get = req.method() == Method::GET;
+    // The monitor page and its script reveal nothing without the operation id; they must load on
+    // the MigHelper and the target MIG, whose credentials the person may not have.
+    (get && (path.starts_with("/api/v1/ops/")
+        || path.starts_with("/ops/")
+        || path.starts_with("/static/")))
         || (req.method() == Method::POST && path == "/api/v1/handoff")
 }
 
@@ -213,6 +221,48 @@ async fn grids(shared: aw::Data<Shared>) -> HttpResponse {
         unavailable: site.operations_unavailable(),
         grids,
     })
+}
+
+/// `GET /`: the form (or, in MigHelper, a pointer to the operation it runs).
+async fn index(shared: aw::Data<Shared>) -> HttpResponse {
+    let Some(site) = &shared.site else {
+        return match shared.book.all().first() {
+            Some(op) => HttpResponse::Found()
+                .insert_header((header::LOCATION, format!("/ops/{}", op.id)))
+                .finish(),
+            None => error(404, "this MigHelper has no operation yet"),
+        };
+    };
+    let own = site.own();
+    let ctx = web::PageContext {
+        app_name: site.props.app_name.clone(),
+        own_grid: own.map(|g| (g.id.clone(), g.location.clone())),
+        unavailable: match (&shared.source, site.operations_unavailable()) {
+            (_, Some(why)) => Some(why),
+            (None, None) => {
+                Some("the application's private key is not usable (run `mig check`)".into())
+            }
+            (Some(_), None) => None,
+        },
+        mode: site.props.mode,
+        targets: site
+            .grid_info
+            .iter()
+            .flat_map(|gi| &gi.grids)
+            .filter(|g| Some(g.id.as_str()) != own.map(|o| o.id.as_str()))
+            .map(|g| (g.id.clone(), g.location.clone()))
+            .collect(),
+        csrf_token: shared.csrf_token.clone(),
+    };
+    web::html_response(web::index_page(&ctx))
+}
+
+/// `GET /ops/{id}`: the monitor page, which follows the operation wherever it runs.
+async fn monitor(id: aw::Path<String>) -> HttpResponse {
+    if !actors::op::valid_id(&id) {
+        return error(404, "not an operation id");
+    }
+    web::html_response(web::monitor_page(&id))
 }
 
 /// `GET /api/v1/csrf`: the token for state-changing requests (behind the GUI credentials, and not
