@@ -38,8 +38,8 @@ pub struct Driver {
     pub http: reqwest::Client,
 }
 
-/// Back-off between retries of a clean-up or roll-back command.
-const BACKOFF: [u64; 6] = [1, 2, 4, 8, 15, 30];
+/// Back-off (seconds) between retries of a clean-up or roll-back command.
+pub const BACKOFF: [u64; 6] = [1, 2, 4, 8, 15, 30];
 
 impl Driver {
     pub fn new(book: OpBook, connect: Arc<dyn Connect>) -> Driver {

@@ -13,7 +13,9 @@ use actix::prelude::*;
 use tracing::Instrument;
 
 use crate::auth::OpKey;
-use crate::driver::{ensure_destroyed, ensure_running, ensure_stopped, manual_command, Driver};
+use crate::driver::{
+    ensure_destroyed, ensure_running, ensure_stopped, manual_command, Driver, BACKOFF,
+};
 use crate::handoff::{self, Handoff, HandoffError};
 use crate::op::{
     Kind, Op, OpState, Role, StepState, DESTROYING_HELPER, MIGRATING, RESTARTING_SOURCE,
@@ -149,34 +151,27 @@ async fn steps(driver: &Driver, op: &mut Op) -> Result<(), String> {
             .await?;
     }
     if todo(op, MIGRATING) {
-        let book = driver.book.clone();
+        // The journal says a copy was running: this helper was killed or restarted during it.
+        // The import it started may still run on the target controller (a controller need not
+        // end it when its SSH session goes), holding the target's name until it ends; so a
+        // resumed copy tries again with back-off instead of rolling back at the first refusal.
+        let resumed = op.step(MIGRATING).state == StepState::Running;
+        let retries: &[u64] = if resumed { &BACKOFF } else { &[] };
+        let waits = std::iter::once(0).chain(retries.iter().copied());
         op.start_step(MIGRATING);
         driver.commit(op)?;
-        // A target left by an interrupted copy is partial: it goes before the copy starts again.
-        let copied = async {
-            ensure_destroyed(dst.as_ref(), &plan.target_app).await?;
-            let mut last = Instant::now() - PROGRESS_EVERY;
-            let mut progress = |done: u64, total: u64| {
-                op.set_progress(MIGRATING, done, total);
-                if last.elapsed() >= PROGRESS_EVERY || done == total {
-                    last = Instant::now();
-                    book.publish(op.clone());
-                }
-            };
-            let remote: dialect::Controller =
-                plan.source_controller.parse().map_err(|e| format!("{e}"))?;
-            dst.migrate_import(
-                &remote,
-                &plan.source_app,
-                &plan.target_app,
-                &plan.target_app_config,
-                Default::default(),
-                &mut progress,
-            )
-            .await
-            .map_err(|e| format!("copy from grid {} failed: {e}", plan.source_grid))
+        let mut copied = Err(String::new());
+        for (attempt, wait) in waits.enumerate() {
+            if attempt > 0 {
+                let e = copied.as_ref().err().cloned().unwrap_or_default();
+                tracing::warn!(attempt, error = %e, "the resumed copy failed; trying again in {wait} s");
+                tokio::time::sleep(Duration::from_secs(wait)).await;
+            }
+            copied = copy(&driver.book, op, dst.as_ref(), &plan).await;
+            if copied.is_ok() {
+                break;
+            }
         }
-        .await;
         match copied {
             Ok(()) => op.finish_step(MIGRATING, None),
             Err(e) => {
@@ -211,6 +206,36 @@ async fn steps(driver: &Driver, op: &mut Op) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// One attempt at the copy: a target left by an interrupted copy is partial, so it goes first;
+/// then the target grid pulls the application, its progress published as it goes.
+async fn copy(
+    book: &crate::book::OpBook,
+    op: &mut Op,
+    dst: &dyn crate::controller::GridController,
+    plan: &crate::op::Plan,
+) -> Result<(), String> {
+    ensure_destroyed(dst, &plan.target_app).await?;
+    let mut last = Instant::now() - PROGRESS_EVERY;
+    let mut progress = |done: u64, total: u64| {
+        op.set_progress(MIGRATING, done, total);
+        if last.elapsed() >= PROGRESS_EVERY || done == total {
+            last = Instant::now();
+            book.publish(op.clone());
+        }
+    };
+    let remote: dialect::Controller = plan.source_controller.parse().map_err(|e| format!("{e}"))?;
+    dst.migrate_import(
+        &remote,
+        &plan.source_app,
+        &plan.target_app,
+        &plan.target_app_config,
+        Default::default(),
+        &mut progress,
+    )
+    .await
+    .map_err(|e| format!("copy from grid {} failed: {e}", plan.source_grid))
 }
 
 /// Before the cut-over, undo: destroy the (partial) target, start the source again, and hand the
