@@ -108,25 +108,31 @@ fn last_step(kind: Kind) -> &'static str {
 async fn run(driver: Driver, key: OpKey, mut op: Op) {
     let span = tracing::info_span!("op", op_id = %op.id, actor = "mig_helper");
     async move {
-        match steps(&driver, &mut op).await {
-            Ok(()) => {
-                let mut next = op.clone();
-                next.owner = Role::Target;
-                match handoff::send(&driver.http, &op.plan.final_mig_url, &key, &mut next).await {
-                    Ok(()) => {
-                        // The cut-over: from here the MIG that runs owns the operation.
-                        op = next;
-                        let _ = driver.commit(&op);
-                        return;
-                    }
-                    Err(e) => {
-                        let step = last_step(op.kind);
-                        op.fail_step(step, &format!("the application started, but its MIG did not take the operation: {e}"));
-                        let _ = driver.commit(&op);
+        // A helper restarted during a roll-back goes on with the roll-back: the journal's forward
+        // steps would copy and start the target of an operation that is being undone.
+        if op.rolling_back {
+            tracing::info!("resuming the roll-back");
+        } else {
+            match steps(&driver, &mut op).await {
+                Ok(()) => {
+                    let mut next = op.clone();
+                    next.owner = Role::Target;
+                    match handoff::send(&driver.http, &op.plan.final_mig_url, &key, &mut next).await {
+                        Ok(()) => {
+                            // The cut-over: from here the MIG that runs owns the operation.
+                            op = next;
+                            let _ = driver.commit(&op);
+                            return;
+                        }
+                        Err(e) => {
+                            let step = last_step(op.kind);
+                            op.fail_step(step, &format!("the application started, but its MIG did not take the operation: {e}"));
+                            let _ = driver.commit(&op);
+                        }
                     }
                 }
+                Err(e) => tracing::warn!(error = %e, "rolling back"),
             }
-            Err(e) => tracing::warn!(error = %e, "rolling back"),
         }
         roll_back(&driver, &key, op).await;
     }
