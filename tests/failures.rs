@@ -334,6 +334,7 @@ fn a_killed_mighelper_resumes_from_its_journal_when_started_again() {
 
     let op = wait_end(&lab, &lab.mig_url(2), &id, 120);
     assert_eq!(op["state"], "succeeded", "{op:#}");
+    assert_eq!(op["leftovers"], serde_json::json!([]), "{op:#}");
     for (name, state) in step_states(&op) {
         assert_eq!(state, "done", "{name} in {op:#}");
     }
@@ -466,6 +467,7 @@ fn a_target_mig_killed_during_its_clean_up_finishes_it_when_started_again() {
     );
     let op = wait_end(&lab, &target, &id, 90);
     assert_eq!(op["state"], "succeeded", "{op:#}");
+    assert_eq!(op["leftovers"], serde_json::json!([]), "{op:#}");
     for (name, state) in step_states(&op) {
         assert_eq!(state, "done", "{name} in {op:#}");
     }
@@ -491,4 +493,68 @@ fn a_target_mig_killed_during_its_clean_up_finishes_it_when_started_again() {
             .to_string()
     };
     assert_eq!(data_line(&lab.checksum(2, "shop2")), data_line(&sum));
+}
+
+#[test]
+fn a_mighelper_killed_during_the_roll_back_goes_on_rolling_back_when_started_again() {
+    let lab = Lab::up(2, &BASES);
+    let (blob, sum) = shop_with_data(&lab);
+    let id = start_migrate(&lab.mig_url(1), "g2", "shop2");
+    let helper = helper_url(&lab, 2);
+
+    // The copy fails because g1's controller is gone; the roll-back then waits for g1 to start
+    // the source again...
+    let pull = pulling_ssh(&lab, 2, "shop");
+    signal(pull, "STOP");
+    wait_step(&helper, &id, MIGRATING, "running", 30);
+    for pid in tree(sshd_pid(&lab, 1)) {
+        signal(pid, "KILL");
+    }
+    signal(pull, "CONT");
+    wait_step(&helper, &id, MIGRATING, "failed", 30);
+    std::thread::sleep(Duration::from_secs(1));
+
+    // ... and MigHelper dies while it waits.
+    let helper_state = lab
+        .state(2)
+        .join(format!("apps/{}", helper_app(&id)))
+        .display()
+        .to_string();
+    let mig_helper = find_process("mig helper", |a| {
+        a.get(1).is_some_and(|c| c == "helper") && a.iter().any(|x| x.contains(&helper_state))
+    });
+    signal(mig_helper, "KILL");
+    wait_for("the grid to mark MigHelper failed", 30, || {
+        lab.apps(2)
+            .iter()
+            .any(|(n, s)| *n == helper_app(&id) && s == "failed")
+            .then_some(())
+    });
+
+    // g1 answers again and the operator starts MigHelper again: it must finish the roll-back,
+    // not take up the copy of an operation it was undoing.
+    lab_up_again(&lab);
+    let out = lab.app(2, &["start", &helper_app(&id)]);
+    assert!(
+        out.status.success(),
+        "app start: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let op = wait_end(&lab, &lab.mig_url(1), &id, 60);
+    assert_eq!(op["state"], "rolled_back", "{op:#}");
+    assert_eq!(op["leftovers"], serde_json::json!([]), "{op:#}");
+    assert_eq!(step(&op, MIGRATING)["state"], "failed");
+    assert_eq!(
+        step(&op, "starting the target application")["state"],
+        "rolled_back"
+    );
+    assert_eq!(step(&op, "destroying MigHelper")["state"], "done");
+    assert_eq!(names(&lab.apps(1)), [("shop", "running")]);
+    assert_eq!(
+        names(&lab.apps(2)),
+        [] as [(&str, &str); 0],
+        "no target, no MigHelper"
+    );
+    assert_eq!(get(&lab.data_url(1), "blob").as_deref(), Some(&blob[..]));
+    assert_eq!(lab.checksum(1, "shop"), sum);
 }
