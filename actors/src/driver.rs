@@ -89,6 +89,28 @@ impl Driver {
         r
     }
 
+    /// Whether the instance at `base_url` already owns `op` (as handed to it: same owner, this
+    /// sequence number or a later one). A handoff it took can still look refused to the sender:
+    /// the answer was lost and the retry (same sequence number) is refused as a replay, or the
+    /// sender was restarted before it journalled the answer and sends again. Undoing the
+    /// operation then would undo what the receiver is already driving.
+    pub async fn taken_by(&self, base_url: &str, op: &Op) -> bool {
+        let url = format!("{base_url}/api/v1/ops/{}", op.id);
+        let theirs = async {
+            let r = self
+                .http
+                .get(&url)
+                .timeout(Duration::from_secs(10))
+                .send()
+                .await
+                .ok()?;
+            r.status().is_success().then_some(())?;
+            r.json::<Op>().await.ok()
+        }
+        .await;
+        theirs.is_some_and(|t| t.owner == op.owner && t.seq >= op.seq)
+    }
+
     /// Runs `f` until it succeeds, backing off between tries; returns the last error.
     pub async fn retry<T, F, Fut>(&self, what: &str, mut f: F) -> Result<T, String>
     where

@@ -124,6 +124,12 @@ async fn run(driver: Driver, key: OpKey, mut op: Op) {
                             let _ = driver.commit(&op);
                             return;
                         }
+                        Err(e) if driver.taken_by(&op.plan.final_mig_url, &next).await => {
+                            tracing::info!(error = %e, "the handoff looked refused, but the MIG already owns the operation");
+                            op = next;
+                            let _ = driver.commit(&op);
+                            return;
+                        }
                         Err(e) => {
                             let step = last_step(op.kind);
                             op.fail_step(step, &format!("the application started, but its MIG did not take the operation: {e}"));
