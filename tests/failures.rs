@@ -558,3 +558,88 @@ fn a_mighelper_killed_during_the_roll_back_goes_on_rolling_back_when_started_aga
     assert_eq!(get(&lab.data_url(1), "blob").as_deref(), Some(&blob[..]));
     assert_eq!(lab.checksum(1, "shop"), sum);
 }
+
+#[test]
+fn a_mighelper_that_forgot_its_final_handoff_does_not_undo_the_cut_over() {
+    let lab = Lab::up(2, &BASES);
+    let (blob, sum) = shop_with_data(&lab);
+    let id = start_migrate(&lab.mig_url(1), "g2", "shop2");
+    let helper = helper_url(&lab, 2);
+    let target = lab.mig_url(2);
+
+    // Hold the operation after the cut-over: the target MIG took it and cannot reach g1 to
+    // destroy the source (g1's sshd takes no new connections; the copy's session goes on).
+    let pull = pulling_ssh(&lab, 2, "shop");
+    signal(pull, "STOP");
+    wait_step(&helper, &id, MIGRATING, "running", 30);
+    signal(sshd_pid(&lab, 1), "KILL");
+    signal(pull, "CONT");
+    wait_step(&target, &id, DESTROYING_SOURCE, "running", 60);
+
+    // MigHelper dies, and its journal is put back to where it was before the target's answer
+    // reached it: what a helper killed between that answer and its journal write (or one whose
+    // answer was lost on the way) has on record.
+    let helper_state = lab
+        .state(2)
+        .join(format!("apps/{}", helper_app(&id)))
+        .display()
+        .to_string();
+    let mig_helper = find_process("mig helper", |a| {
+        a.get(1).is_some_and(|c| c == "helper") && a.iter().any(|x| x.contains(&helper_state))
+    });
+    signal(mig_helper, "KILL");
+    wait_for("the grid to mark MigHelper failed", 30, || {
+        lab.apps(2)
+            .iter()
+            .any(|(n, s)| *n == helper_app(&id) && s == "failed")
+            .then_some(())
+    });
+    let journal = std::path::Path::new(&helper_state).join(format!("vols/state/ops/{id}.json"));
+    let mut rec: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&journal).unwrap()).unwrap();
+    assert_eq!(rec["owner"], "target", "{rec:#}");
+    rec["owner"] = "helper".into();
+    rec["seq"] = (rec["seq"].as_u64().unwrap() - 1).into();
+    std::fs::write(&journal, serde_json::to_vec(&rec).unwrap()).unwrap();
+
+    // Started again, it sends the handoff again, which the target refuses as a replay: the
+    // helper must see that the target already owns the operation, not roll back the target.
+    let out = lab.app(2, &["start", &helper_app(&id)]);
+    assert!(
+        out.status.success(),
+        "app start: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let seen = wait_for("the restarted helper to settle", 60, || {
+        op_at(&helper, &id).filter(|op| op["owner"] == "target" || op["rolling_back"] == true)
+    });
+    assert_eq!(seen["rolling_back"], false, "{seen:#}");
+    assert!(
+        names(&lab.apps(2)).contains(&("shop2", "running")),
+        "the target runs on: {:?}",
+        lab.apps(2)
+    );
+
+    lab_up_again(&lab);
+    let op = wait_end(&lab, &target, &id, 90);
+    assert_eq!(op["state"], "succeeded", "{op:#}");
+    assert_eq!(op["leftovers"], serde_json::json!([]), "{op:#}");
+    assert_eq!(
+        names(&lab.apps(1)),
+        [] as [(&str, &str); 0],
+        "source destroyed"
+    );
+    assert_eq!(
+        names(&lab.apps(2)),
+        [("shop2", "running")],
+        "no MigHelper left"
+    );
+    assert_eq!(get(&lab.data_url(2), "blob").as_deref(), Some(&blob[..]));
+    let data_line = |s: &str| {
+        s.lines()
+            .find(|l| l.starts_with("data\t"))
+            .unwrap()
+            .to_string()
+    };
+    assert_eq!(data_line(&lab.checksum(2, "shop2")), data_line(&sum));
+}
