@@ -117,15 +117,9 @@ async fn run(driver: Driver, key: OpKey, mut op: Op) {
                 Ok(()) => {
                     let mut next = op.clone();
                     next.owner = Role::Target;
-                    match handoff::send(&driver.http, &op.plan.final_mig_url, &key, &mut next).await {
+                    match driver.hand_off(&op.plan.final_mig_url, &key, &mut next).await {
                         Ok(()) => {
                             // The cut-over: from here the MIG that runs owns the operation.
-                            op = next;
-                            let _ = driver.commit(&op);
-                            return;
-                        }
-                        Err(e) if driver.taken_by(&op.plan.final_mig_url, &next).await => {
-                            tracing::info!(error = %e, "the handoff looked refused, but the MIG already owns the operation");
                             op = next;
                             let _ = driver.commit(&op);
                             return;
@@ -312,7 +306,8 @@ async fn roll_back(driver: &Driver, key: &OpKey, mut op: Op) {
         Ok(()) => {
             let mut next = op.clone();
             next.owner = Role::Target;
-            if handoff::send(&driver.http, &plan.source_mig_url, key, &mut next)
+            if driver
+                .hand_off(&plan.source_mig_url, key, &mut next)
                 .await
                 .is_ok()
             {
