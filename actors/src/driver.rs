@@ -8,8 +8,10 @@ use std::time::Duration;
 
 use dialect::AppState;
 
+use crate::auth::OpKey;
 use crate::book::OpBook;
 use crate::controller::{GridController, GridError};
+use crate::handoff;
 use crate::op::Op;
 use crate::ssh::SshGrid;
 
@@ -38,8 +40,8 @@ pub struct Driver {
     pub http: reqwest::Client,
 }
 
-/// Back-off between retries of a clean-up or roll-back command.
-const BACKOFF: [u64; 6] = [1, 2, 4, 8, 15, 30];
+/// Back-off (seconds) between retries of a clean-up or roll-back command.
+pub const BACKOFF: [u64; 6] = [1, 2, 4, 8, 15, 30];
 
 impl Driver {
     pub fn new(book: OpBook, connect: Arc<dyn Connect>) -> Driver {
@@ -87,6 +89,41 @@ impl Driver {
         }
         self.commit(op)?;
         r
+    }
+
+    /// Whether the instance at `base_url` already owns `op` (as handed to it: same owner, this
+    /// sequence number or a later one). A handoff it took can still look refused to the sender:
+    /// the answer was lost and the retry (same sequence number) is refused as a replay, or the
+    /// sender was restarted before it journalled the answer and sends again. Undoing the
+    /// operation then would undo what the receiver is already driving.
+    pub async fn taken_by(&self, base_url: &str, op: &Op) -> bool {
+        let url = format!("{base_url}/api/v1/ops/{}", op.id);
+        let theirs = async {
+            let r = self
+                .http
+                .get(&url)
+                .timeout(Duration::from_secs(10))
+                .send()
+                .await
+                .ok()?;
+            r.status().is_success().then_some(())?;
+            r.json::<Op>().await.ok()
+        }
+        .await;
+        theirs.is_some_and(|t| t.owner == op.owner && t.seq >= op.seq)
+    }
+
+    /// Hands `next` to the instance at `base_url` ([`handoff::send`]). A refusal is checked
+    /// with [`Driver::taken_by`] before it counts: a receiver that already owns the operation
+    /// has taken it.
+    pub async fn hand_off(&self, base_url: &str, key: &OpKey, next: &mut Op) -> Result<(), String> {
+        match handoff::send(&self.http, base_url, key, next).await {
+            Err(e) if self.taken_by(base_url, next).await => {
+                tracing::info!(to = base_url, error = %e, "the handoff looked refused, but the receiver already owns the operation");
+                Ok(())
+            }
+            r => r,
+        }
     }
 
     /// Runs `f` until it succeeds, backing off between tries; returns the last error.
@@ -180,5 +217,83 @@ impl Connect for crate::controller::memory::MemoryLab {
             .parse::<dialect::Controller>()
             .map_err(|e| e.to_string())?;
         Ok(Arc::new(self.grid(controller)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::op::{Kind, Role};
+    use std::io::{Read, Write};
+
+    fn driver(dir: &std::path::Path) -> Driver {
+        let book = OpBook::open(crate::journal::Journal::open(dir).unwrap()).unwrap();
+        Driver::new(book, Arc::new(crate::controller::memory::MemoryLab::new()))
+    }
+
+    fn op() -> Op {
+        let plan: crate::op::Plan = serde_json::from_value(serde_json::json!({
+            "source_grid": "g1", "target_grid": "g2", "source_app": "shop", "target_app": "shop2",
+            "source_controller": "127.0.1.1:2222", "target_controller": "127.0.2.1:2222",
+            "source_mig_url": "http://a", "helper_url": "http://b", "final_mig_url": "http://c",
+            "helper_app": "mighelper-x", "helper_config": [], "target_app_config": []
+        }))
+        .unwrap();
+        let mut op = Op::new(crate::op::new_id(), Kind::Migrate, plan);
+        op.owner = Role::Target;
+        op.seq = 3;
+        op
+    }
+
+    /// Serves one HTTP request with `status` and `body`; returns the base URL.
+    fn answer_once(status: &'static str, body: String) -> String {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", l.local_addr().unwrap());
+        std::thread::spawn(move || {
+            let (mut c, _) = l.accept().unwrap();
+            let mut buf = [0u8; 4096];
+            let _ = c.read(&mut buf);
+            let _ = write!(
+                c,
+                "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+        });
+        url
+    }
+
+    #[tokio::test]
+    async fn a_receiver_that_owns_the_operation_has_taken_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = driver(dir.path());
+        let mine = op();
+        let same = answer_once("200 OK", serde_json::to_string(&mine).unwrap());
+        assert!(d.taken_by(&same, &mine).await);
+        let mut later = mine.clone();
+        later.seq = 4;
+        let ahead = answer_once("200 OK", serde_json::to_string(&later).unwrap());
+        assert!(d.taken_by(&ahead, &mine).await, "a later sequence number");
+    }
+
+    #[tokio::test]
+    async fn anything_else_is_not_taken() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = driver(dir.path());
+        let mine = op();
+        let mut other_owner = mine.clone();
+        other_owner.owner = Role::Helper;
+        let url = answer_once("200 OK", serde_json::to_string(&other_owner).unwrap());
+        assert!(!d.taken_by(&url, &mine).await, "another owner");
+        let mut older = mine.clone();
+        older.seq = 2;
+        let url = answer_once("200 OK", serde_json::to_string(&older).unwrap());
+        assert!(!d.taken_by(&url, &mine).await, "an older sequence number");
+        let url = answer_once("404 Not Found", r#"{"error":"no operation"}"#.into());
+        assert!(!d.taken_by(&url, &mine).await, "unknown there");
+        let closed = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            format!("http://{}", l.local_addr().unwrap())
+        };
+        assert!(!d.taken_by(&closed, &mine).await, "nothing listening");
     }
 }

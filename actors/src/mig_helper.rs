@@ -13,7 +13,9 @@ use actix::prelude::*;
 use tracing::Instrument;
 
 use crate::auth::OpKey;
-use crate::driver::{ensure_destroyed, ensure_running, ensure_stopped, manual_command, Driver};
+use crate::driver::{
+    ensure_destroyed, ensure_running, ensure_stopped, manual_command, Driver, BACKOFF,
+};
 use crate::handoff::{self, Handoff, HandoffError};
 use crate::op::{
     Kind, Op, OpState, Role, StepState, DESTROYING_HELPER, MIGRATING, RESTARTING_SOURCE,
@@ -106,25 +108,31 @@ fn last_step(kind: Kind) -> &'static str {
 async fn run(driver: Driver, key: OpKey, mut op: Op) {
     let span = tracing::info_span!("op", op_id = %op.id, actor = "mig_helper");
     async move {
-        match steps(&driver, &mut op).await {
-            Ok(()) => {
-                let mut next = op.clone();
-                next.owner = Role::Target;
-                match handoff::send(&driver.http, &op.plan.final_mig_url, &key, &mut next).await {
-                    Ok(()) => {
-                        // The cut-over: from here the MIG that runs owns the operation.
-                        op = next;
-                        let _ = driver.commit(&op);
-                        return;
-                    }
-                    Err(e) => {
-                        let step = last_step(op.kind);
-                        op.fail_step(step, &format!("the application started, but its MIG did not take the operation: {e}"));
-                        let _ = driver.commit(&op);
+        // A helper restarted during a roll-back goes on with the roll-back: the journal's forward
+        // steps would copy and start the target of an operation that is being undone.
+        if op.rolling_back {
+            tracing::info!("resuming the roll-back");
+        } else {
+            match steps(&driver, &mut op).await {
+                Ok(()) => {
+                    let mut next = op.clone();
+                    next.owner = Role::Target;
+                    match driver.hand_off(&op.plan.final_mig_url, &key, &mut next).await {
+                        Ok(()) => {
+                            // The cut-over: from here the MIG that runs owns the operation.
+                            op = next;
+                            let _ = driver.commit(&op);
+                            return;
+                        }
+                        Err(e) => {
+                            let step = last_step(op.kind);
+                            op.fail_step(step, &format!("the application started, but its MIG did not take the operation: {e}"));
+                            let _ = driver.commit(&op);
+                        }
                     }
                 }
+                Err(e) => tracing::warn!(error = %e, "rolling back"),
             }
-            Err(e) => tracing::warn!(error = %e, "rolling back"),
         }
         roll_back(&driver, &key, op).await;
     }
@@ -149,34 +157,27 @@ async fn steps(driver: &Driver, op: &mut Op) -> Result<(), String> {
             .await?;
     }
     if todo(op, MIGRATING) {
-        let book = driver.book.clone();
+        // The journal says a copy was running: this helper was killed or restarted during it.
+        // The import it started may still run on the target controller (a controller need not
+        // end it when its SSH session goes), holding the target's name until it ends; so a
+        // resumed copy tries again with back-off instead of rolling back at the first refusal.
+        let resumed = op.step(MIGRATING).state == StepState::Running;
+        let retries: &[u64] = if resumed { &BACKOFF } else { &[] };
+        let waits = std::iter::once(0).chain(retries.iter().copied());
         op.start_step(MIGRATING);
         driver.commit(op)?;
-        // A target left by an interrupted copy is partial: it goes before the copy starts again.
-        let copied = async {
-            ensure_destroyed(dst.as_ref(), &plan.target_app).await?;
-            let mut last = Instant::now() - PROGRESS_EVERY;
-            let mut progress = |done: u64, total: u64| {
-                op.set_progress(MIGRATING, done, total);
-                if last.elapsed() >= PROGRESS_EVERY || done == total {
-                    last = Instant::now();
-                    book.publish(op.clone());
-                }
-            };
-            let remote: dialect::Controller =
-                plan.source_controller.parse().map_err(|e| format!("{e}"))?;
-            dst.migrate_import(
-                &remote,
-                &plan.source_app,
-                &plan.target_app,
-                &plan.target_app_config,
-                Default::default(),
-                &mut progress,
-            )
-            .await
-            .map_err(|e| format!("copy from grid {} failed: {e}", plan.source_grid))
+        let mut copied = Err(String::new());
+        for (attempt, wait) in waits.enumerate() {
+            if attempt > 0 {
+                let e = copied.as_ref().err().cloned().unwrap_or_default();
+                tracing::warn!(attempt, error = %e, "the resumed copy failed; trying again in {wait} s");
+                tokio::time::sleep(Duration::from_secs(wait)).await;
+            }
+            copied = copy(&driver.book, op, dst.as_ref(), &plan).await;
+            if copied.is_ok() {
+                break;
+            }
         }
-        .await;
         match copied {
             Ok(()) => op.finish_step(MIGRATING, None),
             Err(e) => {
@@ -211,6 +212,36 @@ async fn steps(driver: &Driver, op: &mut Op) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// One attempt at the copy: a target left by an interrupted copy is partial, so it goes first;
+/// then the target grid pulls the application, its progress published as it goes.
+async fn copy(
+    book: &crate::book::OpBook,
+    op: &mut Op,
+    dst: &dyn crate::controller::GridController,
+    plan: &crate::op::Plan,
+) -> Result<(), String> {
+    ensure_destroyed(dst, &plan.target_app).await?;
+    let mut last = Instant::now() - PROGRESS_EVERY;
+    let mut progress = |done: u64, total: u64| {
+        op.set_progress(MIGRATING, done, total);
+        if last.elapsed() >= PROGRESS_EVERY || done == total {
+            last = Instant::now();
+            book.publish(op.clone());
+        }
+    };
+    let remote: dialect::Controller = plan.source_controller.parse().map_err(|e| format!("{e}"))?;
+    dst.migrate_import(
+        &remote,
+        &plan.source_app,
+        &plan.target_app,
+        &plan.target_app_config,
+        Default::default(),
+        &mut progress,
+    )
+    .await
+    .map_err(|e| format!("copy from grid {} failed: {e}", plan.source_grid))
 }
 
 /// Before the cut-over, undo: destroy the (partial) target, start the source again, and hand the
@@ -275,7 +306,8 @@ async fn roll_back(driver: &Driver, key: &OpKey, mut op: Op) {
         Ok(()) => {
             let mut next = op.clone();
             next.owner = Role::Target;
-            if handoff::send(&driver.http, &plan.source_mig_url, key, &mut next)
+            if driver
+                .hand_off(&plan.source_mig_url, key, &mut next)
                 .await
                 .is_ok()
             {

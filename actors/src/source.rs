@@ -13,7 +13,7 @@ use tracing::Instrument;
 use crate::auth::AppKey;
 use crate::driver::{ensure_destroyed, Driver};
 use crate::grid_info::{Grid, GridInfo};
-use crate::handoff::{self, HelperEnv};
+use crate::handoff::HelperEnv;
 use crate::op::{self, Kind, Op, OpState, Plan, Role, HELPER_TEMPLATE, PROVISIONING_HELPER};
 use crate::properties::Mode;
 
@@ -262,7 +262,7 @@ async fn provision(cfg: Arc<SourceConfig>, driver: Driver, mut op: Op) {
         if provisioned.is_ok() {
             let mut next = op.clone();
             next.owner = Role::Helper;
-            match handoff::send(&driver.http, &plan.helper_url, &k_op, &mut next).await {
+            match driver.hand_off(&plan.helper_url, &k_op, &mut next).await {
                 Ok(()) => {
                     op = next;
                     if let Err(e) = driver.commit(&op) {

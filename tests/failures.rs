@@ -1,0 +1,645 @@
+//! The failure paths of migrate over a real lab (issue 5): MigHelper killed during the copy, the
+//! source controller unreachable during the copy, and the target MIG killed during its clean-up.
+//! Each test checks the end state on every grid (applications, data read back through the
+//! application's own address, checksums), not only the operation's state.
+//!
+//! The copy is held still deterministically: the test stops (SIGSTOP) the `ssh` client with which
+//! the target grid pulls the application (`... peer export APP`), does what it needs while the
+//! step is `running`, then lets it go on (SIGCONT). No timing guesses about how long a copy takes.
+
+mod common;
+
+use std::process::Command;
+use std::sync::atomic::AtomicU8;
+use std::time::Duration;
+
+use common::lab::{gridctl, wait_for, Lab};
+
+/// This binary's lab addresses: 230..250 (tests/migrate.rs starts at 200). Two grids a test.
+static BASES: AtomicU8 = AtomicU8::new(230);
+
+const MIGRATING: &str =
+    "migrating the source application to the target grid as the target application";
+const DESTROYING_SOURCE: &str = "destroying the source application";
+
+fn curl(args: &[&str]) -> Option<Vec<u8>> {
+    let out = Command::new("curl")
+        .args(["-fsS", "--max-time", "5"])
+        .args(args)
+        .output()
+        .unwrap();
+    out.status.success().then_some(out.stdout)
+}
+
+fn put(url: &str, key: &str, value: &[u8]) {
+    let f = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(f.path(), value).unwrap();
+    let body = format!("@{}", f.path().display());
+    let r = curl(&[
+        "--max-time",
+        "60",
+        "-X",
+        "PUT",
+        "--data-binary",
+        &body,
+        &format!("{url}/kv/{key}"),
+    ]);
+    assert!(r.is_some(), "PUT {url}/kv/{key}");
+}
+
+fn get(url: &str, key: &str) -> Option<Vec<u8>> {
+    curl(&[&format!("{url}/kv/{key}")])
+}
+
+fn random_bytes(n: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+fn names(apps: &[(String, String)]) -> Vec<(&str, &str)> {
+    apps.iter().map(|(n, s)| (n.as_str(), s.as_str())).collect()
+}
+
+/// Starts a migrate through the API (as the page does) and returns the operation id.
+fn start_migrate(mig_url: &str, target_grid: &str, target_app: &str) -> String {
+    let csrf: serde_json::Value =
+        serde_json::from_slice(&curl(&[&format!("{mig_url}/api/v1/csrf")]).unwrap()).unwrap();
+    let body = serde_json::json!({"kind": "migrate", "target_app": target_app, "target_grid": target_grid});
+    let out = curl(&[
+        "--max-time",
+        "30",
+        "-X",
+        "POST",
+        "-H",
+        "content-type: application/json",
+        "-H",
+        &format!("x-mig-csrf: {}", csrf["csrf"].as_str().unwrap()),
+        "--data",
+        &body.to_string(),
+        &format!("{mig_url}/api/v1/ops"),
+    ])
+    .expect("POST /api/v1/ops");
+    let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+    v["id"].as_str().unwrap().to_string()
+}
+
+/// The operation as the instance at `url` knows it, if it answers.
+fn op_at(url: &str, id: &str) -> Option<serde_json::Value> {
+    curl(&[&format!("{url}/api/v1/ops/{id}")]).and_then(|b| serde_json::from_slice(&b).ok())
+}
+
+fn step<'a>(op: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
+    op["monitors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|m| m["steps"].as_array().unwrap())
+        .find(|s| s["name"] == name)
+        .unwrap_or_else(|| panic!("no step {name} in {op}"))
+}
+
+/// Every step of the operation, as (name, state).
+fn step_states(op: &serde_json::Value) -> Vec<(String, String)> {
+    op["monitors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|m| m["steps"].as_array().unwrap())
+        .map(|s| {
+            (
+                s["name"].as_str().unwrap().to_string(),
+                s["state"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+/// The helper's API on grid n of the lab (its template's in_ip, port 8080).
+fn helper_url(lab: &Lab, n: u8) -> String {
+    format!("http://{}:8080", lab.ip(n, 20))
+}
+
+/// A process of this machine: pid, parent pid, argv.
+struct Proc {
+    pid: i32,
+    ppid: i32,
+    argv: Vec<String>,
+}
+
+fn processes() -> Vec<Proc> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        let (Ok(cmd), Ok(stat)) = (
+            std::fs::read(format!("/proc/{pid}/cmdline")),
+            std::fs::read_to_string(format!("/proc/{pid}/stat")),
+        ) else {
+            continue;
+        };
+        // The fields after the parenthesised command name: state, then ppid.
+        let Some(ppid) = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+            .and_then(|p| p.parse().ok())
+        else {
+            continue;
+        };
+        let argv = cmd
+            .split(|b| *b == 0)
+            .filter(|a| !a.is_empty())
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        out.push(Proc { pid, ppid, argv });
+    }
+    out
+}
+
+/// The one process whose argv satisfies `f`, waiting up to 30 s for it to appear.
+fn find_process(what: &str, f: impl Fn(&[String]) -> bool) -> i32 {
+    wait_for(what, 30, || {
+        let found: Vec<i32> = processes()
+            .into_iter()
+            .filter(|p| f(&p.argv))
+            .map(|p| p.pid)
+            .collect();
+        match found[..] {
+            [pid] => Some(pid),
+            [] => None,
+            _ => panic!("more than one process is {what}: {found:?}"),
+        }
+    })
+}
+
+fn signal(pid: i32, sig: &str) {
+    let st = Command::new("kill")
+        .args([&format!("-{sig}"), &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success(), "kill -{sig} {pid}");
+}
+
+/// `pid` and every process below it.
+fn tree(pid: i32) -> Vec<i32> {
+    let all = processes();
+    let mut out = vec![pid];
+    let mut i = 0;
+    while i < out.len() {
+        let parent = out[i];
+        out.extend(all.iter().filter(|p| p.ppid == parent).map(|p| p.pid));
+        i += 1;
+    }
+    out
+}
+
+/// The `ssh` client with which grid `to`'s controller pulls `app` from another grid.
+fn pulling_ssh(lab: &Lab, to: u8, app: &str) -> i32 {
+    let peer_key = lab.state(to).join("peer/id_ed25519").display().to_string();
+    let remote = format!("peer export {app}");
+    find_process(&format!("the ssh pulling {app} to g{to}"), |a| {
+        a.first().is_some_and(|c| c == "ssh")
+            && a.iter().any(|x| x == &peer_key)
+            && a.last().is_some_and(|c| c.starts_with(&remote))
+    })
+}
+
+fn sshd_pid(lab: &Lab, n: u8) -> i32 {
+    std::fs::read_to_string(lab.path().join(format!("g{n}/sshd.pid")))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// `gridctl lab up` again with the lab's own options: it restarts what is missing (here, sshd)
+/// and leaves what runs alone.
+fn lab_up_again(lab: &Lab) {
+    let out = Command::new(gridctl())
+        .args([
+            "lab",
+            "up",
+            "--grids",
+            &lab.grids.to_string(),
+            "--base",
+            &lab.base.to_string(),
+            "--dir",
+        ])
+        .arg(lab.path())
+        .arg("--mig-bin")
+        .arg(env!("CARGO_BIN_EXE_mig"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "lab up again: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Waits until the operation has reached a step of `name` in `state` at `url`.
+fn wait_step(url: &str, id: &str, name: &str, state: &str, secs: u64) -> serde_json::Value {
+    wait_for(&format!("{name} to be {state} at {url}"), secs, || {
+        op_at(url, id).filter(|op| step(op, name)["state"] == state)
+    })
+}
+
+/// Waits until the operation has ended at `url`, and returns it. On a time-out, says what every
+/// instance and grid knows, and the helper's log.
+fn wait_end(lab: &Lab, url: &str, id: &str, secs: u64) -> serde_json::Value {
+    let deadline = std::time::Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(op) = op_at(url, id).filter(|op| op["state"] != "running") {
+            return op;
+        }
+        if std::time::Instant::now() > deadline {
+            let mut why = format!("operation {id} did not end at {url} within {secs} s\n");
+            for u in [lab.mig_url(1), helper_url(lab, 2), lab.mig_url(2)] {
+                why += &format!("--- at {u}: {:#}\n", op_at(&u, id).unwrap_or_default());
+            }
+            for n in 1..=lab.grids {
+                why += &format!("--- g{n}: {:?}\n", lab.apps(n));
+            }
+            let log = lab.state(2).join(format!("apps/{}/log", helper_app(id)));
+            why += &format!(
+                "--- helper log:\n{}",
+                std::fs::read_to_string(log).unwrap_or_default()
+            );
+            panic!("{why}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Demo application `shop` on g1 with some data; returns the data and its checksum.
+fn shop_with_data(lab: &Lab) -> (Vec<u8>, String) {
+    lab.provision_demo(1, "shop");
+    let blob = random_bytes(8 << 20, 11);
+    put(&lab.data_url(1), "blob", &blob);
+    put(&lab.data_url(1), "greeting", b"hello");
+    (blob, lab.checksum(1, "shop"))
+}
+
+/// The helper application of an operation.
+fn helper_app(id: &str) -> String {
+    format!("mighelper-{}", &id[..8])
+}
+
+#[test]
+fn a_killed_mighelper_resumes_from_its_journal_when_started_again() {
+    let lab = Lab::up(2, &BASES);
+    let (blob, sum) = shop_with_data(&lab);
+    let id = start_migrate(&lab.mig_url(1), "g2", "shop2");
+    let helper = helper_url(&lab, 2);
+
+    // Hold the copy in the middle, then kill `mig helper` outright.
+    let pull = pulling_ssh(&lab, 2, "shop");
+    signal(pull, "STOP");
+    let op = wait_step(&helper, &id, MIGRATING, "running", 30);
+    assert_eq!(op["state"], "running");
+    let helper_state = lab
+        .state(2)
+        .join(format!("apps/{}", helper_app(&id)))
+        .display()
+        .to_string();
+    let mig_helper = find_process("mig helper", |a| {
+        a.get(1).is_some_and(|c| c == "helper") && a.iter().any(|x| x.contains(&helper_state))
+    });
+    signal(mig_helper, "KILL");
+    wait_for("the grid to mark MigHelper failed", 30, || {
+        lab.apps(2)
+            .iter()
+            .any(|(n, s)| *n == helper_app(&id) && s == "failed")
+            .then_some(())
+    });
+
+    // What an operator does: start the helper again. It resumes from its journal (its state
+    // volume) while the copy the killed helper began is still held on the target grid...
+    let out = lab.app(2, &["start", &helper_app(&id)]);
+    assert!(
+        out.status.success(),
+        "app start: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    // ... and only then does that orphaned copy go on, and end.
+    signal(pull, "CONT");
+
+    let op = wait_end(&lab, &lab.mig_url(2), &id, 120);
+    assert_eq!(op["state"], "succeeded", "{op:#}");
+    assert_eq!(op["leftovers"], serde_json::json!([]), "{op:#}");
+    for (name, state) in step_states(&op) {
+        assert_eq!(state, "done", "{name} in {op:#}");
+    }
+    assert_eq!(
+        names(&lab.apps(1)),
+        [] as [(&str, &str); 0],
+        "source destroyed"
+    );
+    assert_eq!(
+        names(&lab.apps(2)),
+        [("shop2", "running")],
+        "only the target on g2: no MigHelper, no second copy"
+    );
+    assert_eq!(get(&lab.data_url(2), "blob").as_deref(), Some(&blob[..]));
+    assert_eq!(
+        get(&lab.data_url(2), "greeting").as_deref(),
+        Some(&b"hello"[..])
+    );
+    let data_line = |s: &str| {
+        s.lines()
+            .find(|l| l.starts_with("data\t"))
+            .unwrap()
+            .to_string()
+    };
+    assert_eq!(data_line(&lab.checksum(2, "shop2")), data_line(&sum));
+}
+
+#[test]
+fn an_unreachable_source_controller_during_the_copy_rolls_back_once_it_answers() {
+    let lab = Lab::up(2, &BASES);
+    let (blob, sum) = shop_with_data(&lab);
+    let id = start_migrate(&lab.mig_url(1), "g2", "shop2");
+    let helper = helper_url(&lab, 2);
+
+    let pull = pulling_ssh(&lab, 2, "shop");
+    signal(pull, "STOP");
+    wait_step(&helper, &id, MIGRATING, "running", 30);
+    // g1's controller goes away: its sshd and every session it serves, the copy's included.
+    for pid in tree(sshd_pid(&lab, 1)) {
+        signal(pid, "KILL");
+    }
+    signal(pull, "CONT");
+    let op = wait_step(&helper, &id, MIGRATING, "failed", 30);
+    assert!(
+        step(&op, MIGRATING)["detail"]
+            .as_str()
+            .unwrap()
+            .contains("copy from grid g1 failed"),
+        "{op:#}"
+    );
+    // The roll-back keeps trying to start the source until g1 answers again.
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(op_at(&helper, &id).unwrap()["state"], "running");
+    lab_up_again(&lab);
+
+    let op = wait_end(&lab, &lab.mig_url(1), &id, 90);
+    assert_eq!(op["state"], "rolled_back", "{op:#}");
+    assert!(
+        op["error"].as_str().unwrap().contains(MIGRATING),
+        "the error names the failed step: {op:#}"
+    );
+    assert_eq!(step(&op, MIGRATING)["state"], "failed");
+    assert_eq!(
+        step(&op, "stopping the source application")["state"],
+        "rolled_back"
+    );
+    assert_eq!(
+        step(&op, "starting the target application")["state"],
+        "rolled_back"
+    );
+    assert_eq!(step(&op, DESTROYING_SOURCE)["state"], "rolled_back");
+    assert_eq!(step(&op, "destroying MigHelper")["state"], "done");
+    assert_eq!(op["leftovers"], serde_json::json!([]));
+
+    assert_eq!(names(&lab.apps(1)), [("shop", "running")]);
+    assert_eq!(
+        names(&lab.apps(2)),
+        [] as [(&str, &str); 0],
+        "no partial target, no MigHelper"
+    );
+    assert_eq!(get(&lab.data_url(1), "blob").as_deref(), Some(&blob[..]));
+    assert_eq!(
+        get(&lab.data_url(1), "greeting").as_deref(),
+        Some(&b"hello"[..])
+    );
+    assert_eq!(
+        lab.checksum(1, "shop"),
+        sum,
+        "the source's data is untouched"
+    );
+}
+
+#[test]
+fn a_target_mig_killed_during_its_clean_up_finishes_it_when_started_again() {
+    let lab = Lab::up(2, &BASES);
+    let (blob, sum) = shop_with_data(&lab);
+    let id = start_migrate(&lab.mig_url(1), "g2", "shop2");
+    let helper = helper_url(&lab, 2);
+
+    // g1's controller stops taking new connections while the copy runs (the copy's own session
+    // goes on), so the target MIG's first clean-up step cannot reach it and keeps retrying.
+    let pull = pulling_ssh(&lab, 2, "shop");
+    signal(pull, "STOP");
+    wait_step(&helper, &id, MIGRATING, "running", 30);
+    signal(sshd_pid(&lab, 1), "KILL");
+    signal(pull, "CONT");
+    let target = lab.mig_url(2);
+    wait_step(&target, &id, DESTROYING_SOURCE, "running", 60);
+
+    // The target MIG dies mid-step; its grid marks the application failed.
+    let state_dir = lab.state(2).join("mig-state/shop2").display().to_string();
+    let serve = find_process("the target's mig serve", |a| {
+        a.get(1).is_some_and(|c| c == "serve") && a.iter().any(|x| x.contains(&state_dir))
+    });
+    signal(serve, "KILL");
+    wait_for("the grid to mark shop2 failed", 30, || {
+        lab.apps(2)
+            .iter()
+            .any(|(n, s)| n == "shop2" && s == "failed")
+            .then_some(())
+    });
+
+    // g1 answers again; the operator starts the target again; its MIG resumes the clean-up.
+    lab_up_again(&lab);
+    let out = lab.app(2, &["start", "shop2"]);
+    assert!(
+        out.status.success(),
+        "app start: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let op = wait_end(&lab, &target, &id, 90);
+    assert_eq!(op["state"], "succeeded", "{op:#}");
+    assert_eq!(op["leftovers"], serde_json::json!([]), "{op:#}");
+    for (name, state) in step_states(&op) {
+        assert_eq!(state, "done", "{name} in {op:#}");
+    }
+    assert_eq!(
+        names(&lab.apps(1)),
+        [] as [(&str, &str); 0],
+        "source destroyed"
+    );
+    assert_eq!(
+        names(&lab.apps(2)),
+        [("shop2", "running")],
+        "no MigHelper left"
+    );
+    assert_eq!(get(&lab.data_url(2), "blob").as_deref(), Some(&blob[..]));
+    assert_eq!(
+        get(&lab.data_url(2), "greeting").as_deref(),
+        Some(&b"hello"[..])
+    );
+    let data_line = |s: &str| {
+        s.lines()
+            .find(|l| l.starts_with("data\t"))
+            .unwrap()
+            .to_string()
+    };
+    assert_eq!(data_line(&lab.checksum(2, "shop2")), data_line(&sum));
+}
+
+#[test]
+fn a_mighelper_killed_during_the_roll_back_goes_on_rolling_back_when_started_again() {
+    let lab = Lab::up(2, &BASES);
+    let (blob, sum) = shop_with_data(&lab);
+    let id = start_migrate(&lab.mig_url(1), "g2", "shop2");
+    let helper = helper_url(&lab, 2);
+
+    // The copy fails because g1's controller is gone; the roll-back then waits for g1 to start
+    // the source again...
+    let pull = pulling_ssh(&lab, 2, "shop");
+    signal(pull, "STOP");
+    wait_step(&helper, &id, MIGRATING, "running", 30);
+    for pid in tree(sshd_pid(&lab, 1)) {
+        signal(pid, "KILL");
+    }
+    signal(pull, "CONT");
+    wait_step(&helper, &id, MIGRATING, "failed", 30);
+    std::thread::sleep(Duration::from_secs(1));
+
+    // ... and MigHelper dies while it waits.
+    let helper_state = lab
+        .state(2)
+        .join(format!("apps/{}", helper_app(&id)))
+        .display()
+        .to_string();
+    let mig_helper = find_process("mig helper", |a| {
+        a.get(1).is_some_and(|c| c == "helper") && a.iter().any(|x| x.contains(&helper_state))
+    });
+    signal(mig_helper, "KILL");
+    wait_for("the grid to mark MigHelper failed", 30, || {
+        lab.apps(2)
+            .iter()
+            .any(|(n, s)| *n == helper_app(&id) && s == "failed")
+            .then_some(())
+    });
+
+    // g1 answers again and the operator starts MigHelper again: it must finish the roll-back,
+    // not take up the copy of an operation it was undoing.
+    lab_up_again(&lab);
+    let out = lab.app(2, &["start", &helper_app(&id)]);
+    assert!(
+        out.status.success(),
+        "app start: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let op = wait_end(&lab, &lab.mig_url(1), &id, 60);
+    assert_eq!(op["state"], "rolled_back", "{op:#}");
+    assert_eq!(op["leftovers"], serde_json::json!([]), "{op:#}");
+    assert_eq!(step(&op, MIGRATING)["state"], "failed");
+    assert_eq!(
+        step(&op, "starting the target application")["state"],
+        "rolled_back"
+    );
+    assert_eq!(step(&op, "destroying MigHelper")["state"], "done");
+    assert_eq!(names(&lab.apps(1)), [("shop", "running")]);
+    assert_eq!(
+        names(&lab.apps(2)),
+        [] as [(&str, &str); 0],
+        "no target, no MigHelper"
+    );
+    assert_eq!(get(&lab.data_url(1), "blob").as_deref(), Some(&blob[..]));
+    assert_eq!(lab.checksum(1, "shop"), sum);
+}
+
+#[test]
+fn a_mighelper_that_forgot_its_final_handoff_does_not_undo_the_cut_over() {
+    let lab = Lab::up(2, &BASES);
+    let (blob, sum) = shop_with_data(&lab);
+    let id = start_migrate(&lab.mig_url(1), "g2", "shop2");
+    let helper = helper_url(&lab, 2);
+    let target = lab.mig_url(2);
+
+    // Hold the operation after the cut-over: the target MIG took it and cannot reach g1 to
+    // destroy the source (g1's sshd takes no new connections; the copy's session goes on).
+    let pull = pulling_ssh(&lab, 2, "shop");
+    signal(pull, "STOP");
+    wait_step(&helper, &id, MIGRATING, "running", 30);
+    signal(sshd_pid(&lab, 1), "KILL");
+    signal(pull, "CONT");
+    wait_step(&target, &id, DESTROYING_SOURCE, "running", 60);
+
+    // MigHelper dies, and its journal is put back to where it was before the target's answer
+    // reached it: what a helper killed between that answer and its journal write (or one whose
+    // answer was lost on the way) has on record.
+    let helper_state = lab
+        .state(2)
+        .join(format!("apps/{}", helper_app(&id)))
+        .display()
+        .to_string();
+    let mig_helper = find_process("mig helper", |a| {
+        a.get(1).is_some_and(|c| c == "helper") && a.iter().any(|x| x.contains(&helper_state))
+    });
+    signal(mig_helper, "KILL");
+    wait_for("the grid to mark MigHelper failed", 30, || {
+        lab.apps(2)
+            .iter()
+            .any(|(n, s)| *n == helper_app(&id) && s == "failed")
+            .then_some(())
+    });
+    let journal = std::path::Path::new(&helper_state).join(format!("vols/state/ops/{id}.json"));
+    let mut rec: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&journal).unwrap()).unwrap();
+    assert_eq!(rec["owner"], "target", "{rec:#}");
+    rec["owner"] = "helper".into();
+    rec["seq"] = (rec["seq"].as_u64().unwrap() - 1).into();
+    std::fs::write(&journal, serde_json::to_vec(&rec).unwrap()).unwrap();
+
+    // Started again, it sends the handoff again, which the target refuses as a replay: the
+    // helper must see that the target already owns the operation, not roll back the target.
+    let out = lab.app(2, &["start", &helper_app(&id)]);
+    assert!(
+        out.status.success(),
+        "app start: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let seen = wait_for("the restarted helper to settle", 60, || {
+        op_at(&helper, &id).filter(|op| op["owner"] == "target" || op["rolling_back"] == true)
+    });
+    assert_eq!(seen["rolling_back"], false, "{seen:#}");
+    assert!(
+        names(&lab.apps(2)).contains(&("shop2", "running")),
+        "the target runs on: {:?}",
+        lab.apps(2)
+    );
+
+    lab_up_again(&lab);
+    let op = wait_end(&lab, &target, &id, 90);
+    assert_eq!(op["state"], "succeeded", "{op:#}");
+    assert_eq!(op["leftovers"], serde_json::json!([]), "{op:#}");
+    assert_eq!(
+        names(&lab.apps(1)),
+        [] as [(&str, &str); 0],
+        "source destroyed"
+    );
+    assert_eq!(
+        names(&lab.apps(2)),
+        [("shop2", "running")],
+        "no MigHelper left"
+    );
+    assert_eq!(get(&lab.data_url(2), "blob").as_deref(), Some(&blob[..]));
+    let data_line = |s: &str| {
+        s.lines()
+            .find(|l| l.starts_with("data\t"))
+            .unwrap()
+            .to_string()
+    };
+    assert_eq!(data_line(&lab.checksum(2, "shop2")), data_line(&sum));
+}
