@@ -90,6 +90,7 @@ pub async fn run(
             .wrap(from_fn(require_credentials))
             .route("/", aw::get().to(index))
             .route("/ops/{id}", aw::get().to(monitor))
+            .route("/ops/{id}/trace", aw::get().to(trace_page))
             .configure(web::configure_assets)
             .service(
                 aw::scope("/api/v1")
@@ -98,6 +99,7 @@ pub async fn run(
                     .route("/ops", aw::post().to(start_op))
                     .route("/ops/{id}", aw::get().to(get_op))
                     .route("/ops/{id}/events", aw::get().to(op_events))
+                    .route("/ops/{id}/trace", aw::get().to(op_trace))
                     .route("/handoff", aw::post().to(handoff)),
             )
     })
@@ -338,6 +340,30 @@ async fn get_op(shared: aw::Data<Shared>, id: aw::Path<String>) -> HttpResponse 
     }
 }
 
+/// `GET /api/v1/ops/{id}/trace`: the operation's timeline across every instance that ran it, as far
+/// as this instance knows it (the last one knows all of it).
+async fn op_trace(shared: aw::Data<Shared>, id: aw::Path<String>) -> HttpResponse {
+    match shared.book.get(&id) {
+        Some(op) => cors(HttpResponse::Ok().json(serde_json::json!({
+            "id": op.id,
+            "trace_id": op.trace_id,
+            "events": op.trace,
+        }))),
+        None => cors(error(404, format!("no operation {id} here"))),
+    }
+}
+
+/// `GET /ops/{id}/trace`: the same as a page.
+async fn trace_page(shared: aw::Data<Shared>, id: aw::Path<String>) -> HttpResponse {
+    match shared.book.get(&id) {
+        Some(op) => web::html_response(web::trace_page(&op)),
+        None => error(
+            404,
+            format!("no operation {id} here; its timeline is on the instance that ended it"),
+        ),
+    }
+}
+
 /// `GET /api/v1/ops/{id}/events`: the same, live, as server-sent events (`event: op`). The stream
 /// ends once the operation has ended or has moved on to another instance.
 async fn op_events(shared: aw::Data<Shared>, id: aw::Path<String>) -> HttpResponse {
@@ -380,7 +406,12 @@ async fn handoff(req: HttpRequest, shared: aw::Data<Shared>, body: aw::Bytes) ->
             Ok(s) => s,
             Err(e) => return error(401, e.to_string()),
         };
-    let span = tracing::info_span!("op", op_id = %signed.op_id);
+    let traceparent = req
+        .headers()
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let span = tracing::info_span!("op", op_id = %signed.op_id, traceparent);
     let _g = span.enter();
     match recipient
         .send(Handoff {

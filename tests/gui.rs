@@ -166,6 +166,32 @@ async fn a_person_migrates_and_snapshots_from_the_page_and_follows_it_to_the_end
         "the page ends on the target's GUI"
     );
     b.screenshot("lab-migrate-finished").await;
+
+    // The timeline, linked from the monitor, renders the whole operation.
+    let href = b
+        .wait_for(
+            "the timeline link",
+            Duration::from_secs(5),
+            "const a = document.getElementById('trace-link'); return a && a.href",
+        )
+        .await;
+    b.client.goto(href.as_str().unwrap()).await.unwrap();
+    let rows = b
+        .wait_for("the timeline", Duration::from_secs(5), "return Array.from(document.querySelectorAll('table.timeline tbody tr')).map(r => r.dataset.instance)")
+        .await;
+    let rows: Vec<&str> = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    for instance in ["source MIG (g1)", "MigHelper (g2)", "target MIG (g2)"] {
+        assert!(
+            rows.contains(&instance),
+            "{instance} missing from the timeline: {rows:?}"
+        );
+    }
+    b.screenshot("lab-timeline").await;
     assert_eq!(lab.apps(2), [("shop2".to_string(), "running".to_string())]);
 
     // Snapshot g2 -> g1 from the target's page; the page follows it back to the same MIG.

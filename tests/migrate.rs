@@ -197,6 +197,53 @@ fn migrate_then_snapshot_keep_every_byte_and_leave_nothing_behind() {
     );
     assert!(metric(&metrics, "mig_process_resident_memory_bytes").unwrap() > 0.0);
 
+    // The target MIG serves the whole timeline: events from all three instances, the two handoffs
+    // in order, under one trace id.
+    let trace: serde_json::Value = serde_json::from_str(&scrape(&format!(
+        "{}/api/v1/ops/{}/trace",
+        lab.mig_url(2),
+        op_id(&out)
+    )))
+    .unwrap();
+    assert_eq!(trace["trace_id"].as_str().unwrap().len(), 32);
+    let events = trace["events"].as_array().unwrap();
+    let instances: std::collections::BTreeSet<&str> = events
+        .iter()
+        .map(|e| e["instance"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        instances.into_iter().collect::<Vec<_>>(),
+        ["MigHelper (g2)", "source MIG (g1)", "target MIG (g2)"],
+        "{trace}"
+    );
+    let handoffs: Vec<&str> = events
+        .iter()
+        .filter(|e| e["kind"] == "handoff")
+        .map(|e| e["what"].as_str().unwrap())
+        .collect();
+    assert_eq!(handoffs.len(), 4, "{handoffs:?}");
+    assert!(
+        handoffs[0].starts_with("handoff to http://") && handoffs[0].ends_with("(seq 1)"),
+        "{handoffs:?}"
+    );
+    assert_eq!(handoffs[1], "handoff accepted (seq 1)");
+    assert!(
+        handoffs[2].ends_with("(seq 2)") && handoffs[3] == "handoff accepted (seq 2)",
+        "{handoffs:?}"
+    );
+    assert!(
+        events
+            .iter()
+            .any(|e| e["kind"] == "command"
+                && e["what"].as_str().unwrap().starts_with("app migrate ")),
+        "the copy command is in the timeline"
+    );
+    let times: Vec<&str> = events.iter().map(|e| e["at"].as_str().unwrap()).collect();
+    assert!(
+        times.windows(2).all(|w| w[0] <= w[1]),
+        "events in time order: {times:?}"
+    );
+
     // Snapshot g2 -> g3: a stopped copy there, the source running on.
     put(&lab.data_url(2), "after-move", b"written on g2");
     let (ok, out) = run_cli("snapshot", &lab.mig_url(2), "g3", "shop3");

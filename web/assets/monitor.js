@@ -329,6 +329,7 @@
     }[op.state] + " · MIG operation " + opId.slice(0, 8);
     main.dataset.version = String(op.version);
     renderMonitors(op);
+    renderTraceLink(op);
     // The live region speaks only when the summary changes, not on every byte count.
     const text = summaryText(op);
     if (text !== lastSummary) {
@@ -359,6 +360,29 @@
 
   // Only http(s) URLs are followed or linked: the plan comes over the network, and a
   // "javascript:" link would run in this page.
+  // The whole timeline (steps, handoffs, grid commands of every instance) is served by the
+  // instance that drives the operation now, or ended it.
+  function ownerUrl(op) {
+    const p = op.plan;
+    if (op.owner === "source") return norm(p.source_mig_url);
+    if (op.owner === "helper") return norm(p.helper_url);
+    return norm(op.rolling_back ? p.source_mig_url : p.final_mig_url);
+  }
+
+  function renderTraceLink(op) {
+    const base = ownerUrl(op);
+    let a = document.getElementById("trace-link");
+    if (!base) {
+      if (a) a.remove();
+      return;
+    }
+    if (!a) {
+      a = node("a", { id: "trace-link", class: "small" }, "Timeline of this operation");
+      el.following.after(a);
+    }
+    a.setAttribute("href", base + "/ops/" + opId + "/trace");
+  }
+
   function norm(url) {
     const u = String(url || "").replace(/\/+$/, "");
     return /^https?:\/\/[^\s]+$/i.test(u) ? u : "";

@@ -110,13 +110,18 @@ async fn serve_asset(req: actix_web::HttpRequest) -> actix_web::HttpResponse {
     }
 }
 
+/// The document head; `script` is the page's one script, or empty for a page without one.
 fn head(title: &str, script: &str, extra_meta: &str) -> String {
+    let script = if script.is_empty() {
+        String::new()
+    } else {
+        format!("<script src=\"/static/{script}\" defer></script>\n")
+    };
     format!(
         "<!doctype html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n\
          <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n{extra_meta}\
          <title>{title}</title>\n<link rel=\"icon\" href=\"data:,\">\n\
-         <link rel=\"stylesheet\" href=\"/static/mig.css\">\n\
-         <script src=\"/static/{script}\" defer></script>\n</head>\n",
+         <link rel=\"stylesheet\" href=\"/static/mig.css\">\n{script}</head>\n",
         title = escape(title),
     )
 }
@@ -286,9 +291,85 @@ pub fn monitor_page(op_id: &str) -> String {
     out
 }
 
+/// The timeline page (`GET /ops/{id}/trace`): every step, handoff and grid command of the
+/// operation across the instances that ran it, in order, with the time since the first event and
+/// how long each took. Rendered on the server from the operation's own trace: no script needed.
+pub fn trace_page(op: &actors::op::Op) -> String {
+    let short: String = op.id.chars().take(8).collect();
+    let mut out = head(&format!("MIG · timeline {short}"), "", "");
+    out.push_str("<body>\n");
+    out.push_str(&banner("Operation timeline", &escape(&short)));
+    out.push_str(&format!(
+        "<main class=\"wrap\" id=\"trace\" data-trace-id=\"{tid}\">\n\
+         <h1>Timeline of operation <code>{short}</code></h1>\n\
+         <p class=\"muted\">{kind} · {state} · trace id <code>{tid}</code> · \
+         <a href=\"/ops/{id}\">back to the monitor</a> · <a href=\"/api/v1/ops/{id}/trace\">as JSON</a></p>\n\
+         <table class=\"timeline\"><caption class=\"muted\">{n} events, oldest first</caption>\n\
+         <thead><tr><th scope=\"col\">+s</th><th scope=\"col\">instance</th><th scope=\"col\">kind</th>\
+         <th scope=\"col\">what</th><th scope=\"col\">took</th></tr></thead>\n<tbody>\n",
+        tid = escape(&op.trace_id),
+        short = escape(&short),
+        id = escape(&op.id),
+        kind = escape(op.kind.as_str()),
+        state = escape(&format!("{:?}", op.state).to_lowercase()),
+        n = op.trace.len(),
+    ));
+    let t0 = op
+        .trace
+        .first()
+        .and_then(|e| humantime::parse_rfc3339(&e.at).ok());
+    for e in &op.trace {
+        let offset = match (t0, humantime::parse_rfc3339(&e.at)) {
+            (Some(a), Ok(b)) => b
+                .duration_since(a)
+                .map(|d| format!("{:.3}", d.as_secs_f64()))
+                .unwrap_or_default(),
+            _ => String::new(),
+        };
+        let took = e
+            .millis
+            .map(|ms| format!("{:.3} s", ms as f64 / 1000.0))
+            .unwrap_or_default();
+        let error = e
+            .error
+            .as_deref()
+            .map(|x| format!("<br><span class=\"reason\">{}</span>", escape(x)))
+            .unwrap_or_default();
+        out.push_str(&format!(
+            "<tr class=\"ev-{kind}{failed}\" data-instance=\"{inst}\"><td>{offset}</td><td>{inst}</td>\
+             <td>{kind}</td><td>{what}{error}</td><td>{took}</td></tr>\n",
+            kind = escape(&e.kind),
+            failed = if e.error.is_some() { " failed" } else { "" },
+            inst = escape(&e.instance),
+            what = escape(&e.what),
+        ));
+    }
+    out.push_str("</tbody></table>\n</main>\n</body>\n</html>\n");
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_timeline_lists_every_event_escaped() {
+        let plan: actors::op::Plan = serde_json::from_value(serde_json::json!({
+            "source_grid": "g1", "target_grid": "g2", "source_app": "a", "target_app": "b",
+            "source_controller": "h:1", "target_controller": "h:2", "source_mig_url": "x",
+            "helper_url": "y", "final_mig_url": "z", "helper_app": "m", "helper_config": [],
+            "target_app_config": []}))
+        .unwrap();
+        let mut op = actors::op::Op::new(actors::op::new_id(), actors::op::Kind::Migrate, plan);
+        op.start_step(actors::op::PROVISIONING_HELPER);
+        op.fail_step(actors::op::PROVISIONING_HELPER, "<script>boom</script>");
+        op.trace("command", "app list on <h>".into(), Some(1500), None);
+        let html = trace_page(&op);
+        assert_eq!(html.matches("<tr class=\"ev-").count(), 3, "{html}");
+        assert!(html.contains("&lt;script&gt;boom") && !html.contains("<script>boom"));
+        assert!(html.contains("1.500 s"));
+        assert!(html.contains(&op.trace_id));
+    }
 
     fn ctx() -> PageContext {
         PageContext {
