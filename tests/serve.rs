@@ -262,19 +262,24 @@ fn a_taken_gui_port_stops_mig_with_httpd_did_not_start() {
     );
 }
 
+/// Runs `mig serve` on ports the OS picks, expecting it to stop with exit 1; returns its stderr.
+fn serve_failing(dir: &std::path::Path) -> String {
+    let out = mig()
+        .args(["serve", "--config-dir"])
+        .arg(dir)
+        .args(["--set", "port_no=0", "--set", "mon_port=0"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
 #[test]
 fn a_failing_rc_local_stops_mig_with_its_return_code() {
     let dir = config_dir();
     let rc = dir.path().join(".rc.local");
     write_script(&rc, "exit 3", 0o755);
-    let out = mig()
-        .args(["serve", "--config-dir"])
-        .arg(dir.path())
-        .args(["--set", "port_no=0", "--set", "mon_port=0"])
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(1));
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = serve_failing(dir.path());
     assert!(
         stderr.contains(&format!(
             "{}: .rc.local script failed, ret = 3",
@@ -289,14 +294,7 @@ fn a_non_executable_rc_local_stops_mig() {
     let dir = config_dir();
     let rc = dir.path().join(".rc.local");
     write_script(&rc, "exit 0", 0o644);
-    let out = mig()
-        .args(["serve", "--config-dir"])
-        .arg(dir.path())
-        .args(["--set", "port_no=0", "--set", "mon_port=0"])
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(1));
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = serve_failing(dir.path());
     assert!(
         stderr.contains(&format!(
             "{}: .rc.local script is not executable.",
