@@ -46,14 +46,22 @@ fn bind(what: &str, addr: SocketAddr) -> Result<TcpListener, Fatal> {
     })
 }
 
-fn open_book(props: &Properties) -> Result<OpBook, Fatal> {
-    Journal::open(&props.state_dir)
+/// The operation journal in `state_dir`, and the driver the actors reach grids with (over SSH,
+/// with the key and pinned host keys the properties name).
+fn open_book_and_driver(props: &Properties) -> Result<(OpBook, Driver), Fatal> {
+    let book = Journal::open(&props.state_dir)
         .and_then(OpBook::open)
         .map_err(|e| {
             fatal(format!(
                 "cannot open the operation journal (state_dir): {e}"
             ))
-        })
+        })?;
+    let connect = SshConnect {
+        key_file: props.private_key_file.clone(),
+        known_hosts: props.known_hosts_file.clone(),
+    };
+    let driver = Driver::new(book.clone(), Arc::new(connect));
+    Ok((book, driver))
 }
 
 /// Binds the GUI and mon ports, logs where they are, and serves until SIGTERM/SIGINT. On the
@@ -63,12 +71,12 @@ async fn listen_and_serve(
     shared: Shared,
     proxy: Option<Addr<Proxy>>,
 ) -> Result<(), Fatal> {
+    let shutdown = CancellationToken::new();
+    stop_on_signal(shutdown.clone())?;
     let gui = bind("httpd", SocketAddr::new(props.listen, props.port_no))?;
     let mon = bind("mon", SocketAddr::new(props.listen, props.mon_port))?;
     let addr = |l: &TcpListener| l.local_addr().map(|a| a.to_string()).unwrap_or_default();
     tracing::info!(gui = %format!("http://{}/", addr(&gui)), mon = %format!("http://{}/healthz", addr(&mon)), "serving");
-    let shutdown = CancellationToken::new();
-    tokio::spawn(stop_on_signal(shutdown.clone()));
     let drain = {
         let shutdown = shutdown.clone();
         async move {
@@ -84,7 +92,10 @@ async fn listen_and_serve(
 }
 
 /// Starts the pass-through listeners for `passthrough` on `listen`, to `aux`.
-async fn start_proxy(props: &Properties) -> Result<Option<Addr<Proxy>>, Fatal> {
+async fn start_proxy(
+    props: &Properties,
+    stats: Arc<ProxyStats>,
+) -> Result<Option<Addr<Proxy>>, Fatal> {
     if props.passthrough.is_empty() {
         return Ok(None);
     }
@@ -98,7 +109,7 @@ async fn start_proxy(props: &Properties) -> Result<Option<Addr<Proxy>>, Fatal> {
     cfg.drain = props.drain_timeout;
     // On an arbiter (thread) of its own, so bulk traffic cannot delay the GUI or the actors.
     let arbiter = actix::Arbiter::new();
-    let (proxy, _addrs) = Proxy::start_on(&arbiter.handle(), cfg, Arc::new(ProxyStats::new()))
+    let (proxy, _addrs) = Proxy::start_on(&arbiter.handle(), cfg, stats)
         .await
         .map_err(|e| fatal(format!("pass-through did not start: {e}")))?;
     match &props.aux {
@@ -112,20 +123,15 @@ async fn start_proxy(props: &Properties) -> Result<Option<Addr<Proxy>>, Fatal> {
 
 /// `mig serve`.
 pub async fn serve(props: Properties) -> Result<(), Fatal> {
+    // Before the actors start: what they record before a recorder exists is lost.
+    crate::metrics::install();
     site::run_rc_local(&props.config_dir).await.map_err(fatal)?;
     let site = Site::inspect(props);
     for p in &site.problems {
         tracing::warn!("{p}");
     }
     let props = site.props.clone();
-    let book = open_book(&props)?;
-    let driver = Driver::new(
-        book.clone(),
-        Arc::new(SshConnect {
-            key_file: props.private_key_file.clone(),
-            known_hosts: props.known_hosts_file.clone(),
-        }),
-    );
+    let (book, driver) = open_book_and_driver(&props)?;
 
     // Without a usable key MIG can neither reach a grid nor check a handoff.
     let key_ok = actors::keys::check_private_key(&props.private_key_file).is_ok();
@@ -169,7 +175,11 @@ pub async fn serve(props: Properties) -> Result<(), Fatal> {
     let mut shared = Shared::new(Some(site), book, vec![Role::Source, Role::Target]);
     shared.handoff = handoff;
     shared.source = source;
-    let proxy = start_proxy(&props).await?;
+    let stats = Arc::new(ProxyStats::new());
+    let proxy = start_proxy(&props, stats.clone()).await?;
+    if proxy.is_some() {
+        shared.proxy_stats = Some(stats);
+    }
     listen_and_serve(&props, shared, proxy).await
 }
 
@@ -179,6 +189,7 @@ fn read(path: &Path) -> Result<String, Fatal> {
 
 /// `mig helper`: MigHelper for the one operation named in `MIG_HELPER_ENV`.
 pub async fn helper(mut props: Properties, env: Option<String>) -> Result<(), Fatal> {
+    crate::metrics::install();
     let env = env.ok_or_else(|| Fatal {
         code: 2,
         message: format!("{HELPER_ENV_VAR} is not set: mig helper runs only as the MigHelper application that MIG provisions"),
@@ -193,14 +204,7 @@ pub async fn helper(mut props: Properties, env: Option<String>) -> Result<(), Fa
     write_private(&props.private_key_file, &env.private_key)?;
     write_private(&props.known_hosts_file, &env.known_hosts)?;
 
-    let book = open_book(&props)?;
-    let driver = Driver::new(
-        book.clone(),
-        Arc::new(SshConnect {
-            key_file: props.private_key_file.clone(),
-            known_hosts: props.known_hosts_file.clone(),
-        }),
-    );
+    let (book, driver) = open_book_and_driver(&props)?;
     let span = tracing::info_span!("op", op_id = %env.op_id, actor = "mig_helper");
     span.in_scope(|| tracing::info!("MigHelper starting"));
     let helper = MigHelper::new(env.op_id.clone(), env.op_key(), driver).start();
@@ -215,19 +219,23 @@ fn write_private(path: &Path, text: &str) -> Result<(), Fatal> {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(err)
 }
 
-/// Cancels `shutdown` on SIGTERM (the grid stopping the application) or SIGINT (Ctrl-C).
-async fn stop_on_signal(shutdown: CancellationToken) {
+/// Cancels `shutdown` on SIGTERM (the grid stopping the application) or SIGINT (Ctrl-C). The
+/// handlers are installed before this returns, so a signal that arrives at once is not lost to the
+/// default action (which would end MIG without draining).
+fn stop_on_signal(shutdown: CancellationToken) -> Result<(), Fatal> {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        tracing::error!("cannot install signal handlers; stop MIG with SIGKILL");
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM received"),
-        _ = int.recv() => tracing::info!("SIGINT received"),
-    }
-    shutdown.cancel();
+    let install =
+        |kind| signal(kind).map_err(|e| fatal(format!("cannot install signal handlers: {e}")));
+    let (mut term, mut int) = (
+        install(SignalKind::terminate())?,
+        install(SignalKind::interrupt())?,
+    );
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM received"),
+            _ = int.recv() => tracing::info!("SIGINT received"),
+        }
+        shutdown.cancel();
+    });
+    Ok(())
 }

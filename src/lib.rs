@@ -5,5 +5,6 @@
 pub mod client;
 pub mod daemon;
 pub mod logging;
+pub mod metrics;
 pub mod server;
 pub mod site;

@@ -4,6 +4,7 @@
 //! server over real sockets, and `main` can report a port that cannot be bound before anything starts.
 
 use std::net::TcpListener;
+use std::sync::Arc;
 use std::time::Duration;
 
 use actix::{Addr, Recipient};
@@ -16,6 +17,7 @@ use actors::auth::{GuiCredentials, Signed};
 use actors::book::OpBook;
 use actors::handoff::Handoff;
 use actors::op::Role;
+use actors::proxy::ProxyStats;
 use actors::source::{Source, StartOp};
 use serde::{Deserialize, Serialize};
 use subtle::ConstantTimeEq;
@@ -46,6 +48,8 @@ pub struct Shared {
     /// The roles this instance plays; its event streams end when the operation moves on.
     pub roles: Vec<Role>,
     pub csrf_token: String,
+    /// The pass-through counters, for `/metrics`.
+    pub proxy_stats: Option<Arc<ProxyStats>>,
 }
 
 impl Shared {
@@ -61,6 +65,7 @@ impl Shared {
             handoff: None,
             roles,
             csrf_token: actors::op::new_id(),
+            proxy_stats: None,
         }
     }
 }
@@ -72,6 +77,8 @@ pub async fn run(
     mon: TcpListener,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
+    // Before anything records: a metric recorded before the recorder exists is lost.
+    crate::metrics::install();
     let shared = aw::Data::new(shared);
 
     let gui_shared = shared.clone();
@@ -81,6 +88,10 @@ pub async fn run(
             .app_data(aw::PayloadConfig::new(MAX_HANDOFF))
             .app_data(aw::JsonConfig::default().limit(16 * 1024))
             .wrap(from_fn(require_credentials))
+            .route("/", aw::get().to(index))
+            .route("/ops/{id}", aw::get().to(monitor))
+            .route("/ops/{id}/trace", aw::get().to(trace_page))
+            .configure(web::configure_assets)
             .service(
                 aw::scope("/api/v1")
                     .route("/grids", aw::get().to(grids))
@@ -88,6 +99,7 @@ pub async fn run(
                     .route("/ops", aw::post().to(start_op))
                     .route("/ops/{id}", aw::get().to(get_op))
                     .route("/ops/{id}/events", aw::get().to(op_events))
+                    .route("/ops/{id}/trace", aw::get().to(op_trace))
                     .route("/handoff", aw::post().to(handoff)),
             )
     })
@@ -102,6 +114,8 @@ pub async fn run(
         App::new()
             .app_data(mon_shared.clone())
             .route("/healthz", aw::get().to(healthz))
+            .route("/readyz", aw::get().to(readyz))
+            .route("/metrics", aw::get().to(metrics))
     })
     .workers(1)
     .disable_signals()
@@ -124,7 +138,12 @@ pub async fn run(
 /// (which carries its own signature).
 fn is_public(req: &ServiceRequest) -> bool {
     let path = req.path();
-    (req.method() == Method::GET && path.starts_with("/api/v1/ops/"))
+    let get = req.method() == Method::GET;
+    // The monitor page and its script reveal nothing without the operation id; they must load on
+    // the MigHelper and the target MIG, whose credentials the person may not have.
+    (get && (path.starts_with("/api/v1/ops/")
+        || path.starts_with("/ops/")
+        || path.starts_with("/static/")))
         || (req.method() == Method::POST && path == "/api/v1/handoff")
 }
 
@@ -206,6 +225,48 @@ async fn grids(shared: aw::Data<Shared>) -> HttpResponse {
     })
 }
 
+/// `GET /`: the form (or, in MigHelper, a pointer to the operation it runs).
+async fn index(shared: aw::Data<Shared>) -> HttpResponse {
+    let Some(site) = &shared.site else {
+        return match shared.book.all().first() {
+            Some(op) => HttpResponse::Found()
+                .insert_header((header::LOCATION, format!("/ops/{}", op.id)))
+                .finish(),
+            None => error(404, "this MigHelper has no operation yet"),
+        };
+    };
+    let own = site.own();
+    let ctx = web::PageContext {
+        app_name: site.props.app_name.clone(),
+        own_grid: own.map(|g| (g.id.clone(), g.location.clone())),
+        unavailable: match (&shared.source, site.operations_unavailable()) {
+            (_, Some(why)) => Some(why),
+            (None, None) => {
+                Some("the application's private key is not usable (run `mig check`)".into())
+            }
+            (Some(_), None) => None,
+        },
+        mode: site.props.mode,
+        targets: site
+            .grid_info
+            .iter()
+            .flat_map(|gi| &gi.grids)
+            .filter(|g| Some(g.id.as_str()) != own.map(|o| o.id.as_str()))
+            .map(|g| (g.id.clone(), g.location.clone()))
+            .collect(),
+        csrf_token: shared.csrf_token.clone(),
+    };
+    web::html_response(web::index_page(&ctx))
+}
+
+/// `GET /ops/{id}`: the monitor page, which follows the operation wherever it runs.
+async fn monitor(id: aw::Path<String>) -> HttpResponse {
+    if !actors::op::valid_id(&id) {
+        return error(404, "not an operation id");
+    }
+    web::html_response(web::monitor_page(&id))
+}
+
 /// `GET /api/v1/csrf`: the token for state-changing requests (behind the GUI credentials, and not
 /// readable cross-origin).
 async fn csrf(shared: aw::Data<Shared>) -> HttpResponse {
@@ -279,6 +340,30 @@ async fn get_op(shared: aw::Data<Shared>, id: aw::Path<String>) -> HttpResponse 
     }
 }
 
+/// `GET /api/v1/ops/{id}/trace`: the operation's timeline across every instance that ran it, as far
+/// as this instance knows it (the last one knows all of it).
+async fn op_trace(shared: aw::Data<Shared>, id: aw::Path<String>) -> HttpResponse {
+    match shared.book.get(&id) {
+        Some(op) => cors(HttpResponse::Ok().json(serde_json::json!({
+            "id": op.id,
+            "trace_id": op.trace_id,
+            "events": op.trace,
+        }))),
+        None => cors(error(404, format!("no operation {id} here"))),
+    }
+}
+
+/// `GET /ops/{id}/trace`: the same as a page.
+async fn trace_page(shared: aw::Data<Shared>, id: aw::Path<String>) -> HttpResponse {
+    match shared.book.get(&id) {
+        Some(op) => web::html_response(web::trace_page(&op)),
+        None => error(
+            404,
+            format!("no operation {id} here; its timeline is on the instance that ended it"),
+        ),
+    }
+}
+
 /// `GET /api/v1/ops/{id}/events`: the same, live, as server-sent events (`event: op`). The stream
 /// ends once the operation has ended or has moved on to another instance.
 async fn op_events(shared: aw::Data<Shared>, id: aw::Path<String>) -> HttpResponse {
@@ -321,7 +406,12 @@ async fn handoff(req: HttpRequest, shared: aw::Data<Shared>, body: aw::Bytes) ->
             Ok(s) => s,
             Err(e) => return error(401, e.to_string()),
         };
-    let span = tracing::info_span!("op", op_id = %signed.op_id);
+    let traceparent = req
+        .headers()
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let span = tracing::info_span!("op", op_id = %signed.op_id, traceparent);
     let _g = span.enter();
     match recipient
         .send(Handoff {
@@ -342,4 +432,31 @@ async fn handoff(req: HttpRequest, shared: aw::Data<Shared>, body: aw::Bytes) ->
 /// `GET /healthz` on mon: the process is alive and serving.
 async fn healthz() -> HttpResponse {
     HttpResponse::Ok().json(serde_json::json!({"status": "alive"}))
+}
+
+/// `GET /readyz` on mon: 200 when this instance can do its job (configuration loaded, its grid
+/// known, GUI bound, journal writable), else 503 with what is wrong.
+async fn readyz(shared: aw::Data<Shared>) -> HttpResponse {
+    let mut problems = Vec::new();
+    if let Some(site) = &shared.site {
+        if let Some(why) = site.operations_unavailable() {
+            problems.push(why);
+        }
+    }
+    if let Err(e) = shared.book.journal().probe() {
+        problems.push(format!("the journal is not writable: {e}"));
+    }
+    let body = serde_json::json!({"ready": problems.is_empty(), "problems": problems});
+    if problems.is_empty() {
+        HttpResponse::Ok().json(body)
+    } else {
+        HttpResponse::ServiceUnavailable().json(body)
+    }
+}
+
+/// `GET /metrics` on mon: Prometheus text.
+async fn metrics(shared: aw::Data<Shared>) -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type("text/plain; version=0.0.4")
+        .body(crate::metrics::render(shared.proxy_stats.as_deref()))
 }

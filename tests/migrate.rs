@@ -40,6 +40,22 @@ fn get(url: &str, key: &str) -> Option<Vec<u8>> {
     out.status.success().then_some(out.stdout)
 }
 
+fn scrape(url: &str) -> String {
+    let out = std::process::Command::new("curl")
+        .args(["-fsS", "--max-time", "5", url])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "GET {url}");
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// The value of one sample in Prometheus text, by its exact name and labels.
+fn metric(text: &str, key: &str) -> Option<f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
 fn names(apps: &[(String, String)]) -> Vec<(&str, &str)> {
     apps.iter().map(|(n, s)| (n.as_str(), s.as_str())).collect()
 }
@@ -145,6 +161,88 @@ fn migrate_then_snapshot_keep_every_byte_and_leave_nothing_behind() {
         "{copy}"
     );
     assert_eq!(copy["bytes_done"], copy["bytes_total"]);
+
+    // The target MIG's metrics: exactly this one operation ended there, its three clean-up steps
+    // timed, and the data read through its pass-through counted.
+    let metrics = scrape(&format!("http://{}:9480/metrics", lab.ip(2, 10)));
+    assert_eq!(
+        metric(
+            &metrics,
+            r#"mig_operations_ended_total{kind="migrate",state="succeeded"}"#
+        ),
+        Some(1.0),
+        "{metrics}"
+    );
+    assert_eq!(
+        metric(&metrics, r#"mig_operations_started_total{kind="migrate"}"#),
+        None,
+        "the target started nothing"
+    );
+    for step in [
+        "destroying the source application",
+        "stopping MigHelper",
+        "destroying MigHelper",
+    ] {
+        let key = format!(r#"mig_step_duration_seconds_count{{step="{step}",state="done"}}"#);
+        assert_eq!(metric(&metrics, &key), Some(1.0), "{key}\n{metrics}");
+    }
+    let read = metric(
+        &metrics,
+        r#"mig_proxy_bytes_total{port="8000",direction="out"}"#,
+    )
+    .unwrap_or(0.0);
+    assert!(
+        read >= value.len() as f64,
+        "pass-through bytes to clients: {read}\n{metrics}"
+    );
+    assert!(metric(&metrics, "mig_process_resident_memory_bytes").unwrap() > 0.0);
+
+    // The target MIG serves the whole timeline: events from all three instances, the two handoffs
+    // in order, under one trace id.
+    let trace: serde_json::Value = serde_json::from_str(&scrape(&format!(
+        "{}/api/v1/ops/{}/trace",
+        lab.mig_url(2),
+        op_id(&out)
+    )))
+    .unwrap();
+    assert_eq!(trace["trace_id"].as_str().unwrap().len(), 32);
+    let events = trace["events"].as_array().unwrap();
+    let instances: std::collections::BTreeSet<&str> = events
+        .iter()
+        .map(|e| e["instance"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        instances.into_iter().collect::<Vec<_>>(),
+        ["MigHelper (g2)", "source MIG (g1)", "target MIG (g2)"],
+        "{trace}"
+    );
+    let handoffs: Vec<&str> = events
+        .iter()
+        .filter(|e| e["kind"] == "handoff")
+        .map(|e| e["what"].as_str().unwrap())
+        .collect();
+    assert_eq!(handoffs.len(), 4, "{handoffs:?}");
+    assert!(
+        handoffs[0].starts_with("handoff to http://") && handoffs[0].ends_with("(seq 1)"),
+        "{handoffs:?}"
+    );
+    assert_eq!(handoffs[1], "handoff accepted (seq 1)");
+    assert!(
+        handoffs[2].ends_with("(seq 2)") && handoffs[3] == "handoff accepted (seq 2)",
+        "{handoffs:?}"
+    );
+    assert!(
+        events
+            .iter()
+            .any(|e| e["kind"] == "command"
+                && e["what"].as_str().unwrap().starts_with("app migrate ")),
+        "the copy command is in the timeline"
+    );
+    let times: Vec<&str> = events.iter().map(|e| e["at"].as_str().unwrap()).collect();
+    assert!(
+        times.windows(2).all(|w| w[0] <= w[1]),
+        "events in time order: {times:?}"
+    );
 
     // Snapshot g2 -> g3: a stopped copy there, the source running on.
     put(&lab.data_url(2), "after-move", b"written on g2");

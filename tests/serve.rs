@@ -262,19 +262,24 @@ fn a_taken_gui_port_stops_mig_with_httpd_did_not_start() {
     );
 }
 
+/// Runs `mig serve` on ports the OS picks, expecting it to stop with exit 1; returns its stderr.
+fn serve_failing(dir: &std::path::Path) -> String {
+    let out = mig()
+        .args(["serve", "--config-dir"])
+        .arg(dir)
+        .args(["--set", "port_no=0", "--set", "mon_port=0"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
 #[test]
 fn a_failing_rc_local_stops_mig_with_its_return_code() {
     let dir = config_dir();
     let rc = dir.path().join(".rc.local");
     write_script(&rc, "exit 3", 0o755);
-    let out = mig()
-        .args(["serve", "--config-dir"])
-        .arg(dir.path())
-        .args(["--set", "port_no=0", "--set", "mon_port=0"])
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(1));
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = serve_failing(dir.path());
     assert!(
         stderr.contains(&format!(
             "{}: .rc.local script failed, ret = 3",
@@ -289,14 +294,7 @@ fn a_non_executable_rc_local_stops_mig() {
     let dir = config_dir();
     let rc = dir.path().join(".rc.local");
     write_script(&rc, "exit 0", 0o644);
-    let out = mig()
-        .args(["serve", "--config-dir"])
-        .arg(dir.path())
-        .args(["--set", "port_no=0", "--set", "mon_port=0"])
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(1));
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = serve_failing(dir.path());
     assert!(
         stderr.contains(&format!(
             "{}: .rc.local script is not executable.",
@@ -326,4 +324,61 @@ fn bad_properties_stop_serve_with_exit_2_and_one_line_each() {
             r#"mode = "copy" (from MIG_MODE): must be migrate, snapshot or both"#,
         ]
     );
+}
+
+#[actix_rt::test]
+async fn readiness_says_what_is_wrong_and_metrics_answer() {
+    let dir = config_dir();
+    let (_gui, mon, token, task) = start_in_process(dir.path(), &["grid=g1"]);
+    let r = reqwest::get(format!("{mon}/readyz")).await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.json::<serde_json::Value>().await.unwrap()["ready"], true);
+
+    // The journal's directory becomes a file: not ready, and the body says why.
+    let ops = state_dir(dir.path()).join("ops");
+    std::fs::remove_dir_all(&ops).unwrap();
+    std::fs::write(&ops, "not a directory").unwrap();
+    let r = reqwest::get(format!("{mon}/readyz")).await.unwrap();
+    assert_eq!(r.status(), 503);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["ready"], false);
+    assert!(
+        body["problems"][0]
+            .as_str()
+            .unwrap()
+            .contains("journal is not writable"),
+        "{body}"
+    );
+
+    let text = reqwest::get(format!("{mon}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        text.contains("# TYPE mig_process_resident_memory_bytes gauge"),
+        "{text}"
+    );
+    assert!(text.contains(r#"mig_build_info{version=""#), "{text}");
+    token.cancel();
+    task.await.unwrap().unwrap();
+}
+
+#[actix_rt::test]
+async fn readiness_is_false_while_the_own_grid_is_unknown() {
+    let dir = config_dir();
+    let (_gui, mon, token, task) = start_in_process(dir.path(), &[]);
+    let r = reqwest::get(format!("{mon}/readyz")).await.unwrap();
+    assert_eq!(r.status(), 503);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert!(
+        body["problems"][0]
+            .as_str()
+            .unwrap()
+            .contains("cannot match itself"),
+        "{body}"
+    );
+    token.cancel();
+    task.await.unwrap().unwrap();
 }

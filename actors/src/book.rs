@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::watch;
 
 use crate::journal::{Journal, JournalError};
-use crate::op::{Op, Role};
+use crate::op::{Op, OpState, Role, StepState, MIGRATING};
 
 #[derive(Clone)]
 pub struct OpBook {
@@ -38,6 +38,7 @@ impl OpBook {
     /// Journals `op`, then makes it visible. Callers do this before acknowledging or starting work.
     pub fn commit(&self, op: &Op) -> Result<(), JournalError> {
         self.journal.save(op)?;
+        record_metrics(self.get(&op.id).as_ref(), op);
         self.publish(op.clone());
         Ok(())
     }
@@ -45,6 +46,9 @@ impl OpBook {
     /// Makes `op` visible without journalling it: for progress figures, which are not worth an
     /// fsync each and are recomputed after a restart anyway.
     pub fn publish(&self, op: Op) {
+        if let Some(rate) = crate::op::copy_rate(&op) {
+            metrics::gauge!("mig_migration_rate_bytes_per_second").set(rate);
+        }
         let mut ops = self.ops.lock().expect("op book lock");
         match ops.get(&op.id) {
             Some(tx) => {
@@ -98,5 +102,47 @@ impl OpBook {
         let mut all: Vec<Op> = ops.values().map(|tx| tx.borrow().clone()).collect();
         all.sort_by(|a, b| a.id.cmp(&b.id));
         all
+    }
+}
+
+/// Records what changed between the last committed copy of an operation and this one: every
+/// change passes through a commit, so counting here counts each event once per instance.
+fn record_metrics(prev: Option<&Op>, op: &Op) {
+    let kind = op.kind.as_str();
+    if prev.is_none() && op.owner == Role::Source {
+        metrics::counter!("mig_operations_started_total", "kind" => kind).increment(1);
+    }
+    let was_running = prev.is_none_or(|p| p.state == OpState::Running);
+    if was_running && op.state.is_final() {
+        let state = match op.state {
+            OpState::Succeeded => "succeeded",
+            OpState::Failed => "failed",
+            OpState::RolledBack => "rolled_back",
+            OpState::Running => unreachable!(),
+        };
+        metrics::counter!("mig_operations_ended_total", "kind" => kind, "state" => state)
+            .increment(1);
+        metrics::gauge!("mig_migration_rate_bytes_per_second").set(0.0);
+    }
+    // Steps already ended when this instance first sees the operation ended elsewhere.
+    let Some(prev) = prev else { return };
+    for step in op.monitors.iter().flat_map(|m| &m.steps) {
+        let before = Some(prev.step(&step.name).state);
+        let ended = matches!(step.state, StepState::Done | StepState::Failed);
+        if !ended || before == Some(step.state) {
+            continue;
+        }
+        if let Some(secs) = crate::op::duration(step) {
+            let state = if step.state == StepState::Done {
+                "done"
+            } else {
+                "failed"
+            };
+            metrics::histogram!("mig_step_duration_seconds", "step" => step.name.clone(), "state" => state)
+                .record(secs);
+        }
+        if step.name == MIGRATING && step.state == StepState::Done {
+            metrics::counter!("mig_migrated_bytes_total").increment(step.bytes_done.unwrap_or(0));
+        }
     }
 }

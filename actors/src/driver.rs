@@ -3,14 +3,17 @@
 //! it ends), so each actor's file reads as its steps in order.
 
 use std::path::PathBuf;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use dialect::AppState;
 
 use crate::auth::OpKey;
 use crate::book::OpBook;
-use crate::controller::{GridController, GridError};
+use crate::controller::{
+    AppInfo, AppSummary, GridController, GridError, GridFuture, MigrateOptions, ProgressFn,
+    VolumeChecksum,
+};
 use crate::handoff;
 use crate::op::Op;
 use crate::ssh::SshGrid;
@@ -38,6 +41,19 @@ pub struct Driver {
     pub book: OpBook,
     pub connect: Arc<dyn Connect>,
     pub http: reqwest::Client,
+    /// Grid commands run since the last commit, for the operation's timeline.
+    commands: Arc<Mutex<Vec<CommandEvent>>>,
+}
+
+/// One grid command, as the timeline records it: the verb and the application, never the
+/// property values (MigHelper's `env` holds secrets).
+#[derive(Debug, Clone)]
+struct CommandEvent {
+    /// When it started, RFC 3339.
+    at: String,
+    what: String,
+    millis: u64,
+    error: Option<String>,
 }
 
 /// Back-off (seconds) between retries of a clean-up or roll-back command.
@@ -52,16 +68,28 @@ impl Driver {
                 .connect_timeout(Duration::from_secs(5))
                 .build()
                 .expect("an HTTP client with default TLS-less settings builds"),
+            commands: Arc::default(),
         }
     }
 
+    /// The controller at `controller`, every command through it timed into the trace.
     pub fn grid(&self, controller: &str) -> Result<Arc<dyn GridController>, String> {
-        self.connect.connect(controller)
+        let inner = self.connect.connect(controller)?;
+        Ok(Arc::new(Traced {
+            inner,
+            log: self.commands.clone(),
+        }))
     }
 
-    /// Journals `op`; a journal that cannot be written stops the operation where it is, since
-    /// going on would leave no record to resume from.
-    pub fn commit(&self, op: &Op) -> Result<(), String> {
+    /// Journals `op` (with the grid commands run since the last commit added to its timeline); a
+    /// journal that cannot be written stops the operation where it is, since going on would leave
+    /// no record to resume from.
+    pub fn commit(&self, op: &mut Op) -> Result<(), String> {
+        let commands: Vec<CommandEvent> =
+            std::mem::take(&mut *self.commands.lock().expect("trace lock"));
+        for c in commands {
+            op.trace_at(c.at, "command", c.what, Some(c.millis), c.error);
+        }
         self.book.commit(op).map_err(|e| e.to_string())
     }
 
@@ -217,6 +245,92 @@ impl Connect for crate::controller::memory::MemoryLab {
             .parse::<dialect::Controller>()
             .map_err(|e| e.to_string())?;
         Ok(Arc::new(self.grid(controller)))
+    }
+}
+
+/// A [`GridController`] that times every command into the operation's trace and the log (inside
+/// the caller's span, so with the operation id).
+struct Traced {
+    inner: Arc<dyn GridController>,
+    log: Arc<Mutex<Vec<CommandEvent>>>,
+}
+
+impl Traced {
+    fn run<'a, T: Send + 'a>(&'a self, what: String, fut: GridFuture<'a, T>) -> GridFuture<'a, T> {
+        Box::pin(async move {
+            let at = crate::op::now();
+            let start = Instant::now();
+            let r = fut.await;
+            let millis = u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX);
+            let error = r.as_ref().err().map(ToString::to_string);
+            let controller = self.inner.controller();
+            match &error {
+                None => tracing::info!(%controller, command = %what, millis, "grid command"),
+                Some(e) => {
+                    tracing::warn!(%controller, command = %what, millis, error = %e, "grid command failed")
+                }
+            }
+            self.log.lock().expect("trace lock").push(CommandEvent {
+                at,
+                what: format!("{what} on {controller}"),
+                millis,
+                error,
+            });
+            r
+        })
+    }
+}
+
+impl GridController for Traced {
+    fn controller(&self) -> &dialect::Controller {
+        self.inner.controller()
+    }
+    fn list(&self) -> GridFuture<'_, Vec<AppSummary>> {
+        self.run("app list".into(), self.inner.list())
+    }
+    fn info<'a>(&'a self, name: &'a str) -> GridFuture<'a, AppInfo> {
+        self.run(format!("app info {name}"), self.inner.info(name))
+    }
+    fn provision<'a>(
+        &'a self,
+        template: &'a str,
+        name: &'a str,
+        props: &'a [(String, String)],
+    ) -> GridFuture<'a, ()> {
+        self.run(
+            format!("app provision {template} {name}"),
+            self.inner.provision(template, name, props),
+        )
+    }
+    fn start<'a>(&'a self, name: &'a str) -> GridFuture<'a, ()> {
+        self.run(format!("app start {name}"), self.inner.start(name))
+    }
+    fn stop<'a>(&'a self, name: &'a str) -> GridFuture<'a, ()> {
+        self.run(format!("app stop {name}"), self.inner.stop(name))
+    }
+    fn destroy<'a>(&'a self, name: &'a str) -> GridFuture<'a, ()> {
+        self.run(format!("app destroy {name}"), self.inner.destroy(name))
+    }
+    fn config<'a>(&'a self, name: &'a str, props: &'a [(String, String)]) -> GridFuture<'a, ()> {
+        self.run(format!("app config {name}"), self.inner.config(name, props))
+    }
+    fn migrate_import<'a>(
+        &'a self,
+        remote: &'a dialect::Controller,
+        app: &'a str,
+        new_name: &'a str,
+        props: &'a [(String, String)],
+        opts: MigrateOptions,
+        progress: ProgressFn<'a>,
+    ) -> GridFuture<'a, ()> {
+        self.run(
+            format!("app migrate {remote} {app} .name={new_name} --import"),
+            self.inner
+                .migrate_import(remote, app, new_name, props, opts, progress),
+        )
+    }
+    fn checksum<'a>(&'a self, name: &'a str) -> GridFuture<'a, Vec<VolumeChecksum>> {
+        self.run(format!("app checksum {name}"), self.inner.checksum(name))
     }
 }
 

@@ -81,7 +81,22 @@ pub fn accept(h: &Handoff, key: &OpKey, book: &OpBook) -> Result<Op, HandoffErro
         )));
     }
     op.seq = h.signed.seq;
+    op.trace(
+        "handoff",
+        format!("handoff accepted (seq {})", op.seq),
+        None,
+        None,
+    );
     Ok(op)
+}
+
+/// Who sends a handoff that makes `op.owner` the owner: the actor before it in the chain.
+fn previous_owner(op: &Op) -> crate::op::Role {
+    use crate::op::Role;
+    match op.owner {
+        Role::Source | Role::Helper => Role::Source,
+        Role::Target => Role::Helper,
+    }
 }
 
 /// Sends `op` to `base_url`'s handoff route, signed with the next sequence number, retrying while
@@ -94,6 +109,16 @@ pub async fn send(
 ) -> Result<(), String> {
     op.seq += 1;
     op.version += 1;
+    // The sender's instance names the event: the owner changes only on the receiving side.
+    let mut sent = op.clone();
+    sent.owner = previous_owner(op);
+    sent.trace(
+        "handoff",
+        format!("handoff to {base_url} (seq {})", op.seq),
+        None,
+        None,
+    );
+    op.trace = sent.trace;
     let body = serde_json::to_vec(op).expect("an Op always serializes");
     let url = format!("{base_url}/api/v1/handoff");
     let deadline = tokio::time::Instant::now() + SEND_PATIENCE;
@@ -105,7 +130,9 @@ pub async fn send(
             .post(&url)
             .timeout(Duration::from_secs(30))
             .body(body.clone());
-        req = req.header("content-type", "application/json");
+        req = req
+            .header("content-type", "application/json")
+            .header("traceparent", op.traceparent());
         for (k, v) in signed.headers() {
             req = req.header(k, v);
         }

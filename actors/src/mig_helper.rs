@@ -78,6 +78,7 @@ impl Handler<Handoff> for MigHelper {
     type Result = Result<(), HandoffError>;
 
     fn handle(&mut self, h: Handoff, ctx: &mut Context<Self>) -> Self::Result {
+        tracing::info!(op_id = %h.signed.op_id, message = "Handoff", from = "http", to = "mig_helper", seq = h.signed.seq, "actor message");
         if h.signed.op_id != self.op_id {
             return Err(HandoffError::Auth(
                 crate::auth::HandoffAuthError::BadSignature,
@@ -90,7 +91,7 @@ impl Handler<Handoff> for MigHelper {
             ));
         }
         op.version += 1;
-        self.driver.commit(&op).map_err(HandoffError::Journal)?;
+        self.driver.commit(&mut op).map_err(HandoffError::Journal)?;
         tracing::info!(op_id = %op.id, "operation accepted from the source MIG");
         self.run(op, ctx);
         Ok(())
@@ -106,7 +107,8 @@ fn last_step(kind: Kind) -> &'static str {
 }
 
 async fn run(driver: Driver, key: OpKey, mut op: Op) {
-    let span = tracing::info_span!("op", op_id = %op.id, actor = "mig_helper");
+    let span =
+        tracing::info_span!("op", op_id = %op.id, trace_id = %op.trace_id, actor = "mig_helper");
     async move {
         // A helper restarted during a roll-back goes on with the roll-back: the journal's forward
         // steps would copy and start the target of an operation that is being undone.
@@ -121,13 +123,13 @@ async fn run(driver: Driver, key: OpKey, mut op: Op) {
                         Ok(()) => {
                             // The cut-over: from here the MIG that runs owns the operation.
                             op = next;
-                            let _ = driver.commit(&op);
+                            let _ = driver.commit(&mut op);
                             return;
                         }
                         Err(e) => {
                             let step = last_step(op.kind);
                             op.fail_step(step, &format!("the application started, but its MIG did not take the operation: {e}"));
-                            let _ = driver.commit(&op);
+                            let _ = driver.commit(&mut op);
                         }
                     }
                 }
@@ -272,7 +274,7 @@ async fn roll_back(driver: &Driver, key: &OpKey, mut op: Op) {
         .unwrap_or_else(|| "MigHelper failed".into());
     op.rolling_back = true;
     op.error = Some(failed.clone());
-    let _ = driver.commit(&op);
+    let _ = driver.commit(&mut op);
 
     let target_gone = driver
         .retry("destroying the partial target", || async {
@@ -311,7 +313,7 @@ async fn roll_back(driver: &Driver, key: &OpKey, mut op: Op) {
                 .await
                 .is_ok()
             {
-                let _ = driver.commit(&next);
+                let _ = driver.commit(&mut next);
                 return;
             }
             op.leftovers.push(format!(
@@ -340,5 +342,5 @@ async fn roll_back(driver: &Driver, key: &OpKey, mut op: Op) {
         OpState::Failed,
         Some(format!("{failed}; the roll-back did not finish")),
     );
-    let _ = driver.commit(&op);
+    let _ = driver.commit(&mut op);
 }

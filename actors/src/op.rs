@@ -90,6 +90,10 @@ impl OpState {
     pub fn is_running(self) -> bool {
         self == OpState::Running
     }
+
+    pub fn is_final(self) -> bool {
+        !self.is_running()
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -172,6 +176,59 @@ pub struct Op {
     pub version: u64,
     /// The sequence number of the last handoff; each handoff signs a higher one.
     pub seq: u64,
+    /// The W3C trace id every instance's spans and `traceparent` headers carry for this operation.
+    #[serde(default)]
+    pub trace_id: String,
+    /// The operation's own timeline across every instance: steps, handoffs, grid commands. It
+    /// travels with each handoff, so the last instance can show all of it; bounded by [`MAX_TRACE`].
+    #[serde(default)]
+    pub trace: Vec<TraceEvent>,
+}
+
+/// The most trace events an operation carries; past it the oldest command events are dropped
+/// (steps and handoffs are kept), so a handoff stays small.
+pub const MAX_TRACE: usize = 400;
+
+/// One event of an operation's timeline.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TraceEvent {
+    /// RFC 3339, UTC.
+    pub at: String,
+    /// Which instance: `source MIG`, `MigHelper` or `target MIG`, with its grid.
+    pub instance: String,
+    /// `step`, `handoff` or `command`.
+    pub kind: String,
+    /// What happened: `<step> started`, `handoff to <url>`, `app stop shop`, …
+    pub what: String,
+    /// How long it took, for what has a duration.
+    pub millis: Option<u64>,
+    /// Its outcome when it failed.
+    pub error: Option<String>,
+}
+
+/// How long a finished step took, in seconds.
+pub fn duration(step: &Step) -> Option<f64> {
+    let start = humantime::parse_rfc3339(step.started_at.as_deref()?).ok()?;
+    let end = humantime::parse_rfc3339(step.ended_at.as_deref()?).ok()?;
+    Some(end.duration_since(start).ok()?.as_secs_f64())
+}
+
+/// Bytes per second of a migrating step in progress.
+pub fn copy_rate(op: &Op) -> Option<f64> {
+    let s = op
+        .monitors
+        .iter()
+        .flat_map(|m| &m.steps)
+        .find(|s| s.name == MIGRATING)?;
+    if s.state != StepState::Running {
+        return None;
+    }
+    let start = humantime::parse_rfc3339(s.started_at.as_deref()?).ok()?;
+    let secs = std::time::SystemTime::now()
+        .duration_since(start)
+        .ok()?
+        .as_secs_f64();
+    (secs > 0.0).then(|| s.bytes_done.unwrap_or(0) as f64 / secs)
 }
 
 /// Now, as RFC 3339 with milliseconds.
@@ -233,6 +290,8 @@ impl Op {
             leftovers: Vec::new(),
             version: 0,
             seq: 0,
+            trace_id: format!("{:032x}", rand::random::<u128>()),
+            trace: Vec::new(),
         }
     }
 
@@ -266,7 +325,54 @@ impl Op {
             .any(|s| s.name == name)
     }
 
+    /// The instance that drives the operation now, as the trace names it.
+    pub fn instance(&self) -> String {
+        match self.owner {
+            Role::Source => format!("source MIG ({})", self.plan.source_grid),
+            Role::Helper => format!("MigHelper ({})", self.plan.target_grid),
+            Role::Target if self.rolling_back || self.kind == Kind::Snapshot => {
+                format!("re-started source MIG ({})", self.plan.source_grid)
+            }
+            Role::Target => format!("target MIG ({})", self.plan.target_grid),
+        }
+    }
+
+    /// Adds an event to the timeline, by the instance that drives the operation now.
+    pub fn trace(&mut self, kind: &str, what: String, millis: Option<u64>, error: Option<String>) {
+        self.trace_at(now(), kind, what, millis, error);
+    }
+
+    /// Adds an event that happened at `at` (RFC 3339 UTC, which sorts as text), keeping the
+    /// timeline in time order: a grid command is recorded when its step commits, after it ran.
+    pub fn trace_at(
+        &mut self,
+        at: String,
+        kind: &str,
+        what: String,
+        millis: Option<u64>,
+        error: Option<String>,
+    ) {
+        let event = TraceEvent {
+            at,
+            instance: self.instance(),
+            kind: kind.to_string(),
+            what,
+            millis,
+            error,
+        };
+        let i = self.trace.partition_point(|e| e.at <= event.at);
+        self.trace.insert(i, event);
+        if self.trace.len() > MAX_TRACE {
+            if let Some(i) = self.trace.iter().position(|e| e.kind == "command") {
+                self.trace.remove(i);
+            } else {
+                self.trace.remove(0);
+            }
+        }
+    }
+
     pub fn start_step(&mut self, name: &str) {
+        self.trace("step", format!("{name}: started"), None, None);
         let s = self.step_mut(name);
         s.state = StepState::Running;
         if s.started_at.is_none() {
@@ -276,6 +382,8 @@ impl Op {
     }
 
     pub fn finish_step(&mut self, name: &str, detail: Option<String>) {
+        let took = self.step_millis(name);
+        self.trace("step", format!("{name}: done"), took, None);
         let s = self.step_mut(name);
         s.state = StepState::Done;
         s.ended_at = Some(now());
@@ -285,10 +393,31 @@ impl Op {
     }
 
     pub fn fail_step(&mut self, name: &str, reason: &str) {
+        let took = self.step_millis(name);
+        self.trace(
+            "step",
+            format!("{name}: failed"),
+            took,
+            Some(reason.to_string()),
+        );
         let s = self.step_mut(name);
         s.state = StepState::Failed;
         s.ended_at = Some(now());
         s.detail = Some(reason.to_string());
+    }
+
+    fn step_millis(&self, name: &str) -> Option<u64> {
+        let start = humantime::parse_rfc3339(self.step(name).started_at.as_deref()?).ok()?;
+        let ms = std::time::SystemTime::now()
+            .duration_since(start)
+            .ok()?
+            .as_millis();
+        u64::try_from(ms).ok()
+    }
+
+    /// The `traceparent` header value for a call this instance makes for the operation.
+    pub fn traceparent(&self) -> String {
+        format!("00-{}-{:016x}-01", self.trace_id, rand::random::<u64>() | 1)
     }
 
     pub fn set_progress(&mut self, name: &str, done: u64, total: u64) {
@@ -404,6 +533,46 @@ mod tests {
         assert_eq!(op.step(STOPPING_SOURCE).state, StepState::RolledBack);
         assert_eq!(op.step(MIGRATING).state, StepState::Failed);
         assert_eq!(op.step(STARTING_TARGET).state, StepState::RolledBack);
+    }
+
+    #[test]
+    fn steps_leave_a_bounded_timeline_named_by_instance() {
+        let mut op = Op::new(new_id(), Kind::Migrate, plan());
+        assert_eq!(op.trace_id.len(), 32);
+        op.start_step(PROVISIONING_HELPER);
+        op.finish_step(PROVISIONING_HELPER, None);
+        op.owner = Role::Helper;
+        op.start_step(MIGRATING);
+        op.fail_step(MIGRATING, "boom");
+        let t: Vec<_> = op
+            .trace
+            .iter()
+            .map(|e| (e.instance.as_str(), e.what.as_str()))
+            .collect();
+        assert_eq!(
+            t[0],
+            (
+                "source MIG (g1)",
+                "provisioning MigHelper on the target grid: started"
+            )
+        );
+        assert_eq!(t[3].0, "MigHelper (g2)");
+        assert_eq!(op.trace[3].error.as_deref(), Some("boom"));
+        assert!(op.trace[1].millis.is_some());
+        for i in 0..(MAX_TRACE * 2) {
+            op.trace("command", format!("app list #{i}"), Some(1), None);
+        }
+        assert_eq!(op.trace.len(), MAX_TRACE);
+        assert_eq!(
+            op.trace.iter().filter(|e| e.kind == "step").count(),
+            4,
+            "steps are kept"
+        );
+        let tp = op.traceparent();
+        assert!(
+            tp.starts_with(&format!("00-{}-", op.trace_id)) && tp.ends_with("-01"),
+            "{tp}"
+        );
     }
 
     #[test]

@@ -110,6 +110,7 @@ impl Handler<StartOp> for Source {
     type Result = AtomicResponse<Self, Result<Started, StartError>>;
 
     fn handle(&mut self, msg: StartOp, _ctx: &mut Context<Self>) -> Self::Result {
+        tracing::info!(message = "StartOp", from = "http", to = "source", kind = %msg.kind, target_grid = %msg.target_grid, "actor message");
         let cfg = self.cfg.clone();
         let driver = self.driver.clone();
         let checked = check_request(&cfg, &driver, &msg);
@@ -120,7 +121,7 @@ impl Handler<StartOp> for Source {
                 let mut op = Op::new(op::new_id(), kind, plan);
                 op.plan.helper_app = format!("mighelper-{}", op.short_id());
                 driver
-                    .commit(&op)
+                    .commit(&mut op)
                     .map_err(StartError::Journal)?;
                 tracing::info!(op_id = %op.id, kind = kind.as_str(), target_grid = %op.plan.target_grid,
                     target_app = %op.plan.target_app, "operation started");
@@ -235,7 +236,7 @@ async fn check_grids(driver: &Driver, plan: &Plan) -> Result<(), StartError> {
 /// "provisioning MigHelper on the target grid", then the handoff to MigHelper; on failure, the
 /// roll-back (MigHelper destroyed).
 async fn provision(cfg: Arc<SourceConfig>, driver: Driver, mut op: Op) {
-    let span = tracing::info_span!("op", op_id = %op.id, actor = "source");
+    let span = tracing::info_span!("op", op_id = %op.id, trace_id = %op.trace_id, actor = "source");
     async move {
         let k_op = cfg.app_key.op_key(&op.id);
         let env = HelperEnv {
@@ -265,7 +266,7 @@ async fn provision(cfg: Arc<SourceConfig>, driver: Driver, mut op: Op) {
             match driver.hand_off(&plan.helper_url, &k_op, &mut next).await {
                 Ok(()) => {
                     op = next;
-                    if let Err(e) = driver.commit(&op) {
+                    if let Err(e) = driver.commit(&mut op) {
                         tracing::error!(error = %e, "handed off, but cannot journal it");
                     }
                     return;
@@ -297,7 +298,7 @@ async fn provision(cfg: Arc<SourceConfig>, driver: Driver, mut op: Op) {
                 );
             }
         }
-        if let Err(e) = driver.commit(&op) {
+        if let Err(e) = driver.commit(&mut op) {
             tracing::error!(error = %e, "cannot journal the roll-back");
         }
         tracing::warn!(state = ?op.state, "operation ended before the handoff");

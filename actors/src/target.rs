@@ -43,6 +43,7 @@ impl Handler<Handoff> for Target {
     type Result = Result<(), HandoffError>;
 
     fn handle(&mut self, h: Handoff, ctx: &mut Context<Self>) -> Self::Result {
+        tracing::info!(op_id = %h.signed.op_id, message = "Handoff", from = "http", to = "target", seq = h.signed.seq, "actor message");
         let key = self.app_key.op_key(&h.signed.op_id);
         let mut op = handoff::accept(&h, &key, &self.driver.book)?;
         if op.owner != Role::Target {
@@ -57,7 +58,7 @@ impl Handler<Handoff> for Target {
             )));
         }
         op.version += 1;
-        self.driver.commit(&op).map_err(HandoffError::Journal)?;
+        self.driver.commit(&mut op).map_err(HandoffError::Journal)?;
         tracing::info!(op_id = %op.id, rolling_back = op.rolling_back, "operation accepted from MigHelper");
         ctx.spawn(clean_up(self.driver.clone(), op).into_actor(self));
         Ok(())
@@ -65,7 +66,7 @@ impl Handler<Handoff> for Target {
 }
 
 async fn clean_up(driver: Driver, mut op: Op) {
-    let span = tracing::info_span!("op", op_id = %op.id, actor = "target");
+    let span = tracing::info_span!("op", op_id = %op.id, trace_id = %op.trace_id, actor = "target");
     async move {
         let plan = op.plan.clone();
         let mut left = Vec::new();
@@ -142,7 +143,7 @@ async fn clean_up(driver: Driver, mut op: Op) {
                 Some(format!("{what} clean-up left things behind; see leftovers")),
             );
         }
-        if let Err(e) = driver.commit(&op) {
+        if let Err(e) = driver.commit(&mut op) {
             tracing::error!(error = %e, "cannot journal the end of the operation");
         }
         tracing::info!(state = ?op.state, "operation ended");

@@ -4,7 +4,8 @@
 //! Every state change is written to `app.json` before it is acted on, so a restarted daemon finds
 //! each application where it was: running applications whose processes are all alive are adopted
 //! (and watched by polling), anything caught half-way is made safe (`starting` → `failed`,
-//! `stopping` → `stopped`, processes killed).
+//! `stopping` → `stopped`, processes killed). SIGTERM ends the daemon alone, leaving the
+//! applications running for the next daemon; only the `Shutdown` request (`lab down`) stops them.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{self, OpenOptions};
@@ -69,6 +70,8 @@ pub async fn run(state: PathBuf) -> anyhow::Result<()> {
     d.load().context("loading the applications")?;
     let listener =
         UnixListener::bind(&sock).with_context(|| format!("binding {}", sock.display()))?;
+    // Whoever can talk to the daemon runs the grid: root only.
+    fs::set_permissions(&sock, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
     tracing::info!(state = %state.display(), "gridctl daemon listening");
     loop {
         tokio::select! {
@@ -406,7 +409,15 @@ impl Daemon {
         let mut children = JoinSet::new();
         for (cname, argv, env) in plans {
             let mut cmd = tokio::process::Command::new(&argv[0]);
+            // Components get a clean environment, as on a real grid: nothing of whoever started
+            // the daemon (a test runner's MIG_* variables, say) leaks into an application.
             cmd.args(&argv[1..])
+                .env_clear()
+                .env(
+                    "PATH",
+                    std::env::var_os("PATH").unwrap_or_else(|| DEFAULT_PATH.into()),
+                )
+                .env("HOME", "/root")
                 .envs(env)
                 .current_dir(&dir)
                 .stdin(Stdio::null())
@@ -483,14 +494,17 @@ impl Daemon {
         }
     }
 
+    /// Records the processes of this run; if the run was stopped meanwhile (a stop that could
+    /// not know the group yet), the group is killed here so nothing is orphaned.
     fn set_pids(&self, name: &str, generation: u64, pids: Vec<i32>, pgid: i32) {
         let mut inner = self.inner.lock().unwrap();
-        if let Some(e) = inner.apps.get_mut(name) {
-            if e.generation == generation {
+        match inner.apps.get_mut(name) {
+            Some(e) if e.generation == generation => {
                 e.rec.pids = pids;
                 e.rec.pgid = pgid;
                 self.persist(&e.rec);
             }
+            _ => kill_group_now(pgid),
         }
     }
 
@@ -788,6 +802,8 @@ impl Daemon {
         }
     }
 }
+
+const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 fn group_exists(pgid: i32) -> bool {
     pgid > 0 && killpg(Pid::from_raw(pgid), None).is_ok()

@@ -1,7 +1,8 @@
 //! `gridctl kvstore --listen IP:PORT --data FILE`: the component of the built-in `kvstore`
 //! template. A tiny HTTP server (`PUT /kv/KEY`, `GET /kv/KEY`, `GET /healthz`) that appends each
 //! value to its data volume and fsyncs before answering, so what was acknowledged survives a stop,
-//! a crash and a migration.
+//! a crash and a migration. `GET /` is a guestbook page over the same store (`POST /guestbook`
+//! adds an entry), so a person can see with a browser that the data moved with the application.
 //!
 //! Volume format: records `klen:u32 vlen:u32 key value` (little-endian) from offset 0; a record
 //! with `klen = 0` (the zeros of a fresh sparse volume) ends the log; the last record of a key wins.
@@ -17,6 +18,11 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 const MAX_VALUE: usize = 16 << 20;
+
+/// Key prefix of the guestbook's entries.
+const GUESTBOOK: &str = "guestbook-";
+/// The longest guestbook entry kept, in bytes.
+const MAX_ENTRY: usize = 2000;
 
 pub struct Store {
     file: File,
@@ -57,6 +63,25 @@ impl Store {
 
     pub fn get(&self, key: &str) -> Option<&[u8]> {
         self.map.get(key).map(Vec::as_slice)
+    }
+
+    /// The guestbook's entries, oldest first.
+    pub fn guestbook(&self) -> Vec<String> {
+        let mut keys: Vec<&String> = self
+            .map
+            .keys()
+            .filter(|k| k.starts_with(GUESTBOOK))
+            .collect();
+        keys.sort();
+        keys.iter()
+            .map(|k| String::from_utf8_lossy(&self.map[*k]).into_owned())
+            .collect()
+    }
+
+    /// The key the next guestbook entry gets: numbered, so they sort in the order they came.
+    fn next_guestbook_key(&self) -> String {
+        let n = self.map.keys().filter(|k| k.starts_with(GUESTBOOK)).count();
+        format!("{GUESTBOOK}{:08}", n + 1)
     }
 
     pub fn put(&mut self, key: &str, value: &[u8]) -> std::io::Result<()> {
@@ -144,6 +169,37 @@ async fn serve(mut s: TcpStream, store: Arc<Mutex<Store>>) -> std::io::Result<()
     if path == "/healthz" {
         return respond(&mut s, 200, b"ok\n").await;
     }
+    if path == "/" && method == "GET" {
+        let page = guestbook_page(&store.lock().unwrap().guestbook());
+        return respond_with(
+            &mut s,
+            200,
+            &[("Content-Type", "text/html; charset=utf-8")],
+            page.as_bytes(),
+        )
+        .await;
+    }
+    if path == "/guestbook" && method == "POST" {
+        let entry: String = form_urlencoded::parse(&body)
+            .find(|(k, _)| k == "entry")
+            .map(|(_, v)| v.trim().chars().filter(|c| !c.is_control()).collect())
+            .unwrap_or_default();
+        if entry.is_empty() || entry.len() > MAX_ENTRY {
+            return respond(&mut s, 400, b"write an entry of 1 to 2000 bytes\n").await;
+        }
+        let st = store.clone();
+        let r = tokio::task::spawn_blocking(move || {
+            let mut st = st.lock().unwrap();
+            let key = st.next_guestbook_key();
+            st.put(&key, entry.as_bytes())
+        })
+        .await
+        .map_err(std::io::Error::other)?;
+        return match r {
+            Ok(()) => respond_with(&mut s, 303, &[("Location", "/")], b"").await,
+            Err(e) => respond(&mut s, 507, format!("{e}\n").as_bytes()).await,
+        };
+    }
     let Some(key) = path.strip_prefix("/kv/").filter(|k| valid_key(k)) else {
         return respond(
             &mut s,
@@ -176,17 +232,32 @@ async fn serve(mut s: TcpStream, store: Arc<Mutex<Store>>) -> std::io::Result<()
 }
 
 async fn respond(s: &mut TcpStream, code: u16, body: &[u8]) -> std::io::Result<()> {
+    respond_with(s, code, &[], body).await
+}
+
+async fn respond_with(
+    s: &mut TcpStream,
+    code: u16,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> std::io::Result<()> {
     let reason = match code {
         200 => "OK",
         204 => "No Content",
+        303 => "See Other",
+        400 => "Bad Request",
         404 => "Not Found",
         405 => "Method Not Allowed",
         413 => "Payload Too Large",
         431 => "Request Header Fields Too Large",
         _ => "Insufficient Storage",
     };
+    let extra: String = headers
+        .iter()
+        .map(|(k, v)| format!("{k}: {v}\r\n"))
+        .collect();
     let head = format!(
-        "HTTP/1.1 {code} {reason}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        "HTTP/1.1 {code} {reason}\r\n{extra}Content-Length: {}\r\nConnection: close\r\n\r\n",
         body.len()
     );
     s.write_all(head.as_bytes()).await?;
@@ -194,9 +265,61 @@ async fn respond(s: &mut TcpStream, code: u16, body: &[u8]) -> std::io::Result<(
     s.shutdown().await
 }
 
+/// Escapes text for HTML. Written by hand: five replacements do not justify a templating crate.
+fn escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+        .replace('\'', "&#39;")
+}
+
+fn guestbook_page(entries: &[String]) -> String {
+    let items: String = if entries.is_empty() {
+        "<li class=\"empty\">No entries yet.</li>".into()
+    } else {
+        entries
+            .iter()
+            .map(|e| format!("<li>{}</li>\n", escape(e)))
+            .collect()
+    };
+    format!(
+        "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\
+         <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\
+         <title>Guestbook</title><style>body{{font:16px system-ui,sans-serif;max-width:40rem;\
+         margin:2rem auto;padding:0 1rem}}li{{margin:.4rem 0}}.empty{{color:#666}}</style></head>\n\
+         <body><h1>Guestbook</h1><p>Every entry is stored on this application's data volume, so it \
+         moves with the application.</p>\n<ol id=\"entries\">{items}</ol>\n\
+         <form method=\"post\" action=\"/guestbook\"><label for=\"entry\">Your entry</label> \
+         <input id=\"entry\" name=\"entry\" maxlength=\"2000\" required> \
+         <button type=\"submit\">Sign</button></form></body></html>\n"
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn guestbook_entries_keep_their_order_and_are_escaped() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("data");
+        std::fs::File::create(&p).unwrap().set_len(1 << 20).unwrap();
+        let mut st = Store::open(&p).unwrap();
+        for e in ["first", "<b>second</b>", "third"] {
+            let k = st.next_guestbook_key();
+            st.put(&k, e.as_bytes()).unwrap();
+        }
+        st.put("other", b"not an entry").unwrap();
+        let st = Store::open(&p).unwrap();
+        assert_eq!(st.guestbook(), ["first", "<b>second</b>", "third"]);
+        let page = guestbook_page(&st.guestbook());
+        assert!(
+            page.contains("<li>&lt;b&gt;second&lt;/b&gt;</li>"),
+            "{page}"
+        );
+        assert!(!page.contains("not an entry"));
+    }
 
     #[test]
     fn values_survive_reopening_and_the_last_write_wins() {

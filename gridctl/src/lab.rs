@@ -189,9 +189,13 @@ pub fn up(o: &UpOpts) -> Result<()> {
             exe = q(&exe),
             state = q(&state),
         );
-        write_atomic(&g.dir.join("sshd_config"), sshd_config.as_bytes())?;
+        let cfg_path = g.dir.join("sshd_config");
+        let changed = fs::read(&cfg_path).ok().as_deref() != Some(sshd_config.as_bytes());
+        if changed {
+            write_atomic(&cfg_path, sshd_config.as_bytes())?;
+        }
         start_daemon(g, &exe)?;
-        start_sshd(g)?;
+        start_sshd(g, changed)?;
     }
     write_atomic(&dir.join("ssh_config"), ssh_config(&dir, &grids).as_bytes())?;
     write_atomic(&mig.join("grid.info"), grid_info(&grids).as_bytes())?;
@@ -292,8 +296,16 @@ fn sshd_alive(g: &Grid) -> bool {
         .unwrap_or(false)
 }
 
-fn start_sshd(g: &Grid) -> Result<()> {
+/// Starts the grid's sshd, or, when it runs and its config changed (e.g. `lab up` from another
+/// gridctl binary), makes it re-read the config with SIGHUP.
+fn start_sshd(g: &Grid, config_changed: bool) -> Result<()> {
     if sshd_alive(g) {
+        if config_changed {
+            if let Some(pid) = read_pid(&g.dir.join("sshd.pid")) {
+                kill(Pid::from_raw(pid), Signal::SIGHUP)
+                    .with_context(|| format!("reloading sshd of {}", g.name()))?;
+            }
+        }
         return Ok(());
     }
     let addr = g.controller();

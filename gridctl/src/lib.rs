@@ -20,6 +20,21 @@
 //! or value, an interactive login). Every line MIG sends is parsed with
 //! [`dialect::Command::parse`]; nothing else runs.
 //!
+//! # Verbs, as gridctl implements them
+//!
+//! * `provision TEMPLATE NAME [p=v…]`: creates the volumes, then starts; it answers once every
+//!   component is ready (or exits 1 leaving NAME `failed`, e.g. a readiness timeout).
+//! * `start` on a running application and `stop` on a stopped one succeed and change nothing.
+//!   `stop` of a `failed` application makes it `stopped`.
+//! * `destroy` and `config` need `stopped` or `failed`; otherwise exit 1 ("stop it first").
+//! * `config`, `provision` and `migrate` refuse a property the application does not declare.
+//! * `migrate REMOTE APP .name=NEW --import …` (run on the target) needs REMOTE's host key in
+//!   `STATE/peer/known_hosts`, NEW free here, APP `stopped` there; APP is held (no start, no
+//!   destroy) while it is copied; NEW ends `stopped`, its properties overridden by `p=v…`.
+//!   Without `--import` the command is refused (exit 2): grids only pull.
+//! * `peer export APP [--nocompress] [--novols]` is the source side of a pull, for other grids'
+//!   keys only (sshd's `ExposeAuthInfo` tells `gridctl ssh` which key logged in).
+//!
 //! # Batch formats (`--batch`; stable, tab-separated, one record per line, no header)
 //!
 //! * `app list --batch`: `NAME\tSTATE\tTEMPLATE`, sorted by name.
@@ -77,6 +92,10 @@
 //! application's name, `${vol:NAME}` a volume's absolute path, `${gridctl}` this executable,
 //! `${state}` the state directory, `${PROP}` a property, then `${VAR}` from `STATE/grid.toml`.
 //! Commands are argument vectors, never shell lines: a property value stays one argument.
+//! A component runs in the application's directory with a clean environment: `PATH`,
+//! `HOME=/root` and its `env`; stdout and stderr go to `STATE/apps/NAME/log`. All components of
+//! an application form one process group: `stop` sends it SIGTERM, then SIGKILL after the largest
+//! `stop_timeout_secs`; any component exiting makes the application `failed`.
 //! The descriptor keeps the template's components and volumes, so an application migrates to a
 //! grid that lacks its template.
 //!

@@ -20,8 +20,9 @@
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufRead, Read, Write};
 use std::os::unix::fs::{FileExt, PermissionsExt};
-use std::path::{Path, PathBuf};
-use std::sync::mpsc::{sync_channel, Receiver};
+use std::path::Path;
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -61,16 +62,57 @@ struct Fault {
 }
 
 impl Fault {
-    fn apply(&mut self, data: &mut [u8]) {
-        if let Some(a) = self.after {
-            let end = self.sent + data.len() as u64;
-            if a < end && !data.is_empty() {
-                let i = a.saturating_sub(self.sent) as usize;
-                data[i.min(data.len() - 1)] ^= 0x01;
-                self.after = None;
-            }
-            self.sent = end;
+    /// Accounts for `data` being sent; returns a corrupted copy when the fault hits it.
+    fn apply(&mut self, data: &[u8]) -> Option<Vec<u8>> {
+        let a = self.after?;
+        let start = self.sent;
+        self.sent += data.len() as u64;
+        if a >= self.sent || data.is_empty() {
+            return None;
         }
+        self.after = None;
+        let mut v = data.to_vec();
+        let i = (a.saturating_sub(start) as usize).min(v.len() - 1);
+        v[i] ^= 0x01;
+        Some(v)
+    }
+}
+
+/// BLAKE3 of a volume's logical content on its own thread, so that hashing (holes included)
+/// never holds up the bytes on the wire. Feed it `(offset, data)` in increasing offsets.
+struct HashPipe {
+    tx: SyncSender<(u64, Arc<Vec<u8>>)>,
+    handle: std::thread::JoinHandle<blake3::Hash>,
+}
+
+impl HashPipe {
+    fn new(size: u64) -> HashPipe {
+        let (tx, rx) = sync_channel::<(u64, Arc<Vec<u8>>)>(64);
+        let handle = std::thread::spawn(move || {
+            let mut h = blake3::Hasher::new();
+            let mut pos = 0u64;
+            for (off, data) in rx {
+                hash_zeros(&mut h, off.saturating_sub(pos));
+                h.update(&data);
+                pos = off + data.len() as u64;
+            }
+            hash_zeros(&mut h, size.saturating_sub(pos));
+            h.finalize()
+        });
+        HashPipe { tx, handle }
+    }
+
+    fn feed(&self, off: u64, data: &Arc<Vec<u8>>) -> io::Result<()> {
+        self.tx
+            .send((off, data.clone()))
+            .map_err(|_| io::Error::other("the hashing thread stopped"))
+    }
+
+    fn finish(self) -> io::Result<blake3::Hash> {
+        drop(self.tx);
+        self.handle
+            .join()
+            .map_err(|_| io::Error::other("the hashing thread panicked"))
     }
 }
 
@@ -149,52 +191,46 @@ fn export_file(
 ) -> io::Result<()> {
     let f = File::open(path)?;
     let extents = volume::data_extents(&f, size)?;
-    // Reading and hashing run on their own thread, compressing and sending on this one.
-    let (tx, rx) = sync_channel::<io::Result<(u64, Vec<u8>)>>(8);
-    let reader = std::thread::spawn(move || -> blake3::Hash {
-        let mut h = blake3::Hasher::new();
-        let mut pos = 0u64;
+    // Reading runs on its own thread, hashing on another, compressing and sending on this one.
+    let (tx, rx) = sync_channel::<io::Result<(u64, Arc<Vec<u8>>)>>(8);
+    let reader = std::thread::spawn(move || {
         for (off, len) in extents {
-            hash_zeros(&mut h, off - pos);
             let mut done = 0;
             while done < len {
                 let k = (len - done).min(CHUNK as u64) as usize;
                 let mut buf = vec![0u8; k];
                 if let Err(e) = f.read_exact_at(&mut buf, off + done) {
                     let _ = tx.send(Err(e));
-                    return h.finalize();
+                    return;
                 }
-                h.update(&buf);
-                if tx.send(Ok((off + done, buf))).is_err() {
-                    return h.finalize();
+                if tx.send(Ok((off + done, Arc::new(buf)))).is_err() {
+                    return;
                 }
                 done += k as u64;
             }
-            pos = off + len;
         }
-        hash_zeros(&mut h, size - pos);
-        h.finalize()
     });
+    let hasher = HashPipe::new(size);
     let mut comp = zstd::bulk::Compressor::new(1)?;
-    // Data that does not compress is sent raw, and compression rests for a while.
-    let mut rest = 0u32;
+    let mut adapt = Adapt::new(compress);
     for item in rx.iter() {
-        let (off, mut buf) = item?;
-        fault.apply(&mut buf);
+        let (off, data) = item?;
+        hasher.feed(off, &data)?;
+        let corrupted = fault.apply(&data);
+        let buf: &[u8] = corrupted.as_deref().unwrap_or(&data);
+        let t = Instant::now();
         let mut codec = 0u8;
         let mut enc: Option<Vec<u8>> = None;
-        if compress && rest == 0 {
-            let c = comp.compress(&buf)?;
+        let try_zstd = adapt.compress_next();
+        if try_zstd {
+            let c = comp.compress(buf)?;
+            // Data that does not compress is sent as it is.
             if c.len() < buf.len() - buf.len() / 10 {
                 codec = 1;
                 enc = Some(c);
-            } else {
-                rest = 32;
             }
-        } else {
-            rest = rest.saturating_sub(1);
         }
-        let payload = enc.as_deref().unwrap_or(&buf);
+        let payload = enc.as_deref().unwrap_or(buf);
         let mut hdr = Vec::with_capacity(18);
         hdr.push(b'D');
         hdr.extend_from_slice(&off.to_le_bytes());
@@ -203,12 +239,74 @@ fn export_file(
         hdr.push(codec);
         out.write_all(&hdr)?;
         out.write_all(payload)?;
+        // Flushed per chunk so that the time measured includes the link's back-pressure.
+        out.flush()?;
+        adapt.record(try_zstd, buf.len(), t.elapsed());
     }
-    let hash = reader
+    reader
         .join()
         .map_err(|_| io::Error::other("reader thread panicked"))?;
+    let hash = hasher.finish()?;
     out.write_all(b"E")?;
     out.write_all(hash.as_bytes())
+}
+
+/// Chooses, chunk by chunk, whether compressing pays: in every cycle of [`Adapt::CYCLE`] chunks it
+/// sends a few raw and a few compressed, measures the raw bytes each moved per second (compression
+/// time and the link's back-pressure included), and uses the faster for the rest of the cycle.
+/// So a link faster than the compressor gets raw data, a slow link gets zstd.
+struct Adapt {
+    enabled: bool,
+    i: u32,
+    raw: (u64, Duration),
+    zst: (u64, Duration),
+    use_zstd: bool,
+}
+
+impl Adapt {
+    const CYCLE: u32 = 64;
+    const PROBE: u32 = 4;
+
+    fn new(enabled: bool) -> Adapt {
+        Adapt {
+            enabled,
+            i: 0,
+            raw: (0, Duration::ZERO),
+            zst: (0, Duration::ZERO),
+            use_zstd: true,
+        }
+    }
+
+    fn compress_next(&self) -> bool {
+        if !self.enabled {
+            return false;
+        }
+        match self.i {
+            i if i < Self::PROBE => false,
+            i if i < 2 * Self::PROBE => true,
+            _ => self.use_zstd,
+        }
+    }
+
+    fn record(&mut self, zstd: bool, bytes: usize, t: Duration) {
+        if !self.enabled {
+            return;
+        }
+        if self.i < 2 * Self::PROBE {
+            let m = if zstd { &mut self.zst } else { &mut self.raw };
+            m.0 += bytes as u64;
+            m.1 += t;
+        }
+        self.i += 1;
+        if self.i == 2 * Self::PROBE {
+            let rate = |(b, t): (u64, Duration)| b as f64 / t.as_secs_f64().max(1e-9);
+            self.use_zstd = rate(self.zst) > rate(self.raw);
+            tracing::debug!(use_zstd = self.use_zstd, "compression probe");
+        }
+        if self.i == Self::CYCLE {
+            *self = Adapt::new(true);
+        }
+    }
 }
 
 fn put_str(v: &mut Vec<u8>, s: &str) {
@@ -247,8 +345,8 @@ fn export_dir(root: &Path, fault: &mut Fault, out: &mut dyn Write) -> io::Result
                     let k = left.min(buf.len() as u64) as usize;
                     f.read_exact(&mut buf[..k])?;
                     h.update(&buf[..k]);
-                    fault.apply(&mut buf[..k]);
-                    out.write_all(&buf[..k])?;
+                    let corrupted = fault.apply(&buf[..k]);
+                    out.write_all(corrupted.as_deref().unwrap_or(&buf[..k]))?;
                     left -= k as u64;
                 }
             }
@@ -258,38 +356,50 @@ fn export_dir(root: &Path, fault: &mut Fault, out: &mut dyn Write) -> io::Result
     out.write_all(h.finalize().as_bytes())
 }
 
-/// Progress of an import, reported at most every 250 ms.
+/// Where progress goes; an error means whoever asked for it is gone.
+pub type ProgressSink<'a> = &'a mut dyn FnMut(u64, u64) -> io::Result<()>;
+
+/// Progress of an import, reported at most every 250 ms. When the sink fails (the SSH client
+/// that asked for `--progress_on_stdout` went away), the import fails too: nobody would learn
+/// of a copy that completed after its requester gave up.
 pub struct Progress<'a> {
     pub done: u64,
     pub total: u64,
     last: Option<Instant>,
-    sink: Option<&'a mut dyn FnMut(u64, u64)>,
+    /// The least time between two reports.
+    every: Duration,
+    sink: Option<ProgressSink<'a>>,
 }
 
 impl<'a> Progress<'a> {
-    pub fn new(sink: Option<&'a mut dyn FnMut(u64, u64)>) -> Self {
+    pub fn new(sink: Option<ProgressSink<'a>>) -> Self {
         Progress {
             done: 0,
             total: 0,
             last: None,
+            every: Duration::from_millis(250),
             sink,
         }
     }
 
-    fn add(&mut self, n: u64) {
+    fn add(&mut self, n: u64) -> io::Result<()> {
         self.done += n;
-        if self
-            .last
-            .is_none_or(|t| t.elapsed() >= Duration::from_millis(250))
-        {
-            self.emit();
+        if self.last.is_none_or(|t| t.elapsed() >= self.every) {
+            self.emit()?;
         }
+        Ok(())
     }
 
-    pub fn emit(&mut self) {
+    pub fn emit(&mut self) -> io::Result<()> {
         self.last = Some(Instant::now());
-        if let Some(s) = self.sink.as_mut() {
-            s(self.done, self.total);
+        match self.sink.as_mut() {
+            Some(s) => s(self.done, self.total).map_err(|e| {
+                io::Error::new(
+                    e.kind(),
+                    format!("the client went away (writing progress: {e})"),
+                )
+            }),
+            None => Ok(()),
         }
     }
 }
@@ -348,7 +458,7 @@ pub fn import_volumes(
     } else {
         0
     };
-    progress.emit();
+    progress.emit()?;
     for v in &header.volumes {
         dialect::AppName::new(&v.name).map_err(|e| bad(e.to_string()))?;
         let p = model::volume_path(app_dir, &v.name);
@@ -388,8 +498,9 @@ fn import_file(
     let f = OpenOptions::new().write(true).create_new(true).open(path)?;
     f.set_len(size)?;
     // Hashing and writing run on their own thread, reading and decompressing on this one.
-    let (tx, rx) = sync_channel::<(u64, Vec<u8>)>(8);
-    let writer = std::thread::spawn(move || write_extents(f, size, rx));
+    let (tx, rx) = sync_channel::<(u64, Arc<Vec<u8>>)>(8);
+    let writer = std::thread::spawn(move || write_extents(f, rx));
+    let hasher = HashPipe::new(size);
     let mut dec = zstd::bulk::Decompressor::new()?;
     let mut pos = 0u64;
     let res = (|| -> io::Result<blake3::Hash> {
@@ -421,7 +532,9 @@ fn import_file(
                         _ => return Err(bad(format!("bad codec {codec}"))),
                     };
                     pos = off + raw as u64;
-                    progress.add(raw as u64);
+                    progress.add(raw as u64)?;
+                    let data = Arc::new(data);
+                    hasher.feed(off, &data)?;
                     if tx.send((off, data)).is_err() {
                         return Err(io::Error::other("the volume writer stopped"));
                     }
@@ -435,23 +548,42 @@ fn import_file(
     let written = writer
         .join()
         .map_err(|_| io::Error::other("writer thread panicked"))?;
+    let got = hasher.finish()?;
     let sent = res?;
-    let got = written?;
+    written?;
     Ok((sent != got).then_some((sent, got)))
 }
 
-fn write_extents(f: File, size: u64, rx: Receiver<(u64, Vec<u8>)>) -> io::Result<blake3::Hash> {
-    let mut h = blake3::Hasher::new();
-    let mut pos = 0u64;
-    for (off, data) in rx {
-        hash_zeros(&mut h, off - pos);
-        h.update(&data);
-        f.write_all_at(&data, off)?;
-        pos = off + data.len() as u64;
-    }
-    hash_zeros(&mut h, size - pos);
-    f.sync_all()?;
-    Ok(h.finalize())
+fn write_extents(f: File, rx: Receiver<(u64, Arc<Vec<u8>>)>) -> io::Result<()> {
+    // The kernel would keep gigabytes dirty and flush them all at the final fsync; a flusher
+    // thread syncs as data arrives, so the disk works while the network does.
+    let (tick, ticks) = sync_channel::<()>(1);
+    let f2 = f.try_clone()?;
+    let flusher = std::thread::spawn(move || -> io::Result<()> {
+        for () in ticks {
+            f2.sync_data()?;
+        }
+        Ok(())
+    });
+    let mut unsynced = 0usize;
+    let res = (|| -> io::Result<()> {
+        for (off, data) in rx {
+            f.write_all_at(&data, off)?;
+            unsynced += data.len();
+            if unsynced >= 64 << 20 {
+                unsynced = 0;
+                let _ = tick.try_send(());
+            }
+        }
+        Ok(())
+    })();
+    drop(tick);
+    let flushed = flusher
+        .join()
+        .map_err(|_| io::Error::other("flusher thread panicked"))?;
+    res?;
+    flushed?;
+    f.sync_all()
 }
 
 fn import_dir(r: &mut dyn Read, root: &Path, progress: &mut Progress) -> io::Result<Mismatch> {
@@ -493,7 +625,7 @@ fn import_dir(r: &mut dyn Read, root: &Path, progress: &mut Progress) -> io::Res
                     h.update(&buf[..k]);
                     f.write_all(&buf[..k])?;
                     left -= k as u64;
-                    progress.add(k as u64);
+                    progress.add(k as u64)?;
                 }
                 f.sync_all()?;
                 fs::set_permissions(&p, fs::Permissions::from_mode(mode & 0o7777))?;
@@ -518,14 +650,6 @@ pub fn imported_record(
     rec.name = new_name.to_string();
     model::apply_props(new_name, &mut rec.props, overrides)?;
     Ok(rec)
-}
-
-/// Paths of the volumes of an application directory (for tests and tools).
-pub fn volume_paths(app_dir: &Path, rec: &AppRecord) -> Vec<PathBuf> {
-    rec.volumes
-        .iter()
-        .map(|v| model::volume_path(app_dir, &v.name))
-        .collect()
 }
 
 #[cfg(test)]
@@ -583,7 +707,10 @@ mod tests {
         let mut r = io::BufReader::new(&wire[..]);
         let h = read_header(&mut r).unwrap();
         let mut lines = Vec::new();
-        let mut sink = |a, b| lines.push((a, b));
+        let mut sink = |a, b| {
+            lines.push((a, b));
+            Ok(())
+        };
         let mut p = Progress::new(Some(&mut sink));
         let res = import_volumes(&mut r, &h, &dst, &mut p);
         let _ = p;
@@ -619,6 +746,50 @@ mod tests {
                 md.blocks()
             );
         }
+    }
+
+    #[test]
+    fn compression_is_used_only_where_it_moves_bytes_faster() {
+        let ms = Duration::from_millis;
+        for (raw_ms, zstd_ms, want) in [(10, 30, false), (30, 10, true)] {
+            let mut a = Adapt::new(true);
+            for _ in 0..2 * Adapt::PROBE {
+                let z = a.compress_next();
+                a.record(z, 1 << 20, ms(if z { zstd_ms } else { raw_ms }));
+            }
+            for _ in 2 * Adapt::PROBE..Adapt::CYCLE {
+                assert_eq!(a.compress_next(), want);
+                a.record(want, 1 << 20, ms(1));
+            }
+            // A new cycle probes again.
+            assert!(!a.compress_next());
+        }
+        let off = Adapt::new(false);
+        assert!(!off.compress_next());
+    }
+
+    #[test]
+    fn an_import_stops_when_its_progress_reader_is_gone() {
+        let (d, rec) = setup();
+        let mut wire = Vec::new();
+        export(&d.path().join("src"), &rec, false, true, None, &mut wire).unwrap();
+        let dst = d.path().join("dst");
+        fs::create_dir_all(dst.join("vols")).unwrap();
+        let mut r = io::BufReader::new(&wire[..]);
+        let h = read_header(&mut r).unwrap();
+        let mut calls = 0;
+        let mut sink = |_, _| {
+            calls += 1;
+            if calls > 1 {
+                Err(io::Error::from(io::ErrorKind::BrokenPipe))
+            } else {
+                Ok(())
+            }
+        };
+        let mut p = Progress::new(Some(&mut sink));
+        p.every = Duration::ZERO;
+        let e = import_volumes(&mut r, &h, &dst, &mut p).unwrap_err();
+        assert!(e.to_string().contains("the client went away"), "{e}");
     }
 
     #[test]

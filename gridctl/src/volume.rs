@@ -212,17 +212,30 @@ pub fn checksum_line(name: &str, kind: VolumeKind, path: &Path) -> io::Result<St
     Ok(format!("{name}\t{size}\tblake3:{}", hash.to_hex()))
 }
 
-/// Checks that a relative path from the wire stays inside the volume.
+/// Checks that a relative path from the wire stays inside the volume: only normal components,
+/// and no symlink on the way (a symlink sent earlier must not redirect a later file outside).
 pub fn safe_rel(root: &Path, rel: &str) -> io::Result<PathBuf> {
     let p = Path::new(rel);
-    let ok = !rel.is_empty()
-        && p.components()
-            .all(|c| matches!(c, std::path::Component::Normal(_)));
-    if !ok {
-        return Err(io::Error::new(
+    let refuse = || {
+        io::Error::new(
             io::ErrorKind::InvalidData,
             format!("refusing path {rel:?} outside the volume"),
-        ));
+        )
+    };
+    if rel.is_empty()
+        || !p
+            .components()
+            .all(|c| matches!(c, std::path::Component::Normal(_)))
+    {
+        return Err(refuse());
+    }
+    let mut at = root.to_path_buf();
+    let n = p.components().count();
+    for c in p.components().take(n - 1) {
+        at.push(c);
+        if fs::symlink_metadata(&at).is_ok_and(|m| m.file_type().is_symlink()) {
+            return Err(refuse());
+        }
     }
     Ok(root.join(p))
 }
@@ -268,10 +281,15 @@ mod tests {
 
     #[test]
     fn wire_paths_cannot_escape() {
-        let r = Path::new("/v");
+        let d = tempfile::tempdir().unwrap();
+        let r = d.path();
         assert!(safe_rel(r, "a/b").is_ok());
         for bad in ["../x", "/etc/passwd", "a/../../x", ""] {
             assert!(safe_rel(r, bad).is_err(), "{bad}");
         }
+        // A symlink in the volume may exist, but nothing is written through it.
+        std::os::unix::fs::symlink("/etc", r.join("l")).unwrap();
+        assert!(safe_rel(r, "l").is_ok());
+        assert!(safe_rel(r, "l/passwd").is_err());
     }
 }

@@ -80,6 +80,12 @@ fn an_export_lease_holds_the_source_stopped_until_its_connection_closes() {
     let d = setup();
     let s = d.path();
     let _daemon = Daemon::start(s);
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(s.join("daemon.sock"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600, "the daemon's socket is root's alone");
     assert_eq!(cmd(s, "app provision idle a").0, 0);
     let mut lease = Conn::connect(s).unwrap();
     // Running: no export.

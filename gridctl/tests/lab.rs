@@ -113,3 +113,49 @@ fn a_running_application_survives_a_daemon_restart_and_is_still_watched() {
         "{info}"
     );
 }
+
+#[test]
+fn lab_up_from_another_binary_makes_the_running_sshd_use_it() {
+    let lab = Lab::up(1, 107);
+    let dir = lab.dir();
+    let other = dir.join("gridctl-other");
+    std::fs::copy(GRIDCTL, &other).unwrap();
+    let d = dir.display().to_string();
+    let run_other = |args: &[&str]| {
+        let out = std::process::Command::new(&other)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+    };
+    run_other(&["lab", "up", "--grids", "1", "--base", "107", "--dir", &d]);
+    let cfg = std::fs::read_to_string(dir.join("g1/sshd_config")).unwrap();
+    assert!(
+        cfg.contains("ForceCommand ") && cfg.contains("gridctl-other ssh"),
+        "{cfg}"
+    );
+    // Without that binary, logins fail: proof that sshd re-read its config.
+    std::fs::remove_file(&other).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = lab.ssh(1, "app list --batch");
+        if r.code == 127 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "sshd still runs the old command: {r:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // And back.
+    assert_eq!(lab.lab_up(&[]).code, 0);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while lab.ssh(1, "app list --batch").code != 0 {
+        assert!(
+            Instant::now() < deadline,
+            "sshd did not come back to gridctl"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}

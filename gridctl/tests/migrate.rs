@@ -56,12 +56,16 @@ fn kvstore_data_written_on_g1_is_read_on_g2_after_migrate() {
         3 << 20
     );
     // --novols: the descriptor and empty volumes of the same size.
-    lab.ok(
+    let out = lab.ok(
         2,
         &format!(
             "app migrate {} shop .name=shell --import --novols in_ip={ip2}",
             lab.controller(1)
         ),
+    );
+    assert!(
+        out.contains("imported shop from") && out.contains("as shell"),
+        "{out}"
     );
     let info = lab.ok(2, "app info shell --batch");
     assert_eq!(
@@ -166,4 +170,114 @@ fn refusals_source_running_new_exists_unknown_remote() {
     // MIG's key cannot use the peer verbs directly.
     let r = lab.ssh(1, "peer export shop");
     assert_eq!(r.code, 2, "{r:?}");
+}
+
+#[test]
+fn a_changed_host_key_or_a_dead_source_controller_fails_with_ssh_s_reason() {
+    let lab = Lab::up(2, 128);
+    lab.ok(
+        1,
+        &format!("app provision kvstore shop in_ip={}", lab.ip(1, 10)),
+    );
+    lab.ok(1, "app stop shop");
+    let ctl = lab.controller(1);
+    // g2 pins a different host key for g1: the pull is refused by ssh itself.
+    let kh = lab.state(2).join("peer/known_hosts");
+    let pinned = std::fs::read_to_string(&kh).unwrap();
+    let other_key = std::fs::read_to_string(lab.dir().join("mig/private.key.pub")).unwrap();
+    let forged: String = pinned
+        .lines()
+        .map(|l| {
+            if l.starts_with(&format!("[{}]", lab.ip(1, 1))) {
+                let key: Vec<&str> = other_key.split_whitespace().take(2).collect();
+                format!("[{}]:2222 {}\n", lab.ip(1, 1), key.join(" "))
+            } else {
+                format!("{l}\n")
+            }
+        })
+        .collect();
+    std::fs::write(&kh, forged).unwrap();
+    let r = lab.ssh(2, &format!("app migrate {ctl} shop .name=shop2 --import"));
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(r.stderr.contains("Host key verification failed"), "{r:?}");
+    assert!(!lab.app_dir(2, "shop2").exists());
+    std::fs::write(&kh, pinned).unwrap();
+    // g1's sshd is gone: the reason is ssh's, within seconds.
+    let pid: i32 = std::fs::read_to_string(lab.dir().join("g1/sshd.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while std::net::TcpStream::connect(&ctl).is_ok() {
+        assert!(std::time::Instant::now() < deadline, "sshd did not stop");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let t = std::time::Instant::now();
+    let r = lab.ssh(2, &format!("app migrate {ctl} shop .name=shop2 --import"));
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(r.stderr.contains("Connection refused"), "{r:?}");
+    assert!(t.elapsed() < std::time::Duration::from_secs(10));
+    assert_eq!(lab.ok(2, "app list --batch"), "");
+}
+
+#[test]
+fn an_import_whose_client_went_away_leaves_nothing() {
+    let lab = Lab::up(2, 130);
+    lab.write_template(1, "blob", "[[volumes]]\nname = \"data\"\nsize = \"512M\"\n");
+    lab.ok(1, "app provision blob b");
+    lab.ok(1, "app stop b");
+    let st = std::process::Command::new("dd")
+        .args([
+            "if=/dev/urandom",
+            "bs=1M",
+            "count=256",
+            "conv=notrunc",
+            "status=none",
+        ])
+        .arg(format!(
+            "of={}",
+            lab.app_dir(1, "b").join("vols/data").display()
+        ))
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let mut client = std::process::Command::new("ssh")
+        .arg("-F")
+        .arg(lab.dir().join("ssh_config"))
+        .arg("g2")
+        .arg(format!(
+            "app migrate {} b .name=b2 --import --nocompress --progress_on_stdout",
+            lab.controller(1)
+        ))
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(client.stdout.as_mut().unwrap()),
+        &mut first,
+    )
+    .unwrap();
+    assert!(first.starts_with("progress 0 "), "{first}");
+    client.kill().unwrap();
+    client.wait().unwrap();
+    // The import notices at its next progress line and removes its partial copy.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while lab.app_dir(2, "b2").exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "partial import left behind"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    assert_eq!(lab.ok(2, "app list --batch"), "");
+    // The source is released: it starts again.
+    lab.ok(1, "app start b");
 }

@@ -210,7 +210,7 @@ fn a_dir_volume_is_initialised_from_its_source_and_the_env_is_substituted() {
     std::fs::write(
         &fake,
         "#!/bin/sh\nfor a; do case $a in listen=*) ip=${a#listen=};; state_dir=*) sd=${a#state_dir=};; esac; done\n\
-         printf '%s' \"$MIG_HELPER_ENV\" > \"$sd/env\"\necho \"$@\" > \"$sd/args\"\n\
+         printf '%s' \"$MIG_HELPER_ENV\" > \"$sd/env\"\necho \"$@\" > \"$sd/args\"\nenv > \"$sd/environ\"\n\
          exec python3 -m http.server 8080 --bind \"$ip\"\n",
     )
     .unwrap();
@@ -236,6 +236,12 @@ fn a_dir_volume_is_initialised_from_its_source_and_the_env_is_substituted() {
     );
     let state = lab.app_dir(1, "mighelper-1").join("vols/state");
     assert_eq!(std::fs::read_to_string(state.join("env")).unwrap(), env);
+    let environ = std::fs::read_to_string(state.join("environ")).unwrap();
+    assert!(environ.contains("PATH=/"), "{environ}");
+    assert!(
+        !environ.contains("CARGO"),
+        "the test runner's environment leaked into the application: {environ}"
+    );
     let args = std::fs::read_to_string(state.join("args")).unwrap();
     assert!(
         args.contains(&format!("helper --set listen={ip} --set port_no=8080")),

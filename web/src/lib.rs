@@ -1,0 +1,538 @@
+//! MIG's GUI: the page where a person starts a migrate or a snapshot, and the page that follows the
+//! operation live across the three instances that run it (source MIG, MigHelper, final MIG).
+//!
+//! Pages are rendered by pure functions ([`index_page`], [`monitor_page`]) from plain data, and the
+//! script and style are embedded in the binary ([`asset`]): the grids may be offline, so there is no
+//! build step, no CDN and no external font. The pages carry no inline script, so the server can send
+//! [`CONTENT_SECURITY_POLICY`] (as [`html_response`] does).
+//!
+//! # Wiring it into the server
+//!
+//! - `GET /` → `html_response(index_page(&ctx))`; `ctx.csrf_token` is a random secret of the
+//!   process, and `POST /api/v1/ops` refuses (403 `{error}`) a request whose [`CSRF_HEADER`] does
+//!   not match it (compare in constant time). The page posts JSON `{kind, target_app,
+//!   target_grid}` to `location.origin + "/api/v1/ops"` with the browser's credentials, expects
+//!   202 `{id, monitor_url}` and goes to `monitor_url` (e.g. `/ops/{id}`); on 400/403/409 it
+//!   shows the body's `error` to the user, so write it for a person.
+//! - `GET /ops/{id}` → check the id with `actors::op::valid_id`, then
+//!   `html_response(monitor_page(id))`. `App::configure(web::configure_assets)` serves
+//!   `/static/*` (they reveal nothing, so they may skip authentication).
+//! - The monitor reads `GET /api/v1/ops/{id}` and `GET /api/v1/ops/{id}/events` on every instance
+//!   of the plan, cross-origin and without credentials: both need
+//!   `Access-Control-Allow-Origin: *` and no authentication. Each SSE event is `event: op` with
+//!   `data: <Op JSON>`; an instance ends the stream after the event that names another owner, or
+//!   once the op is final.
+//! - The page keeps the copy with the highest `version` and ignores older ones, so the receiver
+//!   of a handoff must continue the sender's `version`, never restart it.
+
+#![forbid(unsafe_code)]
+
+use actors::properties::Mode;
+
+mod html;
+
+pub use html::escape;
+
+/// Everything the form page shows, gathered by the server from its properties and grid.info.
+#[derive(Debug, Clone)]
+pub struct PageContext {
+    /// The name of the application MIG lives in, when it knows it.
+    pub app_name: Option<String>,
+    /// The grid MIG runs on: id and location.
+    pub own_grid: Option<(String, Option<String>)>,
+    /// Why operations are not offered, when they are not; the page then offers nothing.
+    pub unavailable: Option<String>,
+    /// What the form offers.
+    pub mode: Mode,
+    /// The other grids of grid.info: id and location.
+    pub targets: Vec<(String, Option<String>)>,
+    /// Sent back in the `X-Mig-Csrf` header of `POST /api/v1/ops`.
+    pub csrf_token: String,
+}
+
+/// The header a state-changing request must carry, holding [`PageContext::csrf_token`].
+pub const CSRF_HEADER: &str = "X-Mig-Csrf";
+
+/// A policy the pages satisfy: scripts and styles only from this origin, and connections to any
+/// HTTP origin, because the monitor follows the operation to the MigHelper and the target MIG.
+/// `frame-ancestors 'none'` keeps the form from being framed by another site (clickjacking).
+pub const CONTENT_SECURITY_POLICY: &str = "default-src 'self'; connect-src 'self' http: https:; \
+     img-src 'self' data:; object-src 'none'; base-uri 'none'; form-action 'self'; \
+     frame-ancestors 'none'";
+
+/// The same rule as `dialect::AppName`, for the browser: 1–64 letters, digits, '-' and '_',
+/// starting with a letter. The script holds the same expression; a test checks they agree.
+pub const APP_NAME_PATTERN: &str = "[A-Za-z][A-Za-z0-9_-]{0,63}";
+
+const CSS: &str = include_str!("../assets/mig.css");
+const FORM_JS: &str = include_str!("../assets/form.js");
+const MONITOR_JS: &str = include_str!("../assets/monitor.js");
+
+/// The embedded static files, by the path the pages use (`/static/...`): content type and bytes.
+pub fn asset(path: &str) -> Option<(&'static str, &'static [u8])> {
+    let (ctype, body) = match path {
+        "/static/mig.css" => ("text/css; charset=utf-8", CSS),
+        "/static/form.js" => ("text/javascript; charset=utf-8", FORM_JS),
+        "/static/monitor.js" => ("text/javascript; charset=utf-8", MONITOR_JS),
+        _ => return None,
+    };
+    Some((ctype, body.as_bytes()))
+}
+
+/// A page as an HTTP response, with the headers it is written for: the CSP, no sniffing, no
+/// caching (an op's page changes), and no referrer (the monitor URL holds the op id, which is
+/// what lets a reader see the operation).
+pub fn html_response(body: String) -> actix_web::HttpResponse {
+    actix_web::HttpResponse::Ok()
+        .content_type("text/html; charset=utf-8")
+        .insert_header(("Content-Security-Policy", CONTENT_SECURITY_POLICY))
+        .insert_header(("X-Content-Type-Options", "nosniff"))
+        .insert_header(("Referrer-Policy", "no-referrer"))
+        .insert_header(("Cache-Control", "no-store"))
+        .body(body)
+}
+
+/// Registers `GET /static/{file}` serving [`asset`], for an actix-web `App::configure`.
+pub fn configure_assets(cfg: &mut actix_web::web::ServiceConfig) {
+    cfg.route("/static/{file}", actix_web::web::get().to(serve_asset));
+}
+
+async fn serve_asset(req: actix_web::HttpRequest) -> actix_web::HttpResponse {
+    match asset(req.path()) {
+        Some((ctype, body)) => actix_web::HttpResponse::Ok()
+            .content_type(ctype)
+            .insert_header(("Cache-Control", "no-cache"))
+            .insert_header(("X-Content-Type-Options", "nosniff"))
+            .body(body),
+        None => actix_web::HttpResponse::NotFound()
+            .content_type("text/plain; charset=utf-8")
+            .body("no such file"),
+    }
+}
+
+/// The document head; `script` is the page's one script, or empty for a page without one.
+fn head(title: &str, script: &str, extra_meta: &str) -> String {
+    let script = if script.is_empty() {
+        String::new()
+    } else {
+        format!("<script src=\"/static/{script}\" defer></script>\n")
+    };
+    format!(
+        "<!doctype html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n\
+         <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n{extra_meta}\
+         <title>{title}</title>\n<link rel=\"icon\" href=\"data:,\">\n\
+         <link rel=\"stylesheet\" href=\"/static/mig.css\">\n{script}</head>\n",
+        title = escape(title),
+    )
+}
+
+fn grid_label(id: &str, location: Option<&str>) -> String {
+    match location {
+        Some(loc) if !loc.is_empty() => format!("{} ({})", escape(id), escape(loc)),
+        _ => escape(id),
+    }
+}
+
+fn banner(app: &str, grid: &str) -> String {
+    format!(
+        "<header class=\"bar\"><div class=\"wrap\"><span class=\"brand\">MIG</span>\
+         <span class=\"where\">{app} · {grid}</span></div></header>\n"
+    )
+}
+
+/// The form page (`GET /`): operation, target application name and target grid.
+pub fn index_page(ctx: &PageContext) -> String {
+    let app = ctx.app_name.as_deref().map(escape);
+    let app_shown = app.clone().unwrap_or_else(|| "this application".into());
+    let own = match &ctx.own_grid {
+        Some((id, loc)) => grid_label(id, loc.as_deref()),
+        None => "unknown grid".into(),
+    };
+    let mut out = head(
+        &format!("MIG · {}", ctx.app_name.as_deref().unwrap_or("application")),
+        "form.js",
+        &format!(
+            "<meta name=\"mig-csrf\" content=\"{}\">\n",
+            escape(&ctx.csrf_token)
+        ),
+    );
+    out.push_str("<body>\n");
+    out.push_str(&banner(&app_shown, &own));
+    out.push_str("<main class=\"wrap\" id=\"main\">\n");
+    out.push_str(&format!(
+        "<h1>Move or copy <span class=\"app\">{app_shown}</span> to another grid</h1>\n\
+         <dl class=\"facts\"><div><dt>Application</dt><dd id=\"app-name\">{app_shown}</dd></div>\
+         <div><dt>Runs on grid</dt><dd id=\"own-grid\">{own}</dd></div></dl>\n"
+    ));
+
+    if let Some(why) = &ctx.unavailable {
+        out.push_str(&format!(
+            "<section class=\"notice error\" id=\"unavailable\" role=\"alert\">\
+             <h2>Operations are not available</h2><p>{}</p>\
+             <p>Fix this in MIG's configuration and restart MIG. The application itself keeps \
+             running and its traffic still passes through.</p></section>\n",
+            escape(why)
+        ));
+        out.push_str("</main>\n</body>\n</html>\n");
+        return out;
+    }
+
+    out.push_str("<form id=\"op-form\" novalidate>\n");
+    out.push_str(&operation_fieldset(ctx.mode));
+    out.push_str(&format!(
+        "<div class=\"field\"><label for=\"target-app\">Target application name</label>\
+         <input id=\"target-app\" name=\"target_app\" type=\"text\" required maxlength=\"64\" \
+         pattern=\"{APP_NAME_PATTERN}\" autocomplete=\"off\" autocapitalize=\"off\" \
+         spellcheck=\"false\" aria-describedby=\"target-app-hint target-app-error\">\
+         <p class=\"hint\" id=\"target-app-hint\">1 to 64 letters, digits, “-” or “_”, \
+         starting with a letter.</p>\
+         <p class=\"field-error\" id=\"target-app-error\" aria-live=\"polite\"></p></div>\n"
+    ));
+    out.push_str(
+        "<div class=\"field\"><label for=\"target-grid\">Target grid</label>\
+         <select id=\"target-grid\" name=\"target_grid\" required>",
+    );
+    for (id, loc) in &ctx.targets {
+        out.push_str(&format!(
+            "<option value=\"{}\">{}</option>",
+            escape(id),
+            grid_label(id, loc.as_deref())
+        ));
+    }
+    out.push_str("</select>");
+    if ctx.targets.is_empty() {
+        out.push_str(
+            "<p class=\"field-error\" id=\"no-targets\">grid.info lists no grid other than \
+             this one: add the target grid there first.</p>",
+        );
+    }
+    out.push_str("</div>\n");
+    out.push_str(&format!(
+        "<div class=\"actions\"><button type=\"submit\" id=\"submit\"{}>Start</button>\
+         <span class=\"hint\" id=\"submit-hint\" aria-live=\"polite\"></span></div>\n\
+         <p class=\"notice error\" id=\"form-error\" role=\"alert\" hidden></p>\n</form>\n",
+        if ctx.targets.is_empty() {
+            " disabled"
+        } else {
+            ""
+        }
+    ));
+    out.push_str("</main>\n</body>\n</html>\n");
+    out
+}
+
+fn operation_fieldset(mode: Mode) -> String {
+    const MIGRATE: (&str, &str, &str) = (
+        "migrate",
+        "Migrate",
+        "Move the application to the target grid. The source is stopped and destroyed.",
+    );
+    const SNAPSHOT: (&str, &str, &str) = (
+        "snapshot",
+        "Snapshot",
+        "Copy the application to the target grid, stopped. The source is started again.",
+    );
+    let (kinds, fixed): (&[_], bool) = match mode {
+        Mode::Both => (&[MIGRATE, SNAPSHOT], false),
+        Mode::Migrate => (&[MIGRATE], true),
+        Mode::Snapshot => (&[SNAPSHOT], true),
+    };
+    let mut out = String::from("<fieldset class=\"kinds\"><legend>Operation</legend>");
+    for (i, (value, label, help)) in kinds.iter().enumerate() {
+        // With one kind the choice is shown, checked and fixed: a disabled radio still reads
+        // as checked to the script and to screen readers.
+        let attrs = if fixed {
+            " checked disabled"
+        } else if i == 0 {
+            " checked"
+        } else {
+            ""
+        };
+        out.push_str(&format!(
+            "<label class=\"kind\"><input type=\"radio\" name=\"kind\" value=\"{value}\" \
+             id=\"kind-{value}\"{attrs} aria-describedby=\"kind-{value}-help\">\
+             <span><strong>{label}</strong><span class=\"hint\" id=\"kind-{value}-help\">{help}\
+             </span></span></label>"
+        ));
+    }
+    if fixed {
+        out.push_str(&format!(
+            "<p class=\"hint\" id=\"mode-fixed\">This MIG offers only this operation \
+             (mode = {}).</p>",
+            kinds[0].0
+        ));
+    }
+    out.push_str("</fieldset>\n");
+    out
+}
+
+/// The monitor page (`GET /ops/{id}`): the script fetches the operation and follows it live.
+/// It changes nothing, so it needs no CSRF token; `op_id` should already be checked with
+/// `actors::op::valid_id`, and is escaped regardless.
+pub fn monitor_page(op_id: &str) -> String {
+    let id = escape(op_id);
+    let short: String = op_id.chars().take(8).collect();
+    let mut out = head(&format!("MIG · operation {short}"), "monitor.js", "");
+    out.push_str("<body>\n");
+    out.push_str(&banner("Operation monitor", &escape(&short)));
+    out.push_str(&format!(
+        "<main class=\"wrap\" id=\"monitor\" data-op-id=\"{id}\">\n\
+         <h1 id=\"title\">Operation <code>{short}</code></h1>\n\
+         <p id=\"plan\" class=\"muted\"></p>\n\
+         <p id=\"summary\" class=\"summary\" role=\"status\" aria-live=\"polite\">Connecting…</p>\n\
+         <p id=\"following\" class=\"muted small\"></p>\n\
+         <div id=\"outcome\"></div>\n\
+         <div id=\"monitors\" class=\"monitors\"></div>\n\
+         <noscript><p class=\"notice error\">This page needs JavaScript to follow the operation. \
+         <a href=\"/api/v1/ops/{id}\">The operation as JSON</a> shows the same.</p></noscript>\n\
+         </main>\n</body>\n</html>\n",
+        short = escape(&short),
+    ));
+    out
+}
+
+/// The timeline page (`GET /ops/{id}/trace`): every step, handoff and grid command of the
+/// operation across the instances that ran it, in order, with the time since the first event and
+/// how long each took. Rendered on the server from the operation's own trace: no script needed.
+pub fn trace_page(op: &actors::op::Op) -> String {
+    let short: String = op.id.chars().take(8).collect();
+    let mut out = head(&format!("MIG · timeline {short}"), "", "");
+    out.push_str("<body>\n");
+    out.push_str(&banner("Operation timeline", &escape(&short)));
+    out.push_str(&format!(
+        "<main class=\"wrap\" id=\"trace\" data-trace-id=\"{tid}\">\n\
+         <h1>Timeline of operation <code>{short}</code></h1>\n\
+         <p class=\"muted\">{kind} · {state} · trace id <code>{tid}</code> · \
+         <a href=\"/ops/{id}\">back to the monitor</a> · <a href=\"/api/v1/ops/{id}/trace\">as JSON</a></p>\n\
+         <table class=\"timeline\"><caption class=\"muted\">{n} events, oldest first</caption>\n\
+         <thead><tr><th scope=\"col\">+s</th><th scope=\"col\">instance</th><th scope=\"col\">kind</th>\
+         <th scope=\"col\">what</th><th scope=\"col\">took</th></tr></thead>\n<tbody>\n",
+        tid = escape(&op.trace_id),
+        short = escape(&short),
+        id = escape(&op.id),
+        kind = escape(op.kind.as_str()),
+        state = escape(&format!("{:?}", op.state).to_lowercase()),
+        n = op.trace.len(),
+    ));
+    let t0 = op
+        .trace
+        .first()
+        .and_then(|e| humantime::parse_rfc3339(&e.at).ok());
+    for e in &op.trace {
+        let offset = match (t0, humantime::parse_rfc3339(&e.at)) {
+            (Some(a), Ok(b)) => b
+                .duration_since(a)
+                .map(|d| format!("{:.3}", d.as_secs_f64()))
+                .unwrap_or_default(),
+            _ => String::new(),
+        };
+        let took = e
+            .millis
+            .map(|ms| format!("{:.3} s", ms as f64 / 1000.0))
+            .unwrap_or_default();
+        let error = e
+            .error
+            .as_deref()
+            .map(|x| format!("<br><span class=\"reason\">{}</span>", escape(x)))
+            .unwrap_or_default();
+        out.push_str(&format!(
+            "<tr class=\"ev-{kind}{failed}\" data-instance=\"{inst}\"><td>{offset}</td><td>{inst}</td>\
+             <td>{kind}</td><td>{what}{error}</td><td>{took}</td></tr>\n",
+            kind = escape(&e.kind),
+            failed = if e.error.is_some() { " failed" } else { "" },
+            inst = escape(&e.instance),
+            what = escape(&e.what),
+        ));
+    }
+    out.push_str("</tbody></table>\n</main>\n</body>\n</html>\n");
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_timeline_lists_every_event_escaped() {
+        let plan: actors::op::Plan = serde_json::from_value(serde_json::json!({
+            "source_grid": "g1", "target_grid": "g2", "source_app": "a", "target_app": "b",
+            "source_controller": "h:1", "target_controller": "h:2", "source_mig_url": "x",
+            "helper_url": "y", "final_mig_url": "z", "helper_app": "m", "helper_config": [],
+            "target_app_config": []}))
+        .unwrap();
+        let mut op = actors::op::Op::new(actors::op::new_id(), actors::op::Kind::Migrate, plan);
+        op.start_step(actors::op::PROVISIONING_HELPER);
+        op.fail_step(actors::op::PROVISIONING_HELPER, "<script>boom</script>");
+        op.trace("command", "app list on <h>".into(), Some(1500), None);
+        let html = trace_page(&op);
+        assert_eq!(html.matches("<tr class=\"ev-").count(), 3, "{html}");
+        assert!(html.contains("&lt;script&gt;boom") && !html.contains("<script>boom"));
+        assert!(html.contains("1.500 s"));
+        assert!(html.contains(&op.trace_id));
+    }
+
+    fn ctx() -> PageContext {
+        PageContext {
+            app_name: Some("shop".into()),
+            own_grid: Some(("g1".into(), Some("Los Angeles".into()))),
+            unavailable: None,
+            mode: Mode::Both,
+            targets: vec![("g2".into(), Some("Frankfurt".into())), ("g3".into(), None)],
+            csrf_token: "tok123".into(),
+        }
+    }
+
+    #[test]
+    fn hostile_names_are_escaped_everywhere() {
+        let evil = "<script>alert(1)</script>\"'&";
+        let mut c = ctx();
+        c.app_name = Some(evil.into());
+        c.own_grid = Some((evil.into(), Some(evil.into())));
+        c.targets = vec![(evil.into(), Some(evil.into()))];
+        c.csrf_token = evil.into();
+        let page = index_page(&c);
+        assert!(!page.contains("<script>alert"), "{page}");
+        assert!(!page.contains("\"'&"));
+        assert!(page.contains("&lt;script&gt;alert(1)&lt;/script&gt;&quot;&#39;&amp;"));
+
+        c.unavailable = Some(evil.into());
+        assert!(!index_page(&c).contains("<script>alert"));
+
+        let page = monitor_page(evil);
+        assert!(!page.contains("<script>alert"));
+        assert!(page.contains("data-op-id=\"&lt;script&gt;"));
+    }
+
+    #[test]
+    fn the_form_offers_what_mode_allows() {
+        let both = index_page(&ctx());
+        assert!(both.contains("id=\"kind-migrate\" checked "));
+        assert!(both.contains("id=\"kind-snapshot\" aria"));
+        assert!(!both.contains("mode-fixed"));
+
+        let mut c = ctx();
+        c.mode = Mode::Snapshot;
+        let snap = index_page(&c);
+        assert!(!snap.contains("kind-migrate"));
+        assert!(snap.contains("id=\"kind-snapshot\" checked disabled"));
+        assert!(snap.contains("mode = snapshot"));
+
+        c.mode = Mode::Migrate;
+        let mig = index_page(&c);
+        assert!(!mig.contains("kind-snapshot"));
+        assert!(mig.contains("id=\"kind-migrate\" checked disabled"));
+    }
+
+    #[test]
+    fn the_form_lists_other_grids_and_shows_where_it_runs() {
+        let page = index_page(&ctx());
+        assert!(page.contains("<option value=\"g2\">g2 (Frankfurt)</option>"));
+        assert!(page.contains("<option value=\"g3\">g3</option>"));
+        assert!(page.contains("id=\"own-grid\">g1 (Los Angeles)</dd>"));
+        assert!(page.contains("id=\"app-name\">shop</dd>"));
+        assert!(page.contains("<meta name=\"mig-csrf\" content=\"tok123\">"));
+        assert!(!page.contains("id=\"submit\" disabled"));
+
+        let mut c = ctx();
+        c.targets.clear();
+        let page = index_page(&c);
+        assert!(page.contains("id=\"no-targets\""));
+        assert!(page.contains("id=\"submit\" disabled"));
+    }
+
+    #[test]
+    fn unavailable_offers_nothing_and_says_why() {
+        let mut c = ctx();
+        c.own_grid = None;
+        c.unavailable = Some("no MIG_ip in grid.info matches 10.0.0.9:8080".into());
+        let page = index_page(&c);
+        assert!(page.contains("no MIG_ip in grid.info matches 10.0.0.9:8080"));
+        assert!(page.contains("id=\"unavailable\" role=\"alert\""));
+        assert!(!page.contains("<form"));
+        assert!(!page.contains("<option"));
+        assert!(page.contains("unknown grid"));
+    }
+
+    #[test]
+    fn pages_have_no_inline_script_and_name_their_assets() {
+        for page in [
+            index_page(&ctx()),
+            monitor_page("0123456789abcdef0123456789abcdef"),
+        ] {
+            // Every <script> has a src, so the CSP needs no 'unsafe-inline'.
+            assert_eq!(
+                page.matches("<script").count(),
+                page.matches("<script src=\"/static/").count()
+            );
+            assert!(page.contains("/static/mig.css"));
+            assert!(!page.contains("http://") && !page.contains("https://"));
+        }
+        assert!(monitor_page("0123456789abcdef0123456789abcdef")
+            .contains("data-op-id=\"0123456789abcdef0123456789abcdef\""));
+    }
+
+    #[test]
+    fn assets_are_embedded_with_types() {
+        let (ct, body) = asset("/static/monitor.js").unwrap();
+        assert!(ct.starts_with("text/javascript"));
+        assert!(!body.is_empty());
+        assert!(asset("/static/mig.css").unwrap().0.starts_with("text/css"));
+        assert!(asset("/static/form.js").is_some());
+        assert!(asset("/static/../Cargo.toml").is_none());
+        assert!(asset("/static/nope.js").is_none());
+        // Nothing loaded from elsewhere: the grids may be offline.
+        for p in ["/static/mig.css", "/static/form.js", "/static/monitor.js"] {
+            let text = std::str::from_utf8(asset(p).unwrap().1).unwrap();
+            assert!(!text.contains("@import") && !text.contains("//cdn"), "{p}");
+        }
+    }
+
+    #[actix_web::test]
+    async fn pages_and_assets_are_served_with_their_headers() {
+        use actix_web::{test, web as aw, App};
+        let app = test::init_service(App::new().configure(configure_assets).route(
+            "/",
+            aw::get().to(|| async { html_response(index_page(&ctx())) }),
+        ))
+        .await;
+        let resp = test::call_service(&app, test::TestRequest::get().uri("/").to_request()).await;
+        assert_eq!(resp.status(), 200);
+        let h = |name: &str| {
+            resp.headers()
+                .get(name)
+                .unwrap()
+                .to_str()
+                .unwrap()
+                .to_string()
+        };
+        assert_eq!(h("content-security-policy"), CONTENT_SECURITY_POLICY);
+        assert_eq!(h("referrer-policy"), "no-referrer");
+        assert_eq!(h("content-type"), "text/html; charset=utf-8");
+
+        let req = test::TestRequest::get()
+            .uri("/static/monitor.js")
+            .to_request();
+        let resp = test::call_service(&app, req).await;
+        assert_eq!(resp.status(), 200);
+        assert_eq!(
+            resp.headers().get("x-content-type-options").unwrap(),
+            "nosniff"
+        );
+        let body = test::read_body(resp).await;
+        assert_eq!(&body[..], asset("/static/monitor.js").unwrap().1);
+
+        let req = test::TestRequest::get()
+            .uri("/static/secret.key")
+            .to_request();
+        assert_eq!(test::call_service(&app, req).await.status(), 404);
+    }
+
+    #[test]
+    fn the_script_checks_names_with_the_dialect_rule() {
+        let js = std::str::from_utf8(asset("/static/form.js").unwrap().1).unwrap();
+        assert!(
+            js.contains(&format!("/^{APP_NAME_PATTERN}$/")),
+            "form.js pattern"
+        );
+    }
+}

@@ -1,0 +1,9 @@
+//! The harness of the browser tests: a real headless Chromium driven over WebDriver, and scripted
+//! stand-ins for the three MIG instances an operation visits (see [`fake_mig`]).
+
+#![allow(dead_code)] // each test binary uses a part of the harness
+
+pub mod browser;
+pub mod fake_mig;
+
+pub use browser::*;
