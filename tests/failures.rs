@@ -1,6 +1,7 @@
 //! The failure paths of migrate over a real lab (issue 5): MigHelper killed during the copy, the
-//! source controller unreachable during the copy, and the target MIG killed during its clean-up.
-//! Each test checks the end state on every grid (applications, data read back through the
+//! source controller unreachable during the copy, the target MIG killed during its clean-up,
+//! MigHelper killed during its roll-back, and MigHelper restarted with its final handoff
+//! unjournalled. Each test checks the end state on every grid (applications, data read back through the
 //! application's own address, checksums), not only the operation's state.
 //!
 //! The copy is held still deterministically: the test stops (SIGSTOP) the source grid's side of
@@ -23,7 +24,8 @@ use std::time::Duration;
 
 use common::lab::{gridctl, wait_for, Lab};
 
-/// This binary's lab addresses: 230..250 (tests/migrate.rs starts at 200). Two grids a test.
+/// This binary's lab addresses: bases 230..=238, two grids a test, five tests (tests/migrate.rs
+/// holds 200..230, tests/gui.rs 240..).
 static BASES: AtomicU8 = AtomicU8::new(230);
 
 const MIGRATING: &str =
