@@ -1,11 +1,20 @@
 //! The failure paths of migrate over a real lab (issue 5): MigHelper killed during the copy, the
-//! source controller unreachable during the copy, and the target MIG killed during its clean-up.
-//! Each test checks the end state on every grid (applications, data read back through the
+//! source controller unreachable during the copy, the target MIG killed during its clean-up,
+//! MigHelper killed during its roll-back, and MigHelper restarted with its final handoff
+//! unjournalled. Each test checks the end state on every grid (applications, data read back through the
 //! application's own address, checksums), not only the operation's state.
 //!
-//! The copy is held still deterministically: the test stops (SIGSTOP) the `ssh` client with which
-//! the target grid pulls the application (`... peer export APP`), does what it needs while the
-//! step is `running`, then lets it go on (SIGCONT). No timing guesses about how long a copy takes.
+//! The copy is held still deterministically: the test stops (SIGSTOP) the source grid's side of
+//! it (the `gridctl ssh` that runs `peer export APP` for the target grid), does what it needs
+//! while the step is `running`, then lets it go on (SIGCONT). That process exists only once the
+//! target grid's SSH session to the source is up, so what the test does next (killing the
+//! source's sshd, the helper, ...) always meets a copy in flight. No guesses about how long a
+//! copy takes.
+//!
+//! Design decisions these tests pin down: a component that exits makes gridctl mark its
+//! application `failed` and nothing restarts it by itself, so after MigHelper or a MIG is
+//! killed the test does what an operator does, `app start NAME`, and the restarted instance
+//! resumes from its journal (the helper's on its state volume, the MIG's in its state_dir).
 
 mod common;
 
@@ -15,7 +24,8 @@ use std::time::Duration;
 
 use common::lab::{gridctl, wait_for, Lab};
 
-/// This binary's lab addresses: 230..250 (tests/migrate.rs starts at 200). Two grids a test.
+/// This binary's lab addresses: bases 230..=238, two grids a test, five tests (tests/migrate.rs
+/// holds 200..230, tests/gui.rs 240..).
 static BASES: AtomicU8 = AtomicU8::new(230);
 
 const MIGRATING: &str =
@@ -131,6 +141,7 @@ struct Proc {
     pid: i32,
     ppid: i32,
     argv: Vec<String>,
+    env: Vec<String>,
 }
 
 fn processes() -> Vec<Proc> {
@@ -153,30 +164,44 @@ fn processes() -> Vec<Proc> {
         else {
             continue;
         };
-        let argv = cmd
-            .split(|b| *b == 0)
-            .filter(|a| !a.is_empty())
-            .map(|a| String::from_utf8_lossy(a).into_owned())
-            .collect();
-        out.push(Proc { pid, ppid, argv });
+        let strings = |b: &[u8]| {
+            b.split(|b| *b == 0)
+                .filter(|a| !a.is_empty())
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect()
+        };
+        let env = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+        out.push(Proc {
+            pid,
+            ppid,
+            argv: strings(&cmd),
+            env: strings(&env),
+        });
     }
     out
 }
 
-/// The one process whose argv satisfies `f`, waiting up to 30 s for it to appear.
-fn find_process(what: &str, f: impl Fn(&[String]) -> bool) -> i32 {
-    wait_for(what, 30, || {
+/// The one process that satisfies `f`, waiting up to 30 s for it to appear. Polls often: the
+/// copy's processes live for a fraction of a second.
+fn find_process(what: &str, f: impl Fn(&Proc) -> bool) -> i32 {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
         let found: Vec<i32> = processes()
             .into_iter()
-            .filter(|p| f(&p.argv))
+            .filter(|p| f(p))
             .map(|p| p.pid)
             .collect();
         match found[..] {
-            [pid] => Some(pid),
-            [] => None,
+            [pid] => return pid,
+            [] => {}
             _ => panic!("more than one process is {what}: {found:?}"),
         }
-    })
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out after 30 s waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
 }
 
 fn signal(pid: i32, sig: &str) {
@@ -187,27 +212,33 @@ fn signal(pid: i32, sig: &str) {
     assert!(st.success(), "kill -{sig} {pid}");
 }
 
-/// `pid` and every process below it.
-fn tree(pid: i32) -> Vec<i32> {
+/// SIGKILL to `pid` and every process below it (one that is gone by then is no matter).
+fn kill_tree(pid: i32) {
     let all = processes();
-    let mut out = vec![pid];
+    let mut tree = vec![pid];
     let mut i = 0;
-    while i < out.len() {
-        let parent = out[i];
-        out.extend(all.iter().filter(|p| p.ppid == parent).map(|p| p.pid));
+    while i < tree.len() {
+        let parent = tree[i];
+        tree.extend(all.iter().filter(|p| p.ppid == parent).map(|p| p.pid));
         i += 1;
     }
-    out
+    for pid in tree {
+        let _ = Command::new("kill")
+            .args(["-KILL", &pid.to_string()])
+            .status();
+    }
 }
 
-/// The `ssh` client with which grid `to`'s controller pulls `app` from another grid.
-fn pulling_ssh(lab: &Lab, to: u8, app: &str) -> i32 {
-    let peer_key = lab.state(to).join("peer/id_ed25519").display().to_string();
-    let remote = format!("peer export {app}");
-    find_process(&format!("the ssh pulling {app} to g{to}"), |a| {
-        a.first().is_some_and(|c| c == "ssh")
-            && a.iter().any(|x| x == &peer_key)
-            && a.last().is_some_and(|c| c.starts_with(&remote))
+/// The source grid's side of a copy: the `gridctl ssh` on grid `from` that runs
+/// `peer export APP` for another grid.
+fn exporting(lab: &Lab, from: u8, app: &str) -> i32 {
+    let state = lab.state(from).display().to_string();
+    let cmd = format!("SSH_ORIGINAL_COMMAND=peer export {app}");
+    find_process(&format!("the export of {app} from g{from}"), |p| {
+        p.argv.first().is_some_and(|c| c.ends_with("gridctl"))
+            && p.argv.get(1).is_some_and(|c| c == "ssh")
+            && p.argv.contains(&state)
+            && p.env.iter().any(|e| e.starts_with(&cmd))
     })
 }
 
@@ -244,47 +275,95 @@ fn lab_up_again(lab: &Lab) {
     );
 }
 
-/// Waits until the operation has reached a step of `name` in `state` at `url`.
-fn wait_step(url: &str, id: &str, name: &str, state: &str, secs: u64) -> serde_json::Value {
-    wait_for(&format!("{name} to be {state} at {url}"), secs, || {
-        op_at(url, id).filter(|op| step(op, name)["state"] == state)
-    })
+/// What every instance and grid knows of operation `id`, and the helper's log: for a failure.
+fn dump(lab: &Lab, id: &str) -> String {
+    let mut why = String::new();
+    for u in [lab.mig_url(1), helper_url(lab, 2), lab.mig_url(2)] {
+        why += &format!("--- at {u}: {:#}\n", op_at(&u, id).unwrap_or_default());
+    }
+    for n in 1..=lab.grids {
+        why += &format!("--- g{n}: {:?}\n", lab.apps(n));
+    }
+    let log = lab.state(2).join(format!("apps/{}/log", helper_app(id)));
+    why += &format!(
+        "--- helper log:\n{}",
+        std::fs::read_to_string(log).unwrap_or_default()
+    );
+    why
 }
 
-/// Waits until the operation has ended at `url`, and returns it. On a time-out, says what every
-/// instance and grid knows, and the helper's log.
-fn wait_end(lab: &Lab, url: &str, id: &str, secs: u64) -> serde_json::Value {
+/// Waits until `f` holds of the operation at `url`, and returns it; on a time-out, panics with
+/// [`dump`].
+fn wait_op(
+    lab: &Lab,
+    url: &str,
+    id: &str,
+    what: &str,
+    secs: u64,
+    f: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
     let deadline = std::time::Instant::now() + Duration::from_secs(secs);
     loop {
-        if let Some(op) = op_at(url, id).filter(|op| op["state"] != "running") {
+        if let Some(op) = op_at(url, id).filter(|op| f(op)) {
             return op;
         }
         if std::time::Instant::now() > deadline {
-            let mut why = format!("operation {id} did not end at {url} within {secs} s\n");
-            for u in [lab.mig_url(1), helper_url(lab, 2), lab.mig_url(2)] {
-                why += &format!("--- at {u}: {:#}\n", op_at(&u, id).unwrap_or_default());
-            }
-            for n in 1..=lab.grids {
-                why += &format!("--- g{n}: {:?}\n", lab.apps(n));
-            }
-            let log = lab.state(2).join(format!("apps/{}/log", helper_app(id)));
-            why += &format!(
-                "--- helper log:\n{}",
-                std::fs::read_to_string(log).unwrap_or_default()
+            panic!(
+                "timed out after {secs} s waiting for {what} at {url}\n{}",
+                dump(lab, id)
             );
-            panic!("{why}");
         }
         std::thread::sleep(Duration::from_millis(100));
     }
 }
 
-/// Demo application `shop` on g1 with some data; returns the data and its checksum.
-fn shop_with_data(lab: &Lab) -> (Vec<u8>, String) {
+/// Waits until the operation has reached a step of `name` in `state` at `url`.
+fn wait_step(
+    lab: &Lab,
+    url: &str,
+    id: &str,
+    name: &str,
+    state: &str,
+    secs: u64,
+) -> serde_json::Value {
+    wait_op(lab, url, id, &format!("{name} to be {state}"), secs, |op| {
+        step(op, name)["state"] == state
+    })
+}
+
+/// Waits until the operation has ended at `url`, and returns it.
+fn wait_end(lab: &Lab, url: &str, id: &str, secs: u64) -> serde_json::Value {
+    wait_op(lab, url, id, "the end", secs, |op| op["state"] != "running")
+}
+
+/// What `shop` holds: three values of 15 MiB of random bytes and a short one. 45 MiB take long
+/// enough to move that the test sees the copy's `ssh` before it ends.
+type Data = Vec<(String, Vec<u8>)>;
+
+/// Demo application `shop` on g1 with [`Data`]; returns the data and the checksum of its volumes.
+fn shop_with_data(lab: &Lab) -> (Data, String) {
     lab.provision_demo(1, "shop");
-    let blob = random_bytes(8 << 20, 11);
-    put(&lab.data_url(1), "blob", &blob);
-    put(&lab.data_url(1), "greeting", b"hello");
-    (blob, lab.checksum(1, "shop"))
+    let mut data: Data = (0..3)
+        .map(|i| (format!("blob{i}"), random_bytes(15 << 20, 11 + i)))
+        .collect();
+    data.push(("greeting".into(), b"hello".to_vec()));
+    for (k, v) in &data {
+        put(&lab.data_url(1), k, v);
+    }
+    (data, lab.checksum(1, "shop"))
+}
+
+/// Every value of `data` reads back the same at `url`.
+fn assert_data(url: &str, data: &Data) {
+    for (k, v) in data {
+        let got = get(url, k);
+        assert!(
+            got.as_deref() == Some(&v[..]),
+            "{url}/kv/{k}: {} bytes read back, {} written",
+            got.map_or(0, |g| g.len()),
+            v.len()
+        );
+    }
 }
 
 /// The helper application of an operation.
@@ -295,22 +374,23 @@ fn helper_app(id: &str) -> String {
 #[test]
 fn a_killed_mighelper_resumes_from_its_journal_when_started_again() {
     let lab = Lab::up(2, &BASES);
-    let (blob, sum) = shop_with_data(&lab);
+    let (data, sum) = shop_with_data(&lab);
     let id = start_migrate(&lab.mig_url(1), "g2", "shop2");
     let helper = helper_url(&lab, 2);
 
     // Hold the copy in the middle, then kill `mig helper` outright.
-    let pull = pulling_ssh(&lab, 2, "shop");
-    signal(pull, "STOP");
-    let op = wait_step(&helper, &id, MIGRATING, "running", 30);
+    let export = exporting(&lab, 1, "shop");
+    signal(export, "STOP");
+    let op = wait_step(&lab, &helper, &id, MIGRATING, "running", 30);
     assert_eq!(op["state"], "running");
     let helper_state = lab
         .state(2)
         .join(format!("apps/{}", helper_app(&id)))
         .display()
         .to_string();
-    let mig_helper = find_process("mig helper", |a| {
-        a.get(1).is_some_and(|c| c == "helper") && a.iter().any(|x| x.contains(&helper_state))
+    let mig_helper = find_process("mig helper", |p| {
+        p.argv.get(1).is_some_and(|c| c == "helper")
+            && p.argv.iter().any(|x| x.contains(&helper_state))
     });
     signal(mig_helper, "KILL");
     wait_for("the grid to mark MigHelper failed", 30, || {
@@ -330,7 +410,7 @@ fn a_killed_mighelper_resumes_from_its_journal_when_started_again() {
     );
     std::thread::sleep(Duration::from_secs(2));
     // ... and only then does that orphaned copy go on, and end.
-    signal(pull, "CONT");
+    signal(export, "CONT");
 
     let op = wait_end(&lab, &lab.mig_url(2), &id, 120);
     assert_eq!(op["state"], "succeeded", "{op:#}");
@@ -348,36 +428,27 @@ fn a_killed_mighelper_resumes_from_its_journal_when_started_again() {
         [("shop2", "running")],
         "only the target on g2: no MigHelper, no second copy"
     );
-    assert_eq!(get(&lab.data_url(2), "blob").as_deref(), Some(&blob[..]));
+    assert_data(&lab.data_url(2), &data);
     assert_eq!(
-        get(&lab.data_url(2), "greeting").as_deref(),
-        Some(&b"hello"[..])
+        lab.checksum(2, "shop2"),
+        sum,
+        "every volume of the target as the source had it"
     );
-    let data_line = |s: &str| {
-        s.lines()
-            .find(|l| l.starts_with("data\t"))
-            .unwrap()
-            .to_string()
-    };
-    assert_eq!(data_line(&lab.checksum(2, "shop2")), data_line(&sum));
 }
 
 #[test]
 fn an_unreachable_source_controller_during_the_copy_rolls_back_once_it_answers() {
     let lab = Lab::up(2, &BASES);
-    let (blob, sum) = shop_with_data(&lab);
+    let (data, sum) = shop_with_data(&lab);
     let id = start_migrate(&lab.mig_url(1), "g2", "shop2");
     let helper = helper_url(&lab, 2);
 
-    let pull = pulling_ssh(&lab, 2, "shop");
-    signal(pull, "STOP");
-    wait_step(&helper, &id, MIGRATING, "running", 30);
+    let export = exporting(&lab, 1, "shop");
+    signal(export, "STOP");
+    wait_step(&lab, &helper, &id, MIGRATING, "running", 30);
     // g1's controller goes away: its sshd and every session it serves, the copy's included.
-    for pid in tree(sshd_pid(&lab, 1)) {
-        signal(pid, "KILL");
-    }
-    signal(pull, "CONT");
-    let op = wait_step(&helper, &id, MIGRATING, "failed", 30);
+    kill_tree(sshd_pid(&lab, 1));
+    let op = wait_step(&lab, &helper, &id, MIGRATING, "failed", 30);
     assert!(
         step(&op, MIGRATING)["detail"]
             .as_str()
@@ -415,11 +486,7 @@ fn an_unreachable_source_controller_during_the_copy_rolls_back_once_it_answers()
         [] as [(&str, &str); 0],
         "no partial target, no MigHelper"
     );
-    assert_eq!(get(&lab.data_url(1), "blob").as_deref(), Some(&blob[..]));
-    assert_eq!(
-        get(&lab.data_url(1), "greeting").as_deref(),
-        Some(&b"hello"[..])
-    );
+    assert_data(&lab.data_url(1), &data);
     assert_eq!(
         lab.checksum(1, "shop"),
         sum,
@@ -430,24 +497,24 @@ fn an_unreachable_source_controller_during_the_copy_rolls_back_once_it_answers()
 #[test]
 fn a_target_mig_killed_during_its_clean_up_finishes_it_when_started_again() {
     let lab = Lab::up(2, &BASES);
-    let (blob, sum) = shop_with_data(&lab);
+    let (data, sum) = shop_with_data(&lab);
     let id = start_migrate(&lab.mig_url(1), "g2", "shop2");
     let helper = helper_url(&lab, 2);
 
     // g1's controller stops taking new connections while the copy runs (the copy's own session
     // goes on), so the target MIG's first clean-up step cannot reach it and keeps retrying.
-    let pull = pulling_ssh(&lab, 2, "shop");
-    signal(pull, "STOP");
-    wait_step(&helper, &id, MIGRATING, "running", 30);
+    let export = exporting(&lab, 1, "shop");
+    signal(export, "STOP");
+    wait_step(&lab, &helper, &id, MIGRATING, "running", 30);
     signal(sshd_pid(&lab, 1), "KILL");
-    signal(pull, "CONT");
+    signal(export, "CONT");
     let target = lab.mig_url(2);
-    wait_step(&target, &id, DESTROYING_SOURCE, "running", 60);
+    wait_step(&lab, &target, &id, DESTROYING_SOURCE, "running", 60);
 
     // The target MIG dies mid-step; its grid marks the application failed.
     let state_dir = lab.state(2).join("mig-state/shop2").display().to_string();
-    let serve = find_process("the target's mig serve", |a| {
-        a.get(1).is_some_and(|c| c == "serve") && a.iter().any(|x| x.contains(&state_dir))
+    let serve = find_process("the target's mig serve", |p| {
+        p.argv.get(1).is_some_and(|c| c == "serve") && p.argv.iter().any(|x| x.contains(&state_dir))
     });
     signal(serve, "KILL");
     wait_for("the grid to mark shop2 failed", 30, || {
@@ -481,37 +548,28 @@ fn a_target_mig_killed_during_its_clean_up_finishes_it_when_started_again() {
         [("shop2", "running")],
         "no MigHelper left"
     );
-    assert_eq!(get(&lab.data_url(2), "blob").as_deref(), Some(&blob[..]));
+    assert_data(&lab.data_url(2), &data);
     assert_eq!(
-        get(&lab.data_url(2), "greeting").as_deref(),
-        Some(&b"hello"[..])
+        lab.checksum(2, "shop2"),
+        sum,
+        "every volume of the target as the source had it"
     );
-    let data_line = |s: &str| {
-        s.lines()
-            .find(|l| l.starts_with("data\t"))
-            .unwrap()
-            .to_string()
-    };
-    assert_eq!(data_line(&lab.checksum(2, "shop2")), data_line(&sum));
 }
 
 #[test]
 fn a_mighelper_killed_during_the_roll_back_goes_on_rolling_back_when_started_again() {
     let lab = Lab::up(2, &BASES);
-    let (blob, sum) = shop_with_data(&lab);
+    let (data, sum) = shop_with_data(&lab);
     let id = start_migrate(&lab.mig_url(1), "g2", "shop2");
     let helper = helper_url(&lab, 2);
 
     // The copy fails because g1's controller is gone; the roll-back then waits for g1 to start
     // the source again...
-    let pull = pulling_ssh(&lab, 2, "shop");
-    signal(pull, "STOP");
-    wait_step(&helper, &id, MIGRATING, "running", 30);
-    for pid in tree(sshd_pid(&lab, 1)) {
-        signal(pid, "KILL");
-    }
-    signal(pull, "CONT");
-    wait_step(&helper, &id, MIGRATING, "failed", 30);
+    let export = exporting(&lab, 1, "shop");
+    signal(export, "STOP");
+    wait_step(&lab, &helper, &id, MIGRATING, "running", 30);
+    kill_tree(sshd_pid(&lab, 1));
+    wait_step(&lab, &helper, &id, MIGRATING, "failed", 30);
     std::thread::sleep(Duration::from_secs(1));
 
     // ... and MigHelper dies while it waits.
@@ -520,8 +578,9 @@ fn a_mighelper_killed_during_the_roll_back_goes_on_rolling_back_when_started_aga
         .join(format!("apps/{}", helper_app(&id)))
         .display()
         .to_string();
-    let mig_helper = find_process("mig helper", |a| {
-        a.get(1).is_some_and(|c| c == "helper") && a.iter().any(|x| x.contains(&helper_state))
+    let mig_helper = find_process("mig helper", |p| {
+        p.argv.get(1).is_some_and(|c| c == "helper")
+            && p.argv.iter().any(|x| x.contains(&helper_state))
     });
     signal(mig_helper, "KILL");
     wait_for("the grid to mark MigHelper failed", 30, || {
@@ -555,26 +614,26 @@ fn a_mighelper_killed_during_the_roll_back_goes_on_rolling_back_when_started_aga
         [] as [(&str, &str); 0],
         "no target, no MigHelper"
     );
-    assert_eq!(get(&lab.data_url(1), "blob").as_deref(), Some(&blob[..]));
+    assert_data(&lab.data_url(1), &data);
     assert_eq!(lab.checksum(1, "shop"), sum);
 }
 
 #[test]
 fn a_mighelper_that_forgot_its_final_handoff_does_not_undo_the_cut_over() {
     let lab = Lab::up(2, &BASES);
-    let (blob, sum) = shop_with_data(&lab);
+    let (data, sum) = shop_with_data(&lab);
     let id = start_migrate(&lab.mig_url(1), "g2", "shop2");
     let helper = helper_url(&lab, 2);
     let target = lab.mig_url(2);
 
     // Hold the operation after the cut-over: the target MIG took it and cannot reach g1 to
     // destroy the source (g1's sshd takes no new connections; the copy's session goes on).
-    let pull = pulling_ssh(&lab, 2, "shop");
-    signal(pull, "STOP");
-    wait_step(&helper, &id, MIGRATING, "running", 30);
+    let export = exporting(&lab, 1, "shop");
+    signal(export, "STOP");
+    wait_step(&lab, &helper, &id, MIGRATING, "running", 30);
     signal(sshd_pid(&lab, 1), "KILL");
-    signal(pull, "CONT");
-    wait_step(&target, &id, DESTROYING_SOURCE, "running", 60);
+    signal(export, "CONT");
+    wait_step(&lab, &target, &id, DESTROYING_SOURCE, "running", 60);
 
     // MigHelper dies, and its journal is put back to where it was before the target's answer
     // reached it: what a helper killed between that answer and its journal write (or one whose
@@ -584,8 +643,9 @@ fn a_mighelper_that_forgot_its_final_handoff_does_not_undo_the_cut_over() {
         .join(format!("apps/{}", helper_app(&id)))
         .display()
         .to_string();
-    let mig_helper = find_process("mig helper", |a| {
-        a.get(1).is_some_and(|c| c == "helper") && a.iter().any(|x| x.contains(&helper_state))
+    let mig_helper = find_process("mig helper", |p| {
+        p.argv.get(1).is_some_and(|c| c == "helper")
+            && p.argv.iter().any(|x| x.contains(&helper_state))
     });
     signal(mig_helper, "KILL");
     wait_for("the grid to mark MigHelper failed", 30, || {
@@ -634,12 +694,10 @@ fn a_mighelper_that_forgot_its_final_handoff_does_not_undo_the_cut_over() {
         [("shop2", "running")],
         "no MigHelper left"
     );
-    assert_eq!(get(&lab.data_url(2), "blob").as_deref(), Some(&blob[..]));
-    let data_line = |s: &str| {
-        s.lines()
-            .find(|l| l.starts_with("data\t"))
-            .unwrap()
-            .to_string()
-    };
-    assert_eq!(data_line(&lab.checksum(2, "shop2")), data_line(&sum));
+    assert_data(&lab.data_url(2), &data);
+    assert_eq!(
+        lab.checksum(2, "shop2"),
+        sum,
+        "every volume of the target as the source had it"
+    );
 }
