@@ -11,8 +11,7 @@ use dialect::AppState;
 use crate::auth::OpKey;
 use crate::book::OpBook;
 use crate::controller::{
-    AppInfo, AppSummary, GridController, GridError, GridFuture, MigrateOptions, ProgressFn,
-    VolumeChecksum,
+    AppInfo, AppSummary, GridController, GridFuture, MigrateOptions, ProgressFn, VolumeChecksum,
 };
 use crate::handoff;
 use crate::op::Op;
@@ -231,11 +230,6 @@ pub fn manual_command(controller: &str, verb: &str, name: &str) -> String {
         ),
         Err(_) => format!("ssh {controller} app {verb} {name}"),
     }
-}
-
-/// Makes a grid error read as one line for a step's detail.
-pub fn grid_err(e: GridError) -> String {
-    e.to_string()
 }
 
 /// Tests and dry runs reach in-memory grids the same way.
