@@ -281,3 +281,90 @@ fn an_import_whose_client_went_away_leaves_nothing() {
     // The source is released: it starts again.
     lab.ok(1, "app start b");
 }
+
+/// The pid of the `gridctl ssh` on grid `from` that runs `peer export APP` (the source's side
+/// of a copy), found by its SSH_ORIGINAL_COMMAND.
+fn export_pid(lab: &Lab, from: u8, app: &str) -> Option<i32> {
+    let state = lab.state(from).display().to_string();
+    let want = format!("SSH_ORIGINAL_COMMAND=peer export {app}");
+    for e in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let cmdline = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+        let environ = std::fs::read(e.path().join("environ")).unwrap_or_default();
+        let args: Vec<String> = cmdline
+            .split(|b| *b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        let is_front = args.first().is_some_and(|a| a.ends_with("gridctl"))
+            && args.iter().any(|a| a == "ssh")
+            && args.contains(&state);
+        if is_front
+            && environ
+                .split(|b| *b == 0)
+                .any(|v| v.starts_with(want.as_bytes()))
+        {
+            return Some(pid);
+        }
+    }
+    None
+}
+
+#[test]
+fn an_import_whose_requester_goes_away_while_the_source_stalls_ends_at_once() {
+    let lab = Lab::up(2, 132);
+    provision_with_data(&lab, "shop", "64M");
+    let line = format!(
+        "app migrate {} shop .name=shop2 --import --progress_on_stdout",
+        lab.controller(1)
+    );
+    let mut requester = std::process::Command::new("ssh")
+        .arg("-F")
+        .arg(lab.dir().join("ssh_config"))
+        .arg("g2")
+        .arg(&line)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Hold the source's side still, so the import writes no progress while the requester dies.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let export = loop {
+        if let Some(pid) = export_pid(&lab, 1, "shop") {
+            break pid;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the export never started"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let signal = |sig: &str, pid: i32| {
+        std::process::Command::new("kill")
+            .args([sig, &pid.to_string()])
+            .status()
+            .unwrap();
+    };
+    signal("-STOP", export);
+    requester.kill().unwrap();
+    requester.wait().unwrap();
+    // While the source is still stalled, the target grid gives the name back.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let freed = loop {
+        let list = lab.ok(2, "app list --batch");
+        if !list.lines().any(|l| l.starts_with("shop2\t")) {
+            break true;
+        }
+        if std::time::Instant::now() > deadline {
+            break false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    signal("-CONT", export);
+    assert!(freed, "the orphaned import still holds shop2 on g2");
+    // And it stays gone once the source could go on.
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    assert!(!lab.ok(2, "app list --batch").contains("shop2"));
+}
