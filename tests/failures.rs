@@ -22,7 +22,7 @@ use std::process::Command;
 use std::sync::atomic::AtomicU8;
 use std::time::Duration;
 
-use common::lab::{gridctl, wait_for, Lab};
+use common::lab::{curl, get, gridctl, put, random_bytes, wait_for, Lab};
 
 /// This binary's lab addresses: bases 230..=238, two grids a test, five tests (tests/migrate.rs
 /// holds 200..230, tests/gui.rs 240..).
@@ -31,47 +31,6 @@ static BASES: AtomicU8 = AtomicU8::new(230);
 const MIGRATING: &str =
     "migrating the source application to the target grid as the target application";
 const DESTROYING_SOURCE: &str = "destroying the source application";
-
-fn curl(args: &[&str]) -> Option<Vec<u8>> {
-    let out = Command::new("curl")
-        .args(["-fsS", "--max-time", "5"])
-        .args(args)
-        .output()
-        .unwrap();
-    out.status.success().then_some(out.stdout)
-}
-
-fn put(url: &str, key: &str, value: &[u8]) {
-    let f = tempfile::NamedTempFile::new().unwrap();
-    std::fs::write(f.path(), value).unwrap();
-    let body = format!("@{}", f.path().display());
-    let r = curl(&[
-        "--max-time",
-        "60",
-        "-X",
-        "PUT",
-        "--data-binary",
-        &body,
-        &format!("{url}/kv/{key}"),
-    ]);
-    assert!(r.is_some(), "PUT {url}/kv/{key}");
-}
-
-fn get(url: &str, key: &str) -> Option<Vec<u8>> {
-    curl(&[&format!("{url}/kv/{key}")])
-}
-
-fn random_bytes(n: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
 
 fn names(apps: &[(String, String)]) -> Vec<(&str, &str)> {
     apps.iter().map(|(n, s)| (n.as_str(), s.as_str())).collect()

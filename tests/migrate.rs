@@ -6,39 +6,10 @@ mod common;
 use std::sync::atomic::AtomicU8;
 use std::time::Duration;
 
-use common::lab::{wait_for, Lab};
+use common::lab::{get, put, random_bytes, wait_for, Lab};
 use common::mig;
 
 static BASES: AtomicU8 = AtomicU8::new(200);
-
-fn put(url: &str, key: &str, value: &[u8]) {
-    let st = std::process::Command::new("curl")
-        .args([
-            "-fsS",
-            "-X",
-            "PUT",
-            "--data-binary",
-            "@-",
-            &format!("{url}/kv/{key}"),
-        ])
-        .stdin(std::process::Stdio::piped())
-        .spawn()
-        .and_then(|mut c| {
-            use std::io::Write;
-            c.stdin.take().unwrap().write_all(value)?;
-            c.wait()
-        })
-        .unwrap();
-    assert!(st.success(), "PUT {url}/kv/{key}");
-}
-
-fn get(url: &str, key: &str) -> Option<Vec<u8>> {
-    let out = std::process::Command::new("curl")
-        .args(["-fsS", "--max-time", "5", &format!("{url}/kv/{key}")])
-        .output()
-        .unwrap();
-    out.status.success().then_some(out.stdout)
-}
 
 fn scrape(url: &str) -> String {
     let out = std::process::Command::new("curl")
@@ -78,18 +49,6 @@ fn op_id(cli_out: &str) -> String {
         .nth(1)
         .expect("the CLI names the operation")
         .to_string()
-}
-
-fn random_bytes(n: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
 }
 
 #[test]

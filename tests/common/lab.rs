@@ -191,3 +191,50 @@ pub fn wait_for<T>(what: &str, secs: u64, mut f: impl FnMut() -> Option<T>) -> T
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+// The application's data, as its users reach it (through MIG's pass-through on `in`).
+
+/// `curl -fsS --max-time 5 ARGS`: the body, or None on any failure.
+pub fn curl(args: &[&str]) -> Option<Vec<u8>> {
+    let out = Command::new("curl")
+        .args(["-fsS", "--max-time", "5"])
+        .args(args)
+        .output()
+        .unwrap();
+    out.status.success().then_some(out.stdout)
+}
+
+/// `PUT URL/kv/KEY` with `value` (up to a minute, for large values).
+pub fn put(url: &str, key: &str, value: &[u8]) {
+    let f = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(f.path(), value).unwrap();
+    let body = format!("@{}", f.path().display());
+    let r = curl(&[
+        "--max-time",
+        "60",
+        "-X",
+        "PUT",
+        "--data-binary",
+        &body,
+        &format!("{url}/kv/{key}"),
+    ]);
+    assert!(r.is_some(), "PUT {url}/kv/{key}");
+}
+
+/// `GET URL/kv/KEY`.
+pub fn get(url: &str, key: &str) -> Option<Vec<u8>> {
+    curl(&[&format!("{url}/kv/{key}")])
+}
+
+/// `n` pseudo-random bytes (xorshift): incompressible, and the same for the same seed.
+pub fn random_bytes(n: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
