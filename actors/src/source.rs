@@ -236,7 +236,7 @@ async fn check_grids(driver: &Driver, plan: &Plan) -> Result<(), StartError> {
 /// "provisioning MigHelper on the target grid", then the handoff to MigHelper; on failure, the
 /// roll-back (MigHelper destroyed).
 async fn provision(cfg: Arc<SourceConfig>, driver: Driver, mut op: Op) {
-    let span = tracing::info_span!("op", op_id = %op.id, trace_id = %op.trace_id, actor = "source");
+    let span = tracing::info_span!("op", op_id = %op.id, trace_id = %op.trace_id, actor = "source", instance = %op.instance());
     async move {
         let k_op = cfg.app_key.op_key(&op.id);
         let env = HelperEnv {
