@@ -399,10 +399,11 @@ async fn an_unknown_host_key_is_refused_with_its_fingerprint_and_how_to_trust_it
             fs::write(&known_hosts, "# nothing trusted yet\n").unwrap();
         }
         let c = SshGrid::new(g.controller(), &g.client_key, &known_hosts)
-            .with_timeouts(Duration::from_secs(3), Duration::from_secs(10));
+            .with_timeouts(Duration::from_secs(10), Duration::from_secs(20));
         let t = Instant::now();
         let e = c.list().await.unwrap_err();
-        assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+        // Refused, not timed out: well inside the connect timeout (generous for a loaded machine).
+        assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
         match &e {
             GridError::UnknownHostKey { fingerprint, .. } => assert_eq!(fingerprint, &expected_fp),
             other => panic!("expected UnknownHostKey, got {other:?}"),
@@ -462,7 +463,7 @@ async fn a_changed_host_key_is_refused() {
     )
     .unwrap();
     let c = SshGrid::new(g.controller(), &g.client_key, &known_hosts)
-        .with_timeouts(Duration::from_secs(3), Duration::from_secs(10));
+        .with_timeouts(Duration::from_secs(10), Duration::from_secs(20));
     let e = c.stop("shop").await.unwrap_err();
     match &e {
         GridError::HostKeyChanged { fingerprint, .. } => {
@@ -492,10 +493,11 @@ async fn a_key_the_controller_does_not_authorize_is_an_auth_error() {
     let wrong = g.path("wrong_key");
     common::keygen(&wrong);
     let c = SshGrid::new(g.controller(), &wrong, &g.known_hosts)
-        .with_timeouts(Duration::from_secs(3), Duration::from_secs(10));
+        .with_timeouts(Duration::from_secs(10), Duration::from_secs(20));
     let t = Instant::now();
     let e = c.list().await.unwrap_err();
-    assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+    // Refused, not timed out: well inside the connect timeout (generous for a loaded machine).
+    assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
     match &e {
         GridError::Auth { user, key_file, .. } => {
             assert_eq!(user, "root");
@@ -550,10 +552,11 @@ async fn a_closed_port_is_a_connect_error_at_once() {
         "/nonexistent/key",
         "/nonexistent/known_hosts",
     )
-    .with_timeouts(Duration::from_secs(2), Duration::from_secs(10));
+    .with_timeouts(Duration::from_secs(10), Duration::from_secs(20));
     let t = Instant::now();
     let e = c.list().await.unwrap_err();
-    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+    // Refused at once, not timed out (generous for a loaded machine).
+    assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
     match &e {
         GridError::Connect { addr, reason } => {
             assert_eq!(addr, &format!("root@{HOST}:{port}"));
@@ -584,7 +587,9 @@ async fn a_listener_that_never_speaks_ssh_times_out_within_the_connect_timeout()
     let e = c.list().await.unwrap_err();
     let took = t.elapsed();
     assert!(
-        took >= Duration::from_millis(1400) && took < Duration::from_secs(3),
+        // It gives up at the configured timeout: not before, and not never (the upper bound is
+        // generous for a loaded machine).
+        took >= Duration::from_millis(1400) && took < Duration::from_secs(10),
         "{took:?}"
     );
     match &e {
