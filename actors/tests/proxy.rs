@@ -434,7 +434,7 @@ fn free_port() -> SocketAddr {
 async fn aux_down_closes_the_client_at_once() {
     let p = start(config(free_port(), true)).await;
     let took = time_to_reset(p.local).await;
-    assert!(took < Duration::from_millis(500), "closed after {took:?}");
+    assert!(took < Duration::from_secs(2), "closed after {took:?}"); // at once, not after the 5 s connect timeout
     let s = p.stats_until(|s| s.refused == 1).await;
     assert_eq!((s.total, s.refused, s.active), (1, 1, 0), "{s:?}");
 }
@@ -446,7 +446,7 @@ async fn aux_unset_accepts_and_closes() {
     let p = start(c).await;
     for _ in 0..2 {
         let took = time_to_reset(p.local).await;
-        assert!(took < Duration::from_millis(500), "closed after {took:?}");
+        assert!(took < Duration::from_secs(2), "closed after {took:?}"); // at once, not after the 5 s connect timeout
     }
     let s = p.stats_until(|s| s.refused == 2).await;
     assert_eq!((s.total, s.refused, s.active), (2, 2, 0), "{s:?}");
