@@ -9,6 +9,7 @@ use actors::properties::{self, Properties};
 use clap::{Args, Parser, Subcommand};
 use mig::logging::{self, LogFormat};
 use mig::site::Site;
+use tracing::Instrument;
 
 #[derive(Parser)]
 #[command(
@@ -100,26 +101,38 @@ impl ConfigArgs {
 #[actix_web::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    if let Err(e) = logging::init(cli.log_format, &cli.log) {
-        eprintln!("mig: {e:#}");
-        return ExitCode::from(2);
-    }
-    let result = match cli.command {
-        Command::Check(args) => check(args),
-        Command::Serve(args) => match args.load() {
-            Ok(props) => daemon(mig::daemon::serve(props).await),
-            Err(code) => Err(code),
+    // The daemons' properties are read first: they may name an OTLP endpoint for the logger.
+    // (Property errors are printed, not logged, so nothing is lost before the logger exists.)
+    let props = match &cli.command {
+        Command::Serve(args) | Command::Helper(args) => match args.load() {
+            Ok(p) => Some(p),
+            Err(code) => return code,
         },
-        Command::Helper(args) => match args.load() {
-            Ok(props) => {
-                let env = std::env::var(actors::handoff::HELPER_ENV_VAR).ok();
-                daemon(mig::daemon::helper(props, env).await)
-            }
-            Err(code) => Err(code),
-        },
-        Command::Migrate(args) => operate("migrate", args).await,
-        Command::Snapshot(args) => operate("snapshot", args).await,
-        Command::Status { url, op_id } => status(&url, &op_id).await,
+        _ => None,
+    };
+    let otlp = props.as_ref().and_then(|p| p.otlp_endpoint.as_deref());
+    let _logging = match logging::init(cli.log_format, &cli.log, otlp) {
+        Ok(guard) => guard,
+        Err(e) => {
+            eprintln!("mig: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    let result = match (cli.command, props) {
+        (Command::Check(args), _) => check(args),
+        (Command::Serve(_), Some(props)) => {
+            let span = tracing::info_span!("mig", command = "serve");
+            daemon(mig::daemon::serve(props).instrument(span).await)
+        }
+        (Command::Helper(_), Some(props)) => {
+            let env = std::env::var(actors::handoff::HELPER_ENV_VAR).ok();
+            let span = tracing::info_span!("mig", command = "helper");
+            daemon(mig::daemon::helper(props, env).instrument(span).await)
+        }
+        (Command::Migrate(args), _) => operate("migrate", args).await,
+        (Command::Snapshot(args), _) => operate("snapshot", args).await,
+        (Command::Status { url, op_id }, _) => status(&url, &op_id).await,
+        (Command::Serve(_) | Command::Helper(_), None) => unreachable!("loaded above"),
     };
     result.unwrap_or_else(|code| code)
 }

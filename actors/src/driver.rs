@@ -129,6 +129,7 @@ impl Driver {
             let r = self
                 .http
                 .get(&url)
+                .header("traceparent", op.traceparent())
                 .timeout(Duration::from_secs(10))
                 .send()
                 .await

@@ -46,6 +46,7 @@ pub const NAMES: &[&str] = &[
     "connect_timeout",
     "idle_timeout",
     "drain_timeout",
+    "otlp_endpoint",
 ];
 
 /// Which operations the GUI offers and the API accepts.
@@ -116,6 +117,8 @@ pub struct Properties {
     pub connect_timeout: Duration,
     pub idle_timeout: Option<Duration>,
     pub drain_timeout: Duration,
+    /// Where to send the tracing spans over OTLP/HTTP (a `mig` built with the `otlp` feature).
+    pub otlp_endpoint: Option<String>,
 }
 
 impl Properties {
@@ -450,6 +453,17 @@ impl<'a> Typed<'a> {
             seconds(s).map(|d| (!d.is_zero()).then_some(d))
         });
         let drain_timeout = self.get("drain_timeout", Duration::from_secs(5), seconds);
+        let otlp_endpoint = self.get("otlp_endpoint", None, |s| {
+            if s.is_empty() {
+                Ok(None)
+            } else if (s.starts_with("http://") || s.starts_with("https://"))
+                && !s.chars().any(|c| c.is_whitespace() || c.is_control())
+            {
+                Ok(Some(s.to_string()))
+            } else {
+                Err("must be an http:// or https:// URL of an OTLP/HTTP traces endpoint, e.g. http://collector:4318/v1/traces, or empty".into())
+            }
+        });
 
         // Cross-property rules: the GUI and mon ports are never passed through.
         if port_no != 0 && passthrough.contains(&port_no) {
@@ -491,6 +505,7 @@ impl<'a> Typed<'a> {
             connect_timeout,
             idle_timeout,
             drain_timeout,
+            otlp_endpoint,
         }
     }
 }
@@ -625,6 +640,7 @@ mod tests {
             ("connect_timeout=0", "more than 0 seconds"),
             ("idle_timeout=-1", "whole number of seconds"),
             ("drain_timeout=1.5", "whole number of seconds"),
+            ("otlp_endpoint=collector:4318", "http:// or https:// URL"),
             ("passthrough=8000-8080", "includes the GUI port 8080"),
             ("passthrough=9480", "includes the mon port 9480"),
             ("mon_port=8080", "same as port_no"),
