@@ -22,7 +22,7 @@ use std::process::Command;
 use std::sync::atomic::AtomicU8;
 use std::time::Duration;
 
-use common::lab::{curl, get, gridctl, put, random_bytes, wait_for, Lab};
+use common::lab::{curl, get, put, random_bytes, wait_for, Lab};
 
 /// This binary's lab addresses: bases 230..=238, two grids a test, five tests (tests/migrate.rs
 /// holds 200..230, tests/gui.rs 240..).
@@ -209,31 +209,6 @@ fn sshd_pid(lab: &Lab, n: u8) -> i32 {
         .unwrap()
 }
 
-/// `gridctl lab up` again with the lab's own options: it restarts what is missing (here, sshd)
-/// and leaves what runs alone.
-fn lab_up_again(lab: &Lab) {
-    let out = Command::new(gridctl())
-        .args([
-            "lab",
-            "up",
-            "--grids",
-            &lab.grids.to_string(),
-            "--base",
-            &lab.base.to_string(),
-            "--dir",
-        ])
-        .arg(lab.path())
-        .arg("--mig-bin")
-        .arg(env!("CARGO_BIN_EXE_mig"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "lab up again: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 /// What every instance and grid knows of operation `id`, and the helper's log: for a failure.
 fn dump(lab: &Lab, id: &str) -> String {
     let mut why = String::new();
@@ -418,7 +393,7 @@ fn an_unreachable_source_controller_during_the_copy_rolls_back_once_it_answers()
     // The roll-back keeps trying to start the source until g1 answers again.
     std::thread::sleep(Duration::from_secs(3));
     assert_eq!(op_at(&helper, &id).unwrap()["state"], "running");
-    lab_up_again(&lab);
+    lab.run_lab_up("lab up again");
 
     let op = wait_end(&lab, &lab.mig_url(1), &id, 90);
     assert_eq!(op["state"], "rolled_back", "{op:#}");
@@ -484,7 +459,7 @@ fn a_target_mig_killed_during_its_clean_up_finishes_it_when_started_again() {
     });
 
     // g1 answers again; the operator starts the target again; its MIG resumes the clean-up.
-    lab_up_again(&lab);
+    lab.run_lab_up("lab up again");
     let out = lab.app(2, &["start", "shop2"]);
     assert!(
         out.status.success(),
@@ -551,7 +526,7 @@ fn a_mighelper_killed_during_the_roll_back_goes_on_rolling_back_when_started_aga
 
     // g1 answers again and the operator starts MigHelper again: it must finish the roll-back,
     // not take up the copy of an operation it was undoing.
-    lab_up_again(&lab);
+    lab.run_lab_up("lab up again");
     let out = lab.app(2, &["start", &helper_app(&id)]);
     assert!(
         out.status.success(),
@@ -639,7 +614,7 @@ fn a_mighelper_that_forgot_its_final_handoff_does_not_undo_the_cut_over() {
         lab.apps(2)
     );
 
-    lab_up_again(&lab);
+    lab.run_lab_up("lab up again");
     let op = wait_end(&lab, &target, &id, 90);
     assert_eq!(op["state"], "succeeded", "{op:#}");
     assert_eq!(op["leftovers"], serde_json::json!([]), "{op:#}");

@@ -43,26 +43,7 @@ impl Lab {
             .tempdir()
             .unwrap();
         let lab = Lab { dir, base, grids };
-        let out = Command::new(gridctl())
-            .args([
-                "lab",
-                "up",
-                "--grids",
-                &grids.to_string(),
-                "--base",
-                &base.to_string(),
-                "--dir",
-            ])
-            .arg(lab.path())
-            .arg("--mig-bin")
-            .arg(env!("CARGO_BIN_EXE_mig"))
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "lab up: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        lab.run_lab_up("lab up");
         // A watchdog tears the lab down if this process dies without running Drop (a panic in
         // another thread aborting, a kill).
         let pid = std::process::id();
@@ -82,6 +63,31 @@ impl Lab {
             std::fs::copy(&template, lab.state(n).join("templates/demoapp.toml")).unwrap();
         }
         lab
+    }
+
+    /// `gridctl lab up` with this lab's options. Idempotent: run again, it restarts only what is
+    /// missing (a killed sshd) and leaves what runs alone.
+    pub fn run_lab_up(&self, what: &str) {
+        let out = Command::new(gridctl())
+            .args([
+                "lab",
+                "up",
+                "--grids",
+                &self.grids.to_string(),
+                "--base",
+                &self.base.to_string(),
+                "--dir",
+            ])
+            .arg(self.path())
+            .arg("--mig-bin")
+            .arg(env!("CARGO_BIN_EXE_mig"))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{what}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 
     pub fn path(&self) -> &Path {
