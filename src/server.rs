@@ -29,8 +29,9 @@ use crate::site::Site;
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 /// The header a state-changing GUI request carries: a token only a page (or client) that could
-/// read this MIG's own responses knows, so a cross-site form cannot start an operation.
-pub const CSRF_HEADER: &str = "x-mig-csrf";
+/// read this MIG's own responses knows, so a cross-site form cannot start an operation. One
+/// constant, the page's, so the page and the server cannot disagree.
+pub use web::CSRF_HEADER;
 
 /// Largest handoff body accepted (an operation with its steps is a few KiB).
 const MAX_HANDOFF: usize = 256 * 1024;
