@@ -165,6 +165,7 @@ pub async fn serve(props: Properties) -> Result<(), Fatal> {
                     app_key,
                     private_key: read(&props.private_key_file)?,
                     known_hosts: read(&props.known_hosts_file)?,
+                    otlp_endpoint: props.otlp_endpoint.clone(),
                 };
                 source = Some(Source::new(cfg, driver).start());
             }

@@ -62,6 +62,7 @@ pub fn init(format: LogFormat, filter: &str, otlp_endpoint: Option<&str>) -> any
                 .map_err(|e| anyhow::anyhow!("otlp_endpoint {endpoint:?}: {e}"))?;
             let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder()
                 .with_batch_exporter(exporter)
+                .with_id_generator(otel::OpIds::default())
                 .with_resource(
                     opentelemetry_sdk::Resource::builder()
                         .with_service_name("mig")
@@ -70,6 +71,7 @@ pub fn init(format: LogFormat, filter: &str, otlp_endpoint: Option<&str>) -> any
                 .build();
             let tracer = provider.tracer("mig");
             guard.provider = Some(provider);
+            actors::telemetry::install(otel::link);
             Some(tracing_opentelemetry::layer().with_tracer(tracer))
         }
         None => None,
@@ -89,4 +91,61 @@ pub fn init(format: LogFormat, filter: &str, otlp_endpoint: Option<&str>) -> any
     #[cfg(not(feature = "otlp"))]
     let _ = &mut guard;
     Ok(guard)
+}
+
+/// Gives the operations' spans the ids the actors derive (see `actors::telemetry`), so that the
+/// spans of the three instances form one trace in a collector.
+#[cfg(feature = "otlp")]
+mod otel {
+    use std::cell::Cell;
+
+    use opentelemetry::trace::{
+        SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState,
+    };
+    use opentelemetry_sdk::trace::{IdGenerator, RandomIdGenerator};
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+    thread_local! {
+        /// The ids the next span started on this thread takes (set by [`link`] around the start).
+        static NEXT: Cell<Option<(TraceId, SpanId)>> = const { Cell::new(None) };
+    }
+
+    /// Random ids, except for a span [`link`] is starting. The SDK draws a span's ids from the
+    /// provider's generator and offers no other way to choose them; tracing-opentelemetry
+    /// starts a span when its context is first asked for, so `link` asks for it right away with
+    /// the ids set here.
+    #[derive(Debug, Default)]
+    pub struct OpIds(RandomIdGenerator);
+
+    impl IdGenerator for OpIds {
+        fn new_trace_id(&self) -> TraceId {
+            NEXT.with(Cell::get)
+                .map_or_else(|| self.0.new_trace_id(), |n| n.0)
+        }
+        fn new_span_id(&self) -> SpanId {
+            NEXT.with(Cell::get)
+                .map_or_else(|| self.0.new_span_id(), |n| n.1)
+        }
+    }
+
+    pub fn link(span: &tracing::Span, ids: &actors::telemetry::SpanIds) {
+        let Ok(trace) = TraceId::from_hex(&ids.trace_id) else {
+            return;
+        };
+        let parent = match ids.parent.as_deref().map(SpanId::from_hex) {
+            Some(Ok(p)) => opentelemetry::Context::new().with_remote_span_context(
+                SpanContext::new(trace, p, TraceFlags::SAMPLED, true, TraceState::default()),
+            ),
+            // A root of its own (not the daemon's span's child): the generator gives the trace id.
+            _ => opentelemetry::Context::new(),
+        };
+        if span.set_parent(parent).is_err() {
+            return;
+        }
+        if let Some(Ok(id)) = ids.span_id.as_deref().map(SpanId::from_hex) {
+            NEXT.with(|n| n.set(Some((trace, id))));
+            let _ = span.context();
+            NEXT.with(|n| n.set(None));
+        }
+    }
 }

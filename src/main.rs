@@ -103,13 +103,23 @@ async fn main() -> ExitCode {
     let cli = Cli::parse();
     // The daemons' properties are read first: they may name an OTLP endpoint for the logger.
     // (Property errors are printed, not logged, so nothing is lost before the logger exists.)
-    let props = match &cli.command {
+    let mut props = match &cli.command {
         Command::Serve(args) | Command::Helper(args) => match args.load() {
             Ok(p) => Some(p),
             Err(code) => return code,
         },
         _ => None,
     };
+    // MigHelper exports its spans where the Source that provisioned it does, unless told otherwise
+    // (a MigHelper built without the exporter ignores the Source's endpoint rather than refusing it).
+    if let (Command::Helper(_), Some(p)) = (&cli.command, props.as_mut()) {
+        if cfg!(feature = "otlp") && p.otlp_endpoint.is_none() {
+            p.otlp_endpoint = std::env::var(actors::handoff::HELPER_ENV_VAR)
+                .ok()
+                .and_then(|e| actors::handoff::HelperEnv::decode(&e).ok())
+                .and_then(|e| e.otlp_endpoint);
+        }
+    }
     let otlp = props.as_ref().and_then(|p| p.otlp_endpoint.as_deref());
     let _logging = match logging::init(cli.log_format, &cli.log, otlp) {
         Ok(guard) => guard,

@@ -413,6 +413,9 @@ async fn handoff(req: HttpRequest, shared: aw::Data<Shared>, body: aw::Bytes) ->
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
     let span = tracing::info_span!("op", op_id = %signed.op_id, traceparent);
+    if let Some(ids) = actors::telemetry::SpanIds::child_of(traceparent) {
+        actors::telemetry::link(&span, &ids);
+    }
     let _g = span.enter();
     match recipient
         .send(Handoff {

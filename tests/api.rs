@@ -70,6 +70,7 @@ fn start(mode: &str, sets: &[&str]) -> Api {
             app_key: app_key.clone(),
             private_key: String::new(),
             known_hosts: String::new(),
+            otlp_endpoint: None,
         },
         driver.clone(),
     )

@@ -166,6 +166,9 @@ pub struct HelperEnv {
     pub k_op: String,
     pub private_key: String,
     pub known_hosts: String,
+    /// Where the Source exports its spans: MigHelper's go there too, so the trace is whole.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub otlp_endpoint: Option<String>,
 }
 
 impl std::fmt::Debug for HelperEnv {
@@ -214,6 +217,7 @@ mod tests {
             k_op: k.to_hex(),
             private_key: "-----BEGIN OPENSSH PRIVATE KEY-----\nabc\n".into(),
             known_hosts: "[127.0.1.1]:2222 ssh-ed25519 AAAA\n".into(),
+            otlp_endpoint: Some("http://127.0.0.1:4318/v1/traces".into()),
         };
         let token = env.encode();
         assert!(token
@@ -222,6 +226,7 @@ mod tests {
         let back = HelperEnv::decode(&token).unwrap();
         assert_eq!(back.op_key(), k);
         assert_eq!(back.private_key, env.private_key);
+        assert_eq!(back.otlp_endpoint, env.otlp_endpoint);
         let dbg = format!("{env:?}");
         assert!(!dbg.contains("OPENSSH") && !dbg.contains(&env.k_op));
         assert!(HelperEnv::decode("not base64 !").is_err());

@@ -20,3 +20,4 @@ pub mod proxy;
 pub mod source;
 pub mod ssh;
 pub mod target;
+pub mod telemetry;

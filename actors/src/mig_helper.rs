@@ -107,7 +107,7 @@ fn last_step(kind: Kind) -> &'static str {
 }
 
 async fn run(driver: Driver, key: OpKey, mut op: Op) {
-    let span = tracing::info_span!("op", op_id = %op.id, trace_id = %op.trace_id, actor = "mig_helper", instance = %op.instance());
+    let span = crate::telemetry::op_span(Role::Helper, &op);
     async move {
         // A helper restarted during a roll-back goes on with the roll-back: the journal's forward
         // steps would copy and start the target of an operation that is being undone.

@@ -136,6 +136,26 @@ pub enum Role {
     Target,
 }
 
+impl Role {
+    /// The role that hands the operation to this one.
+    pub fn previous(self) -> Option<Role> {
+        match self {
+            Role::Source => None,
+            Role::Helper => Some(Role::Source),
+            Role::Target => Some(Role::Helper),
+        }
+    }
+
+    /// The actor's name in log lines and spans.
+    pub fn actor(self) -> &'static str {
+        match self {
+            Role::Source => "source",
+            Role::Helper => "mig_helper",
+            Role::Target => "target",
+        }
+    }
+}
+
 /// Everything an instance needs to play its part, fixed when the operation starts.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Plan {
@@ -415,9 +435,20 @@ impl Op {
         u64::try_from(ms).ok()
     }
 
-    /// The `traceparent` header value for a call this instance makes for the operation.
+    /// The id of the span in which `role` drives this operation (16 hex digits, never zero):
+    /// derived from the trace id, so each instance can name its own span and the one it continues
+    /// (see [`crate::telemetry`]).
+    pub fn span_id(&self, role: Role) -> String {
+        let h = blake3::hash(format!("{}/{}", self.trace_id, role.actor()).as_bytes());
+        let id = u64::from_le_bytes(h.as_bytes()[..8].try_into().expect("8 bytes"));
+        format!("{:016x}", id.max(1))
+    }
+
+    /// The `traceparent` header of a call made for the operation while it passes to its owner
+    /// (a handoff to it, or asking it whether it took one): the sender's span is the parent.
     pub fn traceparent(&self) -> String {
-        format!("00-{}-{:016x}-01", self.trace_id, rand::random::<u64>() | 1)
+        let sender = self.owner.previous().unwrap_or(self.owner);
+        format!("00-{}-{}-01", self.trace_id, self.span_id(sender))
     }
 
     pub fn set_progress(&mut self, name: &str, done: u64, total: u64) {
@@ -460,8 +491,12 @@ impl Op {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+
+    pub fn sample_op() -> Op {
+        Op::new(new_id(), Kind::Migrate, plan())
+    }
 
     pub fn plan() -> Plan {
         Plan {

@@ -31,6 +31,8 @@ pub struct SourceConfig {
     /// The application's private key and pinned host keys, handed to MigHelper in `env`.
     pub private_key: String,
     pub known_hosts: String,
+    /// The `otlp_endpoint` property, passed on to MigHelper.
+    pub otlp_endpoint: Option<String>,
 }
 
 pub struct Source {
@@ -236,7 +238,7 @@ async fn check_grids(driver: &Driver, plan: &Plan) -> Result<(), StartError> {
 /// "provisioning MigHelper on the target grid", then the handoff to MigHelper; on failure, the
 /// roll-back (MigHelper destroyed).
 async fn provision(cfg: Arc<SourceConfig>, driver: Driver, mut op: Op) {
-    let span = tracing::info_span!("op", op_id = %op.id, trace_id = %op.trace_id, actor = "source", instance = %op.instance());
+    let span = crate::telemetry::op_span(Role::Source, &op);
     async move {
         let k_op = cfg.app_key.op_key(&op.id);
         let env = HelperEnv {
@@ -244,6 +246,7 @@ async fn provision(cfg: Arc<SourceConfig>, driver: Driver, mut op: Op) {
             k_op: k_op.to_hex(),
             private_key: cfg.private_key.clone(),
             known_hosts: cfg.known_hosts.clone(),
+            otlp_endpoint: cfg.otlp_endpoint.clone(),
         };
         let plan = op.plan.clone();
         let provisioned = driver

@@ -66,7 +66,7 @@ impl Handler<Handoff> for Target {
 }
 
 async fn clean_up(driver: Driver, mut op: Op) {
-    let span = tracing::info_span!("op", op_id = %op.id, trace_id = %op.trace_id, actor = "target", instance = %op.instance());
+    let span = crate::telemetry::op_span(Role::Target, &op);
     async move {
         let plan = op.plan.clone();
         let mut left = Vec::new();
