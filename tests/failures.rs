@@ -12,9 +12,11 @@
 //! copy takes.
 //!
 //! Design decisions these tests pin down: a component that exits makes gridctl mark its
-//! application `failed` and nothing restarts it by itself, so after MigHelper or a MIG is
-//! killed the test does what an operator does, `app start NAME`, and the restarted instance
-//! resumes from its journal (the helper's on its state volume, the MIG's in its state_dir).
+//! application `failed`. The MigHelper template asks the grid to start it again
+//! (`restart = "on-failure"`), so a killed MigHelper comes back by itself; the demo application
+//! does not, so after its MIG is killed the test does what an operator does, `app start NAME`.
+//! Either way the restarted instance resumes from its journal (the helper's on its state volume,
+//! the MIG's in its state_dir).
 
 mod common;
 
@@ -301,12 +303,37 @@ fn assert_data(url: &str, data: &Data) {
 }
 
 /// The helper application of an operation.
+/// The `mig helper` process of operation `id` on grid 2 other than `not`, waiting for it.
+fn helper_process(lab: &Lab, id: &str, not: i32) -> i32 {
+    let helper_state = lab
+        .state(2)
+        .join(format!("apps/{}", helper_app(id)))
+        .display()
+        .to_string();
+    find_process("mig helper", |p| {
+        p.pid != not
+            && p.argv.get(1).is_some_and(|c| c == "helper")
+            && p.argv.iter().any(|x| x.contains(&helper_state))
+    })
+}
+
+/// Waits until grid 2 has started MigHelper again after `killed`: a new process, `running`.
+fn wait_restarted(lab: &Lab, id: &str, killed: i32) {
+    helper_process(lab, id, killed);
+    wait_for("the grid to restart MigHelper", 30, || {
+        lab.apps(2)
+            .iter()
+            .any(|(n, s)| *n == helper_app(id) && s == "running")
+            .then_some(())
+    });
+}
+
 fn helper_app(id: &str) -> String {
     format!("mighelper-{}", &id[..8])
 }
 
 #[test]
-fn a_killed_mighelper_resumes_from_its_journal_when_started_again() {
+fn a_killed_mighelper_is_restarted_by_its_grid_and_resumes_from_its_journal() {
     let lab = Lab::up(2, &BASES);
     let (data, sum) = shop_with_data(&lab);
     let id = start_migrate(&lab.mig_url(1), "g2", "shop2");
@@ -317,31 +344,12 @@ fn a_killed_mighelper_resumes_from_its_journal_when_started_again() {
     signal(export, "STOP");
     let op = wait_step(&lab, &helper, &id, MIGRATING, "running", 30);
     assert_eq!(op["state"], "running");
-    let helper_state = lab
-        .state(2)
-        .join(format!("apps/{}", helper_app(&id)))
-        .display()
-        .to_string();
-    let mig_helper = find_process("mig helper", |p| {
-        p.argv.get(1).is_some_and(|c| c == "helper")
-            && p.argv.iter().any(|x| x.contains(&helper_state))
-    });
+    let mig_helper = helper_process(&lab, &id, 0);
     signal(mig_helper, "KILL");
-    wait_for("the grid to mark MigHelper failed", 30, || {
-        lab.apps(2)
-            .iter()
-            .any(|(n, s)| *n == helper_app(&id) && s == "failed")
-            .then_some(())
-    });
 
-    // What an operator does: start the helper again. It resumes from its journal (its state
-    // volume) while the copy the killed helper began is still held on the target grid...
-    let out = lab.app(2, &["start", &helper_app(&id)]);
-    assert!(
-        out.status.success(),
-        "app start: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    // Its grid starts it again by itself. It resumes from its journal (its state volume) while
+    // the copy the killed helper began is still held on the target grid...
+    wait_restarted(&lab, &id, mig_helper);
     std::thread::sleep(Duration::from_secs(2));
     // ... and only then does that orphaned copy go on, and end.
     signal(export, "CONT");
@@ -491,7 +499,7 @@ fn a_target_mig_killed_during_its_clean_up_finishes_it_when_started_again() {
 }
 
 #[test]
-fn a_mighelper_killed_during_the_roll_back_goes_on_rolling_back_when_started_again() {
+fn a_mighelper_killed_during_the_roll_back_goes_on_rolling_back_when_restarted() {
     let lab = Lab::up(2, &BASES);
     let (data, sum) = shop_with_data(&lab);
     let id = start_migrate(&lab.mig_url(1), "g2", "shop2");
@@ -507,32 +515,13 @@ fn a_mighelper_killed_during_the_roll_back_goes_on_rolling_back_when_started_aga
     std::thread::sleep(Duration::from_secs(1));
 
     // ... and MigHelper dies while it waits.
-    let helper_state = lab
-        .state(2)
-        .join(format!("apps/{}", helper_app(&id)))
-        .display()
-        .to_string();
-    let mig_helper = find_process("mig helper", |p| {
-        p.argv.get(1).is_some_and(|c| c == "helper")
-            && p.argv.iter().any(|x| x.contains(&helper_state))
-    });
+    let mig_helper = helper_process(&lab, &id, 0);
     signal(mig_helper, "KILL");
-    wait_for("the grid to mark MigHelper failed", 30, || {
-        lab.apps(2)
-            .iter()
-            .any(|(n, s)| *n == helper_app(&id) && s == "failed")
-            .then_some(())
-    });
 
-    // g1 answers again and the operator starts MigHelper again: it must finish the roll-back,
-    // not take up the copy of an operation it was undoing.
+    // Its grid starts it again, and g1 answers again: it must finish the roll-back, not take up
+    // the copy of an operation it was undoing.
+    wait_restarted(&lab, &id, mig_helper);
     lab.run_lab_up("lab up again");
-    let out = lab.app(2, &["start", &helper_app(&id)]);
-    assert!(
-        out.status.success(),
-        "app start: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
     let op = wait_end(&lab, &lab.mig_url(1), &id, 60);
     assert_eq!(op["state"], "rolled_back", "{op:#}");
     assert_eq!(op["leftovers"], serde_json::json!([]), "{op:#}");
@@ -571,39 +560,24 @@ fn a_mighelper_that_forgot_its_final_handoff_does_not_undo_the_cut_over() {
 
     // MigHelper dies, and its journal is put back to where it was before the target's answer
     // reached it: what a helper killed between that answer and its journal write (or one whose
-    // answer was lost on the way) has on record.
-    let helper_state = lab
+    // answer was lost on the way) has on record. It is frozen while the journal is edited, so
+    // that neither it nor its restart (the grid's) sees the journal half-way.
+    let mig_helper = helper_process(&lab, &id, 0);
+    signal(mig_helper, "STOP");
+    let journal = lab
         .state(2)
-        .join(format!("apps/{}", helper_app(&id)))
-        .display()
-        .to_string();
-    let mig_helper = find_process("mig helper", |p| {
-        p.argv.get(1).is_some_and(|c| c == "helper")
-            && p.argv.iter().any(|x| x.contains(&helper_state))
-    });
-    signal(mig_helper, "KILL");
-    wait_for("the grid to mark MigHelper failed", 30, || {
-        lab.apps(2)
-            .iter()
-            .any(|(n, s)| *n == helper_app(&id) && s == "failed")
-            .then_some(())
-    });
-    let journal = std::path::Path::new(&helper_state).join(format!("vols/state/ops/{id}.json"));
+        .join(format!("apps/{}/vols/state/ops/{id}.json", helper_app(&id)));
     let mut rec: serde_json::Value =
         serde_json::from_slice(&std::fs::read(&journal).unwrap()).unwrap();
     assert_eq!(rec["owner"], "target", "{rec:#}");
     rec["owner"] = "helper".into();
     rec["seq"] = (rec["seq"].as_u64().unwrap() - 1).into();
     std::fs::write(&journal, serde_json::to_vec(&rec).unwrap()).unwrap();
+    signal(mig_helper, "KILL");
 
-    // Started again, it sends the handoff again, which the target refuses as a replay: the
-    // helper must see that the target already owns the operation, not roll back the target.
-    let out = lab.app(2, &["start", &helper_app(&id)]);
-    assert!(
-        out.status.success(),
-        "app start: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    // Restarted by its grid, it sends the handoff again, which the target refuses as a replay:
+    // the helper must see that the target already owns the operation, not roll back the target.
+    wait_restarted(&lab, &id, mig_helper);
     let seen = wait_for("the restarted helper to settle", 60, || {
         op_at(&helper, &id).filter(|op| op["owner"] == "target" || op["rolling_back"] == true)
     });

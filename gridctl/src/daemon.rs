@@ -25,7 +25,7 @@ use tokio::task::JoinSet;
 
 use crate::model::{self, AppRecord, State, Vars};
 use crate::protocol::{socket_path, Reply, Request};
-use crate::template::Template;
+use crate::template::{Restart, Template, MAX_RESTARTS};
 use crate::util;
 use crate::volume;
 
@@ -35,6 +35,8 @@ struct Entry {
     leases: u32,
     /// Bumped by every start and stop, so a watcher of an older run leaves the state alone.
     generation: u64,
+    /// Automatic restarts since the last start someone asked for.
+    restarts: u32,
 }
 
 #[derive(Default)]
@@ -196,7 +198,13 @@ impl Daemon {
                 self.provision(template.as_str(), name.as_str(), &props)
                     .await
             }
-            Command::Start { name } => self.start(name.as_str()).await,
+            Command::Start { name } => {
+                let _ = self.with_app(name.as_str(), |e| {
+                    e.restarts = 0;
+                    Ok(())
+                });
+                self.start(name.as_str()).await
+            }
             Command::Stop { name } => self.stop(name.as_str()).await,
             Command::Destroy { name } => self.destroy(name.as_str()).await,
             Command::Config { name, props } => self.config(name.as_str(), &props),
@@ -308,6 +316,7 @@ impl Daemon {
                     rec,
                     leases: 0,
                     generation: 0,
+                    restarts: 0,
                 },
             );
         }
@@ -343,28 +352,91 @@ impl Daemon {
         match self.launch(&rec, generation).await {
             Ok(()) => Ok(format!("started {name}\n")),
             Err(reason) => {
-                let pgid = self.fail(name, generation, &reason);
+                let (pgid, _) = self.fail(name, generation, &reason);
                 terminate_group(pgid, Duration::from_secs(2)).await;
                 err(format!("{name} failed to start: {reason}"))
             }
         }
     }
 
-    /// Marks `name` failed if `generation` is still its current run; returns the group to kill.
-    fn fail(&self, name: &str, generation: u64, reason: &str) -> i32 {
+    /// Marks `name` failed if `generation` is still its current run; returns the group to kill
+    /// and whether the run was `running` (not still starting, which its starter reports).
+    fn fail(&self, name: &str, generation: u64, reason: &str) -> (i32, bool) {
         let mut inner = self.inner.lock().unwrap();
         match inner.apps.get_mut(name) {
             Some(e) if e.generation == generation => {
+                let was_running = e.rec.state == State::Running;
                 if matches!(e.rec.state, State::Starting | State::Running) {
                     tracing::warn!(app = name, "failed: {reason}");
                     e.rec.state = State::Failed;
                     e.rec.error = reason.to_string();
                     self.persist(&e.rec);
                 }
-                e.rec.pgid
+                (e.rec.pgid, was_running)
             }
-            _ => 0,
+            _ => (0, false),
         }
+    }
+
+    /// After component `component` of a running `name` exited: starts the application again if
+    /// the component asks for it, with a doubling delay, until a start holds or
+    /// [`MAX_RESTARTS`] are spent. Gives up as soon as anyone else starts, stops or destroys it.
+    // Boxed as a `Send` future: it starts the application, whose watcher may call it again,
+    // and the compiler cannot infer `Send` through that cycle.
+    fn restart_on_failure(
+        self: Arc<Self>,
+        name: String,
+        mut generation: u64,
+        component: String,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
+        Box::pin(async move {
+            loop {
+                let delay = self.with_app(&name, |e| {
+                    let policy = e.rec.components.iter().find(|c| c.name == component);
+                    let Some(c) = policy.filter(|c| c.restart == Restart::OnFailure) else {
+                        return Ok(None);
+                    };
+                    if e.generation != generation || e.rec.state != State::Failed {
+                        return Ok(None);
+                    }
+                    if e.restarts >= MAX_RESTARTS {
+                        e.rec.error = format!(
+                            "{} (not restarted: {MAX_RESTARTS} restarts in a row failed)",
+                            e.rec.error
+                        );
+                        self.persist(&e.rec);
+                        return Ok(None);
+                    }
+                    e.restarts += 1;
+                    let ms = c
+                        .restart_delay_ms
+                        .saturating_mul(1 << (e.restarts - 1))
+                        .min(30_000);
+                    Ok(Some(Duration::from_millis(ms)))
+                });
+                let Ok(Some(delay)) = delay else { return };
+                tokio::time::sleep(delay).await;
+                // Only if nobody touched it meanwhile: `start` bumps the generation it checks.
+                let unchanged = self.with_app(&name, |e| {
+                    Ok(e.generation == generation && e.rec.state == State::Failed)
+                });
+                if unchanged != Ok(true) {
+                    return;
+                }
+                tracing::info!(app = %name, "restarting after a failure");
+                match self.start(&name).await {
+                    // Running again: its own watcher takes over from here.
+                    Ok(_) => return,
+                    Err(e) => {
+                        tracing::warn!(app = %name, "restart failed: {e}");
+                        match self.with_app(&name, |e| Ok(e.generation)) {
+                            Ok(g) => generation = g,
+                            Err(_) => return,
+                        }
+                    }
+                }
+            }
+        })
     }
 
     /// Spawns the components as one process group, watches them, and waits until each is ready.
@@ -450,12 +522,15 @@ impl Daemon {
         let name = rec.name.clone();
         tokio::spawn(async move {
             if let Some(Ok((c, status))) = children.join_next().await {
-                let pgid = d.fail(
+                let (pgid, was_running) = d.fail(
                     &name,
                     generation,
                     &format!("component {c} exited ({status})"),
                 );
                 terminate_group(pgid, Duration::from_secs(2)).await;
+                if was_running {
+                    tokio::spawn(d.clone().restart_on_failure(name.clone(), generation, c));
+                }
             }
             while children.join_next().await.is_some() {}
         });
@@ -670,6 +745,7 @@ impl Daemon {
                 rec,
                 leases: 0,
                 generation: 0,
+                restarts: 0,
             },
         );
         Ok(format!("imported {name}\n"))
@@ -765,6 +841,7 @@ impl Daemon {
                     rec,
                     leases: 0,
                     generation: 0,
+                    restarts: 0,
                 },
             );
         }
@@ -783,20 +860,26 @@ impl Daemon {
             let (generation, dead) = {
                 let inner = self.inner.lock().unwrap();
                 match inner.apps.get(&name) {
+                    // The pids are in the components' order (see `launch`).
                     Some(e) if e.generation == 0 && e.rec.state == State::Running => (
                         e.generation,
-                        e.rec.pids.iter().find(|p| !util::pid_alive(**p)).copied(),
+                        e.rec.pids.iter().zip(&e.rec.components).find_map(|(p, c)| {
+                            (!util::pid_alive(*p)).then(|| (*p, c.name.clone()))
+                        }),
                     ),
                     _ => return,
                 }
             };
-            if let Some(pid) = dead {
-                let pgid = self.fail(
+            if let Some((pid, component)) = dead {
+                let (pgid, was_running) = self.fail(
                     &name,
                     generation,
-                    &format!("component process {pid} exited"),
+                    &format!("component {component} (process {pid}) exited"),
                 );
                 terminate_group(pgid, Duration::from_secs(2)).await;
+                if was_running {
+                    self.restart_on_failure(name, generation, component).await;
+                }
                 return;
             }
         }

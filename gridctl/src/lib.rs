@@ -86,6 +86,8 @@
 //! env = { EXAMPLE = "${app}" }
 //! ready = "${in_ip}:${port}"         # must accept TCP before the app is `running`
 //! ready_timeout_secs = 30
+//! restart = "never"                  # or "on-failure": started again when it exits while running
+//! restart_delay_ms = 1000            # before the first restart; doubles with each, up to 30 s
 //! ```
 //!
 //! Substitutions (in `command`, `env`, `ready`, volume `size` and `init_from`): `${app}` the
@@ -95,7 +97,9 @@
 //! A component runs in the application's directory with a clean environment: `PATH`,
 //! `HOME=/root` and its `env`; stdout and stderr go to `STATE/apps/NAME/log`. All components of
 //! an application form one process group: `stop` sends it SIGTERM, then SIGKILL after the largest
-//! `stop_timeout_secs`; any component exiting makes the application `failed`.
+//! `stop_timeout_secs`; any component exiting makes the application `failed`, and a running one
+//! whose exiting component says `restart = "on-failure"` is started again by the daemon, at most
+//! five times in a row (an `app start` resets the count; `app stop` and `destroy` end it).
 //! The descriptor keeps the template's components and volumes, so an application migrates to a
 //! grid that lacks its template.
 //!

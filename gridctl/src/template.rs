@@ -47,6 +47,25 @@ fn default_stop_timeout() -> u64 {
     10
 }
 
+fn default_restart_delay() -> u64 {
+    1000
+}
+
+/// What the grid does when a component of a running application exits.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Restart {
+    /// The application stays `failed` until someone starts it.
+    #[default]
+    Never,
+    /// The grid starts the application again, after a delay that doubles with each restart, at
+    /// most [`MAX_RESTARTS`] times in a row (a start by anyone else resets the count).
+    OnFailure,
+}
+
+/// The most automatic restarts in a row before an application is left `failed`.
+pub const MAX_RESTARTS: u32 = 5;
+
 /// One process of an application. Kept verbatim in the descriptor and substituted at each start,
 /// so a `config` change takes effect at the next start.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -65,6 +84,12 @@ pub struct ComponentTemplate {
     /// How long `stop` waits after SIGTERM before SIGKILL.
     #[serde(default = "default_stop_timeout")]
     pub stop_timeout_secs: u64,
+    /// `never` (default) or `on-failure`.
+    #[serde(default)]
+    pub restart: Restart,
+    /// The delay before the first automatic restart; it doubles with each one, up to 30 s.
+    #[serde(default = "default_restart_delay")]
+    pub restart_delay_ms: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -184,6 +209,9 @@ name = "helper"
 command = ["${mig_bin}", "helper", "--set", "listen=${in_ip}", "--set", "port_no=8080", "--set", "state_dir=${vol:state}"]
 env = { MIG_HELPER_ENV = "${env}" }
 ready = "${in_ip}:8080"
+# A MigHelper that dies mid-operation (the source stopped, the copy half done) must not leave the
+# application down until an operator notices: started again, it resumes from its journal.
+restart = "on-failure"
 "#;
 
 #[cfg(test)]
@@ -198,6 +226,8 @@ mod tests {
         let m = Template::parse(MIG_HELPER).unwrap();
         assert_eq!(m.volumes[0].kind, VolumeKind::Dir);
         assert_eq!(m.components[0].env["MIG_HELPER_ENV"], "${env}");
+        assert_eq!(m.components[0].restart, Restart::OnFailure);
+        assert_eq!(k.components[0].restart, Restart::Never);
     }
 
     #[test]
@@ -210,5 +240,10 @@ mod tests {
         assert!(e.contains("bogus"), "{e}");
         let e = Template::parse("[[components]]\nname = \"c\"\ncommand = []\n").unwrap_err();
         assert!(e.contains("empty command"), "{e}");
+        let e = Template::parse(
+            "[[components]]\nname = \"c\"\ncommand = [\"x\"]\nrestart = \"always\"\n",
+        )
+        .unwrap_err();
+        assert!(e.contains("always") && e.contains("on-failure"), "{e}");
     }
 }

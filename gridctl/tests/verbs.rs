@@ -275,3 +275,99 @@ command = ["/bin/sleep", "300"]
         .ok(1, "app info w --batch")
         .contains("volume.config.kind\tdir\n"));
 }
+
+/// `restart = "on-failure"`: a running application whose component dies is started again by the
+/// daemon, and one that keeps dying is left `failed` after five restarts, saying so.
+#[test]
+fn on_failure_components_are_restarted_a_bounded_number_of_times() {
+    let lab = Lab::up(1, 118);
+    let runs = |name: &str| {
+        std::fs::read_to_string(lab.tmp.path().join(name))
+            .unwrap_or_default()
+            .lines()
+            .count()
+    };
+    let pid_of = |app: &str| -> i32 {
+        let rec: gridctl::model::AppRecord = serde_json::from_str(
+            &std::fs::read_to_string(lab.app_dir(1, app).join("app.json")).unwrap(),
+        )
+        .unwrap();
+        rec.pids[0]
+    };
+    lab.write_template(
+        1,
+        "phoenix",
+        &format!(
+            r#"
+[[components]]
+name = "main"
+command = ["/bin/sh", "-c", "echo run >> {}; exec sleep 300"]
+restart = "on-failure"
+restart_delay_ms = 50
+"#,
+            lab.tmp.path().join("phoenix.runs").display()
+        ),
+    );
+    lab.ok(1, "app provision phoenix p");
+    let first = pid_of("p");
+    let st = std::process::Command::new("kill")
+        .args(["-KILL", &first.to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    while runs("phoenix.runs") < 2 || lab.state_of(1, "p") != "running" {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not restarted: {} runs, state {}",
+            runs("phoenix.runs"),
+            lab.state_of(1, "p")
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert_ne!(pid_of("p"), first, "a new process runs");
+    // A stop is a stop: nothing restarts it.
+    lab.ok(1, "app stop p");
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    assert_eq!(lab.state_of(1, "p"), "stopped");
+    assert_eq!(runs("phoenix.runs"), 2);
+
+    // One that dies every time: five restarts, then failed with the reason.
+    lab.write_template(
+        1,
+        "crashy",
+        &format!(
+            r#"
+[[components]]
+name = "main"
+command = ["/bin/sh", "-c", "echo run >> {}; sleep 0.3; exit 3"]
+restart = "on-failure"
+restart_delay_ms = 50
+"#,
+            lab.tmp.path().join("crashy.runs").display()
+        ),
+    );
+    lab.ok(1, "app provision crashy c");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let error = loop {
+        let info = lab.ok(1, "app info c --batch");
+        let error = info_field(&info, "error").unwrap_or_default().to_string();
+        if error.contains("not restarted") {
+            break error;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still restarting: {info}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    assert!(error.contains("5 restarts in a row failed"), "{error}");
+    assert!(error.contains("component main exited"), "{error}");
+    assert_eq!(lab.state_of(1, "c"), "failed");
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    assert_eq!(runs("crashy.runs"), 6, "the first run and five restarts");
+    // Someone's start resets the count: it runs (and restarts) again.
+    lab.ok(1, "app start c");
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    assert!(runs("crashy.runs") >= 8, "{} runs", runs("crashy.runs"));
+}
