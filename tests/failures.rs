@@ -290,6 +290,32 @@ fn shop_with_data(lab: &Lab) -> (Data, String) {
 }
 
 /// Every value of `data` reads back the same at `url`.
+/// The end state of a migrate that succeeded with nothing left over: every step done, the source
+/// gone from g1, only `shop2` on g2 (no MigHelper, no second copy), holding every byte.
+fn assert_moved(lab: &Lab, op: &serde_json::Value, data: &Data, sum: &str) {
+    assert_eq!(op["state"], "succeeded", "{op:#}");
+    assert_eq!(op["leftovers"], serde_json::json!([]), "{op:#}");
+    for (name, state) in step_states(op) {
+        assert_eq!(state, "done", "{name} in {op:#}");
+    }
+    assert_eq!(
+        names(&lab.apps(1)),
+        [] as [(&str, &str); 0],
+        "source destroyed"
+    );
+    assert_eq!(
+        names(&lab.apps(2)),
+        [("shop2", "running")],
+        "only the target on g2: no MigHelper, no second copy"
+    );
+    assert_data(&lab.data_url(2), data);
+    assert_eq!(
+        lab.checksum(2, "shop2"),
+        sum,
+        "every volume of the target as the source had it"
+    );
+}
+
 fn assert_data(url: &str, data: &Data) {
     for (k, v) in data {
         let got = get(url, k);
@@ -355,27 +381,7 @@ fn a_killed_mighelper_is_restarted_by_its_grid_and_resumes_from_its_journal() {
     signal(export, "CONT");
 
     let op = wait_end(&lab, &lab.mig_url(2), &id, 120);
-    assert_eq!(op["state"], "succeeded", "{op:#}");
-    assert_eq!(op["leftovers"], serde_json::json!([]), "{op:#}");
-    for (name, state) in step_states(&op) {
-        assert_eq!(state, "done", "{name} in {op:#}");
-    }
-    assert_eq!(
-        names(&lab.apps(1)),
-        [] as [(&str, &str); 0],
-        "source destroyed"
-    );
-    assert_eq!(
-        names(&lab.apps(2)),
-        [("shop2", "running")],
-        "only the target on g2: no MigHelper, no second copy"
-    );
-    assert_data(&lab.data_url(2), &data);
-    assert_eq!(
-        lab.checksum(2, "shop2"),
-        sum,
-        "every volume of the target as the source had it"
-    );
+    assert_moved(&lab, &op, &data, &sum);
 }
 
 #[test]
@@ -475,27 +481,7 @@ fn a_target_mig_killed_during_its_clean_up_finishes_it_when_started_again() {
         String::from_utf8_lossy(&out.stderr)
     );
     let op = wait_end(&lab, &target, &id, 90);
-    assert_eq!(op["state"], "succeeded", "{op:#}");
-    assert_eq!(op["leftovers"], serde_json::json!([]), "{op:#}");
-    for (name, state) in step_states(&op) {
-        assert_eq!(state, "done", "{name} in {op:#}");
-    }
-    assert_eq!(
-        names(&lab.apps(1)),
-        [] as [(&str, &str); 0],
-        "source destroyed"
-    );
-    assert_eq!(
-        names(&lab.apps(2)),
-        [("shop2", "running")],
-        "no MigHelper left"
-    );
-    assert_data(&lab.data_url(2), &data);
-    assert_eq!(
-        lab.checksum(2, "shop2"),
-        sum,
-        "every volume of the target as the source had it"
-    );
+    assert_moved(&lab, &op, &data, &sum);
 }
 
 #[test]
@@ -590,22 +576,5 @@ fn a_mighelper_that_forgot_its_final_handoff_does_not_undo_the_cut_over() {
 
     lab.run_lab_up("lab up again");
     let op = wait_end(&lab, &target, &id, 90);
-    assert_eq!(op["state"], "succeeded", "{op:#}");
-    assert_eq!(op["leftovers"], serde_json::json!([]), "{op:#}");
-    assert_eq!(
-        names(&lab.apps(1)),
-        [] as [(&str, &str); 0],
-        "source destroyed"
-    );
-    assert_eq!(
-        names(&lab.apps(2)),
-        [("shop2", "running")],
-        "no MigHelper left"
-    );
-    assert_data(&lab.data_url(2), &data);
-    assert_eq!(
-        lab.checksum(2, "shop2"),
-        sum,
-        "every volume of the target as the source had it"
-    );
+    assert_moved(&lab, &op, &data, &sum);
 }

@@ -294,20 +294,25 @@ fn on_failure_components_are_restarted_a_bounded_number_of_times() {
         .unwrap();
         rec.pids[0]
     };
-    lab.write_template(
-        1,
-        "phoenix",
-        &format!(
-            r#"
+    // A template whose one component notes each run in NAME.runs, then runs `then`.
+    let template = |name: &str, then: &str| {
+        let runs = lab.tmp.path().join(format!("{name}.runs"));
+        lab.write_template(
+            1,
+            name,
+            &format!(
+                r#"
 [[components]]
 name = "main"
-command = ["/bin/sh", "-c", "echo run >> {}; exec sleep 300"]
+command = ["/bin/sh", "-c", "echo run >> {}; {then}"]
 restart = "on-failure"
 restart_delay_ms = 50
 "#,
-            lab.tmp.path().join("phoenix.runs").display()
-        ),
-    );
+                runs.display()
+            ),
+        );
+    };
+    template("phoenix", "exec sleep 300");
     lab.ok(1, "app provision phoenix p");
     let first = pid_of("p");
     let st = std::process::Command::new("kill")
@@ -333,20 +338,7 @@ restart_delay_ms = 50
     assert_eq!(runs("phoenix.runs"), 2);
 
     // One that dies every time: five restarts, then failed with the reason.
-    lab.write_template(
-        1,
-        "crashy",
-        &format!(
-            r#"
-[[components]]
-name = "main"
-command = ["/bin/sh", "-c", "echo run >> {}; sleep 0.3; exit 3"]
-restart = "on-failure"
-restart_delay_ms = 50
-"#,
-            lab.tmp.path().join("crashy.runs").display()
-        ),
-    );
+    template("crashy", "sleep 0.3; exit 3");
     lab.ok(1, "app provision crashy c");
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     let error = loop {
