@@ -16,6 +16,9 @@ use crate::op::{Op, OpState, Role, StepState, MIGRATING};
 pub struct OpBook {
     journal: Journal,
     ops: Arc<Mutex<HashMap<String, watch::Sender<Op>>>>,
+    /// One commit at a time: saves of an operation share its temporary file, and the check that a
+    /// copy is not older than the book's must hold until its write is done.
+    writing: Arc<Mutex<()>>,
 }
 
 impl OpBook {
@@ -24,6 +27,7 @@ impl OpBook {
         let book = OpBook {
             journal,
             ops: Arc::default(),
+            writing: Arc::default(),
         };
         for op in book.journal.load_all()? {
             book.publish(op);
@@ -36,9 +40,22 @@ impl OpBook {
     }
 
     /// Journals `op`, then makes it visible. Callers do this before acknowledging or starting work.
+    /// A copy older than the book's (a lower `version`, from a task that fell behind) changes
+    /// nothing, on disk as in memory, so a restart never resumes from a step already passed.
     pub fn commit(&self, op: &Op) -> Result<(), JournalError> {
+        let _one_writer = self.writing.lock().expect("journal writer lock");
+        let prev = self.get(&op.id);
+        if let Some(cur) = prev.as_ref().filter(|cur| cur.version > op.version) {
+            tracing::warn!(
+                op_id = %op.id,
+                stale = op.version,
+                current = cur.version,
+                "not journalling an older copy of the operation"
+            );
+            return Ok(());
+        }
         self.journal.save(op)?;
-        record_metrics(self.get(&op.id).as_ref(), op);
+        record_metrics(prev.as_ref(), op);
         self.publish(op.clone());
         Ok(())
     }
@@ -144,5 +161,57 @@ fn record_metrics(prev: Option<&Op>, op: &Op) {
         if step.name == MIGRATING && step.state == StepState::Done {
             metrics::counter!("mig_migrated_bytes_total").increment(step.bytes_done.unwrap_or(0));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_older_copy_changes_neither_the_journal_nor_the_book() {
+        let dir = tempfile::tempdir().unwrap();
+        let journal = Journal::open(dir.path()).unwrap();
+        let book = OpBook::open(journal.clone()).unwrap();
+        let mut op = crate::op::tests::sample_op();
+        book.commit(&op).unwrap();
+        let old = op.clone();
+        op.start_step(crate::op::PROVISIONING_HELPER);
+        assert!(op.version > old.version);
+        book.commit(&op).unwrap();
+        book.commit(&old).unwrap();
+        assert_eq!(book.get(&op.id).unwrap(), op);
+        assert_eq!(journal.load(&op.id).unwrap().unwrap(), op);
+        // Reopened, as after a restart: the newer copy.
+        let again = OpBook::open(Journal::open(dir.path()).unwrap()).unwrap();
+        assert_eq!(again.get(&op.id).unwrap(), op);
+    }
+
+    #[test]
+    fn commits_from_many_threads_leave_the_newest_copy_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let journal = Journal::open(dir.path()).unwrap();
+        let book = OpBook::open(journal.clone()).unwrap();
+        let op = crate::op::tests::sample_op();
+        let copies: Vec<Op> = (0..16)
+            .scan(op, |op, i| {
+                op.trace("command", format!("app list #{i}"), Some(1), None);
+                op.version += 1;
+                Some(op.clone())
+            })
+            .collect();
+        let newest = copies.last().unwrap().clone();
+        std::thread::scope(|s| {
+            for chunk in copies.chunks(4) {
+                let book = book.clone();
+                s.spawn(move || {
+                    for c in chunk.iter().rev() {
+                        book.commit(c).unwrap();
+                    }
+                });
+            }
+        });
+        assert_eq!(book.get(&newest.id).unwrap(), newest);
+        assert_eq!(journal.load(&newest.id).unwrap().unwrap(), newest);
     }
 }
