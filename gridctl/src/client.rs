@@ -356,7 +356,9 @@ fn pull(state: &Path, o: &ImportOpts, app_dir: &Path) -> Result<crate::model::Ap
         let _ = err_pipe.read_to_string(&mut s);
         s
     });
-    let mut r = BufReader::with_capacity(1 << 20, child.stdout.take().expect("piped"));
+    // Small on purpose: a payload read bigger than the buffer bypasses it and lands directly in
+    // its chunk, so only frame headers are copied twice.
+    let mut r = BufReader::with_capacity(64 << 10, child.stdout.take().expect("piped"));
     let stdout = io::stdout();
     let mut print = |done: u64, total: u64| -> io::Result<()> {
         let mut out = stdout.lock();

@@ -27,12 +27,28 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
+use crate::chunk::{Chunk, Pool};
 use crate::model::{self, AppRecord};
 use crate::template::VolumeKind;
 use crate::volume::{self, hash_zeros, DirEntry};
 
 const CHUNK: usize = 1 << 20;
 const MAX_CHUNK: usize = 8 << 20;
+/// Bytes of a `D` frame before its payload.
+const D_HEAD: usize = 18;
+/// Idle chunk buffers kept per transfer: enough for the channels between threads.
+const POOL_KEEP: usize = 40;
+
+/// The header of a `D` frame.
+fn d_head(off: u64, raw: usize, enc: usize, codec: u8) -> [u8; D_HEAD] {
+    let mut h = [0u8; D_HEAD];
+    h[0] = b'D';
+    h[1..9].copy_from_slice(&off.to_le_bytes());
+    h[9..13].copy_from_slice(&(raw as u32).to_le_bytes());
+    h[13..17].copy_from_slice(&(enc as u32).to_le_bytes());
+    h[17] = codec;
+    h
+}
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct WireVolume {
@@ -80,14 +96,14 @@ impl Fault {
 
 /// BLAKE3 of a volume's logical content on its own thread, so that hashing (holes included)
 /// never holds up the bytes on the wire. Feed it `(offset, data)` in increasing offsets.
-struct HashPipe {
-    tx: SyncSender<(u64, Arc<Vec<u8>>)>,
+struct HashPipe<T> {
+    tx: SyncSender<(u64, Arc<T>)>,
     handle: std::thread::JoinHandle<blake3::Hash>,
 }
 
-impl HashPipe {
-    fn new(size: u64) -> HashPipe {
-        let (tx, rx) = sync_channel::<(u64, Arc<Vec<u8>>)>(64);
+impl<T: std::ops::Deref<Target = [u8]> + Send + Sync + 'static> HashPipe<T> {
+    fn new(size: u64) -> HashPipe<T> {
+        let (tx, rx) = sync_channel::<(u64, Arc<T>)>(16);
         let handle = std::thread::spawn(move || {
             let mut h = blake3::Hasher::new();
             let mut pos = 0u64;
@@ -102,7 +118,7 @@ impl HashPipe {
         HashPipe { tx, handle }
     }
 
-    fn feed(&self, off: u64, data: &Arc<Vec<u8>>) -> io::Result<()> {
+    fn feed(&self, off: u64, data: &Arc<T>) -> io::Result<()> {
         self.tx
             .send((off, data.clone()))
             .map_err(|_| io::Error::other("the hashing thread stopped"))
@@ -192,17 +208,20 @@ fn export_file(
     let f = File::open(path)?;
     let extents = volume::data_extents(&f, size)?;
     // Reading runs on its own thread, hashing on another, compressing and sending on this one.
-    let (tx, rx) = sync_channel::<io::Result<(u64, Arc<Vec<u8>>)>>(8);
+    let pool = Pool::new(CHUNK, POOL_KEEP);
+    let (tx, rx) = sync_channel::<io::Result<(u64, Arc<Chunk>)>>(8);
     let reader = std::thread::spawn(move || {
         for (off, len) in extents {
             let mut done = 0;
             while done < len {
                 let k = (len - done).min(CHUNK as u64) as usize;
-                let mut buf = vec![0u8; k];
+                let mut buf = pool.get(k);
                 if let Err(e) = f.read_exact_at(&mut buf, off + done) {
                     let _ = tx.send(Err(e));
                     return;
                 }
+                // Framed as raw data here, where the chunk is still ours to write.
+                buf.set_head(&d_head(off + done, k, k, 0));
                 if tx.send(Ok((off + done, Arc::new(buf)))).is_err() {
                     return;
                 }
@@ -212,36 +231,35 @@ fn export_file(
     });
     let hasher = HashPipe::new(size);
     let mut comp = zstd::bulk::Compressor::new(1)?;
+    // Compressed frames are built here, header first, and reused chunk after chunk.
+    let mut zbuf = vec![0u8; D_HEAD + zstd::zstd_safe::compress_bound(CHUNK)];
     let mut adapt = Adapt::new(compress);
     for item in rx.iter() {
         let (off, data) = item?;
         hasher.feed(off, &data)?;
-        let corrupted = fault.apply(&data);
-        let buf: &[u8] = corrupted.as_deref().unwrap_or(&data);
         let t = Instant::now();
-        let mut codec = 0u8;
-        let mut enc: Option<Vec<u8>> = None;
         let try_zstd = adapt.compress_next();
+        let mut zlen = None;
         if try_zstd {
-            let c = comp.compress(buf)?;
+            let n = comp.compress_to_buffer(&data[..], &mut zbuf[D_HEAD..])?;
             // Data that does not compress is sent as it is.
-            if c.len() < buf.len() - buf.len() / 10 {
-                codec = 1;
-                enc = Some(c);
+            if n < data.len() - data.len() / 10 {
+                zlen = Some(n);
             }
         }
-        let payload = enc.as_deref().unwrap_or(buf);
-        let mut hdr = Vec::with_capacity(18);
-        hdr.push(b'D');
-        hdr.extend_from_slice(&off.to_le_bytes());
-        hdr.extend_from_slice(&(buf.len() as u32).to_le_bytes());
-        hdr.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-        hdr.push(codec);
-        out.write_all(&hdr)?;
-        out.write_all(payload)?;
+        if let Some(bad) = fault.apply(&data) {
+            // The test hook's path: header and corrupted payload, raw.
+            out.write_all(&d_head(off, data.len(), data.len(), 0))?;
+            out.write_all(&bad)?;
+        } else if let Some(n) = zlen {
+            zbuf[..D_HEAD].copy_from_slice(&d_head(off, data.len(), n, 1));
+            out.write_all(&zbuf[..D_HEAD + n])?;
+        } else {
+            out.write_all(data.frame())?;
+        }
         // Flushed per chunk so that the time measured includes the link's back-pressure.
         out.flush()?;
-        adapt.record(try_zstd, buf.len(), t.elapsed());
+        adapt.record(try_zstd, data.len(), t.elapsed());
     }
     reader
         .join()
@@ -498,10 +516,13 @@ fn import_file(
     let f = OpenOptions::new().write(true).create_new(true).open(path)?;
     f.set_len(size)?;
     // Hashing and writing run on their own thread, reading and decompressing on this one.
-    let (tx, rx) = sync_channel::<(u64, Arc<Vec<u8>>)>(8);
+    let (tx, rx) = sync_channel::<(u64, Arc<Chunk>)>(8);
     let writer = std::thread::spawn(move || write_extents(f, rx));
     let hasher = HashPipe::new(size);
     let mut dec = zstd::bulk::Decompressor::new()?;
+    let pool = Pool::new(CHUNK, POOL_KEEP);
+    // Compressed payloads land here; raw ones go straight into their chunk.
+    let mut zbuf = Vec::new();
     let mut pos = 0u64;
     let res = (|| -> io::Result<blake3::Hash> {
         loop {
@@ -518,19 +539,26 @@ fn import_file(
                     {
                         return Err(bad(format!("bad data frame at offset {off}")));
                     }
-                    let mut payload = vec![0u8; enc];
-                    r.read_exact(&mut payload)?;
-                    let data = match codec {
-                        0 if enc == raw => payload,
+                    let mut data = if raw <= CHUNK {
+                        pool.get(raw)
+                    } else {
+                        // A sender with bigger chunks than ours: correct, just not pooled.
+                        Pool::new(raw, 0).get(raw)
+                    };
+                    match codec {
+                        0 if enc == raw => r.read_exact(&mut data)?,
                         1 => {
-                            let d = dec.decompress(&payload, raw)?;
-                            if d.len() != raw {
+                            if zbuf.len() < enc {
+                                zbuf.resize(enc, 0);
+                            }
+                            r.read_exact(&mut zbuf[..enc])?;
+                            let n = dec.decompress_to_buffer(&zbuf[..enc], &mut data[..])?;
+                            if n != raw {
                                 return Err(bad("decompressed chunk has the wrong size"));
                             }
-                            d
                         }
                         _ => return Err(bad(format!("bad codec {codec}"))),
-                    };
+                    }
                     pos = off + raw as u64;
                     progress.add(raw as u64)?;
                     let data = Arc::new(data);
@@ -554,7 +582,7 @@ fn import_file(
     Ok((sent != got).then_some((sent, got)))
 }
 
-fn write_extents(f: File, rx: Receiver<(u64, Arc<Vec<u8>>)>) -> io::Result<()> {
+fn write_extents(f: File, rx: Receiver<(u64, Arc<Chunk>)>) -> io::Result<()> {
     // The kernel would keep gigabytes dirty and flush them all at the final fsync; a flusher
     // thread syncs as data arrives, so the disk works while the network does.
     let (tick, ticks) = sync_channel::<()>(1);
