@@ -7,6 +7,7 @@
 //! in `STATE/peer/peer_keys` may run it (sshd's `ExposeAuthInfo` tells which key logged in).
 
 use std::io::{self, BufReader, Read, Write};
+use std::os::fd::AsFd;
 use std::path::Path;
 use std::process::{Command as Proc, Stdio};
 
@@ -208,8 +209,18 @@ fn peer(state: &Path, line: &str) -> i32 {
         }
     };
     let fault = transfer::take_fault(state);
-    let stdout = io::stdout();
-    let mut out = io::BufWriter::with_capacity(1 << 20, stdout.lock());
+    // Not through Rust's Stdout: it is line-buffered, so every 1 MiB chunk was searched for
+    // newlines and cut at the last one into extra writes. A BufWriter on the raw descriptor
+    // gathers the small frames and lets a whole data frame through in one write.
+    let raw = match io::stdout().as_fd().try_clone_to_owned() {
+        Ok(fd) => std::fs::File::from(fd),
+        Err(e) => {
+            eprintln!("gridctl: exporting {app}: duplicating stdout: {e}");
+            return FAILED;
+        }
+    };
+    transfer::grow_pipe(&raw);
+    let mut out = io::BufWriter::with_capacity(64 << 10, raw);
     let r = transfer::export(
         &app_dir,
         &record,
@@ -356,9 +367,11 @@ fn pull(state: &Path, o: &ImportOpts, app_dir: &Path) -> Result<crate::model::Ap
         let _ = err_pipe.read_to_string(&mut s);
         s
     });
+    let stdout_pipe = child.stdout.take().expect("piped");
+    transfer::grow_pipe(&stdout_pipe);
     // Small on purpose: a payload read bigger than the buffer bypasses it and lands directly in
     // its chunk, so only frame headers are copied twice.
-    let mut r = BufReader::with_capacity(64 << 10, child.stdout.take().expect("piped"));
+    let mut r = BufReader::with_capacity(64 << 10, stdout_pipe);
     let stdout = io::stdout();
     let mut print = |done: u64, total: u64| -> io::Result<()> {
         let mut out = stdout.lock();

@@ -132,6 +132,19 @@ impl<T: std::ops::Deref<Target = [u8]> + Send + Sync + 'static> HashPipe<T> {
     }
 }
 
+/// Pipe capacity asked for on both ends of the SSH link: a 1 MiB chunk fits whole, so writer
+/// and reader wake once per chunk instead of once per 64 KiB (Linux's default).
+pub const PIPE_SIZE: i32 = 1 << 20;
+
+/// Grows the pipe behind `fd` to [`PIPE_SIZE`], if it is a pipe and the system allows; a
+/// failure only costs speed, so it is logged, not returned.
+pub fn grow_pipe(fd: &impl std::os::fd::AsRawFd) {
+    use nix::fcntl::{fcntl, FcntlArg};
+    if let Err(e) = fcntl(fd.as_raw_fd(), FcntlArg::F_SETPIPE_SZ(PIPE_SIZE)) {
+        tracing::debug!("could not grow a pipe to {PIPE_SIZE} bytes: {e}");
+    }
+}
+
 /// Reads and consumes the fault hook, if a test planted it.
 pub fn take_fault(state: &Path) -> Option<u64> {
     let p = state.join("faults").join("corrupt-export-after");
