@@ -272,7 +272,7 @@ fn export_file(
         }
         // Flushed per chunk so that the time measured includes the link's back-pressure.
         out.flush()?;
-        adapt.record(try_zstd, data.len(), t.elapsed());
+        adapt.record(try_zstd, data.len(), zlen.is_some(), t.elapsed());
     }
     reader
         .join()
@@ -282,20 +282,27 @@ fn export_file(
     out.write_all(hash.as_bytes())
 }
 
-/// Chooses, chunk by chunk, whether compressing pays: in every cycle of [`Adapt::CYCLE`] chunks it
-/// sends a few raw and a few compressed, measures the raw bytes each moved per second (compression
-/// time and the link's back-pressure included), and uses the faster for the rest of the cycle.
-/// So a link faster than the compressor gets raw data, a slow link gets zstd.
+/// Chooses, chunk by chunk, whether compressing pays: in every cycle of chunks it sends
+/// [`Adapt::PROBE`] raw and as many compressed, measures the raw bytes each moved per second
+/// (compression time and the link's back-pressure included), and uses the faster for the rest
+/// of the cycle. So a link faster than the compressor gets raw data, a slow link gets zstd.
+/// Data the probes could not shrink gets no zstd whatever the timings said, and each such cycle
+/// is twice as long as the last (up to [`Adapt::MAX_CYCLE`]), so random data pays for few probes;
+/// a probe that shrinks data brings the cycle back to [`Adapt::CYCLE`].
 struct Adapt {
     enabled: bool,
     i: u32,
     raw: (u64, Duration),
     zst: (u64, Duration),
+    /// Whether a compressed probe of this cycle came out smaller than the data.
+    shrank: bool,
     use_zstd: bool,
+    cycle: u32,
 }
 
 impl Adapt {
     const CYCLE: u32 = 64;
+    const MAX_CYCLE: u32 = 512;
     const PROBE: u32 = 4;
 
     fn new(enabled: bool) -> Adapt {
@@ -304,7 +311,9 @@ impl Adapt {
             i: 0,
             raw: (0, Duration::ZERO),
             zst: (0, Duration::ZERO),
+            shrank: false,
             use_zstd: true,
+            cycle: Self::CYCLE,
         }
     }
 
@@ -319,7 +328,9 @@ impl Adapt {
         }
     }
 
-    fn record(&mut self, zstd: bool, bytes: usize, t: Duration) {
+    /// Accounts for a chunk of `bytes` sent in `t`, compressed if `zstd`, and whether
+    /// compression made it smaller (`shrank`, false when not compressed).
+    fn record(&mut self, zstd: bool, bytes: usize, shrank: bool, t: Duration) {
         if !self.enabled {
             return;
         }
@@ -327,15 +338,28 @@ impl Adapt {
             let m = if zstd { &mut self.zst } else { &mut self.raw };
             m.0 += bytes as u64;
             m.1 += t;
+            self.shrank |= shrank;
         }
         self.i += 1;
         if self.i == 2 * Self::PROBE {
             let rate = |(b, t): (u64, Duration)| b as f64 / t.as_secs_f64().max(1e-9);
-            self.use_zstd = rate(self.zst) > rate(self.raw);
-            tracing::debug!(use_zstd = self.use_zstd, "compression probe");
+            self.use_zstd = self.shrank && rate(self.zst) > rate(self.raw);
+            self.cycle = if self.shrank {
+                Self::CYCLE
+            } else {
+                (self.cycle * 2).min(Self::MAX_CYCLE)
+            };
+            tracing::debug!(
+                use_zstd = self.use_zstd,
+                cycle = self.cycle,
+                "compression probe"
+            );
         }
-        if self.i == Self::CYCLE {
-            *self = Adapt::new(true);
+        if self.i == self.cycle {
+            *self = Adapt {
+                cycle: self.cycle,
+                ..Adapt::new(true)
+            };
         }
     }
 }
@@ -866,24 +890,52 @@ mod tests {
         assert!(fs::read(&path).unwrap() == want, "file content differs");
     }
 
+    /// Feeds one probe phase: raw chunks take `raw_ms`, compressed ones `zstd_ms`.
+    fn probe(a: &mut Adapt, raw_ms: u64, zstd_ms: u64, shrinks: bool) {
+        for _ in 0..2 * Adapt::PROBE {
+            let z = a.compress_next();
+            let ms = if z { zstd_ms } else { raw_ms };
+            a.record(z, 1 << 20, z && shrinks, Duration::from_millis(ms));
+        }
+    }
+
+    /// Sends the rest of the cycle (the choice made) and returns its length in chunks.
+    fn rest_of_cycle(a: &mut Adapt, want: bool) -> u32 {
+        let mut n = 2 * Adapt::PROBE;
+        while a.i != 0 {
+            assert_eq!(a.compress_next(), want, "chunk {n}");
+            a.record(want, 1 << 20, want, Duration::from_millis(1));
+            n += 1;
+        }
+        n
+    }
+
     #[test]
     fn compression_is_used_only_where_it_moves_bytes_faster() {
-        let ms = Duration::from_millis;
         for (raw_ms, zstd_ms, want) in [(10, 30, false), (30, 10, true)] {
             let mut a = Adapt::new(true);
-            for _ in 0..2 * Adapt::PROBE {
-                let z = a.compress_next();
-                a.record(z, 1 << 20, ms(if z { zstd_ms } else { raw_ms }));
-            }
-            for _ in 2 * Adapt::PROBE..Adapt::CYCLE {
-                assert_eq!(a.compress_next(), want);
-                a.record(want, 1 << 20, ms(1));
-            }
+            probe(&mut a, raw_ms, zstd_ms, true);
+            assert_eq!(rest_of_cycle(&mut a, want), Adapt::CYCLE);
             // A new cycle probes again.
             assert!(!a.compress_next());
         }
         let off = Adapt::new(false);
         assert!(!off.compress_next());
+    }
+
+    #[test]
+    fn data_that_does_not_shrink_gets_no_zstd_and_ever_rarer_probes() {
+        let mut a = Adapt::new(true);
+        let mut cycles = Vec::new();
+        for _ in 0..6 {
+            // Compressing looks faster (noise), but it saved nothing: no zstd.
+            probe(&mut a, 30, 10, false);
+            cycles.push(rest_of_cycle(&mut a, false));
+        }
+        assert_eq!(cycles, [128, 256, 512, 512, 512, 512]);
+        // Once data compresses again, zstd is back and probes are frequent again.
+        probe(&mut a, 30, 10, true);
+        assert_eq!(rest_of_cycle(&mut a, true), Adapt::CYCLE);
     }
 
     #[test]
