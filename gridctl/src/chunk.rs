@@ -2,8 +2,8 @@
 //!
 //! A fresh 1 MiB `Vec` per chunk is an `mmap`, 256 page faults, zeroing and a `munmap` each
 //! time (glibc maps allocations this large directly): on a 2-core machine that CPU comes out of
-//! the bytes moved per second. A [`Chunk`] goes back to its [`Pool`] when its last holder (the
-//! hasher or the writer, sharing it through an `Arc`) drops it.
+//! the bytes moved per second. A [`Chunk`] goes back to its [`Pool`] when dropped, on whichever
+//! thread last held it.
 //!
 //! Each buffer's data starts on a [`ALIGN`] boundary, so a chunk can be written with `O_DIRECT`,
 //! and has [`HEAD`] bytes of room before it, so a frame header and its payload leave in one write.

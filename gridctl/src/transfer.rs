@@ -24,8 +24,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufRead, Read, Write};
 use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::path::Path;
-use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
-use std::sync::Arc;
+use std::sync::mpsc::{sync_channel, Receiver};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -107,40 +106,25 @@ impl Fault {
     }
 }
 
-/// BLAKE3 of what moves of a file volume, on its own thread so that hashing never holds up the
-/// bytes on the wire. Feed it `(offset, data)` as the chunks are framed.
-struct HashPipe<T> {
-    tx: SyncSender<(u64, Arc<T>)>,
-    handle: std::thread::JoinHandle<blake3::Hash>,
-}
+/// BLAKE3 of what moves of a file volume: each chunk's offset, length and data, then the
+/// volume's size. Fed by the thread that just read the chunk, while its bytes are still in the
+/// CPU's cache: a hashing thread of its own cost a hand-off per chunk and re-read cold memory.
+struct ExtentHash(blake3::Hasher);
 
-impl<T: std::ops::Deref<Target = [u8]> + Send + Sync + 'static> HashPipe<T> {
-    fn new(size: u64) -> HashPipe<T> {
-        let (tx, rx) = sync_channel::<(u64, Arc<T>)>(16);
-        let handle = std::thread::spawn(move || {
-            let mut h = blake3::Hasher::new();
-            for (off, data) in rx {
-                h.update(&off.to_le_bytes());
-                h.update(&(data.len() as u64).to_le_bytes());
-                h.update(&data);
-            }
-            h.update(&size.to_le_bytes());
-            h.finalize()
-        });
-        HashPipe { tx, handle }
+impl ExtentHash {
+    fn new() -> ExtentHash {
+        ExtentHash(blake3::Hasher::new())
     }
 
-    fn feed(&self, off: u64, data: &Arc<T>) -> io::Result<()> {
-        self.tx
-            .send((off, data.clone()))
-            .map_err(|_| io::Error::other("the hashing thread stopped"))
+    fn add(&mut self, off: u64, data: &[u8]) {
+        self.0.update(&off.to_le_bytes());
+        self.0.update(&(data.len() as u64).to_le_bytes());
+        self.0.update(data);
     }
 
-    fn finish(self) -> io::Result<blake3::Hash> {
-        drop(self.tx);
-        self.handle
-            .join()
-            .map_err(|_| io::Error::other("the hashing thread panicked"))
+    fn finish(mut self, size: u64) -> blake3::Hash {
+        self.0.update(&size.to_le_bytes());
+        self.0.finalize()
     }
 }
 
@@ -233,10 +217,11 @@ fn export_file(
 ) -> io::Result<()> {
     let f = File::open(path)?;
     let extents = volume::data_extents(&f, size)?;
-    // Reading runs on its own thread, hashing on another, compressing and sending on this one.
+    // Reading and hashing run on their own thread, compressing and sending on this one.
     let pool = Pool::new(CHUNK, POOL_KEEP);
-    let (tx, rx) = sync_channel::<io::Result<(u64, Arc<Chunk>)>>(8);
+    let (tx, rx) = sync_channel::<io::Result<(u64, Chunk)>>(8);
     let reader = std::thread::spawn(move || {
+        let mut hash = ExtentHash::new();
         for (off, len) in extents {
             let mut done = 0;
             while done < len {
@@ -244,25 +229,24 @@ fn export_file(
                 let mut buf = pool.get(k);
                 if let Err(e) = f.read_exact_at(&mut buf, off + done) {
                     let _ = tx.send(Err(e));
-                    return;
+                    return None;
                 }
-                // Framed as raw data here, where the chunk is still ours to write.
+                hash.add(off + done, &buf);
                 buf.set_head(&d_head(off + done, k, k, 0));
-                if tx.send(Ok((off + done, Arc::new(buf)))).is_err() {
-                    return;
+                if tx.send(Ok((off + done, buf))).is_err() {
+                    return None;
                 }
                 done += k as u64;
             }
         }
+        Some(hash.finish(size))
     });
-    let hasher = HashPipe::new(size);
     let mut comp = zstd::bulk::Compressor::new(1)?;
     // Compressed frames are built here, header first, and reused chunk after chunk.
     let mut zbuf = vec![0u8; D_HEAD + zstd::zstd_safe::compress_bound(CHUNK)];
     let mut adapt = Adapt::new(compress);
     for item in rx.iter() {
         let (off, data) = item?;
-        hasher.feed(off, &data)?;
         let t = Instant::now();
         let try_zstd = adapt.compress_next();
         let mut zlen = None;
@@ -287,10 +271,10 @@ fn export_file(
         out.flush()?;
         adapt.record(try_zstd, data.len(), zlen.is_some(), t.elapsed());
     }
-    reader
+    let hash = reader
         .join()
-        .map_err(|_| io::Error::other("reader thread panicked"))?;
-    let hash = hasher.finish()?;
+        .map_err(|_| io::Error::other("reader thread panicked"))?
+        .ok_or_else(|| io::Error::other("the reader thread stopped"))?;
     out.write_all(b"E")?;
     out.write_all(hash.as_bytes())
 }
@@ -575,16 +559,16 @@ fn import_file(
     let f = OpenOptions::new().write(true).create_new(true).open(path)?;
     f.set_len(size)?;
     let direct = open_direct(path);
-    // Hashing and writing run on their own thread, reading and decompressing on this one.
-    let (tx, rx) = sync_channel::<(u64, Arc<Chunk>)>(8);
+    // Writing runs on its own thread; reading, decompressing and hashing on this one.
+    let (tx, rx) = sync_channel::<(u64, Chunk)>(8);
     let writer = std::thread::spawn(move || write_extents(f, direct, rx));
-    let hasher = HashPipe::new(size);
+    let mut hash = ExtentHash::new();
     let mut dec = zstd::bulk::Decompressor::new()?;
     let pool = Pool::new(CHUNK, POOL_KEEP);
     // Compressed payloads land here; raw ones go straight into their chunk.
     let mut zbuf = Vec::new();
     let mut pos = 0u64;
-    let res = (|| -> io::Result<blake3::Hash> {
+    let res = (|| -> io::Result<(blake3::Hash, blake3::Hash)> {
         loop {
             match read_u8(r)? {
                 b'D' => {
@@ -621,13 +605,12 @@ fn import_file(
                     }
                     pos = off + raw as u64;
                     progress.add(raw as u64)?;
-                    let data = Arc::new(data);
-                    hasher.feed(off, &data)?;
+                    hash.add(off, &data);
                     if tx.send((off, data)).is_err() {
                         return Err(io::Error::other("the volume writer stopped"));
                     }
                 }
-                b'E' => return read_hash(r),
+                b'E' => return Ok((read_hash(r)?, hash.finish(size))),
                 t => return Err(bad(format!("unexpected frame {t:#x} in a file volume"))),
             }
         }
@@ -636,8 +619,7 @@ fn import_file(
     let written = writer
         .join()
         .map_err(|_| io::Error::other("writer thread panicked"))?;
-    let got = hasher.finish()?;
-    let sent = res?;
+    let (sent, got) = res?;
     written?;
     Ok((sent != got).then_some((sent, got)))
 }
@@ -661,11 +643,7 @@ fn direct_ok(off: u64, data: &Chunk) -> bool {
     off.is_multiple_of(ALIGN as u64) && data.len().is_multiple_of(ALIGN) && data.is_aligned()
 }
 
-fn write_extents(
-    f: File,
-    mut direct: Option<File>,
-    rx: Receiver<(u64, Arc<Chunk>)>,
-) -> io::Result<()> {
+fn write_extents(f: File, mut direct: Option<File>, rx: Receiver<(u64, Chunk)>) -> io::Result<()> {
     // The kernel would keep gigabytes dirty and flush them all at the final fsync; a flusher
     // thread syncs as buffered data arrives, so the disk works while the network does.
     let (tick, ticks) = sync_channel::<()>(1);
@@ -887,7 +865,7 @@ mod tests {
         let chunk = |len: usize, byte: u8| {
             let mut c = pool.get(len);
             c.fill(byte);
-            Arc::new(c)
+            c
         };
         // Aligned (direct where the filesystem allows), then an unaligned length, then an
         // unaligned offset running to the odd end of the file.
@@ -899,16 +877,16 @@ mod tests {
         assert!(direct_ok(parts[0].0, &parts[0].1));
         assert!(!direct_ok(parts[1].0, &parts[1].1));
         assert!(!direct_ok(parts[2].0, &parts[2].1));
-        let (tx, rx) = sync_channel(8);
-        for p in &parts {
-            tx.send(p.clone()).unwrap();
-        }
-        drop(tx);
-        write_extents(f, open_direct(&path), rx).unwrap();
         let mut want = vec![0u8; size as usize];
         for (off, c) in &parts {
             want[*off as usize..*off as usize + c.len()].copy_from_slice(c);
         }
+        let (tx, rx) = sync_channel(8);
+        for p in parts {
+            tx.send(p).unwrap();
+        }
+        drop(tx);
+        write_extents(f, open_direct(&path), rx).unwrap();
         assert!(fs::read(&path).unwrap() == want, "file content differs");
     }
 
