@@ -217,6 +217,9 @@ fn export_file(
 ) -> io::Result<()> {
     let f = File::open(path)?;
     let extents = volume::data_extents(&f, size)?;
+    // Aligned chunks are read past the page cache: the disk puts them in our buffer, where a
+    // cached read would copy them (and fill the cache with a volume read once).
+    let mut direct = open_direct(path, false);
     // Reading and hashing run on their own thread, compressing and sending on this one.
     let pool = Pool::new(CHUNK, POOL_KEEP);
     let (tx, rx) = sync_channel::<io::Result<(u64, Chunk)>>(8);
@@ -227,7 +230,7 @@ fn export_file(
             while done < len {
                 let k = (len - done).min(CHUNK as u64) as usize;
                 let mut buf = pool.get(k);
-                if let Err(e) = f.read_exact_at(&mut buf, off + done) {
+                if let Err(e) = read_chunk(&f, &mut direct, off + done, &mut buf) {
                     let _ = tx.send(Err(e));
                     return None;
                 }
@@ -558,7 +561,7 @@ fn import_file(
 ) -> io::Result<Mismatch> {
     let f = OpenOptions::new().write(true).create_new(true).open(path)?;
     f.set_len(size)?;
-    let direct = open_direct(path);
+    let direct = open_direct(path, true);
     // Writing runs on its own thread; reading, decompressing and hashing on this one.
     let (tx, rx) = sync_channel::<(u64, Chunk)>(8);
     let writer = std::thread::spawn(move || write_extents(f, direct, rx));
@@ -624,14 +627,31 @@ fn import_file(
     Ok((sent != got).then_some((sent, got)))
 }
 
-/// A second handle on the new volume that bypasses the page cache (`O_DIRECT`), or `None` where
-/// the filesystem has no such thing (tmpfs). Copying each byte into the page cache and writing
-/// it back later costs about a CPU-second per GiB here, on a path where CPU is the limit; the
-/// direct write has the disk read the chunk from our buffer instead.
-fn open_direct(path: &Path) -> Option<File> {
+/// Reads a chunk with the `O_DIRECT` handle where it is aligned, else through the cache (and
+/// from then on if the handle refuses it).
+fn read_chunk(f: &File, direct: &mut Option<File>, off: u64, buf: &mut Chunk) -> io::Result<()> {
+    if let Some(d) = direct.as_ref().filter(|_| direct_ok(off, buf)) {
+        match d.read_exact_at(buf, off) {
+            Ok(()) => return Ok(()),
+            Err(e) if e.raw_os_error() == Some(nix::libc::EINVAL) => {
+                tracing::debug!("O_DIRECT refused a chunk, reading through the cache");
+                *direct = None;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    f.read_exact_at(buf, off)
+}
+
+/// A second handle on a volume that bypasses the page cache (`O_DIRECT`), for writing or for
+/// reading, or `None` where the filesystem has no such thing (tmpfs). Copying each byte into
+/// the page cache and writing it back later costs about a CPU-second per GiB here, on a path
+/// where CPU is the limit; the direct write has the disk read the chunk from our buffer instead.
+fn open_direct(path: &Path, write: bool) -> Option<File> {
     use std::os::unix::fs::OpenOptionsExt;
     OpenOptions::new()
-        .write(true)
+        .read(!write)
+        .write(write)
         .custom_flags(nix::fcntl::OFlag::O_DIRECT.bits())
         .open(path)
         .inspect_err(|e| tracing::debug!("no O_DIRECT on {}: {e}", path.display()))
@@ -886,7 +906,7 @@ mod tests {
             tx.send(p).unwrap();
         }
         drop(tx);
-        write_extents(f, open_direct(&path), rx).unwrap();
+        write_extents(f, open_direct(&path, true), rx).unwrap();
         assert!(fs::read(&path).unwrap() == want, "file content differs");
     }
 
@@ -908,6 +928,22 @@ mod tests {
             n += 1;
         }
         n
+    }
+
+    #[test]
+    fn the_reader_reads_aligned_and_unaligned_chunks_alike() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("v");
+        let content: Vec<u8> = (0..(2 << 20) + 777).map(|i| (i % 251) as u8).collect();
+        fs::write(&path, &content).unwrap();
+        let f = File::open(&path).unwrap();
+        let mut direct = open_direct(&path, false);
+        let pool = Pool::new(CHUNK, 2);
+        for (off, len) in [(0, 1 << 20), (1 << 20, 4096), (100, 5000), (2 << 20, 777)] {
+            let mut c = pool.get(len);
+            read_chunk(&f, &mut direct, off as u64, &mut c).unwrap();
+            assert!(c[..] == content[off..off + len], "chunk at {off}");
+        }
     }
 
     #[test]
