@@ -118,6 +118,7 @@
 //! ```
 #![forbid(unsafe_code)]
 
+pub mod chunk;
 pub mod client;
 pub mod daemon;
 pub mod kvstore;
