@@ -4,12 +4,13 @@
 //! unjournalled. Each test checks the end state on every grid (applications, data read back through the
 //! application's own address, checksums), not only the operation's state.
 //!
-//! The copy is held still deterministically: the test stops (SIGSTOP) the source grid's side of
-//! it (the `gridctl ssh` that runs `peer export APP` for the target grid), does what it needs
+//! The copy is held still deterministically: gridctl's test hook makes the source grid's side of
+//! it (the `gridctl ssh` that runs `peer export APP` for the target grid) wait before it sends
+//! anything; the test finds that process, stops it (SIGSTOP), lifts the hook, does what it needs
 //! while the step is `running`, then lets it go on (SIGCONT). That process exists only once the
 //! target grid's SSH session to the source is up, so what the test does next (killing the
 //! source's sshd, the helper, ...) always meets a copy in flight. No guesses about how long a
-//! copy takes.
+//! copy takes, which matters now that a small one takes milliseconds.
 //!
 //! Design decisions these tests pin down: a component that exits makes gridctl mark its
 //! application `failed`. The MigHelper template asks the grid to start it again
@@ -190,6 +191,20 @@ fn kill_tree(pid: i32) {
     }
 }
 
+/// Makes the next copies from grid `from` wait before they send anything (gridctl's test hook
+/// `STATE/faults/hold-export`), until [`stopped_export`] has one in hand.
+fn hold_exports(lab: &Lab, from: u8) {
+    std::fs::write(lab.state(from).join("faults/hold-export"), "").unwrap();
+}
+
+/// The held copy from grid `from`, stopped (SIGSTOP) and the hold lifted: it goes on at SIGCONT.
+fn stopped_export(lab: &Lab, from: u8, app: &str) -> i32 {
+    let pid = exporting(lab, from, app);
+    signal(pid, "STOP");
+    std::fs::remove_file(lab.state(from).join("faults/hold-export")).unwrap();
+    pid
+}
+
 /// The source grid's side of a copy: the `gridctl ssh` on grid `from` that runs
 /// `peer export APP` for another grid.
 fn exporting(lab: &Lab, from: u8, app: &str) -> i32 {
@@ -362,12 +377,12 @@ fn helper_app(id: &str) -> String {
 fn a_killed_mighelper_is_restarted_by_its_grid_and_resumes_from_its_journal() {
     let lab = Lab::up(2, &BASES);
     let (data, sum) = shop_with_data(&lab);
+    hold_exports(&lab, 1);
     let id = start_migrate(&lab.mig_url(1), "g2", "shop2");
     let helper = helper_url(&lab, 2);
 
     // Hold the copy in the middle, then kill `mig helper` outright.
-    let export = exporting(&lab, 1, "shop");
-    signal(export, "STOP");
+    let export = stopped_export(&lab, 1, "shop");
     let op = wait_step(&lab, &helper, &id, MIGRATING, "running", 30);
     assert_eq!(op["state"], "running");
     let mig_helper = helper_process(&lab, &id, 0);
@@ -388,11 +403,11 @@ fn a_killed_mighelper_is_restarted_by_its_grid_and_resumes_from_its_journal() {
 fn an_unreachable_source_controller_during_the_copy_rolls_back_once_it_answers() {
     let lab = Lab::up(2, &BASES);
     let (data, sum) = shop_with_data(&lab);
+    hold_exports(&lab, 1);
     let id = start_migrate(&lab.mig_url(1), "g2", "shop2");
     let helper = helper_url(&lab, 2);
 
-    let export = exporting(&lab, 1, "shop");
-    signal(export, "STOP");
+    stopped_export(&lab, 1, "shop");
     wait_step(&lab, &helper, &id, MIGRATING, "running", 30);
     // g1's controller goes away: its sshd and every session it serves, the copy's included.
     kill_tree(sshd_pid(&lab, 1));
@@ -446,13 +461,13 @@ fn an_unreachable_source_controller_during_the_copy_rolls_back_once_it_answers()
 fn a_target_mig_killed_during_its_clean_up_finishes_it_when_started_again() {
     let lab = Lab::up(2, &BASES);
     let (data, sum) = shop_with_data(&lab);
+    hold_exports(&lab, 1);
     let id = start_migrate(&lab.mig_url(1), "g2", "shop2");
     let helper = helper_url(&lab, 2);
 
     // g1's controller stops taking new connections while the copy runs (the copy's own session
     // goes on), so the target MIG's first clean-up step cannot reach it and keeps retrying.
-    let export = exporting(&lab, 1, "shop");
-    signal(export, "STOP");
+    let export = stopped_export(&lab, 1, "shop");
     wait_step(&lab, &helper, &id, MIGRATING, "running", 30);
     signal(sshd_pid(&lab, 1), "KILL");
     signal(export, "CONT");
@@ -488,13 +503,13 @@ fn a_target_mig_killed_during_its_clean_up_finishes_it_when_started_again() {
 fn a_mighelper_killed_during_the_roll_back_goes_on_rolling_back_when_restarted() {
     let lab = Lab::up(2, &BASES);
     let (data, sum) = shop_with_data(&lab);
+    hold_exports(&lab, 1);
     let id = start_migrate(&lab.mig_url(1), "g2", "shop2");
     let helper = helper_url(&lab, 2);
 
     // The copy fails because g1's controller is gone; the roll-back then waits for g1 to start
     // the source again...
-    let export = exporting(&lab, 1, "shop");
-    signal(export, "STOP");
+    stopped_export(&lab, 1, "shop");
     wait_step(&lab, &helper, &id, MIGRATING, "running", 30);
     kill_tree(sshd_pid(&lab, 1));
     wait_step(&lab, &helper, &id, MIGRATING, "failed", 30);
@@ -531,14 +546,14 @@ fn a_mighelper_killed_during_the_roll_back_goes_on_rolling_back_when_restarted()
 fn a_mighelper_that_forgot_its_final_handoff_does_not_undo_the_cut_over() {
     let lab = Lab::up(2, &BASES);
     let (data, sum) = shop_with_data(&lab);
+    hold_exports(&lab, 1);
     let id = start_migrate(&lab.mig_url(1), "g2", "shop2");
     let helper = helper_url(&lab, 2);
     let target = lab.mig_url(2);
 
     // Hold the operation after the cut-over: the target MIG took it and cannot reach g1 to
     // destroy the source (g1's sshd takes no new connections; the copy's session goes on).
-    let export = exporting(&lab, 1, "shop");
-    signal(export, "STOP");
+    let export = stopped_export(&lab, 1, "shop");
     wait_step(&lab, &helper, &id, MIGRATING, "running", 30);
     signal(sshd_pid(&lab, 1), "KILL");
     signal(export, "CONT");

@@ -209,6 +209,7 @@ fn peer(state: &Path, line: &str) -> i32 {
         }
     };
     let fault = transfer::take_fault(state);
+    transfer::hold_while_asked(state);
     // Not through Rust's Stdout: it is line-buffered, so every 1 MiB chunk was searched for
     // newlines and cut at the last one into extra writes. A BufWriter on the raw descriptor
     // gathers the small frames and lets a whole data frame through in one write.

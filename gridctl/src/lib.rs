@@ -62,6 +62,7 @@
 //! STATE/peer/known_hosts          the other grids' pinned host keys; a REMOTE must be listed here
 //! STATE/peer/peer_keys            public keys of the grids allowed to use the `peer` verbs
 //! STATE/faults/corrupt-export-after   test hook: flip one bit of the next export after N bytes
+//! STATE/faults/hold-export        test hook: exports wait, before sending, while this file exists
 //! ```
 //!
 //! # Template format (`STATE/templates/NAME.toml`)

@@ -141,6 +141,22 @@ pub fn grow_pipe(fd: &impl std::os::fd::AsRawFd) {
     }
 }
 
+/// Test hook `STATE/faults/hold-export`: an export waits before it sends anything while that file
+/// exists, so that a test can find the source's side of a copy and act on it in flight, however
+/// fast copies have become.
+pub fn hold_while_asked(state: &Path) {
+    let p = state.join("faults").join("hold-export");
+    if p.exists() {
+        tracing::warn!(
+            "test hook: holding this export while {} exists",
+            p.display()
+        );
+    }
+    while p.exists() {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Reads and consumes the fault hook, if a test planted it.
 pub fn take_fault(state: &Path) -> Option<u64> {
     let p = state.join("faults").join("corrupt-export-after");

@@ -315,6 +315,8 @@ fn export_pid(lab: &Lab, from: u8, app: &str) -> Option<i32> {
 fn an_import_whose_requester_goes_away_while_the_source_stalls_ends_at_once() {
     let lab = Lab::up(2, 132);
     provision_with_data(&lab, "shop", "64M");
+    let hold = lab.state(1).join("faults/hold-export");
+    std::fs::write(&hold, "").unwrap();
     let line = format!(
         "app migrate {} shop .name=shop2 --import --progress_on_stdout",
         lab.controller(1)
@@ -348,6 +350,7 @@ fn an_import_whose_requester_goes_away_while_the_source_stalls_ends_at_once() {
             .unwrap();
     };
     signal("-STOP", export);
+    std::fs::remove_file(&hold).unwrap();
     requester.kill().unwrap();
     requester.wait().unwrap();
     // While the source is still stalled, the target grid gives the name back.
