@@ -46,7 +46,6 @@ pub const NAMES: &[&str] = &[
     "connect_timeout",
     "idle_timeout",
     "drain_timeout",
-    "busy_poll",
     "otlp_endpoint",
 ];
 
@@ -118,9 +117,6 @@ pub struct Properties {
     pub connect_timeout: Duration,
     pub idle_timeout: Option<Duration>,
     pub drain_timeout: Duration,
-    /// After pass-through bytes move, how long the proxy keeps polling instead of sleeping
-    /// (zero: off); trades CPU for latency.
-    pub busy_poll: Duration,
     /// Where to send the tracing spans over OTLP/HTTP (a `mig` built with the `otlp` feature).
     pub otlp_endpoint: Option<String>,
 }
@@ -457,10 +453,6 @@ impl<'a> Typed<'a> {
             seconds(s).map(|d| (!d.is_zero()).then_some(d))
         });
         let drain_timeout = self.get("drain_timeout", Duration::from_secs(5), seconds);
-        let busy_poll = self.get("busy_poll", Duration::ZERO, |s| match s.parse::<u64>() {
-            Ok(n) if n <= 1_000_000 => Ok(Duration::from_micros(n)),
-            _ => Err("must be a whole number of microseconds from 0 (off) to 1000000".into()),
-        });
         let otlp_endpoint = self.get("otlp_endpoint", None, |s| {
             if s.is_empty() {
                 Ok(None)
@@ -513,7 +505,6 @@ impl<'a> Typed<'a> {
             connect_timeout,
             idle_timeout,
             drain_timeout,
-            busy_poll,
             otlp_endpoint,
         }
     }
@@ -580,7 +571,6 @@ mod tests {
         assert_eq!(p.grid, None);
         assert_eq!(p.state_dir, PathBuf::from("/var/lib/mig/state"));
         assert_eq!(p.idle_timeout, None);
-        assert_eq!(p.busy_poll, Duration::ZERO);
         // Every documented name is in the defaults, and nothing else is.
         let map = config::File::from_str(DEFAULTS, FileFormat::Toml)
             .collect()
@@ -650,8 +640,6 @@ mod tests {
             ("connect_timeout=0", "more than 0 seconds"),
             ("idle_timeout=-1", "whole number of seconds"),
             ("drain_timeout=1.5", "whole number of seconds"),
-            ("busy_poll=50us", "whole number of microseconds"),
-            ("busy_poll=2000000", "from 0 (off) to 1000000"),
             ("otlp_endpoint=collector:4318", "http:// or https:// URL"),
             ("passthrough=8000-8080", "includes the GUI port 8080"),
             ("passthrough=9480", "includes the mon port 9480"),

@@ -84,11 +84,6 @@ pub struct ProxyConfig {
     pub drain: Duration,
     /// `splice(2)` fast path; false forces the copy loop.
     pub splice: bool,
-    /// Busy-polling window: after bytes move, the proxy's thread keeps polling its sockets
-    /// without sleeping for this long, so the answer that usually follows within microseconds
-    /// does not pay for waking a sleeping thread. Costs CPU while traffic flows; zero (the
-    /// default) sleeps at once.
-    pub busy_poll: Duration,
 }
 
 impl ProxyConfig {
@@ -104,7 +99,6 @@ impl ProxyConfig {
             idle_timeout: None,
             drain: DEFAULT_DRAIN,
             splice: true,
-            busy_poll: Duration::ZERO,
         }
     }
 }
@@ -284,7 +278,6 @@ struct ConnSettings {
     connect_timeout: Duration,
     idle_timeout: Option<Duration>,
     splice: bool,
-    busy_poll: Duration,
 }
 
 impl Proxy {
@@ -327,7 +320,6 @@ impl Proxy {
                 connect_timeout: config.connect_timeout,
                 idle_timeout: config.idle_timeout,
                 splice: config.splice,
-                busy_poll: config.busy_poll,
             }),
             limit: Arc::new(Semaphore::new(config.max_connections)),
             drain: config.drain,
@@ -424,9 +416,6 @@ impl Actor for Proxy {
                 self.connections.clone(),
             );
             ctx.spawn(actix::fut::wrap_future(self.accepting.track_future(fut)));
-        }
-        if !self.conn.busy_poll.is_zero() {
-            ctx.spawn(actix::fut::wrap_future(busy_poll(self.conn.busy_poll)));
         }
     }
 
@@ -608,50 +597,6 @@ async fn idle(timeout: Option<Duration>, last_activity: &Cell<Instant>) {
     }
 }
 
-thread_local! {
-    /// Bumped whenever bytes move on this thread; the busy-poller watches it.
-    static ACTIVITY: Cell<u64> = const { Cell::new(0) };
-    /// The busy-poller, parked until the next activity.
-    static POLLER: RefCell<Option<std::task::Waker>> = const { RefCell::new(None) };
-    /// Times the busy-poller has yielded on this thread (tests: it must stop when traffic does).
-    static BUSY_POLLS: Cell<u64> = const { Cell::new(0) };
-}
-
-fn note_activity() {
-    ACTIVITY.with(|a| a.set(a.get().wrapping_add(1)));
-    if let Some(w) = POLLER.with(|p| p.borrow_mut().take()) {
-        w.wake();
-    }
-}
-
-/// Keeps the thread's runtime polling (yielding, so its I/O driver is polled without sleeping)
-/// until `window` has passed with no bytes moving; then parks until bytes move again.
-async fn busy_poll(window: Duration) {
-    loop {
-        let seen = ACTIVITY.with(Cell::get);
-        poll_fn(|cx| {
-            if ACTIVITY.with(Cell::get) != seen {
-                Poll::Ready(())
-            } else {
-                POLLER.with(|p| *p.borrow_mut() = Some(cx.waker().clone()));
-                Poll::Pending
-            }
-        })
-        .await;
-        let mut seen = ACTIVITY.with(Cell::get);
-        let mut last = Instant::now();
-        while last.elapsed() < window {
-            BUSY_POLLS.with(|n| n.set(n.get() + 1));
-            tokio::task::yield_now().await;
-            let now = ACTIVITY.with(Cell::get);
-            if now != seen {
-                seen = now;
-                last = Instant::now();
-            }
-        }
-    }
-}
-
 /// One direction of a connection.
 enum Direction {
     Splice(SpliceState),
@@ -721,12 +666,10 @@ async fn relay(
     let count_in = |n: usize| {
         counters.bytes_in.fetch_add(n as u64, Ordering::Relaxed);
         last_activity.set(Instant::now());
-        note_activity();
     };
     let count_out = |n: usize| {
         counters.bytes_out.fetch_add(n as u64, Ordering::Relaxed);
         last_activity.set(Instant::now());
-        note_activity();
     };
     poll_fn(|cx| {
         let up_done = poll_direction(&mut up, cx, client, upstream, &count_in)?;
@@ -1089,33 +1032,6 @@ mod tests {
     }
 
     #[test]
-    fn busy_poll_spins_only_after_activity_and_for_its_window() {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        let polls = || BUSY_POLLS.with(Cell::get);
-        let local = tokio::task::LocalSet::new();
-        local.block_on(&rt, async {
-            tokio::task::spawn_local(busy_poll(Duration::from_millis(40)));
-            tokio::time::sleep(Duration::from_millis(20)).await;
-            assert_eq!(polls(), 0, "no bytes moved yet: the poller must sleep");
-            note_activity();
-            tokio::time::sleep(Duration::from_millis(20)).await;
-            assert!(polls() > 0, "bytes moved: the poller must spin");
-            // The window ends 40 ms after the activity; well after it the count stands still.
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            let settled = polls();
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            assert_eq!(
-                polls(),
-                settled,
-                "the window is over: the poller must sleep again"
-            );
-        });
-    }
-
-    #[test]
     fn config_defaults() {
         let c = ProxyConfig::new("127.0.0.1".parse().unwrap(), None, vec![80]);
         assert_eq!(c.max_connections, 10_000);
@@ -1124,6 +1040,5 @@ mod tests {
         assert_eq!(c.drain, Duration::from_secs(5));
         assert!(c.splice);
         assert_eq!(c.upstream_port, None);
-        assert_eq!(c.busy_poll, Duration::ZERO);
     }
 }

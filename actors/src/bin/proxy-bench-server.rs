@@ -29,9 +29,6 @@ struct Args {
     /// Use the copy loop instead of splice(2).
     #[arg(long)]
     copy: bool,
-    /// Busy-polling window after bytes move, in microseconds (0: off).
-    #[arg(long, default_value_t = 0)]
-    busy_poll_us: u64,
     /// Drain period on shutdown, in seconds.
     #[arg(long, default_value_t = 1)]
     drain_secs: u64,
@@ -52,7 +49,6 @@ fn main() -> Result<()> {
         max_connections: args.max_connections,
         splice: !args.copy,
         drain: Duration::from_secs(args.drain_secs),
-        busy_poll: Duration::from_micros(args.busy_poll_us),
         ..ProxyConfig::new(args.listen, args.aux, ports)
     };
     actix::System::new().block_on(async move {
