@@ -973,11 +973,16 @@ fn poll_copy(
         if st.buf.capacity() == 0 {
             st.buf.reserve_exact(COPY_CHUNK);
         }
-        match src.try_read_buf(&mut st.buf) {
-            Ok(0) => st.eof = true,
-            Ok(_) => {}
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            Err(e) => return Poll::Ready(Err(e)),
+        // Through tokio's poll_read, which marks the socket drained after a short read: no
+        // further read that fails with EAGAIN just to learn it.
+        match tokio_util::io::poll_read_buf(Pin::new(&mut *src), cx, &mut st.buf) {
+            Poll::Ready(Ok(0)) => st.eof = true,
+            Poll::Ready(Ok(_)) => {}
+            Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+            Poll::Pending => {
+                st.buf = Vec::new();
+                return Poll::Pending;
+            }
         }
     }
 }
