@@ -5,10 +5,10 @@
 //! one direction does not end the other (half-close), TCP_NODELAY on both ends, and as fast as a
 //! direct connection. On Linux streams move with `splice(2)` through a pipe, never through our
 //! memory; small messages (a read that does not fill 16 KiB) are read and written straight on,
-//! which takes fewer calls than the pipe's three. A pipe is borrowed from a small per-thread pool only while bytes sit in it, so an idle
-//! connection costs its two sockets and nothing else (the `tokio-splice2` crate keeps two pipes,
-//! four descriptors, per connection for its whole life: 10 000 connections would need 60 000
-//! descriptors). A copy loop with 64 KiB buffers takes over when a pipe cannot be made, or
+//! which takes fewer calls than the pipe's three. A pipe is borrowed from a small per-thread pool
+//! only while bytes sit in it, so an idle connection costs its two sockets and nothing else (the
+//! `tokio-splice2` crate keeps two pipes, four descriptors, per connection for its whole life:
+//! 10 000 connections would need 60 000 descriptors). A copy loop with 64 KiB buffers takes over when a pipe cannot be made, or
 //! everywhere when [`ProxyConfig::splice`] is false. `nix` wraps the syscalls safely; this module
 //! has no `unsafe`.
 //!
