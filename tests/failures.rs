@@ -305,6 +305,59 @@ fn shop_with_data(lab: &Lab) -> (Data, String) {
 }
 
 /// Every value of `data` reads back the same at `url`.
+/// A migrate of `shop` (holding [`Data`]) from g1 to g2 as `shop2`, its copy held in flight:
+/// the source's export found and stopped (SIGCONT lets it go on), the step `running` at
+/// MigHelper.
+struct Held {
+    data: Data,
+    sum: String,
+    id: String,
+    helper: String,
+    export: i32,
+}
+
+fn held_migrate(lab: &Lab) -> Held {
+    let (data, sum) = shop_with_data(lab);
+    hold_exports(lab, 1);
+    let id = start_migrate(&lab.mig_url(1), "g2", "shop2");
+    let helper = helper_url(lab, 2);
+    let export = stopped_export(lab, 1, "shop");
+    let op = wait_step(lab, &helper, &id, MIGRATING, "running", 30);
+    assert_eq!(op["state"], "running");
+    Held {
+        data,
+        sum,
+        id,
+        helper,
+        export,
+    }
+}
+
+/// The end state of a migrate rolled back with nothing left over: the copy's step failed, the
+/// target's start undone, MigHelper destroyed; `shop` runs on g1 as it was, g2 holds nothing.
+fn assert_rolled_back(lab: &Lab, op: &serde_json::Value, data: &Data, sum: &str) {
+    assert_eq!(op["state"], "rolled_back", "{op:#}");
+    assert_eq!(op["leftovers"], serde_json::json!([]), "{op:#}");
+    assert_eq!(step(op, MIGRATING)["state"], "failed");
+    assert_eq!(
+        step(op, "starting the target application")["state"],
+        "rolled_back"
+    );
+    assert_eq!(step(op, "destroying MigHelper")["state"], "done");
+    assert_eq!(names(&lab.apps(1)), [("shop", "running")]);
+    assert_eq!(
+        names(&lab.apps(2)),
+        [] as [(&str, &str); 0],
+        "no partial target, no MigHelper"
+    );
+    assert_data(&lab.data_url(1), data);
+    assert_eq!(
+        lab.checksum(1, "shop"),
+        sum,
+        "the source's data is untouched"
+    );
+}
+
 /// The end state of a migrate that succeeded with nothing left over: every step done, the source
 /// gone from g1, only `shop2` on g2 (no MigHelper, no second copy), holding every byte.
 fn assert_moved(lab: &Lab, op: &serde_json::Value, data: &Data, sum: &str) {
@@ -376,15 +429,14 @@ fn helper_app(id: &str) -> String {
 #[test]
 fn a_killed_mighelper_is_restarted_by_its_grid_and_resumes_from_its_journal() {
     let lab = Lab::up(2, &BASES);
-    let (data, sum) = shop_with_data(&lab);
-    hold_exports(&lab, 1);
-    let id = start_migrate(&lab.mig_url(1), "g2", "shop2");
-    let helper = helper_url(&lab, 2);
-
     // Hold the copy in the middle, then kill `mig helper` outright.
-    let export = stopped_export(&lab, 1, "shop");
-    let op = wait_step(&lab, &helper, &id, MIGRATING, "running", 30);
-    assert_eq!(op["state"], "running");
+    let Held {
+        data,
+        sum,
+        id,
+        export,
+        ..
+    } = held_migrate(&lab);
     let mig_helper = helper_process(&lab, &id, 0);
     signal(mig_helper, "KILL");
 
@@ -402,13 +454,13 @@ fn a_killed_mighelper_is_restarted_by_its_grid_and_resumes_from_its_journal() {
 #[test]
 fn an_unreachable_source_controller_during_the_copy_rolls_back_once_it_answers() {
     let lab = Lab::up(2, &BASES);
-    let (data, sum) = shop_with_data(&lab);
-    hold_exports(&lab, 1);
-    let id = start_migrate(&lab.mig_url(1), "g2", "shop2");
-    let helper = helper_url(&lab, 2);
-
-    stopped_export(&lab, 1, "shop");
-    wait_step(&lab, &helper, &id, MIGRATING, "running", 30);
+    let Held {
+        data,
+        sum,
+        id,
+        helper,
+        ..
+    } = held_migrate(&lab);
     // g1's controller goes away: its sshd and every session it serves, the copy's included.
     kill_tree(sshd_pid(&lab, 1));
     let op = wait_step(&lab, &helper, &id, MIGRATING, "failed", 30);
@@ -425,50 +477,30 @@ fn an_unreachable_source_controller_during_the_copy_rolls_back_once_it_answers()
     lab.run_lab_up("lab up again");
 
     let op = wait_end(&lab, &lab.mig_url(1), &id, 90);
-    assert_eq!(op["state"], "rolled_back", "{op:#}");
+    assert_rolled_back(&lab, &op, &data, &sum);
     assert!(
         op["error"].as_str().unwrap().contains(MIGRATING),
         "the error names the failed step: {op:#}"
     );
-    assert_eq!(step(&op, MIGRATING)["state"], "failed");
     assert_eq!(
         step(&op, "stopping the source application")["state"],
         "rolled_back"
     );
-    assert_eq!(
-        step(&op, "starting the target application")["state"],
-        "rolled_back"
-    );
     assert_eq!(step(&op, DESTROYING_SOURCE)["state"], "rolled_back");
-    assert_eq!(step(&op, "destroying MigHelper")["state"], "done");
-    assert_eq!(op["leftovers"], serde_json::json!([]));
-
-    assert_eq!(names(&lab.apps(1)), [("shop", "running")]);
-    assert_eq!(
-        names(&lab.apps(2)),
-        [] as [(&str, &str); 0],
-        "no partial target, no MigHelper"
-    );
-    assert_data(&lab.data_url(1), &data);
-    assert_eq!(
-        lab.checksum(1, "shop"),
-        sum,
-        "the source's data is untouched"
-    );
 }
 
 #[test]
 fn a_target_mig_killed_during_its_clean_up_finishes_it_when_started_again() {
     let lab = Lab::up(2, &BASES);
-    let (data, sum) = shop_with_data(&lab);
-    hold_exports(&lab, 1);
-    let id = start_migrate(&lab.mig_url(1), "g2", "shop2");
-    let helper = helper_url(&lab, 2);
-
     // g1's controller stops taking new connections while the copy runs (the copy's own session
     // goes on), so the target MIG's first clean-up step cannot reach it and keeps retrying.
-    let export = stopped_export(&lab, 1, "shop");
-    wait_step(&lab, &helper, &id, MIGRATING, "running", 30);
+    let Held {
+        data,
+        sum,
+        id,
+        export,
+        ..
+    } = held_migrate(&lab);
     signal(sshd_pid(&lab, 1), "KILL");
     signal(export, "CONT");
     let target = lab.mig_url(2);
@@ -502,15 +534,15 @@ fn a_target_mig_killed_during_its_clean_up_finishes_it_when_started_again() {
 #[test]
 fn a_mighelper_killed_during_the_roll_back_goes_on_rolling_back_when_restarted() {
     let lab = Lab::up(2, &BASES);
-    let (data, sum) = shop_with_data(&lab);
-    hold_exports(&lab, 1);
-    let id = start_migrate(&lab.mig_url(1), "g2", "shop2");
-    let helper = helper_url(&lab, 2);
-
     // The copy fails because g1's controller is gone; the roll-back then waits for g1 to start
     // the source again...
-    stopped_export(&lab, 1, "shop");
-    wait_step(&lab, &helper, &id, MIGRATING, "running", 30);
+    let Held {
+        data,
+        sum,
+        id,
+        helper,
+        ..
+    } = held_migrate(&lab);
     kill_tree(sshd_pid(&lab, 1));
     wait_step(&lab, &helper, &id, MIGRATING, "failed", 30);
     std::thread::sleep(Duration::from_secs(1));
@@ -524,37 +556,22 @@ fn a_mighelper_killed_during_the_roll_back_goes_on_rolling_back_when_restarted()
     wait_restarted(&lab, &id, mig_helper);
     lab.run_lab_up("lab up again");
     let op = wait_end(&lab, &lab.mig_url(1), &id, 60);
-    assert_eq!(op["state"], "rolled_back", "{op:#}");
-    assert_eq!(op["leftovers"], serde_json::json!([]), "{op:#}");
-    assert_eq!(step(&op, MIGRATING)["state"], "failed");
-    assert_eq!(
-        step(&op, "starting the target application")["state"],
-        "rolled_back"
-    );
-    assert_eq!(step(&op, "destroying MigHelper")["state"], "done");
-    assert_eq!(names(&lab.apps(1)), [("shop", "running")]);
-    assert_eq!(
-        names(&lab.apps(2)),
-        [] as [(&str, &str); 0],
-        "no target, no MigHelper"
-    );
-    assert_data(&lab.data_url(1), &data);
-    assert_eq!(lab.checksum(1, "shop"), sum);
+    assert_rolled_back(&lab, &op, &data, &sum);
 }
 
 #[test]
 fn a_mighelper_that_forgot_its_final_handoff_does_not_undo_the_cut_over() {
     let lab = Lab::up(2, &BASES);
-    let (data, sum) = shop_with_data(&lab);
-    hold_exports(&lab, 1);
-    let id = start_migrate(&lab.mig_url(1), "g2", "shop2");
-    let helper = helper_url(&lab, 2);
     let target = lab.mig_url(2);
-
     // Hold the operation after the cut-over: the target MIG took it and cannot reach g1 to
     // destroy the source (g1's sshd takes no new connections; the copy's session goes on).
-    let export = stopped_export(&lab, 1, "shop");
-    wait_step(&lab, &helper, &id, MIGRATING, "running", 30);
+    let Held {
+        data,
+        sum,
+        id,
+        helper,
+        export,
+    } = held_migrate(&lab);
     signal(sshd_pid(&lab, 1), "KILL");
     signal(export, "CONT");
     wait_step(&lab, &target, &id, DESTROYING_SOURCE, "running", 60);
