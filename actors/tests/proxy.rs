@@ -545,19 +545,26 @@ async fn at_the_limit_the_next_connection_waits_in_the_backlog() {
     assert_eq!(p.port_stats().total, 3);
 }
 
-#[actix_rt::test]
-async fn shutdown_drains_then_cuts() {
+/// A proxy to an echo server with `drain`, and one connection through it, answering.
+async fn start_with_live_connection(splice: bool, drain: Duration) -> (Running, TcpStream) {
     let upstream = spawn_echo(LOCALHOST);
-    let mut c = config(upstream, true);
-    c.drain = Duration::from_millis(1500);
+    let mut c = config(upstream, splice);
+    c.drain = drain;
     let p = start(c).await;
     let local = p.local;
-    let mut live = on_ends(async move {
+    let live = on_ends(async move {
         let mut s = TcpStream::connect(local).await.unwrap();
         assert!(ping(&mut s, Duration::from_secs(5)).await);
         s
     })
     .await;
+    (p, live)
+}
+
+#[actix_rt::test]
+async fn shutdown_drains_then_cuts() {
+    let (p, mut live) = start_with_live_connection(true, Duration::from_millis(1500)).await;
+    let local = p.local;
     let started = Instant::now();
     let shutdown = actix_rt::spawn(p.addr.send(Shutdown));
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -601,17 +608,7 @@ async fn shutdown_drains_then_cuts() {
 
 #[actix_rt::test]
 async fn shutdown_ends_early_when_connections_finish() {
-    let upstream = spawn_echo(LOCALHOST);
-    let mut c = config(upstream, false);
-    c.drain = Duration::from_secs(30);
-    let p = start(c).await;
-    let local = p.local;
-    let mut live = on_ends(async move {
-        let mut s = TcpStream::connect(local).await.unwrap();
-        assert!(ping(&mut s, Duration::from_secs(5)).await);
-        s
-    })
-    .await;
+    let (p, mut live) = start_with_live_connection(false, Duration::from_secs(30)).await;
     let started = Instant::now();
     let shutdown = actix_rt::spawn(p.addr.send(Shutdown));
     tokio::time::sleep(Duration::from_millis(100)).await;
