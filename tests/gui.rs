@@ -54,12 +54,7 @@ async fn submit(b: &Browser, url: &str, kind: &str, name: &str, grid: &str) {
         .await
         .unwrap();
     b.js(&format!("const s = document.getElementById('target-grid'); s.value = '{grid}'; s.dispatchEvent(new Event('change')); return s.value")).await;
-    c.find(Locator::Id("submit"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    b.click("submit").await;
     b.wait_for(
         "the monitor page",
         Duration::from_secs(15),

@@ -372,12 +372,7 @@ async fn run_operation(kind: Kind, start: Start, screenshots: bool) {
         let name = c.find(Locator::Id("target-app")).await.unwrap();
         name.send_keys("shop-eu").await.unwrap();
         if kind == Kind::Snapshot {
-            c.find(Locator::Id("kind-snapshot"))
-                .await
-                .unwrap()
-                .click()
-                .await
-                .unwrap();
+            browser.click("kind-snapshot").await;
         }
     }
     let label = browser
@@ -396,12 +391,7 @@ async fn run_operation(kind: Kind, start: Start, screenshots: bool) {
     if start == Start::KeyboardBehindAuth {
         browser.keys(ENTER).await; // on the focused Start button
     } else {
-        c.find(Locator::Id("submit"))
-            .await
-            .unwrap()
-            .click()
-            .await
-            .unwrap();
+        browser.click("submit").await;
     }
     let deadline = Instant::now() + Duration::from_secs(5);
     while trio.source.started().is_empty() {
@@ -725,20 +715,10 @@ async fn the_form_refuses_bad_names_and_offers_what_mode_allows() {
         .js("return [document.getElementById('target-app-error').textContent, document.getElementById('target-app').getAttribute('aria-invalid')]")
         .await;
     assert_eq!(error, json!(["The name must start with a letter.", "true"]));
-    c.find(Locator::Id("submit"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    browser.click("submit").await;
     name.send_keys("\u{E007}").await.unwrap(); // Enter submits the form too
     name.clear().await.unwrap();
-    c.find(Locator::Id("submit"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    browser.click("submit").await;
     let empty = browser
         .js("return [document.getElementById('target-app-error').textContent, document.activeElement.id]")
         .await;
@@ -750,12 +730,7 @@ async fn the_form_refuses_bad_names_and_offers_what_mode_allows() {
         ])
     );
     name.send_keys("shop eu").await.unwrap();
-    c.find(Locator::Id("submit"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    browser.click("submit").await;
     pause(300).await;
     assert_eq!(src.posts(), 0, "a bad name must not reach the server");
 
@@ -805,12 +780,7 @@ async fn the_form_refuses_bad_names_and_offers_what_mode_allows() {
         .send_keys("shop2")
         .await
         .unwrap();
-    c.find(Locator::Id("submit"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    browser.click("submit").await;
     let shown = browser
         .wait_for(
             "the refusal",

@@ -104,6 +104,17 @@ impl Browser {
         }
     }
 
+    /// Clicks the element with this id, failing the test with the id when there is none.
+    pub async fn click(&self, id: &str) {
+        self.client
+            .find(fantoccini::Locator::Id(id))
+            .await
+            .unwrap_or_else(|e| panic!("no element #{id}: {e}"))
+            .click()
+            .await
+            .unwrap_or_else(|e| panic!("clicking #{id}: {e}"));
+    }
+
     /// Runs `script` in the page and returns its result.
     pub async fn js(&self, script: &str) -> serde_json::Value {
         self.client
