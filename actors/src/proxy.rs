@@ -841,16 +841,8 @@ fn poll_splice(
             pipe.give_back();
         }
         if st.written < st.buf.len() {
-            ready!(dst.poll_write_ready(cx)).map_err(SpliceError::Io)?;
-            match dst.try_write(&st.buf[st.written..]) {
-                Ok(0) => return Poll::Ready(Err(SpliceError::Io(io::ErrorKind::WriteZero.into()))),
-                Ok(n) => {
-                    st.written += n;
-                    count(n);
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) => return Poll::Ready(Err(SpliceError::Io(e))),
-            }
+            ready!(poll_write_some(&st.buf, &mut st.written, cx, dst, count))
+                .map_err(SpliceError::Io)?;
             if st.written == st.buf.len() {
                 st.buf = Vec::new();
                 st.written = 0;
@@ -936,6 +928,28 @@ fn probe_read(
     Poll::Ready(Ok(()))
 }
 
+/// Once `dst` is writable, one write of `buf[*written..]`, counted. A write that would block is
+/// no error: the caller loops and waits for writability again.
+fn poll_write_some(
+    buf: &[u8],
+    written: &mut usize,
+    cx: &mut std::task::Context<'_>,
+    dst: &mut TcpStream,
+    count: &dyn Fn(usize),
+) -> Poll<io::Result<()>> {
+    ready!(dst.poll_write_ready(cx))?;
+    match dst.try_write(&buf[*written..]) {
+        Ok(0) => Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+        Ok(n) => {
+            *written += n;
+            count(n);
+            Poll::Ready(Ok(()))
+        }
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Poll::Ready(Ok(())),
+        Err(e) => Poll::Ready(Err(e)),
+    }
+}
+
 /// The copy loop: read up to 64 KiB, write it all, repeat; on EOF shut down the writer.
 fn poll_copy(
     st: &mut CopyState,
@@ -946,16 +960,7 @@ fn poll_copy(
 ) -> Poll<io::Result<()>> {
     loop {
         if st.written < st.buf.len() {
-            ready!(dst.poll_write_ready(cx))?;
-            match dst.try_write(&st.buf[st.written..]) {
-                Ok(0) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
-                Ok(n) => {
-                    st.written += n;
-                    count(n);
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) => return Poll::Ready(Err(e)),
-            }
+            ready!(poll_write_some(&st.buf, &mut st.written, cx, dst, count))?;
             continue;
         }
         if st.eof {
