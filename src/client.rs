@@ -117,11 +117,11 @@ pub async fn follow(url: &str, id: &str, quiet: bool) -> anyhow::Result<Op> {
         .progress_chars("=> "),
     );
     let mut last_seen = Instant::now();
-    let mut printed: Vec<(String, StepState)> = Vec::new();
+    let mut printed: Vec<(actors::op::StepId, StepState)> = Vec::new();
     loop {
         for m in &op.monitors {
             for s in &m.steps {
-                let key = (s.name.clone(), s.state);
+                let key = (s.name, s.state);
                 if s.state != StepState::Pending && !printed.contains(&key) {
                     printed.push(key);
                     let detail = s

@@ -11,6 +11,7 @@ use actix::{Actor, Addr};
 use actors::auth::AppKey;
 use actors::book::OpBook;
 use actors::driver::{Driver, SshConnect};
+use actors::faults::Faults;
 use actors::handoff::{HelperEnv, HELPER_ENV_VAR};
 use actors::journal::Journal;
 use actors::mig_helper::MigHelper;
@@ -60,7 +61,8 @@ fn open_book_and_driver(props: &Properties) -> Result<(OpBook, Driver), Fatal> {
         key_file: props.private_key_file.clone(),
         known_hosts: props.known_hosts_file.clone(),
     };
-    let driver = Driver::new(book.clone(), Arc::new(connect));
+    let faults = Faults::new(props.fault_dir.clone());
+    let driver = Driver::new(book.clone(), Arc::new(connect)).with_faults(faults);
     Ok((book, driver))
 }
 
@@ -138,13 +140,11 @@ pub async fn serve(props: Properties) -> Result<(), Fatal> {
     let app_key = key_ok
         .then(|| AppKey::from_private_key_file(&props.private_key_file).ok())
         .flatten();
-    let (mut handoff, mut source) = (None, None);
+    let (mut handoff, mut status, mut source) = (None, None, None);
     if let Some(app_key) = app_key {
-        handoff = Some(
-            Target::new(app_key.clone(), driver.clone())
-                .start()
-                .recipient(),
-        );
+        let target = Target::new(app_key.clone(), props.app_name.clone(), driver.clone()).start();
+        status = Some(target.clone().recipient());
+        handoff = Some(target.recipient());
         match site.operations_unavailable() {
             Some(why) => tracing::warn!("operations are not offered: {why}"),
             None => {
@@ -175,7 +175,9 @@ pub async fn serve(props: Properties) -> Result<(), Fatal> {
     }
     let mut shared = Shared::new(Some(site), book, vec![Role::Source, Role::Target]);
     shared.handoff = handoff;
+    shared.status = status;
     shared.source = source;
+    shared.faults = Faults::new(props.fault_dir.clone());
     let stats = Arc::new(ProxyStats::new());
     let proxy = start_proxy(&props, stats.clone()).await?;
     if proxy.is_some() {
@@ -210,7 +212,9 @@ pub async fn helper(mut props: Properties, env: Option<String>) -> Result<(), Fa
     span.in_scope(|| tracing::info!("MigHelper starting"));
     let helper = MigHelper::new(env.op_id.clone(), env.op_key(), driver).start();
     let mut shared = Shared::new(None, book, vec![Role::Helper]);
-    shared.handoff = Some(helper.recipient());
+    shared.handoff = Some(helper.clone().recipient());
+    shared.status = Some(helper.recipient());
+    shared.faults = Faults::new(props.fault_dir.clone());
     listen_and_serve(&props, shared, None).await
 }
 

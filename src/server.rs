@@ -15,13 +15,15 @@ use actix_web::middleware::{from_fn, Next};
 use actix_web::{web as aw, App, HttpRequest, HttpResponse, HttpServer};
 use actors::auth::{GuiCredentials, Signed};
 use actors::book::OpBook;
-use actors::handoff::Handoff;
+use actors::faults::{self, Faults};
+use actors::handoff::{self, Handoff, StatusQuery};
 use actors::op::Role;
 use actors::proxy::ProxyStats;
 use actors::source::{Source, StartOp};
 use serde::{Deserialize, Serialize};
 use subtle::ConstantTimeEq;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::site::Site;
 
@@ -46,6 +48,10 @@ pub struct Shared {
     pub source: Option<Addr<Source>>,
     /// Takes handoffs: Target in `mig serve`, MigHelper in `mig helper`.
     pub handoff: Option<Recipient<Handoff>>,
+    /// Answers signed status queries: the same actor as `handoff`.
+    pub status: Option<Recipient<StatusQuery>>,
+    /// Test-only fault points (off unless `fault_dir` is set).
+    pub faults: Faults,
     /// The roles this instance plays; its event streams end when the operation moves on.
     pub roles: Vec<Role>,
     pub csrf_token: String,
@@ -64,6 +70,8 @@ impl Shared {
             book,
             source: None,
             handoff: None,
+            status: None,
+            faults: Faults::default(),
             roles,
             csrf_token: actors::op::new_id(),
             proxy_stats: None,
@@ -101,6 +109,7 @@ pub async fn run(
                     .route("/ops/{id}", aw::get().to(get_op))
                     .route("/ops/{id}/events", aw::get().to(op_events))
                     .route("/ops/{id}/trace", aw::get().to(op_trace))
+                    .route("/ops/{id}/status", aw::get().to(op_status))
                     .route("/handoff", aw::post().to(handoff)),
             )
     })
@@ -416,19 +425,68 @@ async fn handoff(req: HttpRequest, shared: aw::Data<Shared>, body: aw::Bytes) ->
     if let Some(ids) = actors::telemetry::SpanIds::child_of(traceparent) {
         actors::telemetry::link(&span, &ids);
     }
-    let _g = span.enter();
-    match recipient
-        .send(Handoff {
-            signed,
-            body: body.to_vec(),
-        })
-        .await
-    {
-        Ok(Ok(())) => HttpResponse::Ok().json(serde_json::json!({"accepted": true})),
-        Ok(Err(e)) => {
-            tracing::warn!(status = e.status(), error = %e, "handoff refused");
-            error(e.status(), e.to_string())
+    let sent = recipient.send(Handoff {
+        signed,
+        body: body.to_vec(),
+    });
+    async move {
+        match sent.await {
+            Ok(Ok(())) if shared.faults.active(faults::DROP_HANDOFF_REPLY) => {
+                tracing::warn!("handoff accepted; its answer dropped at a test fault point");
+                error(
+                    503,
+                    "fault point: the answer to an accepted handoff is dropped",
+                )
+            }
+            Ok(Ok(())) => HttpResponse::Ok().json(serde_json::json!({"accepted": true})),
+            Ok(Err(e)) => {
+                tracing::warn!(status = e.status(), error = %e, "handoff refused");
+                error(e.status(), e.to_string())
+            }
+            Err(e) => error(500, format!("the actor is gone: {e}")),
         }
+    }
+    .instrument(span)
+    .await
+}
+
+#[derive(serde::Deserialize)]
+struct StatusParams {
+    nonce: String,
+}
+
+/// `GET /api/v1/ops/{id}/status?nonce=HEX`: whether this instance owns the operation, and since
+/// which handoff, signed with the operation's key over the asker's nonce. A sender whose handoff
+/// went unanswered trusts only this before it undoes anything.
+async fn op_status(
+    shared: aw::Data<Shared>,
+    id: aw::Path<String>,
+    q: aw::Query<StatusParams>,
+) -> HttpResponse {
+    if !actors::op::valid_id(&id) || !handoff::valid_nonce(&q.nonce) {
+        return error(
+            400,
+            "the operation id and nonce are 32 lowercase hex digits",
+        );
+    }
+    if shared.faults.active(faults::FAIL_STATUS) {
+        return error(503, "fault point: status unavailable");
+    }
+    let Some(recipient) = &shared.status else {
+        return error(503, "this instance cannot take operations (see mig check)");
+    };
+    let query = StatusQuery {
+        op_id: id.into_inner(),
+        nonce: q.into_inner().nonce,
+    };
+    match recipient.send(query).await {
+        Ok(Some(a)) => cors(
+            HttpResponse::Ok()
+                .content_type("application/json")
+                .insert_header((actors::auth::H_SIGNATURE, a.signature))
+                .body(a.body),
+        ),
+        Ok(None) => error(404, "this instance does not answer for that operation"),
         Err(e) => error(500, format!("the actor is gone: {e}")),
     }
 }

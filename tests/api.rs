@@ -41,6 +41,11 @@ impl Drop for Api {
 
 /// A `mig serve` for application `shop` on g1 of common::GRID_INFO, with memory grids.
 fn start(mode: &str, sets: &[&str]) -> Api {
+    start_in("shop", mode, sets)
+}
+
+/// The same, in the MIG of application `app` (`shop2` is the target of [`plan`]).
+fn start_in(app: &str, mode: &str, sets: &[&str]) -> Api {
     let dir = common::config_dir();
     let mut all: Vec<String> = vec![
         format!("mode={mode}"),
@@ -75,10 +80,11 @@ fn start(mode: &str, sets: &[&str]) -> Api {
         driver.clone(),
     )
     .start();
-    let target = Target::new(app_key, driver).start();
+    let target = Target::new(app_key, Some(app.to_string()), driver).start();
     let mut shared = Shared::new(Some(site), book.clone(), vec![Role::Source, Role::Target]);
     shared.source = Some(source);
-    shared.handoff = Some(target.recipient());
+    shared.handoff = Some(target.clone().recipient());
+    shared.status = Some(target.recipient());
     let csrf = shared.csrf_token.clone();
     let gui = TcpListener::bind("127.0.0.1:0").unwrap();
     let mon = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -209,6 +215,7 @@ fn plan() -> Plan {
 /// An operation as MigHelper hands it to the target MIG: everything before the clean-up done.
 fn handed_over() -> Op {
     let mut op = Op::new(op::new_id(), Kind::Migrate, plan());
+    op.plan.helper_app = op::helper_app_name(&op.id);
     for s in [
         op::PROVISIONING_HELPER,
         op::STOPPING_SOURCE,
@@ -222,8 +229,45 @@ fn handed_over() -> Op {
 }
 
 async fn send(api: &Api, key: &OpKey, op: &Op, seq: u64, tamper: bool, skew: i64) -> u16 {
+    send_to(
+        api,
+        key,
+        op,
+        seq,
+        &actors::handoff::audience(op),
+        tamper,
+        skew,
+    )
+    .await
+    .0
+}
+
+/// Sends `op` signed for `to` (a receiver and transition); returns the status and body.
+async fn send_to(
+    api: &Api,
+    key: &OpKey,
+    op: &Op,
+    seq: u64,
+    to: &actors::auth::Audience,
+    tamper: bool,
+    skew: i64,
+) -> (u16, String) {
     let body = serde_json::to_vec(op).unwrap();
-    let mut signed = key.sign(&op.id, seq, &body);
+    send_raw(api, key, &op.id, body, seq, to, tamper, skew).await
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn send_raw(
+    api: &Api,
+    key: &OpKey,
+    op_id: &str,
+    body: Vec<u8>,
+    seq: u64,
+    to: &actors::auth::Audience,
+    tamper: bool,
+    skew: i64,
+) -> (u16, String) {
+    let mut signed = key.sign(op_id, seq, to, &body);
     if skew != 0 {
         // Re-sign with a timestamp far from now: the signature is right, the time is not.
         signed = actors::auth::Signed {
@@ -242,12 +286,14 @@ async fn send(api: &Api, key: &OpKey, op: &Op, seq: u64, tamper: bool, skew: i64
     for (k, v) in signed.headers() {
         req = req.header(k, v);
     }
-    req.send().await.unwrap().status().as_u16()
+    let r = req.send().await.unwrap();
+    (r.status().as_u16(), r.text().await.unwrap_or_default())
 }
 
 #[actix_rt::test]
 async fn forged_replayed_cross_op_tampered_and_stale_handoffs_are_401_and_change_nothing() {
-    let api = start("both", &[]);
+    // The MIG of the target application, to which MigHelper hands a migrate.
+    let api = start_in("shop2", "both", &[]);
     let app_key = AppKey::from_private_key_bytes(KEY);
     let op = handed_over();
     let k_op = app_key.op_key(&op.id);
@@ -294,4 +340,113 @@ async fn forged_replayed_cross_op_tampered_and_stale_handoffs_are_401_and_change
     );
     // A replay after the end does not reopen it either.
     assert_eq!(send(&api, &k_op, &op, 2, false, 0).await, 409);
+}
+
+/// A handoff captured on its way to the target MIG (issue 13: replayed to the source MIG, it made
+/// that MIG run the migrate clean-up and destroy the source). Bound to its receiver, it is refused
+/// there; and even one signed for the source MIG is refused when its plan does not end with the
+/// source application running.
+#[actix_rt::test]
+async fn a_handoff_for_the_target_mig_replayed_to_the_source_mig_destroys_nothing() {
+    let api = start_in("shop", "both", &[]);
+    let app_key = AppKey::from_private_key_bytes(KEY);
+    let op = handed_over();
+    let k_op = app_key.op_key(&op.id);
+
+    let captured = actors::handoff::audience(&op);
+    assert_eq!(captured.app, "shop2");
+    let (status, body) = send_to(&api, &k_op, &op, 1, &captured, false, 0).await;
+    assert_eq!(status, 401, "{body}");
+    // As a roll-back, or to MigHelper: the transition and the role are signed too.
+    for other in [
+        actors::auth::Audience {
+            transition: actors::auth::Transition::RollBack,
+            ..captured.clone()
+        },
+        actors::auth::Audience {
+            role: Role::Helper,
+            ..captured.clone()
+        },
+    ] {
+        assert_eq!(send_to(&api, &k_op, &op, 1, &other, false, 0).await.0, 401);
+    }
+    // Signed for this MIG, but the plan ends with shop2 running, not shop.
+    let for_me = actors::auth::Audience {
+        app: "shop".into(),
+        ..captured.clone()
+    };
+    let (status, body) = send_to(&api, &k_op, &op, 1, &for_me, false, 0).await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("shop2") && body.contains("shop"), "{body}");
+
+    assert!(api.book.get(&op.id).is_none(), "nothing journalled");
+    assert!(api.grid_logs().is_empty(), "no grid touched");
+    assert_eq!(
+        api.lab.grid("127.0.1.1:2222").app_names(),
+        ["shop"],
+        "the source is still there"
+    );
+}
+
+/// Wire data names a step the actors do not know, or leaves one out: 400, never a panic, and the
+/// instance goes on taking good handoffs.
+#[actix_rt::test]
+async fn an_unknown_or_missing_step_is_400_and_the_instance_stays_up() {
+    let api = start_in("shop2", "both", &[]);
+    let app_key = AppKey::from_private_key_bytes(KEY);
+    let op = handed_over();
+    let k_op = app_key.op_key(&op.id);
+    let to = actors::handoff::audience(&op);
+
+    let mut v = serde_json::to_value(&op).unwrap();
+    v["monitors"][2]["steps"][0]["name"] = "formatting the disk".into();
+    let body = serde_json::to_vec(&v).unwrap();
+    let (status, text) = send_raw(&api, &k_op, &op.id, body, 1, &to, false, 0).await;
+    assert_eq!(status, 400, "{text}");
+
+    let mut v = serde_json::to_value(&op).unwrap();
+    v["monitors"][2]["steps"].as_array_mut().unwrap().remove(0);
+    let body = serde_json::to_vec(&v).unwrap();
+    let (status, text) = send_raw(&api, &k_op, &op.id, body, 2, &to, false, 0).await;
+    assert_eq!(status, 400, "{text}");
+    assert!(text.contains("steps"), "{text}");
+    assert!(api.book.get(&op.id).is_none());
+
+    assert_eq!(send(&api, &k_op, &op, 3, false, 0).await, 200);
+}
+
+/// MigHelper's probe: the status route answers, signed with the operation's key over the nonce
+/// it was asked with, who owns the operation here and since which handoff.
+#[actix_rt::test]
+async fn the_status_route_answers_signed_over_the_askers_nonce() {
+    let api = start_in("shop2", "both", &[]);
+    let app_key = AppKey::from_private_key_bytes(KEY);
+    let op = handed_over();
+    let k_op = app_key.op_key(&op.id);
+    let ask = |nonce: String| {
+        let url = format!("{}/api/v1/ops/{}/status?nonce={nonce}", api.url, op.id);
+        async move { reqwest::get(url).await.unwrap() }
+    };
+    let read = |r: reqwest::Response| {
+        let k_op = k_op.clone();
+        async move {
+            let sig = r.headers()["x-mig-signature"].to_str().unwrap().to_string();
+            let body = r.bytes().await.unwrap();
+            assert!(k_op.verify_status(&body, &sig), "signed with k_op");
+            serde_json::from_slice::<actors::handoff::StatusAnswer>(&body).unwrap()
+        }
+    };
+    let nonce = op::new_id();
+    let a = read(ask(nonce.clone()).await).await;
+    assert_eq!(
+        (a.known, a.nonce.as_str(), a.app.as_str()),
+        (false, nonce.as_str(), "shop2")
+    );
+
+    assert_eq!(send(&api, &k_op, &op, 5, false, 0).await, 200);
+    let a = read(ask(op::new_id()).await).await;
+    assert!(a.known);
+    assert_eq!((a.owner, a.seq), (Some(Role::Target), 5));
+
+    assert_eq!(ask("nothex".into()).await.status(), 400);
 }

@@ -1,6 +1,8 @@
-//! Authentication, in one place: the GUI's HTTP basic credentials and the signing of handoffs
-//! (`k_op = HMAC(K_app, op_id)`, HMAC-SHA256 over a header naming the operation, a timestamp and a
-//! sequence number, then the body). Every secret comparison here runs in constant time.
+//! Authentication, in one place: the GUI's HTTP basic credentials, the signing of handoffs
+//! (`k_op = HMAC(K_app, op_id)`, HMAC-SHA256 over a header naming the operation, a timestamp, a
+//! sequence number, who the handoff is for and which transition it is, then the body), and the
+//! signed status answers a sender asks for when it does not know whether its handoff was taken.
+//! Every secret comparison here runs in constant time.
 
 use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -19,6 +21,43 @@ pub const H_OP: &str = "x-mig-op";
 pub const H_TIMESTAMP: &str = "x-mig-timestamp";
 pub const H_SEQ: &str = "x-mig-seq";
 pub const H_SIGNATURE: &str = "x-mig-signature";
+pub const H_TRANSITION: &str = "x-mig-transition";
+
+/// Which way a handoff moves an operation. Signed, so a forward handoff cannot be replayed as a
+/// roll-back or the other way round.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transition {
+    /// Source to MigHelper, or MigHelper to the MIG of the application that runs at the end.
+    Forward,
+    /// MigHelper back to the source MIG after undoing the operation.
+    RollBack,
+}
+
+impl Transition {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Transition::Forward => "forward",
+            Transition::RollBack => "roll-back",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Transition> {
+        match s {
+            "forward" => Some(Transition::Forward),
+            "roll-back" => Some(Transition::RollBack),
+            _ => None,
+        }
+    }
+}
+
+/// Who a handoff is for: the receiving actor's role and the application it lives in. Signed, so a
+/// handoff captured on its way to one instance is refused by every other.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Audience {
+    pub role: crate::op::Role,
+    pub app: String,
+    pub transition: Transition,
+}
 
 /// How far a handoff's timestamp may be from the receiver's clock.
 pub const MAX_SKEW: Duration = Duration::from_secs(300);
@@ -84,7 +123,7 @@ pub enum HandoffAuthError {
     Stale { ts: u64 },
     #[error("handoff sequence {seq} was already used (last accepted: {last})")]
     Replay { seq: u64, last: u64 },
-    #[error("handoff signature does not match (another operation's key, or a changed body)")]
+    #[error("handoff signature does not match (another operation's key, another receiver or transition, or a changed body)")]
     BadSignature,
     #[error("handoff is for operation {header} but its body is for {body}")]
     OpMismatch { header: String, body: String },
@@ -96,6 +135,7 @@ pub struct Signed {
     pub op_id: String,
     pub timestamp: u64,
     pub seq: u64,
+    pub transition: Transition,
     pub signature: String,
 }
 
@@ -122,37 +162,46 @@ impl OpKey {
         Some(OpKey(out))
     }
 
-    fn mac(&self, op_id: &str, timestamp: u64, seq: u64, body: &[u8]) -> HmacSha256 {
-        let head = format!("mig-handoff-v1\n{op_id}\n{timestamp}\n{seq}\n");
+    fn mac(&self, op_id: &str, timestamp: u64, seq: u64, to: &Audience, body: &[u8]) -> HmacSha256 {
+        // v2: v1 did not name the receiver or the transition (see docs/architecture.md).
+        let head = format!(
+            "mig-handoff-v2\n{op_id}\n{timestamp}\n{seq}\n{}\n{}\n{}\n",
+            to.role.actor(),
+            to.app,
+            to.transition.as_str()
+        );
         hmac(&self.0, &[head.as_bytes(), body])
     }
 
-    /// Signs `body` (the handoff JSON) for `op_id` with sequence number `seq`, now.
-    pub fn sign(&self, op_id: &str, seq: u64, body: &[u8]) -> Signed {
+    /// Signs `body` (the handoff JSON) for `op_id` with sequence number `seq`, for `to`, now.
+    pub fn sign(&self, op_id: &str, seq: u64, to: &Audience, body: &[u8]) -> Signed {
         let timestamp = unix_now();
         let tag = self
-            .mac(op_id, timestamp, seq, body)
+            .mac(op_id, timestamp, seq, to, body)
             .finalize()
             .into_bytes();
         Signed {
             op_id: op_id.to_string(),
             timestamp,
             seq,
-            signature: tag.iter().map(|b| format!("{b:02x}")).collect(),
+            transition: to.transition,
+            signature: hex(&tag),
         }
     }
 
-    /// Checks a handoff: signature (constant time), freshness, and that `seq` is newer than the
-    /// last one accepted for this operation.
+    /// Checks a handoff received as `me` (this instance's role and application; the transition is
+    /// the one the handoff says): signature (constant time), freshness, and that `seq` is newer
+    /// than the last one accepted for this operation.
     pub fn verify(
         &self,
         s: &Signed,
+        me: &Audience,
         body: &[u8],
         last_seq: u64,
         now: u64,
     ) -> Result<(), HandoffAuthError> {
         let sig = OpKey::from_hex(&s.signature).ok_or(HandoffAuthError::Missing(H_SIGNATURE))?;
-        self.mac(&s.op_id, s.timestamp, s.seq, body)
+        self.mac(&s.op_id, s.timestamp, s.seq, me, body)
             .verify_slice(&sig.0)
             .map_err(|_| HandoffAuthError::BadSignature)?;
         if now.abs_diff(s.timestamp) > MAX_SKEW.as_secs() {
@@ -166,15 +215,37 @@ impl OpKey {
         }
         Ok(())
     }
+
+    /// Signs a status answer (its JSON). The domain differs from a handoff's, so an answer can
+    /// never pass for a handoff.
+    pub fn sign_status(&self, body: &[u8]) -> String {
+        hex(&hmac(&self.0, &[b"mig-status-v1\n", body])
+            .finalize()
+            .into_bytes())
+    }
+
+    /// Checks a status answer's signature (constant time).
+    pub fn verify_status(&self, body: &[u8], signature: &str) -> bool {
+        OpKey::from_hex(signature).is_some_and(|sig| {
+            hmac(&self.0, &[b"mig-status-v1\n", body])
+                .verify_slice(&sig.0)
+                .is_ok()
+        })
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 impl Signed {
     /// The headers to send.
-    pub fn headers(&self) -> [(&'static str, String); 4] {
+    pub fn headers(&self) -> [(&'static str, String); 5] {
         [
             (H_OP, self.op_id.clone()),
             (H_TIMESTAMP, self.timestamp.to_string()),
             (H_SEQ, self.seq.to_string()),
+            (H_TRANSITION, self.transition.as_str().to_string()),
             (H_SIGNATURE, self.signature.clone()),
         ]
     }
@@ -192,11 +263,15 @@ impl Signed {
         let seq = get(H_SEQ)
             .and_then(|v| v.parse().ok())
             .ok_or(HandoffAuthError::Missing(H_SEQ))?;
+        let transition = get(H_TRANSITION)
+            .and_then(Transition::parse)
+            .ok_or(HandoffAuthError::Missing(H_TRANSITION))?;
         let signature = get(H_SIGNATURE).ok_or(HandoffAuthError::Missing(H_SIGNATURE))?;
         Ok(Signed {
             op_id: op_id.to_string(),
             timestamp,
             seq,
+            transition,
             signature: signature.to_string(),
         })
     }
@@ -258,36 +333,70 @@ mod tests {
         (app, id, k)
     }
 
+    fn to(app: &str, transition: Transition) -> Audience {
+        Audience {
+            role: crate::op::Role::Target,
+            app: app.into(),
+            transition,
+        }
+    }
+
     #[test]
     fn a_signed_handoff_verifies_once() {
         let (_, id, k) = keys();
-        let s = k.sign(&id, 1, b"{\"op\":1}");
-        assert_eq!(k.verify(&s, b"{\"op\":1}", 0, unix_now()), Ok(()));
+        let me = to("shop2", Transition::Forward);
+        let s = k.sign(&id, 1, &me, b"{\"op\":1}");
+        assert_eq!(k.verify(&s, &me, b"{\"op\":1}", 0, unix_now()), Ok(()));
         // The same message again is a replay.
         assert_eq!(
-            k.verify(&s, b"{\"op\":1}", 1, unix_now()),
+            k.verify(&s, &me, b"{\"op\":1}", 1, unix_now()),
             Err(HandoffAuthError::Replay { seq: 1, last: 1 })
         );
     }
 
     #[test]
+    fn a_handoff_is_bound_to_its_receiver_and_transition() {
+        let (_, id, k) = keys();
+        let me = to("shop2", Transition::Forward);
+        let s = k.sign(&id, 1, &me, b"body");
+        // Replayed to the source application's MIG, to MigHelper, or as a roll-back.
+        for other in [
+            to("shop", Transition::Forward),
+            Audience {
+                role: crate::op::Role::Helper,
+                ..me.clone()
+            },
+            to("shop2", Transition::RollBack),
+        ] {
+            assert_eq!(
+                k.verify(&s, &other, b"body", 0, unix_now()),
+                Err(HandoffAuthError::BadSignature),
+                "{other:?}"
+            );
+        }
+    }
+
+    #[test]
     fn tampered_body_wrong_key_other_op_and_stale_are_refused() {
         let (app, id, k) = keys();
-        let s = k.sign(&id, 2, b"body");
+        let me = to("shop2", Transition::Forward);
+        let s = k.sign(&id, 2, &me, b"body");
         assert_eq!(
-            k.verify(&s, b"bodY", 0, unix_now()),
+            k.verify(&s, &me, b"bodY", 0, unix_now()),
             Err(HandoffAuthError::BadSignature)
         );
         let other_app = AppKey::from_private_key_bytes(b"another key");
         assert_eq!(
-            other_app.op_key(&id).verify(&s, b"body", 0, unix_now()),
+            other_app
+                .op_key(&id)
+                .verify(&s, &me, b"body", 0, unix_now()),
             Err(HandoffAuthError::BadSignature)
         );
         // k_op of another operation cannot sign for this one.
         let other_op = crate::op::new_id();
-        let forged = app.op_key(&other_op).sign(&id, 2, b"body");
+        let forged = app.op_key(&other_op).sign(&id, 2, &me, b"body");
         assert_eq!(
-            k.verify(&forged, b"body", 0, unix_now()),
+            k.verify(&forged, &me, b"body", 0, unix_now()),
             Err(HandoffAuthError::BadSignature)
         );
         // A changed header (sequence) breaks the signature too.
@@ -296,31 +405,64 @@ mod tests {
             ..s.clone()
         };
         assert_eq!(
-            k.verify(&bumped, b"body", 0, unix_now()),
+            k.verify(&bumped, &me, b"body", 0, unix_now()),
             Err(HandoffAuthError::BadSignature)
         );
         let later = unix_now() + MAX_SKEW.as_secs() + 5;
         assert_eq!(
-            k.verify(&s, b"body", 0, later),
+            k.verify(&s, &me, b"body", 0, later),
             Err(HandoffAuthError::Stale { ts: s.timestamp })
+        );
+    }
+
+    #[test]
+    fn status_answers_verify_only_with_the_operations_key_and_never_as_handoffs() {
+        let (app, id, k) = keys();
+        let sig = k.sign_status(b"{\"known\":true}");
+        assert!(k.verify_status(b"{\"known\":true}", &sig));
+        assert!(!k.verify_status(b"{\"known\":false}", &sig));
+        assert!(!app
+            .op_key(&crate::op::new_id())
+            .verify_status(b"{\"known\":true}", &sig));
+        assert!(!k.verify_status(b"{\"known\":true}", "zz"));
+        // A status signature is no handoff signature over the same bytes.
+        let me = to("shop2", Transition::Forward);
+        let as_handoff = Signed {
+            op_id: id.clone(),
+            timestamp: unix_now(),
+            seq: 1,
+            transition: Transition::Forward,
+            signature: sig,
+        };
+        assert_eq!(
+            k.verify(&as_handoff, &me, b"{\"known\":true}", 0, unix_now()),
+            Err(HandoffAuthError::BadSignature)
         );
     }
 
     #[test]
     fn headers_round_trip_and_op_keys_hex() {
         let (_, id, k) = keys();
-        let s = k.sign(&id, 7, b"x");
+        let s = k.sign(&id, 7, &to("a", Transition::RollBack), b"x");
         let h = s.headers();
         let back =
             Signed::from_headers(|n| h.iter().find(|(k, _)| *k == n).map(|(_, v)| v.as_str()))
                 .unwrap();
         assert_eq!(back, s);
+        assert_eq!(back.transition, Transition::RollBack);
         assert_eq!(OpKey::from_hex(&k.to_hex()), Some(k.clone()));
         assert_eq!(OpKey::from_hex("zz"), None);
         assert!(!format!("{k:?}").contains(&k.to_hex()[..8]));
         assert_eq!(
             Signed::from_headers(|n| if n == H_OP { Some("../x") } else { Some("1") }),
             Err(HandoffAuthError::Missing(H_OP))
+        );
+        assert_eq!(
+            Signed::from_headers(|n| h
+                .iter()
+                .find(|(k, _)| *k == n && n != H_TRANSITION)
+                .map(|(_, v)| v.as_str())),
+            Err(HandoffAuthError::Missing(H_TRANSITION))
         );
     }
 

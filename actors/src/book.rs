@@ -144,7 +144,7 @@ fn record_metrics(prev: Option<&Op>, op: &Op) {
     // Steps already ended when this instance first sees the operation ended elsewhere.
     let Some(prev) = prev else { return };
     for step in op.monitors.iter().flat_map(|m| &m.steps) {
-        let before = Some(prev.step(&step.name).state);
+        let before = Some(prev.step(step.name).state);
         let ended = matches!(step.state, StepState::Done | StepState::Failed);
         if !ended || before == Some(step.state) {
             continue;
@@ -155,7 +155,7 @@ fn record_metrics(prev: Option<&Op>, op: &Op) {
             } else {
                 "failed"
             };
-            metrics::histogram!("mig_step_duration_seconds", "step" => step.name.clone(), "state" => state)
+            metrics::histogram!("mig_step_duration_seconds", "step" => step.name.as_str(), "state" => state)
                 .record(secs);
         }
         if step.name == MIGRATING && step.state == StepState::Done {

@@ -2,7 +2,9 @@
 //! `env` property that carries what MigHelper needs.
 //!
 //! The receiver answers 200 only once it has journalled the operation; the sender counts the
-//! handoff as done only then.
+//! handoff as done only then. A sender that gets no answer it can trust asks the receiver for a
+//! signed status ([`StatusQuery`]) before it does anything else: a lost 200 must not make it undo
+//! what the receiver is already driving.
 
 use std::time::Duration;
 
@@ -10,9 +12,9 @@ use actix::Message;
 use base64::Engine;
 use serde::{Deserialize, Serialize};
 
-use crate::auth::{HandoffAuthError, OpKey, Signed};
+use crate::auth::{Audience, HandoffAuthError, OpKey, Signed, Transition};
 use crate::book::OpBook;
-use crate::op::Op;
+use crate::op::{Op, OpState, Role};
 
 /// The environment variable through which gridctl's MigHelper template passes the `env` property.
 pub const HELPER_ENV_VAR: &str = "MIG_HELPER_ENV";
@@ -52,12 +54,29 @@ impl HandoffError {
     }
 }
 
-/// Checks a handoff against `key` and what `book` already knows, and returns the operation it
-/// carries. The caller journals it before answering.
-pub fn accept(h: &Handoff, key: &OpKey, book: &OpBook) -> Result<Op, HandoffError> {
+/// Checks a handoff against `key`, received by `me` (this actor's role and application), and what
+/// `book` already knows, and returns the operation it carries. The caller journals it before
+/// answering.
+pub fn accept(
+    h: &Handoff,
+    key: &OpKey,
+    me: (Role, &str),
+    book: &OpBook,
+) -> Result<Op, HandoffError> {
     let known = book.get(&h.signed.op_id);
     let last_seq = known.as_ref().map_or(0, |op| op.seq);
-    key.verify(&h.signed, &h.body, last_seq, crate::auth::unix_now())?;
+    let audience = Audience {
+        role: me.0,
+        app: me.1.to_string(),
+        transition: h.signed.transition,
+    };
+    key.verify(
+        &h.signed,
+        &audience,
+        &h.body,
+        last_seq,
+        crate::auth::unix_now(),
+    )?;
     // An ended operation stays ended, whatever a later message says.
     if let Some(op) = known.filter(|op| !op.state.is_running()) {
         return Err(HandoffError::Refused(format!(
@@ -74,10 +93,18 @@ pub fn accept(h: &Handoff, key: &OpKey, book: &OpBook) -> Result<Op, HandoffErro
         }
         .into());
     }
+    op.check_shape().map_err(HandoffError::Bad)?;
     if !op.state.is_running() {
         return Err(HandoffError::Refused(format!(
             "operation {} has already ended",
             op.id
+        )));
+    }
+    if op.rolling_back != (h.signed.transition == Transition::RollBack) {
+        return Err(HandoffError::Bad(format!(
+            "a {} handoff must {}carry a roll-back",
+            h.signed.transition.as_str(),
+            if op.rolling_back { "not " } else { "" }
         )));
     }
     op.seq = h.signed.seq;
@@ -91,24 +118,63 @@ pub fn accept(h: &Handoff, key: &OpKey, book: &OpBook) -> Result<Op, HandoffErro
 }
 
 /// Who sends a handoff that makes `op.owner` the owner: the actor before it in the chain.
-fn previous_owner(op: &Op) -> crate::op::Role {
-    use crate::op::Role;
+fn previous_owner(op: &Op) -> Role {
     match op.owner {
         Role::Source | Role::Helper => Role::Source,
         Role::Target => Role::Helper,
     }
 }
 
-/// Sends `op` to `base_url`'s handoff route, signed with the next sequence number, retrying while
-/// the receiver cannot be reached. A refusal (4xx) is final.
+/// Who receives `op` when it is handed to `op.owner`: the role, the application it lives in, and
+/// the transition. The receiver checks the same from its side.
+pub fn audience(op: &Op) -> Audience {
+    let (app, transition) = match (op.owner, op.rolling_back, op.kind) {
+        (Role::Helper, _, _) | (Role::Source, _, _) => {
+            (op.plan.helper_app.clone(), Transition::Forward)
+        }
+        (Role::Target, true, _) => (op.plan.source_app.clone(), Transition::RollBack),
+        (Role::Target, false, crate::op::Kind::Migrate) => {
+            (op.plan.target_app.clone(), Transition::Forward)
+        }
+        (Role::Target, false, crate::op::Kind::Snapshot) => {
+            (op.plan.source_app.clone(), Transition::Forward)
+        }
+    };
+    Audience {
+        role: op.owner,
+        app,
+        transition,
+    }
+}
+
+/// Why a handoff was not taken.
+#[derive(Debug, Clone)]
+pub enum SendError {
+    /// The receiver answered and refused it (4xx): final for this message.
+    Refused(String),
+    /// No answer, or not a usable one, within [`SEND_PATIENCE`].
+    Unanswered(String),
+}
+
+impl std::fmt::Display for SendError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SendError::Refused(e) | SendError::Unanswered(e) => f.write_str(e),
+        }
+    }
+}
+
+/// Sends `op` (already carrying its new owner and a fresh sequence number, journalled by the
+/// caller) to `base_url`'s handoff route, signed for its receiver, retrying while the receiver
+/// cannot be reached. A refusal (4xx) is final.
 pub async fn send(
     http: &reqwest::Client,
     base_url: &str,
     key: &OpKey,
     op: &mut Op,
-) -> Result<(), String> {
-    op.seq += 1;
+) -> Result<(), SendError> {
     op.version += 1;
+    let to = audience(op);
     // The sender's instance names the event: the owner changes only on the receiving side.
     let mut sent = op.clone();
     sent.owner = previous_owner(op);
@@ -120,12 +186,12 @@ pub async fn send(
     );
     op.trace = sent.trace;
     let body = serde_json::to_vec(op).expect("an Op always serializes");
-    let url = format!("{base_url}/api/v1/handoff");
+    let url = format!("{base_url}{}", crate::api::HANDOFF);
     let deadline = tokio::time::Instant::now() + SEND_PATIENCE;
     let mut last_err = String::new();
     while tokio::time::Instant::now() < deadline {
         // Signed afresh each try so the timestamp stays current.
-        let signed = key.sign(&op.id, op.seq, &body);
+        let signed = key.sign(&op.id, op.seq, &to, &body);
         let mut req = http
             .post(&url)
             .timeout(Duration::from_secs(30))
@@ -144,17 +210,86 @@ pub async fn send(
             Ok(r) if r.status().is_client_error() => {
                 let status = r.status();
                 let text = r.text().await.unwrap_or_default();
-                return Err(format!("{url} refused the handoff ({status}): {text}"));
+                return Err(SendError::Refused(crate::op::bounded(&format!(
+                    "{url} refused the handoff ({status}): {text}"
+                ))));
             }
             Ok(r) => last_err = format!("{url} answered {}", r.status()),
             Err(e) => last_err = format!("{url}: {e}"),
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    Err(format!(
+    Err(SendError::Unanswered(format!(
         "could not hand the operation over within {} s: {last_err}",
         SEND_PATIENCE.as_secs()
-    ))
+    )))
+}
+
+/// A question to the actor of this instance that would own an operation: do you, and since which
+/// handoff? Asked with a fresh nonce, answered signed with `k_op`, so the asker can trust the
+/// answer although the route needs no credentials.
+#[derive(Message)]
+#[rtype(result = "Option<SignedStatus>")]
+pub struct StatusQuery {
+    pub op_id: String,
+    pub nonce: String,
+}
+
+/// What an instance says of one operation, with who says it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusAnswer {
+    pub op_id: String,
+    pub nonce: String,
+    /// The answering actor and the application it lives in.
+    pub role: Role,
+    pub app: String,
+    /// Whether this instance knows the operation at all; the rest is empty when it does not.
+    pub known: bool,
+    pub owner: Option<Role>,
+    pub seq: u64,
+    pub state: Option<OpState>,
+    pub rolling_back: bool,
+}
+
+/// A status answer's JSON and its signature (`x-mig-signature`).
+#[derive(Debug, Clone)]
+pub struct SignedStatus {
+    pub body: Vec<u8>,
+    pub signature: String,
+}
+
+/// Answers a [`StatusQuery`] from `book`, as `me`, signed with `key`.
+pub fn answer_status(
+    book: &OpBook,
+    key: &OpKey,
+    me: (Role, &str),
+    q: &StatusQuery,
+) -> SignedStatus {
+    let op = book.get(&q.op_id);
+    let answer = StatusAnswer {
+        op_id: q.op_id.clone(),
+        nonce: q.nonce.clone(),
+        role: me.0,
+        app: me.1.to_string(),
+        known: op.is_some(),
+        owner: op.as_ref().map(|o| o.owner),
+        seq: op.as_ref().map_or(0, |o| o.seq),
+        state: op.as_ref().map(|o| o.state),
+        rolling_back: op.as_ref().is_some_and(|o| o.rolling_back),
+    };
+    let body = serde_json::to_vec(&answer).expect("an answer serializes");
+    let signature = key.sign_status(&body);
+    SignedStatus { body, signature }
+}
+
+/// A nonce for a status query: 128 random bits as hex.
+pub fn nonce() -> String {
+    crate::op::new_id()
+}
+
+/// Whether `nonce` looks like one of ours (it is echoed into a signed answer).
+pub fn valid_nonce(nonce: &str) -> bool {
+    crate::op::valid_id(nonce)
 }
 
 /// What MigHelper needs, carried in its `env` property: the operation id, `k_op` (so it can sign

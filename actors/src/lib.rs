@@ -5,10 +5,12 @@
 //! line or serves HTTP.
 #![forbid(unsafe_code)]
 
+pub mod api;
 pub mod auth;
 pub mod book;
 pub mod controller;
 pub mod driver;
+pub mod faults;
 pub mod grid_info;
 pub mod handoff;
 pub mod journal;

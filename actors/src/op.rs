@@ -10,15 +10,82 @@ pub const HELPER_MONITOR: &str = "MigHelper Application Monitor";
 pub const TARGET_MONITOR: &str = "Target Application Monitor";
 pub const RESTART_MONITOR: &str = "Re-Start Source Application Monitor";
 
-pub const PROVISIONING_HELPER: &str = "provisioning MigHelper on the target grid";
-pub const STOPPING_SOURCE: &str = "stopping the source application";
-pub const MIGRATING: &str =
-    "migrating the source application to the target grid as the target application";
-pub const STARTING_TARGET: &str = "starting the target application";
-pub const RESTARTING_SOURCE: &str = "re-starting the source application";
-pub const DESTROYING_SOURCE: &str = "destroying the source application";
-pub const STOPPING_HELPER: &str = "stopping MigHelper";
-pub const DESTROYING_HELPER: &str = "destroying MigHelper";
+/// A step of an operation. The variants are the steps the design names; their display text (and
+/// their JSON) is what a person reads on the page. A name that arrives over the wire and is not one
+/// of these fails to parse, so a handoff or a journal cannot name a step the actors do not know.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum StepId {
+    #[serde(rename = "provisioning MigHelper on the target grid")]
+    ProvisioningHelper,
+    #[serde(rename = "stopping the source application")]
+    StoppingSource,
+    #[serde(
+        rename = "migrating the source application to the target grid as the target application"
+    )]
+    Migrating,
+    #[serde(rename = "starting the target application")]
+    StartingTarget,
+    #[serde(rename = "re-starting the source application")]
+    RestartingSource,
+    #[serde(rename = "destroying the source application")]
+    DestroyingSource,
+    #[serde(rename = "stopping MigHelper")]
+    StoppingHelper,
+    #[serde(rename = "destroying MigHelper")]
+    DestroyingHelper,
+}
+
+impl StepId {
+    /// The step's name as the page shows it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StepId::ProvisioningHelper => "provisioning MigHelper on the target grid",
+            StepId::StoppingSource => "stopping the source application",
+            StepId::Migrating => {
+                "migrating the source application to the target grid as the target application"
+            }
+            StepId::StartingTarget => "starting the target application",
+            StepId::RestartingSource => "re-starting the source application",
+            StepId::DestroyingSource => "destroying the source application",
+            StepId::StoppingHelper => "stopping MigHelper",
+            StepId::DestroyingHelper => "destroying MigHelper",
+        }
+    }
+}
+
+impl std::fmt::Display for StepId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl PartialEq<&str> for StepId {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
+
+/// Names read back from JSON (tests, clients) compare with the steps directly.
+impl PartialEq<StepId> for String {
+    fn eq(&self, other: &StepId) -> bool {
+        self == other.as_str()
+    }
+}
+
+impl PartialEq<StepId> for &str {
+    fn eq(&self, other: &StepId) -> bool {
+        *self == other.as_str()
+    }
+}
+
+pub const PROVISIONING_HELPER: StepId = StepId::ProvisioningHelper;
+pub const STOPPING_SOURCE: StepId = StepId::StoppingSource;
+pub const MIGRATING: StepId = StepId::Migrating;
+pub const STARTING_TARGET: StepId = StepId::StartingTarget;
+pub const RESTARTING_SOURCE: StepId = StepId::RestartingSource;
+pub const DESTROYING_SOURCE: StepId = StepId::DestroyingSource;
+pub const STOPPING_HELPER: StepId = StepId::StoppingHelper;
+pub const DESTROYING_HELPER: StepId = StepId::DestroyingHelper;
 
 /// The template MIG provisions on the target grid for one operation.
 pub const HELPER_TEMPLATE: &str = "MigHelper";
@@ -39,7 +106,7 @@ impl Kind {
     }
 
     /// The steps of each monitor, in the order they run.
-    pub fn monitors(self) -> [(&'static str, &'static [&'static str]); 3] {
+    pub fn monitors(self) -> [(&'static str, &'static [StepId]); 3] {
         match self {
             Kind::Migrate => [
                 (SOURCE_MONITOR, &[PROVISIONING_HELPER]),
@@ -108,7 +175,7 @@ pub enum StepState {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Step {
-    pub name: String,
+    pub name: StepId,
     pub state: StepState,
     /// RFC 3339, UTC.
     pub started_at: Option<String>,
@@ -251,6 +318,29 @@ pub fn copy_rate(op: &Op) -> Option<f64> {
     (secs > 0.0).then(|| s.bytes_done.unwrap_or(0) as f64 / secs)
 }
 
+/// The most bytes of one error or detail text an operation keeps. A controller's stderr can be
+/// megabytes; kept whole it would swell the journal and the next handoff past the receiver's
+/// body limit, and then the roll-back itself could not be handed over.
+pub const MAX_TEXT: usize = 4096;
+
+/// `text`, cut to at most [`MAX_TEXT`] bytes (on a character boundary) with how much was left out.
+pub fn bounded(text: &str) -> String {
+    if text.len() <= MAX_TEXT {
+        return text.to_string();
+    }
+    let mut end = MAX_TEXT;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}… {} bytes more", &text[..end], text.len() - end)
+}
+
+/// The name of the MigHelper application of operation `op_id`: derived from the id, so MigHelper
+/// knows its own name (to check that a handoff is addressed to it) without being told.
+pub fn helper_app_name(op_id: &str) -> String {
+    format!("mighelper-{}", op_id.get(..8).unwrap_or(op_id))
+}
+
 /// Now, as RFC 3339 with milliseconds.
 pub fn now() -> String {
     humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string()
@@ -287,7 +377,7 @@ impl Op {
                 steps: steps
                     .iter()
                     .map(|s| Step {
-                        name: s.to_string(),
+                        name: *s,
                         state: StepState::Pending,
                         started_at: None,
                         ended_at: None,
@@ -315,12 +405,42 @@ impl Op {
         }
     }
 
+    /// Checks that an operation that arrived from outside (a handoff, a journal file) has the
+    /// monitors and steps its kind has, in order, and a plan that names MigHelper as
+    /// [`helper_app_name`] does: the actors look steps up by name and rely on this.
+    pub fn check_shape(&self) -> Result<(), String> {
+        if !valid_id(&self.id) {
+            return Err("the operation id is not 32 lowercase hex digits".into());
+        }
+        let want = self.kind.monitors();
+        let same = self.monitors.len() == want.len()
+            && self.monitors.iter().zip(want).all(|(m, (name, steps))| {
+                m.name == name
+                    && m.steps.len() == steps.len()
+                    && m.steps.iter().zip(steps).all(|(s, id)| s.name == *id)
+            });
+        if !same {
+            return Err(format!(
+                "the monitors and steps are not those of a {} operation",
+                self.kind.as_str()
+            ));
+        }
+        if self.plan.helper_app != helper_app_name(&self.id) {
+            return Err(format!(
+                "the plan names MigHelper {:?}; this operation's is {}",
+                self.plan.helper_app,
+                helper_app_name(&self.id)
+            ));
+        }
+        Ok(())
+    }
+
     /// The first 8 hex digits, used in the MigHelper's name.
     pub fn short_id(&self) -> &str {
         &self.id[..8]
     }
 
-    pub fn step(&self, name: &str) -> &Step {
+    pub fn step(&self, name: StepId) -> &Step {
         self.monitors
             .iter()
             .flat_map(|m| &m.steps)
@@ -328,7 +448,7 @@ impl Op {
             .unwrap_or_else(|| panic!("no step {name:?} in a {} operation", self.kind.as_str()))
     }
 
-    pub fn step_mut(&mut self, name: &str) -> &mut Step {
+    pub fn step_mut(&mut self, name: StepId) -> &mut Step {
         self.version += 1;
         let kind = self.kind.as_str();
         self.monitors
@@ -338,7 +458,7 @@ impl Op {
             .unwrap_or_else(|| panic!("no step {name:?} in a {kind} operation"))
     }
 
-    pub fn has_step(&self, name: &str) -> bool {
+    pub fn has_step(&self, name: StepId) -> bool {
         self.monitors
             .iter()
             .flat_map(|m| &m.steps)
@@ -376,9 +496,9 @@ impl Op {
             at,
             instance: self.instance(),
             kind: kind.to_string(),
-            what,
+            what: bounded(&what),
             millis,
-            error,
+            error: error.as_deref().map(bounded),
         };
         let i = self.trace.partition_point(|e| e.at <= event.at);
         self.trace.insert(i, event);
@@ -391,7 +511,7 @@ impl Op {
         }
     }
 
-    pub fn start_step(&mut self, name: &str) {
+    pub fn start_step(&mut self, name: StepId) {
         self.trace("step", format!("{name}: started"), None, None);
         let s = self.step_mut(name);
         s.state = StepState::Running;
@@ -401,18 +521,18 @@ impl Op {
         s.ended_at = None;
     }
 
-    pub fn finish_step(&mut self, name: &str, detail: Option<String>) {
+    pub fn finish_step(&mut self, name: StepId, detail: Option<String>) {
         let took = self.step_millis(name);
         self.trace("step", format!("{name}: done"), took, None);
         let s = self.step_mut(name);
         s.state = StepState::Done;
         s.ended_at = Some(now());
-        if detail.is_some() {
-            s.detail = detail;
+        if let Some(d) = detail {
+            s.detail = Some(bounded(&d));
         }
     }
 
-    pub fn fail_step(&mut self, name: &str, reason: &str) {
+    pub fn fail_step(&mut self, name: StepId, reason: &str) {
         let took = self.step_millis(name);
         self.trace(
             "step",
@@ -423,10 +543,10 @@ impl Op {
         let s = self.step_mut(name);
         s.state = StepState::Failed;
         s.ended_at = Some(now());
-        s.detail = Some(reason.to_string());
+        s.detail = Some(bounded(reason));
     }
 
-    fn step_millis(&self, name: &str) -> Option<u64> {
+    fn step_millis(&self, name: StepId) -> Option<u64> {
         let start = humantime::parse_rfc3339(self.step(name).started_at.as_deref()?).ok()?;
         let ms = std::time::SystemTime::now()
             .duration_since(start)
@@ -451,7 +571,7 @@ impl Op {
         format!("00-{}-{}-01", self.trace_id, self.span_id(sender))
     }
 
-    pub fn set_progress(&mut self, name: &str, done: u64, total: u64) {
+    pub fn set_progress(&mut self, name: StepId, done: u64, total: u64) {
         let s = self.step_mut(name);
         s.bytes_done = Some(done);
         s.bytes_total = Some(total);
@@ -459,11 +579,11 @@ impl Op {
 
     /// Marks every step that did not finish as rolled back: those that ran were undone, those
     /// that never ran will not.
-    pub fn roll_back_rest(&mut self, undone: &[&str]) {
+    pub fn roll_back_rest(&mut self, undone: &[StepId]) {
         self.version += 1;
         for s in self.monitors.iter_mut().flat_map(|m| &mut m.steps) {
             match s.state {
-                StepState::Done if undone.contains(&s.name.as_str()) => {
+                StepState::Done if undone.contains(&s.name) => {
                     s.state = StepState::RolledBack;
                     s.detail = Some("undone by the roll-back".into());
                 }
@@ -476,11 +596,17 @@ impl Op {
         }
     }
 
+    /// Records something left over, with the command that clears it (bounded like every text).
+    pub fn leave(&mut self, what: String) {
+        self.version += 1;
+        self.leftovers.push(bounded(&what));
+    }
+
     pub fn end(&mut self, state: OpState, error: Option<String>) {
         self.version += 1;
         self.state = state;
-        if error.is_some() {
-            self.error = error;
+        if let Some(e) = error {
+            self.error = Some(bounded(&e));
         }
     }
 
@@ -615,5 +741,59 @@ pub(crate) mod tests {
         let (a, b) = (new_id(), new_id());
         assert!(valid_id(&a) && valid_id(&b) && a != b);
         assert!(!valid_id("../../etc/passwd") && !valid_id(&a.to_uppercase()));
+    }
+
+    #[test]
+    fn a_controllers_16_mib_of_stderr_is_kept_to_a_few_kib_everywhere() {
+        let huge = format!("{}é", "x".repeat(16 << 20));
+        let mut op = sample_op();
+        op.start_step(MIGRATING);
+        op.fail_step(MIGRATING, &huge);
+        op.trace("command", "app list".into(), None, Some(huge.clone()));
+        op.leave(huge.clone());
+        op.end(OpState::Failed, Some(huge.clone()));
+        let d = op.step(MIGRATING).detail.as_deref().unwrap();
+        assert!(
+            d.len() <= MAX_TEXT + 40 && d.ends_with("bytes more"),
+            "{}",
+            d.len()
+        );
+        assert!(op.error.as_ref().unwrap().len() <= MAX_TEXT + 40);
+        assert!(op.leftovers[0].len() <= MAX_TEXT + 40);
+        let json = serde_json::to_vec(&op).unwrap();
+        assert!(
+            json.len() < 64 * 1024,
+            "a handoff stays small: {}",
+            json.len()
+        );
+        assert_eq!(bounded("short"), "short");
+    }
+
+    #[test]
+    fn unknown_step_names_do_not_parse_and_a_wrong_shape_is_refused() {
+        let op = sample_op();
+        let mut v = serde_json::to_value(&op).unwrap();
+        v["monitors"][1]["steps"][0]["name"] = "rm -rf /".into();
+        assert!(serde_json::from_value::<Op>(v).is_err());
+
+        let mut op = sample_op();
+        op.plan.helper_app = helper_app_name(&op.id);
+        assert_eq!(op.check_shape(), Ok(()));
+        let mut missing = op.clone();
+        missing.monitors[2].steps.pop();
+        assert!(missing.check_shape().unwrap_err().contains("steps"));
+        let mut other_kind = op.clone();
+        other_kind.kind = Kind::Snapshot;
+        assert!(other_kind.check_shape().is_err());
+        let mut other_helper = op.clone();
+        other_helper.plan.helper_app = "mighelper-00000000".into();
+        assert!(other_helper
+            .check_shape()
+            .unwrap_err()
+            .contains("MigHelper"));
+        assert_eq!(
+            serde_json::to_value(STOPPING_SOURCE).unwrap(),
+            "stopping the source application"
+        );
     }
 }

@@ -47,6 +47,7 @@ pub const NAMES: &[&str] = &[
     "idle_timeout",
     "drain_timeout",
     "otlp_endpoint",
+    "fault_dir",
 ];
 
 /// Which operations the GUI offers and the API accepts.
@@ -119,6 +120,8 @@ pub struct Properties {
     pub drain_timeout: Duration,
     /// Where to send the tracing spans over OTLP/HTTP (a `mig` built with the `otlp` feature).
     pub otlp_endpoint: Option<String>,
+    /// Test-only: the directory of the fault points ([`crate::faults`]); `None` turns them off.
+    pub fault_dir: Option<PathBuf>,
 }
 
 impl Properties {
@@ -464,6 +467,15 @@ impl<'a> Typed<'a> {
                 Err("must be an http:// or https:// URL of an OTLP/HTTP traces endpoint, e.g. http://collector:4318/v1/traces, or empty".into())
             }
         });
+        let fault_dir = self.get("fault_dir", None, |s| {
+            if s.is_empty() {
+                Ok(None)
+            } else if Path::new(s).is_absolute() {
+                Ok(Some(PathBuf::from(s)))
+            } else {
+                Err("must be an absolute directory path (test-only fault points), or empty".into())
+            }
+        });
 
         // Cross-property rules: the GUI and mon ports are never passed through.
         if port_no != 0 && passthrough.contains(&port_no) {
@@ -506,6 +518,7 @@ impl<'a> Typed<'a> {
             idle_timeout,
             drain_timeout,
             otlp_endpoint,
+            fault_dir,
         }
     }
 }

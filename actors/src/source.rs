@@ -11,7 +11,7 @@ use actix::prelude::*;
 use tracing::Instrument;
 
 use crate::auth::AppKey;
-use crate::driver::{ensure_destroyed, Driver};
+use crate::driver::{destroy_if_ours, Driver, StepError, MARK};
 use crate::grid_info::{Grid, GridInfo};
 use crate::handoff::HelperEnv;
 use crate::op::{self, Kind, Op, OpState, Plan, Role, HELPER_TEMPLATE, PROVISIONING_HELPER};
@@ -121,7 +121,7 @@ impl Handler<StartOp> for Source {
                 let (kind, plan) = checked?;
                 check_grids(&driver, &plan).await?;
                 let mut op = Op::new(op::new_id(), kind, plan);
-                op.plan.helper_app = format!("mighelper-{}", op.short_id());
+                op.plan.helper_app = op::helper_app_name(&op.id);
                 driver
                     .commit(&mut op)
                     .map_err(StartError::Journal)?;
@@ -241,6 +241,7 @@ async fn provision(cfg: Arc<SourceConfig>, driver: Driver, mut op: Op) {
     let span = crate::telemetry::op_span(Role::Source, &op);
     async move {
         let k_op = cfg.app_key.op_key(&op.id);
+        let op_id = op.id.clone();
         let env = HelperEnv {
             op_id: op.id.clone(),
             k_op: k_op.to_hex(),
@@ -255,22 +256,32 @@ async fn provision(cfg: Arc<SourceConfig>, driver: Driver, mut op: Op) {
                 if crate::driver::app_state(target.as_ref(), &plan.helper_app).await?.is_none() {
                     let mut props = plan.helper_config.clone();
                     props.push(("env".into(), env.encode()));
+                    props.push((MARK.into(), op_id.clone()));
                     target
                         .provision(HELPER_TEMPLATE, &plan.helper_app, &props)
                         .await
-                        .map_err(|e| format!("cannot provision MigHelper on grid {}: {e}", plan.target_grid))?;
+                        .map_err(|e| StepError::from(e).context(format!("cannot provision MigHelper on grid {}", plan.target_grid)))?;
                 }
                 Ok(())
             })
             .await;
         if provisioned.is_ok() {
-            let mut next = op.clone();
-            next.owner = Role::Helper;
-            match driver.hand_off(&plan.helper_url, &k_op, &mut next).await {
-                Ok(()) => {
+            match driver.hand_off(&plan.helper_url, &k_op, &mut op, Role::Helper).await {
+                Ok(next) => {
                     op = next;
                     if let Err(e) = driver.commit(&mut op) {
                         tracing::error!(error = %e, "handed off, but cannot journal it");
+                    }
+                    return;
+                }
+                Err(e) if !e.not_taken => {
+                    // MigHelper may own the operation (and may have stopped the source): it
+                    // finishes or rolls back by itself, so nothing here may undo it.
+                    tracing::error!(error = %e, "MigHelper did not confirm the handoff; leaving the operation to it");
+                    op.fail_step(PROVISIONING_HELPER, &format!("MigHelper did not confirm that it took the operation: {e}"));
+                    op.end(OpState::Failed, Some(format!("held for an operator: MigHelper {} on grid {} did not confirm that it took the operation ({e}); nothing was undone. Open its page at {}/ops/{} to follow it", plan.helper_app, plan.target_grid, plan.helper_url, op.id)));
+                    if let Err(e) = driver.commit(&mut op) {
+                        tracing::error!(error = %e, "cannot journal the held operation");
                     }
                     return;
                 }
@@ -282,14 +293,17 @@ async fn provision(cfg: Arc<SourceConfig>, driver: Driver, mut op: Op) {
         let cleanup = driver
             .retry("destroying MigHelper", || async {
                 let target = driver.grid(&plan.target_controller)?;
-                ensure_destroyed(target.as_ref(), &plan.helper_app).await
+                match destroy_if_ours(target.as_ref(), &plan.helper_app, &op_id).await? {
+                    None => Ok(()),
+                    Some(other) => Err(StepError::permanent(other)),
+                }
             })
             .await;
         op.roll_back_rest(&[]);
         match cleanup {
             Ok(()) => op.end(OpState::RolledBack, Some(format!("{PROVISIONING_HELPER} failed: {reason}"))),
             Err(e) => {
-                op.leftovers.push(format!(
+                op.leave(format!(
                     "MigHelper {} on grid {}: {}",
                     plan.helper_app,
                     plan.target_grid,

@@ -4,27 +4,39 @@
 //! Application Monitor: stopping MigHelper, destroying MigHelper).
 //!
 //! This is after the cut-over: the application runs, so nothing is undone. Each clean-up step
-//! retries with back-off; one that still fails is recorded with the exact command that clears it,
-//! and the operation ends `failed` with the application running.
+//! retries with back-off (a permanent error, such as a refused key, at once); one that still
+//! fails is recorded with the exact command that clears it, and the operation ends `failed` with
+//! the application running.
+//!
+//! A handoff is taken only when it is signed for this application and this transition, and its
+//! plan names this application as the one that runs at the end: a handoff captured on its way
+//! elsewhere cannot make this MIG destroy its own application.
 
 use actix::prelude::*;
 use tracing::Instrument;
 
 use crate::auth::AppKey;
-use crate::driver::{ensure_destroyed, ensure_stopped, manual_command, Driver};
-use crate::handoff::{self, Handoff, HandoffError};
+use crate::driver::{ensure_destroyed, ensure_stopped, manual_command, Driver, StepError};
+use crate::handoff::{self, Handoff, HandoffError, SignedStatus, StatusQuery};
 use crate::op::{
-    Kind, Op, OpState, Role, StepState, DESTROYING_HELPER, DESTROYING_SOURCE, STOPPING_HELPER,
+    Kind, Op, OpState, Role, StepId, StepState, DESTROYING_HELPER, DESTROYING_SOURCE,
+    STOPPING_HELPER,
 };
 
 pub struct Target {
     app_key: AppKey,
+    /// The application this MIG lives in (`app_name`); without it no handoff can be checked.
+    app_name: Option<String>,
     driver: Driver,
 }
 
 impl Target {
-    pub fn new(app_key: AppKey, driver: Driver) -> Target {
-        Target { app_key, driver }
+    pub fn new(app_key: AppKey, app_name: Option<String>, driver: Driver) -> Target {
+        Target {
+            app_key,
+            app_name,
+            driver,
+        }
     }
 }
 
@@ -39,23 +51,57 @@ impl Actor for Target {
     }
 }
 
+impl Handler<StatusQuery> for Target {
+    type Result = Option<SignedStatus>;
+
+    fn handle(&mut self, q: StatusQuery, _ctx: &mut Context<Self>) -> Self::Result {
+        let app = self.app_name.as_deref()?;
+        let key = self.app_key.op_key(&q.op_id);
+        Some(handoff::answer_status(
+            &self.driver.book,
+            &key,
+            (Role::Target, app),
+            &q,
+        ))
+    }
+}
+
 impl Handler<Handoff> for Target {
     type Result = Result<(), HandoffError>;
 
     fn handle(&mut self, h: Handoff, ctx: &mut Context<Self>) -> Self::Result {
         tracing::info!(op_id = %h.signed.op_id, message = "Handoff", from = "http", to = "target", seq = h.signed.seq, "actor message");
+        let Some(app) = self.app_name.clone() else {
+            return Err(HandoffError::Refused(
+                "app_name is not set, so this MIG cannot tell whether a handoff is for its application".into(),
+            ));
+        };
         let key = self.app_key.op_key(&h.signed.op_id);
-        let mut op = handoff::accept(&h, &key, &self.driver.book)?;
+        let already = self
+            .driver
+            .book
+            .get(&h.signed.op_id)
+            .is_some_and(|o| o.owner == Role::Target && o.state.is_running());
+        let mut op = handoff::accept(&h, &key, (Role::Target, &app), &self.driver.book)?;
         if op.owner != Role::Target {
             return Err(HandoffError::Bad(
                 "a handoff to a MIG must make it the owner".into(),
             ));
         }
-        if !op.state.is_running() {
-            return Err(HandoffError::Refused(format!(
-                "operation {} has already ended",
-                op.id
+        let runs_here = match (op.kind, op.rolling_back) {
+            (Kind::Migrate, false) => &op.plan.target_app,
+            _ => &op.plan.source_app,
+        };
+        if *runs_here != app {
+            return Err(HandoffError::Bad(format!(
+                "the plan ends with application {runs_here} running, but this MIG is in {app}"
             )));
+        }
+        if already {
+            // A sender that did not hear the first answer sent again: the clean-up already runs,
+            // and its copy of the operation stays the one journalled.
+            tracing::info!(op_id = %op.id, seq = op.seq, "handoff of an operation this MIG already owns; acknowledged again");
+            return Ok(());
         }
         op.version += 1;
         self.driver.commit(&mut op).map_err(HandoffError::Journal)?;
@@ -65,61 +111,86 @@ impl Handler<Handoff> for Target {
     }
 }
 
+/// What a clean-up step does to an application.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Action {
+    Stop,
+    Destroy,
+}
+
+impl Action {
+    fn verb(self) -> &'static str {
+        match self {
+            Action::Stop => "stop",
+            Action::Destroy => "destroy",
+        }
+    }
+}
+
+/// One clean-up step: which step, on which controller, doing what, to which application.
+struct CleanUp<'a> {
+    step: StepId,
+    controller: &'a str,
+    action: Action,
+    app: &'a str,
+}
+
 async fn clean_up(driver: Driver, mut op: Op) {
     let span = crate::telemetry::op_span(Role::Target, &op);
     async move {
         let plan = op.plan.clone();
         let mut left = Vec::new();
-        let mut steps: Vec<(&str, &str, &str, &str)> = Vec::new();
+        let mut steps: Vec<CleanUp> = Vec::new();
         if op.kind == Kind::Migrate && !op.rolling_back {
-            steps.push((
-                DESTROYING_SOURCE,
-                &plan.source_controller,
-                "destroy",
-                &plan.source_app,
-            ));
+            steps.push(CleanUp {
+                step: DESTROYING_SOURCE,
+                controller: &plan.source_controller,
+                action: Action::Destroy,
+                app: &plan.source_app,
+            });
         }
-        steps.push((
-            STOPPING_HELPER,
-            &plan.target_controller,
-            "stop",
-            &plan.helper_app,
-        ));
-        steps.push((
-            DESTROYING_HELPER,
-            &plan.target_controller,
-            "destroy",
-            &plan.helper_app,
-        ));
+        steps.push(CleanUp {
+            step: STOPPING_HELPER,
+            controller: &plan.target_controller,
+            action: Action::Stop,
+            app: &plan.helper_app,
+        });
+        steps.push(CleanUp {
+            step: DESTROYING_HELPER,
+            controller: &plan.target_controller,
+            action: Action::Destroy,
+            app: &plan.helper_app,
+        });
 
-        for (step, controller, verb, app) in steps {
-            if op.step(step).state == StepState::Done {
+        for c in steps {
+            if op.step(c.step).state == StepState::Done {
                 continue;
             }
-            let what = format!("{step} ({app})");
+            let what = format!("{} ({})", c.step, c.app);
             let r = driver
                 .step(
                     &mut op,
-                    step,
+                    c.step,
                     driver.retry(&what, || async {
-                        let grid = driver.grid(controller)?;
-                        match verb {
-                            "stop" => ensure_stopped(grid.as_ref(), app).await,
-                            _ => ensure_destroyed(grid.as_ref(), app).await,
+                        let grid = driver.grid(c.controller)?;
+                        match c.action {
+                            Action::Stop => ensure_stopped(grid.as_ref(), c.app).await,
+                            Action::Destroy => ensure_destroyed(grid.as_ref(), c.app).await,
                         }
                     }),
                 )
                 .await;
-            if let Err(e) = r {
+            if let Err(StepError { message: e, .. }) = r {
                 left.push(format!(
-                    "{app} ({e}): {}",
-                    manual_command(controller, verb, app)
+                    "{} ({e}): {}",
+                    c.app,
+                    manual_command(c.controller, c.action.verb(), c.app)
                 ));
-                if step == STOPPING_HELPER {
+                if c.step == STOPPING_HELPER {
                     // A helper that would not stop cannot be destroyed either; say both.
                     left.push(format!(
                         "then: {}",
-                        manual_command(controller, "destroy", app)
+                        manual_command(c.controller, "destroy", c.app)
                     ));
                     break;
                 }
@@ -132,7 +203,9 @@ async fn clean_up(driver: Driver, mut op: Op) {
                 op.end(OpState::Succeeded, None);
             }
         } else {
-            op.leftovers.extend(left);
+            for l in left {
+                op.leave(l);
+            }
             let what = if op.rolling_back {
                 "rolled back, but"
             } else {

@@ -41,10 +41,10 @@ async fn pause(ms: u64) {
     tokio::time::sleep(Duration::from_millis(ms)).await;
 }
 
-fn all_steps(op: &Op) -> Vec<String> {
+fn all_steps(op: &Op) -> Vec<op::StepId> {
     op.monitors
         .iter()
-        .flat_map(|m| m.steps.iter().map(|s| s.name.clone()))
+        .flat_map(|m| m.steps.iter().map(|s| s.name))
         .collect()
 }
 
@@ -77,7 +77,7 @@ impl Player {
             .monitors
             .iter()
             .flat_map(|m| &m.steps)
-            .map(|s| (s.name.clone(), state_name(s.state).to_string()))
+            .map(|s| (s.name.to_string(), state_name(s.state).to_string()))
             .collect();
         for (i, s) in states.iter().enumerate() {
             if self.last.get(i) != Some(s) {
@@ -157,30 +157,26 @@ async fn play(trio: &Trio, op: Op, fail: bool) -> Marks {
         pause(150).await;
     }
     p.op.finish_step(op::MIGRATING, Some("2.00 GiB moved and verified".into()));
-    let third = p.op.monitors[1].steps[2].name.clone();
-    p.op.start_step(&third);
+    let third = p.op.monitors[1].steps[2].name;
+    p.op.start_step(third);
     p.publish(&[hlp]);
     pause(300).await;
-    p.op.finish_step(&third, None);
+    p.op.finish_step(third, None);
     p.publish(&[hlp]);
 
     p.op.owner = Role::Target;
     p.op.version += 1;
     // The final MIG journals the handoff; MigHelper's last event names the new owner.
     p.publish(&[tgt, hlp]);
-    let cleanup: Vec<String> = p.op.monitors[2]
-        .steps
-        .iter()
-        .map(|s| s.name.clone())
-        .collect();
+    let cleanup: Vec<op::StepId> = p.op.monitors[2].steps.iter().map(|s| s.name).collect();
     for name in cleanup {
         if name == op::DESTROYING_HELPER {
             p.kill(hlp, "helper").await;
         }
-        p.op.start_step(&name);
+        p.op.start_step(name);
         p.publish(&[tgt]);
         pause(250).await;
-        p.op.finish_step(&name, None);
+        p.op.finish_step(name, None);
         p.publish(&[tgt]);
     }
     p.op.end(OpState::Succeeded, None);
@@ -454,7 +450,7 @@ async fn run_operation(kind: Kind, start: Start, screenshots: bool) {
         "step changes the page never showed: {never:?}"
     );
     for (step, state, d) in &lat {
-        let goal = if step == op::STOPPING_SOURCE && state == "running" {
+        let goal = if *step == op::STOPPING_SOURCE && state == "running" {
             "watchdog"
         } else if *d <= SHOWN_WITHIN {
             "within goal"
@@ -602,7 +598,7 @@ async fn a_rolled_back_operation_shows_what_failed_and_what_was_undone() {
     assert_never_backwards(&log);
     let last = log.last().unwrap();
     assert_eq!(last.state, "rolled_back");
-    let state = |name: &str| {
+    let state = |name: op::StepId| {
         last.steps
             .iter()
             .find(|s| s.0 == name)
@@ -851,8 +847,8 @@ async fn what_comes_over_the_network_is_shown_as_text_and_never_linked_as_script
     let mut op = Op::new(OP_ID.into(), Kind::Migrate, plan);
     op.owner = Role::Target;
     for name in all_steps(&op) {
-        op.start_step(&name);
-        op.finish_step(&name, Some(evil.into()));
+        op.start_step(name);
+        op.finish_step(name, Some(evil.into()));
     }
     op.leftovers = vec![evil.into()];
     op.end(OpState::Succeeded, None);
