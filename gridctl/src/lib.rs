@@ -28,7 +28,7 @@
 //!   `stop` of a `failed` application makes it `stopped`.
 //! * `destroy` and `config` need `stopped` or `failed`; otherwise exit 1 ("stop it first").
 //! * `config`, `provision` and `migrate` refuse a property the application does not declare,
-//!   except `mig_op=<32 hex digits>`, which every application accepts and keeps: the id of the
+//!   except `mig_op=<32 lowercase hex digits>`, which every application accepts and keeps: the id of the
 //!   MIG operation that created it, so that MIG destroys only what its own operation created.
 //! * `migrate REMOTE APP .name=NEW --import …` (run on the target) needs REMOTE's host key in
 //!   `STATE/peer/known_hosts`, NEW free here, APP `stopped` there; APP is held (no start, no
@@ -48,7 +48,8 @@
 //! * `app info NAME --batch`: `KEY\tVALUE` lines, in this order:
 //!   `name`, `state` (`stopped|starting|running|stopping|failed`), `template`,
 //!   `error` (the last failure, empty when none), then `prop.PROP\tVALUE` for every property
-//!   (sorted; a secret property's VALUE is `***`), then `volume.VOL\tSIZE_BYTES` and `volume.VOL.kind\tfile|dir` for every volume.
+//!   (sorted; a secret property's VALUE is `***`), then `volume.VOL\tSIZE_BYTES` and
+//!   `volume.VOL.kind\tfile|dir` for every volume.
 //! * `app checksum NAME`: `VOLUME\tSIZE\tblake3:HEX` per volume. For a `file` volume SIZE is its
 //!   logical size and the digest covers its logical content (holes read as zeros); for a `dir`
 //!   volume SIZE is the sum of its regular files' sizes and the digest covers a canonical walk
