@@ -348,6 +348,34 @@ fn import_app(state: &Path, o: &ImportOpts) -> Result<(), String> {
     r
 }
 
+/// The most of the source's stderr an import keeps for its error message.
+const MAX_REMOTE_ERR: usize = 16 << 10;
+
+/// Reads `r` to its end but keeps only its first `limit` bytes (as text), saying how much more
+/// there was: the other side's stderr must be drained, or it would block, but not stored whole.
+fn read_bounded(mut r: impl Read, limit: usize) -> String {
+    let mut kept = Vec::new();
+    let mut more = 0u64;
+    let mut buf = [0u8; 8192];
+    loop {
+        match r.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                let k = n.min(limit - kept.len());
+                kept.extend_from_slice(&buf[..k]);
+                more += (n - k) as u64;
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => break,
+        }
+    }
+    let mut s = String::from_utf8_lossy(&kept).into_owned();
+    if more > 0 {
+        s.push_str(&format!(" … ({more} more bytes not shown)"));
+    }
+    s
+}
+
 /// glibc malloc settings for the `ssh` that carries a volume. Whenever our pipe cannot take all
 /// it decrypted, ssh buffers the rest; glibc serves such buffers with fresh mmaps and gives
 /// them back right after, so ssh page-faulted ~60k times per GiB (measured: `ssh cat | dd`).
@@ -380,12 +408,8 @@ fn pull(state: &Path, o: &ImportOpts, app_dir: &Path) -> Result<crate::model::Ap
         .stderr(Stdio::piped())
         .spawn()
         .map_err(|e| format!("running ssh: {e}"))?;
-    let mut err_pipe = child.stderr.take().expect("piped");
-    let err_reader = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = err_pipe.read_to_string(&mut s);
-        s
-    });
+    let err_pipe = child.stderr.take().expect("piped");
+    let err_reader = std::thread::spawn(move || read_bounded(err_pipe, MAX_REMOTE_ERR));
     let stdout_pipe = child.stdout.take().expect("piped");
     transfer::grow_pipe(&stdout_pipe);
     // Small on purpose: a payload read bigger than the buffer bypasses it and lands directly in
@@ -401,16 +425,15 @@ fn pull(state: &Path, o: &ImportOpts, app_dir: &Path) -> Result<crate::model::Ap
         o.progress_on_stdout
             .then_some(&mut print as transfer::ProgressSink),
     );
-    let res = (|| -> Result<crate::model::AppRecord, String> {
-        let header = transfer::read_header(&mut r).map_err(|e| e.to_string())?;
-        if header.record.name != o.app {
-            return Err(format!("the source sent {} instead", header.record.name));
-        }
-        let rec = transfer::imported_record(&header, o.new_name, o.props)?;
-        transfer::import_volumes(&mut r, &header, app_dir, &mut progress)
-            .map_err(|e| e.to_string())?;
-        Ok(rec)
-    })();
+    let res = transfer::receive(
+        &mut r,
+        state,
+        o.app,
+        o.new_name,
+        o.props,
+        app_dir,
+        &mut progress,
+    );
     if res.is_err() {
         let _ = child.kill();
     }
@@ -431,6 +454,22 @@ fn pull(state: &Path, o: &ImportOpts, app_dir: &Path) -> Result<crate::model::Ap
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_huge_remote_stderr_is_drained_but_kept_bounded() {
+        let huge = io::repeat(b'e').take(50 << 20);
+        let s = read_bounded(huge, MAX_REMOTE_ERR);
+        assert!(s.len() < MAX_REMOTE_ERR + 100, "{} bytes kept", s.len());
+        assert!(
+            s.ends_with(&format!(
+                "({} more bytes not shown)",
+                (50 << 20) - MAX_REMOTE_ERR
+            )),
+            "{}",
+            &s[s.len() - 60..]
+        );
+        assert_eq!(read_bounded(&b"short"[..], MAX_REMOTE_ERR), "short");
+    }
 
     #[test]
     fn the_ssh_malloc_tunables_keep_the_callers_own() {

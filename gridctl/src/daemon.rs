@@ -349,7 +349,12 @@ impl Daemon {
         let Some((rec, generation)) = started else {
             return Ok(format!("{name} is already running\n"));
         };
-        match self.launch(&rec, generation).await {
+        // A launch error may quote a substituted command or address: no secret in it.
+        match self
+            .launch(&rec, generation)
+            .await
+            .map_err(|e| rec.redact(&e))
+        {
             Ok(()) => Ok(format!("started {name}\n")),
             Err(reason) => {
                 let (pgid, _) = self.fail(name, generation, &reason);
@@ -728,6 +733,11 @@ impl Daemon {
     }
 
     fn import_commit(&self, mut rec: AppRecord) -> Res {
+        if let Err(e) = rec.validate() {
+            let mut inner = self.inner.lock().unwrap();
+            self.abort_import(&mut inner, &rec.name);
+            return err(format!("refusing the imported record of {}: {e}", rec.name));
+        }
         rec.state = State::Stopped;
         rec.pids.clear();
         rec.pgid = 0;
@@ -807,13 +817,19 @@ impl Daemon {
                 let _ = fs::remove_dir_all(&path);
                 continue;
             }
-            let mut rec = match AppRecord::load(&path) {
+            let mut rec = match AppRecord::load(&path).and_then(|r| r.validate().map(|()| r)) {
                 Ok(r) => r,
                 Err(e) => {
                     tracing::error!("skipping {}: {e}", path.display());
                     continue;
                 }
             };
+            // Records written before templates could mark secrets learn them from the template.
+            if rec.secret.is_empty() {
+                if let Ok(t) = Template::load(&self.state, &rec.template) {
+                    rec.secret = t.secret;
+                }
+            }
             let alive = rec.pgid > 0 && rec.pids.iter().all(|p| util::pid_alive(*p));
             match rec.state {
                 State::Running if alive => adopted.push(rec.name.clone()),

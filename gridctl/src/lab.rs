@@ -317,21 +317,43 @@ fn start_sshd(g: &Grid, config_changed: bool) -> Result<()> {
             g.name()
         ),
     }
-    let out = Proc::new("/usr/sbin/sshd")
-        .arg("-f")
-        .arg(g.dir.join("sshd_config"))
-        .arg("-E")
-        .arg(g.dir.join("sshd.log"))
-        .stdin(Stdio::null())
-        .output()
-        .context("running /usr/sbin/sshd (is openssh-server installed? see scripts/setup)")?;
-    if !out.status.success() {
-        bail!(
-            "sshd of {} failed to start: {}{}(see {})",
-            g.name(),
+    let log = g.dir.join("sshd.log");
+    let run = || -> Result<Option<String>> {
+        let before = fs::metadata(&log).map(|m| m.len()).unwrap_or(0);
+        let out = Proc::new("/usr/sbin/sshd")
+            .arg("-f")
+            .arg(g.dir.join("sshd_config"))
+            .arg("-E")
+            .arg(&log)
+            .stdin(Stdio::null())
+            .output()
+            .context("running /usr/sbin/sshd (is openssh-server installed? see scripts/setup)")?;
+        if out.status.success() {
+            return Ok(None);
+        }
+        // With -E, sshd's own reason goes to its log: what this attempt added to it.
+        let logged = fs::read(&log)
+            .map(|l| String::from_utf8_lossy(&l[(before as usize).min(l.len())..]).into_owned())
+            .unwrap_or_default();
+        Ok(Some(format!(
+            "{}{}{logged}",
             String::from_utf8_lossy(&out.stderr),
             String::from_utf8_lossy(&out.stdout),
-            g.dir.join("sshd.log").display()
+        )))
+    };
+    let mut failed = run()?;
+    // The directory comes with the openssh-server service, so a host that never ran it (a
+    // container) lacks it; the lab runs as root and makes it, as that service would.
+    if let Some(dir) = failed.as_deref().and_then(missing_privsep_dir) {
+        ensure_privsep_dir(&dir)?;
+        failed = run()?;
+    }
+    if let Some(why) = failed {
+        bail!(
+            "sshd of {} failed to start: {}(see {})",
+            g.name(),
+            why,
+            log.display()
         );
     }
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -346,6 +368,40 @@ fn start_sshd(g: &Grid, config_changed: bool) -> Result<()> {
         g.name(),
         g.dir.join("sshd.log").display()
     )
+}
+
+/// The directory sshd says is missing, from its `Missing privilege separation directory: DIR`.
+fn missing_privsep_dir(output: &str) -> Option<PathBuf> {
+    output
+        .lines()
+        .find_map(|l| l.split_once("Missing privilege separation directory: "))
+        .map(|(_, p)| PathBuf::from(p.trim()))
+        .filter(|p| p.is_absolute())
+}
+
+/// Makes sshd's privilege-separation directory (Debian's `/run/sshd`) as sshd requires it: a
+/// directory that only its owner (root, running the lab) can write.
+pub fn ensure_privsep_dir(path: &Path) -> Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    match fs::symlink_metadata(path) {
+        Ok(m) if m.is_dir() => return Ok(()),
+        Ok(_) => bail!(
+            "{} is not a directory, but sshd needs it as its privilege-separation directory: \
+             remove it and run lab up again",
+            path.display()
+        ),
+        Err(_) => {}
+    }
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o755)
+        .create(path)
+        .with_context(|| {
+            format!(
+                "creating sshd's privilege-separation directory {p} (as root: mkdir -p -m 755 {p})",
+                p = path.display()
+            )
+        })
 }
 
 /// Processes whose command line mentions `dir` (this process excluded).
@@ -446,4 +502,30 @@ pub fn down(dir: &Path) -> Result<()> {
         dir.display()
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_privsep_dir_is_recognised_and_made() {
+        let log =
+            "debug1: sshd version OpenSSH_9.6\nMissing privilege separation directory: /run/sshd\n";
+        assert_eq!(missing_privsep_dir(log), Some(PathBuf::from("/run/sshd")));
+        assert_eq!(missing_privsep_dir("Bind to port 2222 failed"), None);
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("run/sshd");
+        ensure_privsep_dir(&p).unwrap();
+        let m = fs::metadata(&p).unwrap();
+        assert!(m.is_dir());
+        assert_eq!(m.permissions().mode() & 0o022, 0, "writable by others");
+        // Already there: fine, unchanged.
+        ensure_privsep_dir(&p).unwrap();
+        // A file in its place: a clear error, not a silent pass.
+        let f = d.path().join("file");
+        fs::write(&f, "").unwrap();
+        let e = ensure_privsep_dir(&f).unwrap_err().to_string();
+        assert!(e.contains("is not a directory"), "{e}");
+    }
 }

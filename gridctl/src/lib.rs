@@ -27,10 +27,17 @@
 //! * `start` on a running application and `stop` on a stopped one succeed and change nothing.
 //!   `stop` of a `failed` application makes it `stopped`.
 //! * `destroy` and `config` need `stopped` or `failed`; otherwise exit 1 ("stop it first").
-//! * `config`, `provision` and `migrate` refuse a property the application does not declare.
+//! * `config`, `provision` and `migrate` refuse a property the application does not declare,
+//!   except `mig_op=<32 lowercase hex digits>`, which every application accepts and keeps: the id of the
+//!   MIG operation that created it, so that MIG destroys only what its own operation created.
 //! * `migrate REMOTE APP .name=NEW --import …` (run on the target) needs REMOTE's host key in
 //!   `STATE/peer/known_hosts`, NEW free here, APP `stopped` there; APP is held (no start, no
 //!   destroy) while it is copied; NEW ends `stopped`, its properties overridden by `p=v…`.
+//!   This grid needs APP's template: NEW runs that local template's components (never the
+//!   source's), takes its `required` and `secret`, and keeps the source's values of the
+//!   properties it declares (others, and the source's `mig_op`, are dropped). The source's
+//!   record must list exactly the volumes its stream carries, with plain names; received files
+//!   lose setuid and setgid; the header line is at most 4 MiB.
 //!   Without `--import` the command is refused (exit 2): grids only pull.
 //! * `peer export APP [--nocompress] [--novols]` is the source side of a pull, for other grids'
 //!   keys only (sshd's `ExposeAuthInfo` tells `gridctl ssh` which key logged in).
@@ -41,7 +48,8 @@
 //! * `app info NAME --batch`: `KEY\tVALUE` lines, in this order:
 //!   `name`, `state` (`stopped|starting|running|stopping|failed`), `template`,
 //!   `error` (the last failure, empty when none), then `prop.PROP\tVALUE` for every property
-//!   (sorted), then `volume.VOL\tSIZE_BYTES` and `volume.VOL.kind\tfile|dir` for every volume.
+//!   (sorted; a secret property's VALUE is `***`), then `volume.VOL\tSIZE_BYTES` and
+//!   `volume.VOL.kind\tfile|dir` for every volume.
 //! * `app checksum NAME`: `VOLUME\tSIZE\tblake3:HEX` per volume. For a `file` volume SIZE is its
 //!   logical size and the digest covers its logical content (holes read as zeros); for a `dir`
 //!   volume SIZE is the sum of its regular files' sizes and the digest covers a canonical walk
@@ -54,7 +62,8 @@
 //! ```text
 //! STATE/grid.toml                 optional: [vars] usable in templates as ${NAME} (lab, grid, mig_bin)
 //! STATE/templates/NAME.toml       one template per file (format below)
-//! STATE/apps/NAME/app.json        the descriptor and state, written atomically (tmp, fsync, rename)
+//! STATE/apps/NAME/app.json        the descriptor and state, written atomically (tmp, fsync, rename),
+//!                                 created 0600 (it holds the secret properties)
 //! STATE/apps/NAME/vols/VOL        a volume: a sparse file (kind file) or a directory (kind dir)
 //! STATE/apps/NAME/log             the components' stdout and stderr
 //! STATE/daemon.sock               the daemon's Unix socket (JSON lines, see [`protocol`])
@@ -70,8 +79,10 @@
 //! ```toml
 //! description = "what it is"
 //! required = ["in_ip"]               # properties that must be non-empty at provision
+//! secret = ["token"]                 # properties `app info` shows as `***` (no log or error shows them)
 //! [properties]                       # every property the application accepts, with its default
 //! in_ip = ""
+//! token = ""
 //! port = "8000"
 //! data_size = "64M"
 //! [[volumes]]
@@ -101,8 +112,9 @@
 //! `stop_timeout_secs`; any component exiting makes the application `failed`, and a running one
 //! whose exiting component says `restart = "on-failure"` is started again by the daemon, at most
 //! five times in a row (an `app start` resets the count; `app stop` and `destroy` end it).
-//! The descriptor keeps the template's components and volumes, so an application migrates to a
-//! grid that lacks its template.
+//! The descriptor keeps the template's components and volumes, so an application keeps running
+//! as provisioned when its template changes later; an import takes the components from the
+//! target grid's own template, so it needs that template there.
 //!
 //! # The lab (`gridctl lab up --grids N --dir DIR`)
 //!

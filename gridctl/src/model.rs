@@ -47,8 +47,8 @@ pub struct Volume {
     pub size: u64,
 }
 
-/// The descriptor and state of one application.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// The descriptor and state of one application. Its `Debug` hides the secret properties' values.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AppRecord {
     pub name: String,
     pub template: String,
@@ -59,6 +59,9 @@ pub struct AppRecord {
     pub props: BTreeMap<String, String>,
     #[serde(default)]
     pub required: Vec<String>,
+    /// Properties whose values are never shown (the template's `secret`).
+    #[serde(default)]
+    pub secret: Vec<String>,
     pub volumes: Vec<Volume>,
     pub components: Vec<ComponentTemplate>,
     /// Pids of the running components, and their process group.
@@ -128,14 +131,36 @@ impl Vars<'_> {
     }
 }
 
+/// The grid-side tag of the MIG operation that created an application: accepted by every
+/// application, declared or not, so that MIG can destroy only what its own operation created.
+pub const MIG_OP: &str = "mig_op";
+
+/// Checks a `mig_op` value: an operation id as MIG writes it, 32 lowercase hex digits (one
+/// spelling, so that comparing tags is comparing strings).
+fn validate_mig_op(v: &str) -> Result<(), String> {
+    if v.len() == 32 && v.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+        Ok(())
+    } else {
+        Err(format!(
+            "invalid value for property {MIG_OP}: expected an operation id of 32 hex digits \
+             (0-9, a-f)"
+        ))
+    }
+}
+
 /// Applies `name=value` overrides to `props`; a property the application does not declare is
-/// refused, naming it and the known ones.
+/// refused, naming it and the known ones. `mig_op` ([`MIG_OP`]) is accepted by every application.
 pub fn apply_props(
     app: &str,
     props: &mut BTreeMap<String, String>,
     overrides: &[dialect::Prop],
 ) -> Result<(), String> {
     for p in overrides {
+        if p.name == MIG_OP {
+            validate_mig_op(&p.value)?;
+            props.insert(p.name.clone(), p.value.clone());
+            continue;
+        }
         match props.get_mut(&p.name) {
             Some(v) => *v = p.value.clone(),
             None => {
@@ -208,6 +233,7 @@ pub fn record_from_template(
             error: String::new(),
             props,
             required: t.required.clone(),
+            secret: t.secret.clone(),
             volumes,
             components: t.components.clone(),
             pids: Vec::new(),
@@ -217,10 +243,70 @@ pub fn record_from_template(
     ))
 }
 
+impl fmt::Debug for AppRecord {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let props: BTreeMap<&str, &str> = self
+            .props
+            .iter()
+            .map(|(k, v)| (k.as_str(), self.shown(k, v)))
+            .collect();
+        f.debug_struct("AppRecord")
+            .field("name", &self.name)
+            .field("template", &self.template)
+            .field("state", &self.state)
+            .field("error", &self.error)
+            .field("props", &props)
+            .field("required", &self.required)
+            .field("secret", &self.secret)
+            .field("volumes", &self.volumes)
+            .field("components", &self.components)
+            .field("pids", &self.pids)
+            .field("pgid", &self.pgid)
+            .finish()
+    }
+}
+
 impl AppRecord {
+    /// Writes `app.json`, created 0600 from the start: it holds the secret properties.
     pub fn save(&self, state: &Path) -> std::io::Result<()> {
         let json = serde_json::to_vec_pretty(self).map_err(std::io::Error::other)?;
-        util::write_atomic(&app_dir(state, &self.name).join("app.json"), &json)
+        util::write_atomic_private(&app_dir(state, &self.name).join("app.json"), &json)
+    }
+
+    /// A property's value as listings show it: `***` for a secret one.
+    pub fn shown<'a>(&self, name: &str, value: &'a str) -> &'a str {
+        if self.secret.iter().any(|s| s == name) {
+            "***"
+        } else {
+            value
+        }
+    }
+
+    /// `text` with every secret property's value replaced by `***`: for errors and logs that
+    /// may quote a substituted command or address.
+    pub fn redact(&self, text: &str) -> String {
+        let mut out = text.to_string();
+        for s in &self.secret {
+            if let Some(v) = self.props.get(s).filter(|v| !v.is_empty()) {
+                out = out.replace(v.as_str(), "***");
+            }
+        }
+        out
+    }
+
+    /// Checks what the grid later turns into paths: the application's, template's and volumes'
+    /// names (a volume named `../../x` would make `checksum` and `peer export` read outside).
+    pub fn validate(&self) -> Result<(), String> {
+        dialect::AppName::new(&self.name).map_err(|e| e.to_string())?;
+        dialect::AppName::new(&self.template).map_err(|e| format!("template: {e}"))?;
+        let mut seen = std::collections::BTreeSet::new();
+        for v in &self.volumes {
+            dialect::AppName::new(&v.name).map_err(|e| format!("volume: {e}"))?;
+            if !seen.insert(&v.name) {
+                return Err(format!("volume {} listed twice", v.name));
+            }
+        }
+        Ok(())
     }
 
     pub fn load(dir: &Path) -> Result<AppRecord, String> {
@@ -236,7 +322,7 @@ impl AppRecord {
             self.name, self.state, self.template, self.error
         );
         for (k, v) in &self.props {
-            s.push_str(&format!("prop.{k}\t{v}\n"));
+            s.push_str(&format!("prop.{k}\t{}\n", self.shown(k, v)));
         }
         for v in &self.volumes {
             s.push_str(&format!("volume.{}\t{}\n", v.name, v.size));
@@ -256,7 +342,7 @@ impl AppRecord {
         }
         s.push_str("  properties:\n");
         for (k, v) in &self.props {
-            s.push_str(&format!("    {k} = {v}\n"));
+            s.push_str(&format!("    {k} = {}\n", self.shown(k, v)));
         }
         s.push_str("  volumes:\n");
         for v in &self.volumes {
@@ -312,5 +398,57 @@ mod tests {
         assert!(b.starts_with("name\tkv1\nstate\tstopped\ntemplate\tkvstore\nerror\t\n"));
         assert!(b.contains("prop.in_ip\t1.2.3.4\n"));
         assert!(b.contains("volume.data\t67108864\nvolume.data.kind\tfile\n"));
+    }
+
+    #[test]
+    fn mig_op_is_accepted_by_every_application_and_checked() {
+        let mut props: BTreeMap<String, String> = [("a".to_string(), "1".to_string())].into();
+        let p = |s: &str| s.parse::<dialect::Prop>().unwrap();
+        let tag = "0123456789abcdef0123456789abcdef";
+        apply_props("x", &mut props, &[p(&format!("mig_op={tag}"))]).unwrap();
+        assert_eq!(props["mig_op"], tag);
+        for bad in [
+            "",
+            "0123",
+            "0123456789ABCDEF0123456789ABCDEF",
+            &format!("{tag}0"),
+        ] {
+            let e = apply_props("x", &mut props, &[p(&format!("mig_op={bad}"))]).unwrap_err();
+            assert!(e.contains("32 hex digits"), "{bad}: {e}");
+        }
+        let e = apply_props("x", &mut props, &[p("mig_opx=1")]).unwrap_err();
+        assert!(e.contains("has no property mig_opx"), "{e}");
+    }
+
+    #[test]
+    fn secret_values_are_hidden_from_info_debug_and_redacted_text() {
+        let d = tempfile::tempdir().unwrap();
+        let t = Template::parse(crate::template::MIG_HELPER).unwrap();
+        let (r, _) = record_from_template(
+            d.path(),
+            "MigHelper",
+            &t,
+            "mighelper-1",
+            &[
+                "in_ip=1.2.3.4".parse().unwrap(),
+                "env=TOPSECRET".parse().unwrap(),
+            ],
+        )
+        .unwrap();
+        assert_eq!(r.props["env"], "TOPSECRET");
+        for shown in [r.info_batch(), r.info_human(), format!("{r:?}")] {
+            assert!(!shown.contains("TOPSECRET"), "{shown}");
+            assert!(shown.contains("***"), "{shown}");
+        }
+        assert!(r.info_batch().contains("prop.env\t***\n"));
+        assert!(r.info_batch().contains("prop.in_ip\t1.2.3.4\n"));
+        assert_eq!(
+            r.redact("component helper (/x/TOPSECRET): gone"),
+            "component helper (/x/***): gone"
+        );
+        // A secret left empty hides nothing else.
+        let mut empty = r.clone();
+        empty.props.insert("env".into(), String::new());
+        assert_eq!(empty.redact("a b"), "a b");
     }
 }

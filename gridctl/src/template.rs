@@ -103,6 +103,9 @@ pub struct Template {
     /// Every property the application accepts, with its default.
     #[serde(default)]
     pub properties: BTreeMap<String, String>,
+    /// Properties whose values no listing, log or error shows (`app info` prints `***`).
+    #[serde(default)]
+    pub secret: Vec<String>,
     #[serde(default)]
     pub volumes: Vec<VolumeTemplate>,
     #[serde(default)]
@@ -137,6 +140,13 @@ impl Template {
             if !self.properties.contains_key(r) {
                 return Err(format!(
                     "required property {r} is not declared in [properties]"
+                ));
+            }
+        }
+        for s in &self.secret {
+            if !self.properties.contains_key(s) {
+                return Err(format!(
+                    "secret property {s} is not declared in [properties]"
                 ));
             }
         }
@@ -192,6 +202,8 @@ ready = "${in_ip}:${port}"
 /// The built-in `MigHelper` template: runs `mig helper` (`${mig_bin}` comes from `STATE/grid.toml`).
 pub const MIG_HELPER: &str = r#"description = "MIG's helper application: runs `mig helper` for one operation"
 required = ["in_ip"]
+# The operation's key and credentials: `app info` shows `***`.
+secret = ["env"]
 
 [properties]
 in_ip = ""
@@ -228,6 +240,8 @@ mod tests {
         assert_eq!(m.components[0].env["MIG_HELPER_ENV"], "${env}");
         assert_eq!(m.components[0].restart, Restart::OnFailure);
         assert_eq!(k.components[0].restart, Restart::Never);
+        assert_eq!(m.secret, ["env"]);
+        assert!(k.secret.is_empty());
     }
 
     #[test]
@@ -236,6 +250,8 @@ mod tests {
         assert!(e.contains("needs a size"), "{e}");
         let e = Template::parse("required = [\"x\"]\n").unwrap_err();
         assert!(e.contains("required property x"), "{e}");
+        let e = Template::parse("secret = [\"x\"]\n").unwrap_err();
+        assert!(e.contains("secret property x"), "{e}");
         let e = Template::parse("bogus = 1\n").unwrap_err();
         assert!(e.contains("bogus"), "{e}");
         let e = Template::parse("[[components]]\nname = \"c\"\ncommand = []\n").unwrap_err();

@@ -22,7 +22,7 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufRead, Read, Write};
-use std::os::unix::fs::{FileExt, PermissionsExt};
+use std::os::unix::fs::{FileExt, OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 use std::sync::mpsc::{sync_channel, Receiver};
 use std::time::{Duration, Instant};
@@ -30,11 +30,16 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use crate::chunk::{Chunk, Pool, ALIGN};
-use crate::model::{self, AppRecord};
-use crate::template::VolumeKind;
+use crate::model::{self, AppRecord, State};
+use crate::template::{Template, VolumeKind};
 use crate::volume::{self, DirEntry};
 
 const CHUNK: usize = 1 << 20;
+/// The longest header line read; the source's record (properties of at most 64 KiB each) fits.
+pub const MAX_HEADER: u64 = 4 << 20;
+/// Mode bits a received file or directory may keep: setuid and setgid are stripped, so that a
+/// volume from another grid cannot bring a program that runs with its owner's rights here.
+const KEEP_MODE: u32 = 0o1777;
 const MAX_CHUNK: usize = 8 << 20;
 /// Bytes of a `D` frame before its payload.
 const D_HEAD: usize = 18;
@@ -505,17 +510,26 @@ fn read_hash(r: &mut dyn Read) -> io::Result<blake3::Hash> {
     Ok(blake3::Hash::from_bytes(b))
 }
 
-/// Reads the stream's header.
+/// Reads the stream's header, at most [`MAX_HEADER`] bytes of it.
 pub fn read_header(r: &mut dyn BufRead) -> io::Result<Header> {
-    let mut line = String::new();
-    if r.read_line(&mut line)? == 0 {
+    let mut line = Vec::new();
+    let n = (&mut *r)
+        .take(MAX_HEADER + 1)
+        .read_until(b'\n', &mut line)?;
+    if n == 0 {
         return Err(io::Error::new(
             io::ErrorKind::UnexpectedEof,
             "the source grid sent nothing",
         ));
     }
+    if n as u64 > MAX_HEADER {
+        return Err(bad(format!(
+            "the stream header is longer than {} MiB: refused",
+            MAX_HEADER >> 20
+        )));
+    }
     let h: Header =
-        serde_json::from_str(&line).map_err(|e| bad(format!("bad stream header: {e}")))?;
+        serde_json::from_slice(&line).map_err(|e| bad(format!("bad stream header: {e}")))?;
     if h.format != FORMAT {
         return Err(bad(format!(
             "the source grid sends stream format {}, this grid reads format {FORMAT}: \
@@ -534,7 +548,11 @@ pub fn import_volumes(
     progress: &mut Progress,
 ) -> io::Result<()> {
     progress.total = if header.with_data {
-        header.volumes.iter().map(|v| v.data_bytes).sum()
+        header
+            .volumes
+            .iter()
+            .try_fold(0u64, |a, v| a.checked_add(v.data_bytes))
+            .ok_or_else(|| bad("the volumes' announced sizes add up past 2^64 bytes"))?
     } else {
         0
     };
@@ -548,7 +566,7 @@ pub fn import_volumes(
         }
         let ok = match v.kind {
             VolumeKind::File => import_file(r, &p, v.size, progress)?,
-            VolumeKind::Dir => import_dir(r, &p, progress)?,
+            VolumeKind::Dir => import_dir(r, &p, v.data_bytes, progress)?,
         };
         if let Some((sent, got)) = ok {
             return Err(bad(format!(
@@ -598,7 +616,7 @@ fn import_file(
                     if raw > MAX_CHUNK
                         || enc > MAX_CHUNK + 1024
                         || off < pos
-                        || off + raw as u64 > size
+                        || off.checked_add(raw as u64).is_none_or(|end| end > size)
                     {
                         return Err(bad(format!("bad data frame at offset {off}")));
                     }
@@ -724,8 +742,16 @@ fn write_extents(f: File, mut direct: Option<File>, rx: Receiver<(u64, Chunk)>) 
     f.sync_all()
 }
 
-fn import_dir(r: &mut dyn Read, root: &Path, progress: &mut Progress) -> io::Result<Mismatch> {
+/// Reads a dir volume's entries into `root`; its files may hold at most `announced` bytes in all
+/// (the header's `data_bytes`), so a stream cannot fill the disk past what it declared.
+fn import_dir(
+    r: &mut dyn Read,
+    root: &Path,
+    announced: u64,
+    progress: &mut Progress,
+) -> io::Result<Mismatch> {
     fs::create_dir(root)?;
+    let mut budget = announced;
     let mut h = blake3::Hasher::new();
     let mut buf = vec![0u8; 1 << 16];
     loop {
@@ -736,7 +762,7 @@ fn import_dir(r: &mut dyn Read, root: &Path, progress: &mut Progress) -> io::Res
                 let p = volume::safe_rel(root, &path)?;
                 h.update(&volume::entry_header(&DirEntry::Dir { path, mode }));
                 fs::create_dir(&p)?;
-                fs::set_permissions(&p, fs::Permissions::from_mode(mode & 0o7777))?;
+                fs::set_permissions(&p, fs::Permissions::from_mode(mode & KEEP_MODE))?;
             }
             b'L' => {
                 let path = read_str(r)?;
@@ -750,12 +776,23 @@ fn import_dir(r: &mut dyn Read, root: &Path, progress: &mut Progress) -> io::Res
                 let mode = read_u32(r)?;
                 let size = read_u64(r)?;
                 let p = volume::safe_rel(root, &path)?;
+                budget = budget.checked_sub(size).ok_or_else(|| {
+                    bad(format!(
+                        "file {path:?} of {size} bytes is more than its volume announced \
+                         ({announced} bytes in all)"
+                    ))
+                })?;
                 h.update(&volume::entry_header(&DirEntry::File {
                     path: path.clone(),
                     mode,
                     size,
                 }));
-                let mut f = OpenOptions::new().write(true).create_new(true).open(&p)?;
+                // Owner-only until complete; its own mode (setuid/setgid stripped) comes last.
+                let mut f = OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .open(&p)?;
                 let mut left = size;
                 while left > 0 {
                     let k = left.min(buf.len() as u64) as usize;
@@ -766,7 +803,7 @@ fn import_dir(r: &mut dyn Read, root: &Path, progress: &mut Progress) -> io::Res
                     progress.add(k as u64)?;
                 }
                 f.sync_all()?;
-                fs::set_permissions(&p, fs::Permissions::from_mode(mode & 0o7777))?;
+                fs::set_permissions(&p, fs::Permissions::from_mode(mode & KEEP_MODE))?;
             }
             b'E' => {
                 let sent = read_hash(r)?;
@@ -778,15 +815,160 @@ fn import_dir(r: &mut dyn Read, root: &Path, progress: &mut Progress) -> io::Res
     }
 }
 
-/// The record the target grid keeps: the source's, renamed, with the overrides applied.
+/// This grid's template `name` of an application being imported; an import needs it, because
+/// what runs is this grid's choice, never the source's.
+pub fn local_template(state: &Path, app: &str, name: &str) -> Result<Template, String> {
+    if dialect::AppName::new(name).is_err() {
+        return Err(format!(
+            "the source says {app} comes from template {name:?}, which is not a template name"
+        ));
+    }
+    if !state
+        .join("templates")
+        .join(format!("{name}.toml"))
+        .exists()
+    {
+        return Err(format!(
+            "{app} comes from template {name}, which this grid lacks: install it as {} first \
+             (an imported application runs this grid's own template)",
+            state
+                .join("templates")
+                .join(format!("{name}.toml"))
+                .display()
+        ));
+    }
+    Template::load(state, name)
+}
+
+/// Checks the source's record against what its stream carries: the same volumes (name, kind,
+/// size), in the same order, each name a plain name. The record is kept, and later `checksum`
+/// and `peer export` open its volumes by name, so a name like `../../x` must never get in.
+fn check_volumes(rec: &AppRecord, wire: &[WireVolume]) -> Result<(), String> {
+    for v in rec
+        .volumes
+        .iter()
+        .map(|v| &v.name)
+        .chain(wire.iter().map(|v| &v.name))
+    {
+        if dialect::AppName::new(v).is_err() {
+            return Err(format!(
+                "the source sent a volume named {v:?}: a volume name is 1-64 letters, digits, \
+                 '-' or '_', starting with a letter"
+            ));
+        }
+    }
+    let names = |it: &mut dyn Iterator<Item = &String>| -> String {
+        it.map(String::as_str).collect::<Vec<_>>().join(" ")
+    };
+    let same = rec.volumes.len() == wire.len()
+        && rec
+            .volumes
+            .iter()
+            .zip(wire)
+            .all(|(r, w)| r.name == w.name && r.kind == w.kind && r.size == w.size);
+    if !same {
+        return Err(format!(
+            "the source's record lists volumes ({}) that differ from those its stream carries \
+             ({}): refused",
+            names(&mut rec.volumes.iter().map(|v| &v.name)),
+            names(&mut wire.iter().map(|v| &v.name))
+        ));
+    }
+    Ok(())
+}
+
+/// The record the target grid keeps. From the source: the volumes (checked against the stream
+/// header) and the values of the properties this grid's template declares. From this grid's
+/// template `local`: the components (what runs), `required` and `secret`. The source's other
+/// properties are dropped: a property shadows a grid variable of the same name in `${…}`, so a
+/// source's `mig_bin` would otherwise choose what this grid runs; so is its `mig_op` tag (see
+/// [`model::MIG_OP`]), since this is a new application (an override sets a new one).
 pub fn imported_record(
     header: &Header,
+    local: &Template,
     new_name: &str,
     overrides: &[dialect::Prop],
 ) -> Result<AppRecord, String> {
-    let mut rec = header.record.clone();
-    rec.name = new_name.to_string();
-    model::apply_props(new_name, &mut rec.props, overrides)?;
+    let src = &header.record;
+    check_volumes(src, &header.volumes)?;
+    let mut local_vols: Vec<_> = local
+        .volumes
+        .iter()
+        .map(|v| (&v.name, v.kind.as_str()))
+        .collect();
+    let mut src_vols: Vec<_> = src
+        .volumes
+        .iter()
+        .map(|v| (&v.name, v.kind.as_str()))
+        .collect();
+    local_vols.sort();
+    src_vols.sort();
+    if local_vols != src_vols {
+        let show = |v: &[(&String, &str)]| {
+            v.iter()
+                .map(|(n, k)| format!("{n} ({k})"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        return Err(format!(
+            "the source's volumes [{}] differ from template {}'s on this grid [{}]",
+            show(&src_vols),
+            src.template,
+            show(&local_vols)
+        ));
+    }
+    let mut props = local.properties.clone();
+    for (k, v) in &src.props {
+        if let Some(p) = props.get_mut(k) {
+            dialect::Prop::new(k, v).map_err(|e| format!("the source's {e}"))?;
+            *p = v.clone();
+        }
+    }
+    model::apply_props(new_name, &mut props, overrides)?;
+    for r in &local.required {
+        if props.get(r).is_none_or(|v| v.is_empty()) {
+            return Err(format!(
+                "template {} requires property {r}, which is empty: give it as {r}=VALUE",
+                src.template
+            ));
+        }
+    }
+    let rec = AppRecord {
+        name: new_name.to_string(),
+        template: src.template.clone(),
+        state: State::Stopped,
+        error: String::new(),
+        props,
+        required: local.required.clone(),
+        secret: local.secret.clone(),
+        volumes: src.volumes.clone(),
+        components: local.components.clone(),
+        pids: Vec::new(),
+        pgid: 0,
+    };
+    rec.validate()?;
+    Ok(rec)
+}
+
+/// The receiving side of an import, after the connection: reads the header of the stream from
+/// `r`, checks that it carries `app`, builds the record `new_name` will have, and reads the
+/// volumes into `app_dir`. Nothing is written before the header and record have been checked.
+pub fn receive(
+    r: &mut dyn BufRead,
+    state: &Path,
+    app: &str,
+    new_name: &str,
+    overrides: &[dialect::Prop],
+    app_dir: &Path,
+    progress: &mut Progress,
+) -> Result<AppRecord, String> {
+    let header = read_header(r).map_err(|e| e.to_string())?;
+    if header.record.name != app {
+        return Err(format!("the source sent {} instead", header.record.name));
+    }
+    let local = local_template(state, app, &header.record.template)?;
+    let rec = imported_record(&header, &local, new_name, overrides)?;
+    import_volumes(r, &header, app_dir, progress).map_err(|e| e.to_string())?;
     Ok(rec)
 }
 
@@ -803,6 +985,7 @@ mod tests {
             error: String::new(),
             props: [("a".to_string(), "1".to_string())].into(),
             required: vec![],
+            secret: vec![],
             volumes: vols,
             components: vec![],
             pids: vec![],
@@ -1065,5 +1248,246 @@ mod tests {
         // In the dir volume too (after all file data: 3 MiB plus the 4 KiB block of the tail).
         let e = run(d.path(), &rec, false, Some((3 << 20) + 4096 + 1)).unwrap_err();
         assert!(e.to_string().contains("volume conf"), "{e}");
+    }
+
+    /// This grid's template `t`, for the setup's application: the same volumes, its own
+    /// component and properties.
+    const LOCAL_T: &str = r#"
+secret = ["tok"]
+[properties]
+a = "0"
+tok = ""
+[[volumes]]
+name = "data"
+size = "1M"
+[[volumes]]
+name = "conf"
+kind = "dir"
+[[components]]
+name = "local"
+command = ["/bin/true", "${a}"]
+"#;
+
+    /// Exports the setup's app (its record edited by `edit` first), lets `tamper` edit the
+    /// decoded header, and receives the stream as `dst` on a grid whose state dir is the tempdir.
+    fn receive_hostile(
+        edit: impl FnOnce(&mut AppRecord),
+        tamper: impl FnOnce(&mut Header),
+        with_template: bool,
+    ) -> (tempfile::TempDir, Result<AppRecord, String>) {
+        let (d, mut rec) = setup();
+        edit(&mut rec);
+        let mut wire = Vec::new();
+        export(&d.path().join("src"), &rec, false, false, None, &mut wire).unwrap();
+        let nl = wire.iter().position(|&b| b == b'\n').unwrap();
+        let mut h: Header = serde_json::from_slice(&wire[..nl]).unwrap();
+        tamper(&mut h);
+        let mut line = serde_json::to_vec(&h).unwrap();
+        line.extend_from_slice(&wire[nl..]);
+        if with_template {
+            fs::create_dir_all(d.path().join("templates")).unwrap();
+            fs::write(d.path().join("templates/t.toml"), LOCAL_T).unwrap();
+        }
+        let dst = d.path().join("apps/dst");
+        fs::create_dir_all(dst.join("vols")).unwrap();
+        let over = ["a=2".parse().unwrap()];
+        let r = receive(
+            &mut io::BufReader::new(&line[..]),
+            d.path(),
+            "src",
+            "dst",
+            &over,
+            &dst,
+            &mut Progress::new(None),
+        );
+        (d, r)
+    }
+
+    /// The names in `dir`, sorted.
+    fn names(dir: &Path) -> Vec<String> {
+        let mut v: Vec<String> = fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn an_imported_record_runs_this_grid_s_components_and_drops_undeclared_props() {
+        let (_d, r) = receive_hostile(
+            |rec| {
+                rec.components = Template::parse(
+                    "[[components]]\nname = \"evil\"\ncommand = [\"/bin/sh\", \"-c\", \"id\"]\n",
+                )
+                .unwrap()
+                .components;
+                // A property shadows grid variables in `${…}`: it must not choose `mig_bin`.
+                rec.props.insert("mig_bin".into(), "/tmp/evil".into());
+                rec.props.insert("mig_op".into(), "0".repeat(32));
+                rec.props.insert("tok".into(), "s3cret".into());
+            },
+            |_| {},
+            true,
+        );
+        let rec = r.unwrap();
+        let local = Template::parse(LOCAL_T).unwrap();
+        assert_eq!(rec.components, local.components);
+        assert_eq!(rec.name, "dst");
+        assert_eq!(rec.secret, ["tok"]);
+        let props: Vec<(&str, &str)> = rec
+            .props
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        assert_eq!(props, [("a", "2"), ("tok", "s3cret")]);
+    }
+
+    #[test]
+    fn an_import_of_an_application_whose_template_this_grid_lacks_is_refused() {
+        let (d, r) = receive_hostile(|_| {}, |_| {}, false);
+        let e = r.unwrap_err();
+        assert!(
+            e.contains("src comes from template t, which this grid lacks")
+                && e.contains("templates/t.toml"),
+            "{e}"
+        );
+        assert!(names(&d.path().join("apps/dst/vols")).is_empty());
+        // A template name that is a path is not even looked for.
+        let (_d, r) = receive_hostile(|rec| rec.template = "../../etc/x".into(), |_| {}, true);
+        let e = r.unwrap_err();
+        assert!(
+            e.contains("\"../../etc/x\", which is not a template name"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_record_whose_volumes_differ_from_the_stream_is_refused_and_nothing_is_written() {
+        // A record volume named like a path, the stream's header innocent.
+        let (d, r) = receive_hostile(
+            |_| {},
+            |h| h.record.volumes[1].name = "../../x".into(),
+            true,
+        );
+        let e = r.unwrap_err();
+        assert!(
+            e.contains("the source sent a volume named \"../../x\""),
+            "{e}"
+        );
+        assert!(names(&d.path().join("apps/dst/vols")).is_empty());
+        assert_eq!(names(d.path()), ["apps", "src", "templates"]);
+        assert_eq!(names(&d.path().join("apps")), ["dst"]);
+        // A record volume the stream does not carry.
+        let (d, r) = receive_hostile(
+            |_| {},
+            |h| {
+                h.record.volumes.push(crate::model::Volume {
+                    name: "extra".into(),
+                    kind: VolumeKind::File,
+                    size: 1,
+                })
+            },
+            true,
+        );
+        let e = r.unwrap_err();
+        assert!(
+            e.contains(
+                "volumes (data conf extra) that differ from those its stream carries (data conf)"
+            ),
+            "{e}"
+        );
+        assert!(names(&d.path().join("apps/dst/vols")).is_empty());
+        // A size that differs from the stream's.
+        let (_d, r) = receive_hostile(|_| {}, |h| h.record.volumes[0].size += 1, true);
+        assert!(r.unwrap_err().contains("differ from those its stream"));
+        // Volumes that this grid's template does not have.
+        let (_d, r) = receive_hostile(
+            |_| {},
+            |h| {
+                h.record.volumes[1].name = "other".into();
+                h.volumes[1].name = "other".into();
+            },
+            true,
+        );
+        let e = r.unwrap_err();
+        assert!(e.contains("differ from template t's on this grid"), "{e}");
+    }
+
+    #[test]
+    fn received_files_and_dirs_lose_setuid_and_setgid() {
+        let (d, rec) = setup();
+        let conf = d.path().join("src/vols/conf");
+        fs::write(conf.join("sub/tool"), "#!/bin/sh\n").unwrap();
+        fs::set_permissions(conf.join("sub/tool"), fs::Permissions::from_mode(0o6755)).unwrap();
+        fs::set_permissions(conf.join("sub"), fs::Permissions::from_mode(0o3775)).unwrap();
+        run(d.path(), &rec, false, None).unwrap();
+        let mode = |p: &str| {
+            fs::symlink_metadata(d.path().join("dst/vols/conf").join(p))
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o7777
+        };
+        assert_eq!(mode("sub/tool"), 0o755);
+        // The sticky bit stays: it only restricts.
+        assert_eq!(mode("sub"), 0o1775);
+    }
+
+    #[test]
+    fn an_overlong_header_line_is_refused_without_reading_it_all() {
+        let mut r = io::BufReader::new(io::repeat(b'x').take(64 << 20));
+        let e = read_header(&mut r).unwrap_err().to_string();
+        assert!(e.contains("header is longer than 4 MiB"), "{e}");
+        // It stopped just past the limit.
+        let left = io::copy(&mut r, &mut io::sink()).unwrap();
+        assert!(left >= (64 << 20) - MAX_HEADER - (1 << 20), "{left}");
+    }
+
+    #[test]
+    fn an_offset_whose_end_overflows_is_refused() {
+        let e = import_tampered(|w| {
+            let d = w.iter().position(|&b| b == b'\n').unwrap() + 1;
+            assert_eq!(w[d], b'D');
+            w[d + 1..d + 9].copy_from_slice(&(u64::MAX - 10).to_le_bytes());
+        })
+        .unwrap_err();
+        assert!(e.to_string().contains("bad data frame at offset"), "{e}");
+    }
+
+    #[test]
+    fn announced_sizes_bound_what_a_stream_may_write() {
+        // A dir volume's files may not exceed what its header announced.
+        let (d, rec) = setup();
+        let mut wire = Vec::new();
+        export(&d.path().join("src"), &rec, false, false, None, &mut wire).unwrap();
+        let nl = wire.iter().position(|&b| b == b'\n').unwrap();
+        let reheader = |edit: &dyn Fn(&mut Header)| {
+            let mut h: Header = serde_json::from_slice(&wire[..nl]).unwrap();
+            edit(&mut h);
+            let mut w = serde_json::to_vec(&h).unwrap();
+            w.extend_from_slice(&wire[nl..]);
+            w
+        };
+        let import = |w: Vec<u8>| {
+            let dst = d.path().join("dst");
+            let _ = fs::remove_dir_all(&dst);
+            fs::create_dir_all(dst.join("vols")).unwrap();
+            let mut r = io::BufReader::new(&w[..]);
+            let h = read_header(&mut r)?;
+            import_volumes(&mut r, &h, &dst, &mut Progress::new(None))
+        };
+        let e = import(reheader(&|h| h.volumes[1].data_bytes = 1)).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("file \"sub/k\" of 3 bytes is more than its volume announced (1 bytes"),
+            "{e}"
+        );
+        let e = import(reheader(&|h| {
+            h.volumes[0].data_bytes = u64::MAX;
+            h.volumes[1].data_bytes = 2;
+        }))
+        .unwrap_err();
+        assert!(e.to_string().contains("add up past 2^64"), "{e}");
     }
 }

@@ -7,14 +7,30 @@ use std::path::{Path, PathBuf};
 /// Writes `data` to `path` so that a crash leaves either the old or the new content: write a
 /// temporary file beside it, fsync it, rename it over `path`, fsync the directory.
 pub fn write_atomic(path: &Path, data: &[u8]) -> io::Result<()> {
+    write_atomic_mode(path, data, 0o666)
+}
+
+/// [`write_atomic`] for a file that holds secrets: the file is created 0600 (before any byte is
+/// written, so there is no moment in which others could read it), never chmodded afterwards.
+pub fn write_atomic_private(path: &Path, data: &[u8]) -> io::Result<()> {
+    write_atomic_mode(path, data, 0o600)
+}
+
+fn write_atomic_mode(path: &Path, data: &[u8], mode: u32) -> io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
     let dir = path.parent().unwrap_or(Path::new("."));
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
     let tmp = dir.join(format!(".{name}.tmp.{}", std::process::id()));
+    // A leftover temporary file would keep its old mode: `mode` applies only to a new file.
+    match fs::remove_file(&tmp) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
     {
         let mut f = OpenOptions::new()
             .write(true)
-            .create(true)
-            .truncate(true)
+            .create_new(true)
+            .mode(mode)
             .open(&tmp)?;
         f.write_all(data)?;
         f.sync_all()?;
@@ -119,5 +135,25 @@ mod tests {
         write_atomic(&p, b"two").unwrap();
         assert_eq!(fs::read(&p).unwrap(), b"two");
         assert_eq!(fs::read_dir(d.path()).unwrap().count(), 1, "no temp left");
+    }
+
+    #[test]
+    fn a_private_file_is_0600_even_over_a_readable_leftover_temp_and_target() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("app.json");
+        let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        fs::write(&p, "old").unwrap();
+        fs::set_permissions(&p, fs::Permissions::from_mode(0o644)).unwrap();
+        // A temp file left by a crashed writer with the same pid, readable by all.
+        let tmp = d
+            .path()
+            .join(format!(".app.json.tmp.{}", std::process::id()));
+        fs::write(&tmp, "stale").unwrap();
+        fs::set_permissions(&tmp, fs::Permissions::from_mode(0o644)).unwrap();
+        write_atomic_private(&p, b"secret").unwrap();
+        assert_eq!(fs::read(&p).unwrap(), b"secret");
+        assert_eq!(mode(&p), 0o600);
+        assert!(!tmp.exists());
     }
 }

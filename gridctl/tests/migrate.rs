@@ -230,6 +230,8 @@ fn a_changed_host_key_or_a_dead_source_controller_fails_with_ssh_s_reason() {
 fn an_import_whose_client_went_away_leaves_nothing() {
     let lab = Lab::up(2, 130);
     lab.write_template(1, "blob", "[[volumes]]\nname = \"data\"\nsize = \"512M\"\n");
+    // An import runs the target grid's own template: g2 needs it too.
+    lab.write_template(2, "blob", "[[volumes]]\nname = \"data\"\nsize = \"512M\"\n");
     lab.ok(1, "app provision blob b");
     lab.ok(1, "app stop b");
     let st = std::process::Command::new("dd")
@@ -370,4 +372,91 @@ fn an_import_whose_requester_goes_away_while_the_source_stalls_ends_at_once() {
     // And it stays gone once the source could go on.
     std::thread::sleep(std::time::Duration::from_secs(1));
     assert!(!lab.ok(2, "app list --batch").contains("shop2"));
+}
+
+/// A template `tool` whose one component notes who wrote it (`ran-by` in the app's directory).
+fn tool_template(by: &str) -> String {
+    format!(
+        r#"
+[properties]
+note = ""
+[[volumes]]
+name = "conf"
+kind = "dir"
+[[components]]
+name = "main"
+command = ["/bin/sh", "-c", "echo {by} > ran-by; exec sleep 300"]
+"#
+    )
+}
+
+#[test]
+fn an_import_runs_this_grid_s_template_strips_setuid_and_keeps_its_mig_op_tag() {
+    use std::os::unix::fs::PermissionsExt;
+    let lab = Lab::up(2, 134);
+    let ctl = lab.controller(1);
+    lab.write_template(1, "tool", &tool_template("source"));
+    lab.write_template(2, "tool", &tool_template("local"));
+    lab.ok(1, "app provision tool t note=hi");
+    lab.ok(1, "app stop t");
+    let conf = lab.app_dir(1, "t").join("vols/conf");
+    std::fs::write(conf.join("suid"), "#!/bin/sh\nid\n").unwrap();
+    std::fs::set_permissions(conf.join("suid"), std::fs::Permissions::from_mode(0o4755)).unwrap();
+    std::fs::create_dir(conf.join("sgid")).unwrap();
+    std::fs::set_permissions(conf.join("sgid"), std::fs::Permissions::from_mode(0o2775)).unwrap();
+    // A tag that is not an operation id is refused; other undeclared names still are.
+    let r = lab.ssh(
+        2,
+        &format!("app migrate {ctl} t .name=t2 --import mig_op=nothex"),
+    );
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(
+        r.stderr
+            .contains("mig_op: expected an operation id of 32 hex digits"),
+        "{r:?}"
+    );
+    assert!(!lab.app_dir(2, "t2").exists());
+    let tag = "0123456789abcdef0123456789abcdef";
+    lab.ok(
+        2,
+        &format!("app migrate {ctl} t .name=t2 --import mig_op={tag}"),
+    );
+    let info = lab.ok(2, "app info t2 --batch");
+    assert_eq!(info_field(&info, "prop.mig_op").unwrap(), tag);
+    assert_eq!(info_field(&info, "prop.note").unwrap(), "hi");
+    let mode = |p: &str| {
+        std::fs::metadata(lab.app_dir(2, "t2").join("vols/conf").join(p))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o7777
+    };
+    assert_eq!(mode("suid"), 0o755, "setuid survived the import");
+    assert_eq!(mode("sgid"), 0o775, "setgid survived the import");
+    // What runs is g2's template, not the source's.
+    lab.ok(2, "app start t2");
+    let ran_by = lab.app_dir(2, "t2").join("ran-by");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !ran_by.exists() {
+        assert!(std::time::Instant::now() < deadline, "t2 never ran");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    assert_eq!(std::fs::read_to_string(&ran_by).unwrap(), "local\n");
+    lab.ok(2, "app stop t2");
+    // An application whose template g2 lacks is refused, saying so, leaving nothing.
+    lab.write_template(1, "lonely", "[[volumes]]\nname = \"data\"\nsize = \"1M\"\n");
+    lab.ok(1, "app provision lonely l");
+    lab.ok(1, "app stop l");
+    let r = lab.ssh(2, &format!("app migrate {ctl} l .name=l2 --import"));
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(
+        r.stderr
+            .contains("l comes from template lonely, which this grid lacks"),
+        "{r:?}"
+    );
+    assert!(!lab.app_dir(2, "l2").exists());
+    assert!(!lab.ok(2, "app list --batch").contains("l2"));
+    // The refusal released the source.
+    lab.ok(1, "app start l");
 }

@@ -363,3 +363,90 @@ restart_delay_ms = 50
     std::thread::sleep(std::time::Duration::from_millis(1500));
     assert!(runs("crashy.runs") >= 8, "{} runs", runs("crashy.runs"));
 }
+
+/// Template `secret` properties: `app info` (plain and `--batch`) and `app list` show `***`, an
+/// error that quotes a substituted command hides it, and app.json is owner-only. And `mig_op`,
+/// MIG's tag, is accepted by every template.
+#[test]
+fn secret_properties_are_never_shown_and_app_json_is_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let lab = Lab::up(1, 140);
+    // A fake `mig helper` that records the env it got and listens like the real one.
+    let fake = lab.dir().join("fake-mig");
+    std::fs::write(
+        &fake,
+        "#!/bin/sh\nfor a; do case $a in listen=*) ip=${a#listen=};; state_dir=*) sd=${a#state_dir=};; esac; done\n\
+         printf '%s' \"$MIG_HELPER_ENV\" > \"$sd/env\"\nexec python3 -m http.server 8080 --bind \"$ip\"\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let r = lab.lab_up(&["--mig-bin", &fake.display().to_string()]);
+    assert_eq!(r.code, 0, "{r:?}");
+    let secret = "k_op-5ecr3t-private-key-material";
+    lab.ok(
+        1,
+        &format!(
+            "app provision MigHelper mighelper-x in_ip={} env={secret}",
+            lab.ip(1, 20)
+        ),
+    );
+    // The helper itself gets it.
+    let got = lab.app_dir(1, "mighelper-x").join("vols/state/env");
+    assert_eq!(std::fs::read_to_string(got).unwrap(), secret);
+    let info = lab.ok(1, "app info mighelper-x --batch");
+    assert_eq!(info_field(&info, "prop.env").unwrap(), "***", "{info}");
+    assert!(!info.contains(secret), "{info}");
+    let human = lab.ok(1, "app info mighelper-x");
+    assert!(human.contains("env = ***"), "{human}");
+    assert!(!human.contains(secret), "{human}");
+    assert!(!lab.ok(1, "app list").contains(secret));
+    let json = lab.app_dir(1, "mighelper-x").join("app.json");
+    let mode = std::fs::metadata(&json).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "app.json is {mode:o}");
+    // An error that would quote the secret (a substituted command) hides it, in the reply,
+    // the record's error and the daemon's log.
+    lab.write_template(
+        1,
+        "leaky",
+        "secret = [\"tok\"]\n[properties]\ntok = \"\"\n\
+         [[components]]\nname = \"c\"\ncommand = [\"/nonexistent/${tok}\"]\n",
+    );
+    let r = lab.ssh(1, &format!("app provision leaky lk tok={secret}"));
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(r.stderr.contains("/nonexistent/***"), "{r:?}");
+    assert!(!r.stderr.contains(secret), "{r:?}");
+    let info = lab.ok(1, "app info lk --batch");
+    assert!(
+        info_field(&info, "error")
+            .unwrap()
+            .contains("/nonexistent/***"),
+        "{info}"
+    );
+    assert!(!info.contains(secret), "{info}");
+    let log = std::fs::read_to_string(lab.dir().join("g1/daemon.log")).unwrap();
+    assert!(!log.contains(secret), "the daemon logged the secret");
+    // `mig_op` on provision and config of a template that does not declare it.
+    let tag = "fedcba9876543210fedcba9876543210";
+    lab.ok(
+        1,
+        &format!(
+            "app provision kvstore kv in_ip={} mig_op={tag}",
+            lab.ip(1, 10)
+        ),
+    );
+    let info = lab.ok(1, "app info kv --batch");
+    assert_eq!(info_field(&info, "prop.mig_op").unwrap(), tag);
+    lab.ok(1, "app stop kv");
+    let tag2 = "00000000000000000000000000000001";
+    lab.ok(1, &format!("app config kv mig_op={tag2}"));
+    let info = lab.ok(1, "app info kv --batch");
+    assert_eq!(info_field(&info, "prop.mig_op").unwrap(), tag2);
+    for bad in ["123", &tag.to_uppercase()] {
+        let r = lab.ssh(1, &format!("app config kv mig_op={bad}"));
+        assert_eq!(r.code, 1, "{r:?}");
+        assert!(r.stderr.contains("32 hex digits"), "{r:?}");
+    }
+    let r = lab.ssh(1, "app config kv mig_tag=1");
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(r.stderr.contains("has no property mig_tag"), "{r:?}");
+}
