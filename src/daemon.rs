@@ -106,6 +106,7 @@ async fn start_proxy(
     }
     let mut cfg = ProxyConfig::new(props.listen, props.aux.clone(), props.passthrough.clone());
     cfg.max_connections = props.max_connections;
+    cfg.max_connections_per_client = props.max_connections_per_client;
     cfg.connect_timeout = props.connect_timeout;
     cfg.idle_timeout = props.idle_timeout;
     cfg.drain = props.drain_timeout;

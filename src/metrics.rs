@@ -49,6 +49,16 @@ pub fn install() -> &'static PrometheusHandle {
             "mig_migration_rate_bytes_per_second",
             "Copy rate of the migration in progress (0 when none)."
         );
+        metrics::describe_counter!(
+            "mig_proxy_connections_refused_total",
+            "Pass-through connections reset without relaying, by port and reason: aux (unset, \
+             refusing or too slow) or per_client (the client address held max_connections_per_client)."
+        );
+        metrics::describe_counter!(
+            "mig_proxy_limit_reached_total",
+            "Times a pass-through port stopped accepting because max_connections were live \
+             (new connections then wait in the backlog)."
+        );
         handle
     })
 }
@@ -63,8 +73,12 @@ pub fn render(proxy: Option<&ProxyStats>) -> String {
                 .set(p.active as f64);
             metrics::counter!("mig_proxy_connections_total", "port" => port.clone())
                 .absolute(p.total);
-            metrics::counter!("mig_proxy_connections_refused_total", "port" => port.clone())
+            metrics::counter!("mig_proxy_connections_refused_total", "port" => port.clone(), "reason" => "aux")
                 .absolute(p.refused);
+            metrics::counter!("mig_proxy_connections_refused_total", "port" => port.clone(), "reason" => "per_client")
+                .absolute(p.refused_per_client);
+            metrics::counter!("mig_proxy_limit_reached_total", "port" => port.clone())
+                .absolute(p.limit_reached);
             metrics::counter!("mig_proxy_bytes_total", "port" => port.clone(), "direction" => "in")
                 .absolute(p.bytes_in);
             metrics::counter!("mig_proxy_bytes_total", "port" => port, "direction" => "out")

@@ -4,7 +4,7 @@
 mod common;
 
 use std::io::{BufRead, BufReader};
-use std::net::TcpListener;
+use std::net::{SocketAddr, TcpListener};
 use std::process::{Child, Stdio};
 use std::time::Duration;
 
@@ -155,8 +155,8 @@ async fn a_password_without_username_means_no_authentication() {
 }
 
 /// Runs `mig serve` on ports the OS picks; returns the child once it logged that it serves, with
-/// the GUI address.
-fn spawn_serve(dir: &std::path::Path, extra: &[&str]) -> (Child, String) {
+/// the GUI and mon base URLs.
+fn spawn_serve(dir: &std::path::Path, extra: &[&str]) -> (Child, String, String) {
     let mut cmd = mig();
     cmd.args(["--log-format", "json", "serve", "--config-dir"])
         .arg(dir)
@@ -190,7 +190,8 @@ fn spawn_serve(dir: &std::path::Path, extra: &[&str]) -> (Child, String) {
         let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
         if v["message"] == "serving" {
             let gui = v["gui"].as_str().unwrap().trim_end_matches('/').to_string();
-            return (child, gui);
+            let mon = v["mon"].as_str().unwrap().trim_end_matches("/healthz");
+            return (child, gui, mon.to_string());
         }
     }
     let _ = child.kill();
@@ -215,7 +216,7 @@ fn serve_binary_runs_rc_local_first_serves_and_stops_on_sigterm() {
         &format!("pwd > {}", path_str(&marker)),
         0o755,
     );
-    let (mut child, gui) = spawn_serve(dir.path(), &[]);
+    let (mut child, gui, _mon) = spawn_serve(dir.path(), &[]);
     // The script ran to the end before the GUI started, in the config dir.
     assert_eq!(
         std::fs::read_to_string(&marker).unwrap().trim(),
@@ -232,6 +233,87 @@ fn serve_binary_runs_rc_local_first_serves_and_stops_on_sigterm() {
     sigterm(&child);
     let status = child.wait().unwrap();
     assert!(status.success(), "{status:?}");
+}
+
+/// Connects to `to` from `from`, an address of this host (any 127.0.0.0/8 address on loopback).
+async fn connect_from(from: &str, to: SocketAddr) -> std::io::Result<tokio::net::TcpStream> {
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind(SocketAddr::new(from.parse().unwrap(), 0))?;
+    socket.connect(to).await
+}
+
+/// One byte there and back through an echoing pass-through; false on reset, EOF or silence.
+async fn ping(s: &mut tokio::net::TcpStream) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut b = [0u8; 1];
+    s.write_all(&[7]).await.is_ok()
+        && matches!(
+            tokio::time::timeout(Duration::from_secs(5), s.read(&mut b)).await,
+            Ok(Ok(1))
+        )
+}
+
+#[test]
+fn the_per_client_cap_resets_one_address_lets_others_in_and_shows_on_metrics() {
+    // aux: an echo server on 127.0.0.3; the pass-through port is the same number on 127.0.0.1.
+    let upstream = TcpListener::bind("127.0.0.3:0").unwrap();
+    let port = upstream.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for s in upstream.incoming() {
+            let Ok(mut s) = s else { return };
+            std::thread::spawn(move || {
+                let mut r = s.try_clone().unwrap();
+                let _ = std::io::copy(&mut r, &mut s);
+            });
+        }
+    });
+    let dir = config_dir();
+    let passthrough = format!("passthrough={port}");
+    let (mut child, _gui, mon) = spawn_serve(
+        dir.path(),
+        &[
+            "aux=127.0.0.3",
+            &passthrough,
+            "max_connections_per_client=1",
+        ],
+    );
+    let to = SocketAddr::from(([127, 0, 0, 1], port));
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let metrics = rt.block_on(async {
+        let mut first = connect_from("127.0.0.1", to).await.unwrap();
+        assert!(ping(&mut first).await, "first connection not served");
+        // The second from the same address is reset at once (or looks closed, if the reset came
+        // before the byte was sent).
+        let mut second = connect_from("127.0.0.1", to).await.unwrap();
+        assert!(
+            !ping(&mut second).await,
+            "second connection from 127.0.0.1 served"
+        );
+        let mut other = connect_from("127.0.0.2", to).await.unwrap();
+        assert!(ping(&mut other).await, "127.0.0.2 not served");
+        reqwest::get(format!("{mon}/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    });
+    sigterm(&child);
+    assert!(child.wait().unwrap().success());
+    for (reason, n) in [("per_client", 1), ("aux", 0)] {
+        let line = format!(
+            r#"mig_proxy_connections_refused_total{{port="{port}",reason="{reason}"}} {n}"#
+        );
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "no `{line}` in\n{metrics}"
+        );
+    }
+    let line = format!(r#"mig_proxy_connections_total{{port="{port}"}} 3"#);
+    assert!(
+        metrics.lines().any(|l| l == line),
+        "no `{line}` in\n{metrics}"
+    );
 }
 
 #[test]

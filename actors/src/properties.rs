@@ -43,6 +43,7 @@ pub const NAMES: &[&str] = &[
     "app_name",
     "state_dir",
     "max_connections",
+    "max_connections_per_client",
     "connect_timeout",
     "idle_timeout",
     "drain_timeout",
@@ -115,6 +116,8 @@ pub struct Properties {
     pub app_name: Option<String>,
     pub state_dir: PathBuf,
     pub max_connections: usize,
+    /// Pass-through connections one client address may hold at once, all ports together.
+    pub max_connections_per_client: usize,
     pub connect_timeout: Duration,
     pub idle_timeout: Option<Duration>,
     pub drain_timeout: Duration,
@@ -443,6 +446,14 @@ impl<'a> Typed<'a> {
             Ok(n) if (1..=1_000_000).contains(&n) => Ok(n),
             _ => Err("must be a whole number from 1 to 1000000".into()),
         });
+        let max_connections_per_client = self.get(
+            "max_connections_per_client",
+            crate::proxy::DEFAULT_MAX_CONNECTIONS_PER_CLIENT,
+            |s| match s.parse::<usize>() {
+                Ok(n) if (1..=1_000_000).contains(&n) => Ok(n),
+                _ => Err("must be a whole number from 1 to 1000000 (connections one client address may hold at once)".into()),
+            },
+        );
         let connect_timeout = self.get("connect_timeout", Duration::from_secs(5), |s| {
             seconds(s).and_then(|d| {
                 if d.is_zero() {
@@ -514,6 +525,7 @@ impl<'a> Typed<'a> {
             app_name,
             state_dir,
             max_connections,
+            max_connections_per_client,
             connect_timeout,
             idle_timeout,
             drain_timeout,
@@ -584,6 +596,7 @@ mod tests {
         assert_eq!(p.grid, None);
         assert_eq!(p.state_dir, PathBuf::from("/var/lib/mig/state"));
         assert_eq!(p.idle_timeout, None);
+        assert_eq!(p.max_connections_per_client, 256);
         // Every documented name is in the defaults, and nothing else is.
         let map = config::File::from_str(DEFAULTS, FileFormat::Toml)
             .collect()
@@ -650,6 +663,9 @@ mod tests {
             ("passthrough=0", "is not a port"),
             ("grid=g 1", "must be a grid id"),
             ("max_connections=0", "from 1 to 1000000"),
+            ("max_connections_per_client=0", "from 1 to 1000000"),
+            ("max_connections_per_client=", "from 1 to 1000000"),
+            ("max_connections_per_client=many", "from 1 to 1000000"),
             ("connect_timeout=0", "more than 0 seconds"),
             ("idle_timeout=-1", "whole number of seconds"),
             ("drain_timeout=1.5", "whole number of seconds"),

@@ -17,6 +17,14 @@
 //! connection **waits** in the kernel's accept backlog (its TCP handshake completes, its bytes are
 //! not read) until a live connection ends; it is not refused. Past the backlog (4096 or
 //! `net.core.somaxconn`, whichever is smaller) the kernel drops new SYNs and clients retry.
+//! Each time a listener finds every permit taken it counts it (`limit_reached`).
+//!
+//! Per-client cap: one client address may hold at most
+//! [`ProxyConfig::max_connections_per_client`] connections at once, across every port; otherwise
+//! one client holding `max_connections` idle sockets would stop the pass-through for everyone.
+//! A connection past the cap is accepted and reset at once (waiting in the backlog would make
+//! every other client wait behind it), and counted (`refused_per_client`). IPv4 clients that
+//! reach an IPv6 listener as v4-mapped addresses count as their IPv4 address.
 //!
 //! A connection that cannot be served (aux unset, refusing, or slower than the connect timeout)
 //! is reset at once, as a closed port would be, and counted as refused.
@@ -27,6 +35,7 @@
 #![forbid(unsafe_code)]
 
 use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
 use std::future::poll_fn;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
@@ -49,6 +58,10 @@ use tokio_util::task::TaskTracker;
 
 /// Default of the `max_connections` property.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+/// Default of the `max_connections_per_client` property. Generous for clients behind one NAT
+/// address (some 40 browsers at their 6 connections per host), yet small against
+/// [`DEFAULT_MAX_CONNECTIONS`]: filling the global limit takes 40 addresses, not one.
+pub const DEFAULT_MAX_CONNECTIONS_PER_CLIENT: usize = 256;
 /// How long a connection to `aux` may take before the client is closed.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long live connections may go on after shutdown begins.
@@ -76,6 +89,9 @@ pub struct ProxyConfig {
     pub upstream_port: Option<u16>,
     /// Concurrent connections at most; past it new connections wait in the accept backlog.
     pub max_connections: usize,
+    /// Concurrent connections from one client address at most, all ports together; past it that
+    /// address's new connections are reset at once while other clients still get in.
+    pub max_connections_per_client: usize,
     /// Time allowed to resolve and connect to `aux`.
     pub connect_timeout: Duration,
     /// A connection with no byte moving in either direction for this long is cut.
@@ -95,6 +111,7 @@ impl ProxyConfig {
             ports,
             upstream_port: None,
             max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_connections_per_client: DEFAULT_MAX_CONNECTIONS_PER_CLIENT,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             idle_timeout: None,
             drain: DEFAULT_DRAIN,
@@ -168,8 +185,11 @@ pub struct ProxyStats {
 /// One port's counters, as plain data.
 ///
 /// `bytes_in` is what clients sent (client → aux), `bytes_out` what they received (aux → client).
-/// `total` counts every accepted connection, `refused` those closed without relaying (aux unset,
-/// refusing or too slow), `active` those relaying now.
+/// `total` counts every accepted connection, `refused` those closed without relaying because of
+/// aux (unset, refusing or too slow), `refused_per_client` those reset because their client
+/// address already held `max_connections_per_client`, `active` those relaying now.
+/// `limit_reached` counts the times this port's listener found all `max_connections` live and
+/// stopped accepting (new connections then wait in the backlog; they are not refused).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct PortStats {
     pub port: u16,
@@ -177,6 +197,8 @@ pub struct PortStats {
     pub active: u64,
     pub total: u64,
     pub refused: u64,
+    pub refused_per_client: u64,
+    pub limit_reached: u64,
     pub bytes_in: u64,
     pub bytes_out: u64,
 }
@@ -188,6 +210,8 @@ struct PortCounters {
     active: AtomicU64,
     total: AtomicU64,
     refused: AtomicU64,
+    refused_per_client: AtomicU64,
+    limit_reached: AtomicU64,
     bytes_in: AtomicU64,
     bytes_out: AtomicU64,
 }
@@ -208,6 +232,8 @@ impl ProxyStats {
                 active: c.active.load(Ordering::Relaxed),
                 total: c.total.load(Ordering::Relaxed),
                 refused: c.refused.load(Ordering::Relaxed),
+                refused_per_client: c.refused_per_client.load(Ordering::Relaxed),
+                limit_reached: c.limit_reached.load(Ordering::Relaxed),
                 bytes_in: c.bytes_in.load(Ordering::Relaxed),
                 bytes_out: c.bytes_out.load(Ordering::Relaxed),
             })
@@ -221,6 +247,8 @@ impl ProxyStats {
             active: AtomicU64::new(0),
             total: AtomicU64::new(0),
             refused: AtomicU64::new(0),
+            refused_per_client: AtomicU64::new(0),
+            limit_reached: AtomicU64::new(0),
             bytes_in: AtomicU64::new(0),
             bytes_out: AtomicU64::new(0),
         });
@@ -257,6 +285,7 @@ pub struct Proxy {
     local_addrs: Vec<SocketAddr>,
     conn: Arc<ConnSettings>,
     limit: Arc<Semaphore>,
+    clients: Arc<Clients>,
     drain: Duration,
     /// Cancelled when the listeners must stop accepting.
     stop_accepting: CancellationToken,
@@ -295,6 +324,20 @@ impl Proxy {
                 ),
             ));
         }
+        if config.max_connections_per_client == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "max_connections_per_client is 0; it must be at least 1",
+            ));
+        }
+        if config.max_connections_per_client >= config.max_connections {
+            tracing::warn!(
+                max_connections = config.max_connections,
+                max_connections_per_client = config.max_connections_per_client,
+                "one client address can take every pass-through connection; set \
+                 max_connections_per_client below max_connections"
+            );
+        }
         warn_if_fd_limit_is_low(config.max_connections);
         let mut listeners = Vec::with_capacity(config.ports.len());
         let mut local_addrs = Vec::with_capacity(config.ports.len());
@@ -322,6 +365,7 @@ impl Proxy {
                 splice: config.splice,
             }),
             limit: Arc::new(Semaphore::new(config.max_connections)),
+            clients: Arc::new(Clients::new(config.max_connections_per_client)),
             drain: config.drain,
             stop_accepting: CancellationToken::new(),
             cut: CancellationToken::new(),
@@ -411,6 +455,7 @@ impl Actor for Proxy {
                 l,
                 self.conn.clone(),
                 self.limit.clone(),
+                self.clients.clone(),
                 self.stop_accepting.clone(),
                 self.cut.clone(),
                 self.connections.clone(),
@@ -461,6 +506,7 @@ async fn accept_loop(
     l: Listener,
     conn: Arc<ConnSettings>,
     limit: Arc<Semaphore>,
+    clients: Arc<Clients>,
     stop: CancellationToken,
     cut: CancellationToken,
     connections: TaskTracker,
@@ -468,12 +514,22 @@ async fn accept_loop(
     let Listener { listener, counters } = l;
     loop {
         // Take the permit before accepting: at the limit, connections wait in the backlog.
-        let permit = tokio::select! {
-            _ = stop.cancelled() => break,
-            p = limit.clone().acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => break, // the semaphore is never closed; nothing to serve if it were
-            },
+        let permit = match limit.clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(_) => {
+                counters.limit_reached.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(
+                    port = counters.port,
+                    "max_connections live; new connections wait in the backlog"
+                );
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    p = limit.clone().acquire_owned() => match p {
+                        Ok(p) => p,
+                        Err(_) => break, // the semaphore is never closed; nothing to serve if it were
+                    },
+                }
+            }
         };
         let (client, peer) = tokio::select! {
             _ = stop.cancelled() => break,
@@ -488,6 +544,20 @@ async fn accept_loop(
             },
         };
         counters.total.fetch_add(1, Ordering::Relaxed);
+        let slot = match clients.admit(peer.ip()) {
+            Ok(slot) => slot,
+            Err(first) => {
+                counters.refused_per_client.fetch_add(1, Ordering::Relaxed);
+                // Once per episode: a client hammering at its cap must not flood the log.
+                if first {
+                    tracing::warn!(port = counters.port, %peer, cap = clients.cap,
+                        "client address at max_connections_per_client; resetting its new \
+                         pass-through connections until one of its connections ends");
+                }
+                refuse(client);
+                continue;
+            }
+        };
         connections.spawn_local(serve_connection(
             client,
             peer,
@@ -495,9 +565,79 @@ async fn accept_loop(
             counters.clone(),
             cut.clone(),
             permit,
+            slot,
         ));
     }
     tracing::debug!(port = counters.port, "pass-through listener closed");
+}
+
+/// Live connections per client address, across every port: the per-client cap. Touched once
+/// when a connection is accepted and once when it ends, never on the data path. An address
+/// with no live connection has no entry, so the map holds at most `max_connections` entries.
+#[derive(Debug)]
+struct Clients {
+    cap: usize,
+    live: Mutex<HashMap<IpAddr, ClientEntry>>,
+}
+
+#[derive(Debug, Default)]
+struct ClientEntry {
+    live: usize,
+    /// A refusal was logged since this client last had no live connection: one warning per
+    /// episode, however long a client keeps knocking at its cap.
+    warned: bool,
+}
+
+impl Clients {
+    fn new(cap: usize) -> Self {
+        Clients {
+            cap,
+            live: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// One more connection from `ip`, or `Err` when it already holds `cap`; `Err(true)` for the
+    /// first refusal of the episode (worth a log line).
+    fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<ClientSlot, bool> {
+        // A v4 client on a dual-stack listener appears as ::ffff:a.b.c.d; it is the same client.
+        let ip = ip.to_canonical();
+        let mut live = self.live.lock().unwrap_or_else(|e| e.into_inner());
+        let entry = live.entry(ip).or_default();
+        if entry.live >= self.cap {
+            return Err(!std::mem::replace(&mut entry.warned, true));
+        }
+        entry.live += 1;
+        Ok(ClientSlot {
+            clients: self.clone(),
+            ip,
+        })
+    }
+
+    #[cfg(test)]
+    fn live(&self, ip: IpAddr) -> Option<usize> {
+        let live = self.live.lock().unwrap_or_else(|e| e.into_inner());
+        live.get(&ip.to_canonical()).map(|e| e.live)
+    }
+}
+
+/// One live connection's place in its client's count. Dropped exactly once however the
+/// connection ends (closed, reset, error, idle, drained, cut, or its task dropped), which gives
+/// the place back.
+struct ClientSlot {
+    clients: Arc<Clients>,
+    ip: IpAddr,
+}
+
+impl Drop for ClientSlot {
+    fn drop(&mut self) {
+        let mut live = self.clients.live.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(entry) = live.get_mut(&self.ip) {
+            entry.live -= 1;
+            if entry.live == 0 {
+                live.remove(&self.ip);
+            }
+        }
+    }
 }
 
 /// Decrements `active` however the connection ends.
@@ -516,6 +656,7 @@ async fn serve_connection(
     counters: Arc<PortCounters>,
     cut: CancellationToken,
     _permit: OwnedSemaphorePermit,
+    _client_slot: ClientSlot,
 ) {
     let port = counters.port;
     let Some(aux) = conn.aux.as_deref() else {
@@ -1045,10 +1186,43 @@ mod tests {
     fn config_defaults() {
         let c = ProxyConfig::new("127.0.0.1".parse().unwrap(), None, vec![80]);
         assert_eq!(c.max_connections, 10_000);
+        assert_eq!(c.max_connections_per_client, 256);
         assert_eq!(c.connect_timeout, Duration::from_secs(5));
         assert_eq!(c.idle_timeout, None);
         assert_eq!(c.drain, Duration::from_secs(5));
         assert!(c.splice);
         assert_eq!(c.upstream_port, None);
+    }
+
+    #[test]
+    fn the_per_client_count_goes_up_to_the_cap_and_down_once_per_slot() {
+        let clients = Arc::new(Clients::new(2));
+        let a: IpAddr = "192.0.2.1".parse().unwrap();
+        let b: IpAddr = "2001:db8::1".parse().unwrap();
+        let a1 = clients.admit(a).unwrap();
+        let a2 = clients.admit(a).unwrap();
+        // The first refusal of an episode is the one worth a log line.
+        assert!(matches!(clients.admit(a), Err(true)));
+        assert!(matches!(clients.admit(a), Err(false)));
+        // Another address has its own count.
+        let b1 = clients.admit(b).unwrap();
+        assert_eq!((clients.live(a), clients.live(b)), (Some(2), Some(1)));
+        drop(a1);
+        assert_eq!(clients.live(a), Some(1));
+        let a3 = clients.admit(a).unwrap();
+        drop((a2, a3, b1));
+        // No entry is left for addresses without a live connection.
+        assert!(clients.live.lock().unwrap().is_empty());
+        assert!(clients.admit(a).is_ok());
+    }
+
+    #[test]
+    fn a_v4_mapped_client_counts_as_its_v4_address() {
+        let clients = Arc::new(Clients::new(1));
+        let v4: IpAddr = "192.0.2.7".parse().unwrap();
+        let mapped: IpAddr = "::ffff:192.0.2.7".parse().unwrap();
+        let _slot = clients.admit(v4).unwrap();
+        assert!(clients.admit(mapped).is_err());
+        assert_eq!(clients.live(mapped), Some(1));
     }
 }

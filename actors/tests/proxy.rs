@@ -1,6 +1,6 @@
 //! The Proxy actor over real loopback sockets: bytes through unchanged both ways (splice and copy
 //! paths), half-close, many connections, aux down or unset, the connection limit, drain on
-//! shutdown, idle timeout and the counters.
+//! shutdown, idle timeout, the per-client cap and the counters.
 //!
 //! The proxy runs on the test's actix System; clients and upstream servers run on a separate
 //! two-thread tokio runtime (`ends()`) so they do not share the proxy's thread.
@@ -355,7 +355,10 @@ async fn half_close_by_aux_copy() {
 async fn two_thousand_concurrent_connections() {
     const N: usize = 2000;
     let upstream = spawn_echo(LOCALHOST);
-    let p = start(config(upstream, true)).await;
+    let mut c = config(upstream, true);
+    // Every client here is 127.0.0.1.
+    c.max_connections_per_client = N;
+    let p = start(c).await;
     let local = p.local;
     // Every client connects and round-trips one byte, then all wait together (the test counts
     // them live), then each sends its own 4 KiB and checks the echo.
@@ -530,6 +533,8 @@ async fn at_the_limit_the_next_connection_waits_in_the_backlog() {
     .await;
     let s = p.port_stats();
     assert_eq!((s.total, s.active, s.refused), (2, 2, 0), "{s:?}");
+    // Waiting is not refusing; the pause is counted for mon.
+    assert_eq!((s.refused_per_client, s.limit_reached), (0, 1), "{s:?}");
     first.shutdown().await.ok();
     drop(first);
     // The byte the third client sent waits in its socket; once a permit frees it is served.
@@ -543,6 +548,160 @@ async fn at_the_limit_the_next_connection_waits_in_the_backlog() {
     .await;
     assert!(served, "third connection not served after a slot freed");
     assert_eq!(p.port_stats().total, 3);
+}
+
+/// Connects to `to` from `from`, an address of this host (any 127.0.0.0/8 address on loopback).
+async fn connect_from(from: &str, to: SocketAddr) -> std::io::Result<TcpStream> {
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind(SocketAddr::new(from.parse().unwrap(), 0))?;
+    socket.connect(to).await
+}
+
+/// Whether the proxy resets a new connection from `from` at once (rather than serving it).
+async fn reset_at_once(from: &'static str, to: SocketAddr) -> bool {
+    on_ends(async move {
+        let mut s = match connect_from(from, to).await {
+            Ok(s) => s,
+            // A quick reset can beat the client's own check of its connect.
+            Err(e) => return e.kind() == std::io::ErrorKind::ConnectionReset,
+        };
+        let mut b = [0u8; 1];
+        matches!(
+            tokio::time::timeout(Duration::from_secs(2), s.read(&mut b)).await,
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionReset
+        )
+    })
+    .await
+}
+
+/// A connection from `from` that answers a ping through the proxy.
+async fn served_from(from: &'static str, to: SocketAddr) -> TcpStream {
+    on_ends(async move {
+        let mut s = connect_from(from, to).await.expect("connect to proxy");
+        assert!(
+            ping(&mut s, Duration::from_secs(5)).await,
+            "connection from {from} not served"
+        );
+        s
+    })
+    .await
+}
+
+#[actix_rt::test]
+async fn at_its_cap_a_client_is_reset_while_another_still_gets_in() {
+    let upstream = spawn_echo(LOCALHOST);
+    let mut c = config(upstream, true);
+    c.max_connections_per_client = 2;
+    let p = start(c).await;
+    let local = p.local;
+    let a1 = served_from("127.0.0.1", local).await;
+    let _a2 = served_from("127.0.0.1", local).await;
+    assert!(
+        reset_at_once("127.0.0.1", local).await,
+        "a third connection from 127.0.0.1 was not reset"
+    );
+    let s = p.stats_until(|s| s.refused_per_client == 1).await;
+    assert_eq!(
+        (s.total, s.active, s.refused, s.refused_per_client),
+        (3, 2, 0, 1),
+        "{s:?}"
+    );
+
+    // Another client address is not held back by the first one's cap: it connects and relays.
+    let data = pattern("second client", 256 * 1024);
+    let sent = data.clone();
+    let back = on_ends(async move {
+        let s = connect_from("127.0.0.2", local)
+            .await
+            .expect("connect from 127.0.0.2");
+        let (mut r, mut w) = s.into_split();
+        let write = async {
+            w.write_all(&sent).await.unwrap();
+            w.shutdown().await.unwrap();
+        };
+        let mut back = Vec::new();
+        let read = r.read_to_end(&mut back);
+        let (_, n) = tokio::join!(write, read);
+        n.unwrap();
+        back
+    })
+    .await;
+    assert_eq!(
+        blake3::hash(&back),
+        blake3::hash(&data),
+        "127.0.0.2's bytes"
+    );
+
+    // Once one of the first client's connections ends, its count goes down and it gets in again.
+    drop(a1);
+    let s = p.stats_until(|s| s.active == 1).await;
+    assert_eq!(s.active, 1, "{s:?}");
+    let _a3 = served_from("127.0.0.1", local).await;
+    let s = p.port_stats();
+    assert_eq!((s.total, s.refused_per_client), (5, 1), "{s:?}");
+}
+
+/// A cap of one: the next connection from the same address is served only if the last one's
+/// place was given back.
+#[actix_rt::test]
+async fn a_clients_place_is_given_back_however_its_connection_ends() {
+    let upstream = spawn_echo(LOCALHOST);
+    let mut c = config(upstream, false);
+    c.max_connections_per_client = 1;
+    c.idle_timeout = Some(Duration::from_secs(1));
+    let p = start(c).await;
+    let local = p.local;
+
+    // Closed by the client with a reset (an error on the proxy's side).
+    let s = served_from("127.0.0.1", local).await;
+    s.set_zero_linger().unwrap();
+    drop(s);
+    assert_eq!(p.stats_until(|s| s.active == 0).await.active, 0);
+
+    // Cut by the proxy for idling.
+    let mut s = served_from("127.0.0.1", local).await;
+    let cut = on_ends(async move {
+        let mut b = [0u8; 1];
+        let r = tokio::time::timeout(Duration::from_secs(5), s.read(&mut b)).await;
+        matches!(r, Ok(Ok(0)) | Ok(Err(_)))
+    })
+    .await;
+    assert!(cut, "idle connection not cut");
+    assert_eq!(p.stats_until(|s| s.active == 0).await.active, 0);
+
+    // Closed cleanly, both directions; meanwhile the cap holds.
+    let mut s = served_from("127.0.0.1", local).await;
+    assert!(
+        reset_at_once("127.0.0.1", local).await,
+        "cap of 1 not applied"
+    );
+    on_ends(async move {
+        s.shutdown().await.unwrap();
+        let mut rest = Vec::new();
+        s.read_to_end(&mut rest).await.unwrap();
+    })
+    .await;
+    assert_eq!(p.stats_until(|s| s.active == 0).await.active, 0);
+
+    let _last = served_from("127.0.0.1", local).await;
+    let s = p.port_stats();
+    assert_eq!((s.total, s.refused_per_client), (5, 1), "{s:?}");
+}
+
+#[actix_rt::test]
+async fn a_connection_aux_refuses_gives_its_clients_place_back() {
+    let mut c = config(free_port(), true);
+    c.max_connections_per_client = 1;
+    let p = start(c).await;
+    for _ in 0..3 {
+        time_to_reset(p.local).await;
+    }
+    let s = p.stats_until(|s| s.refused == 3).await;
+    assert_eq!(
+        (s.total, s.refused, s.refused_per_client),
+        (3, 3, 0),
+        "{s:?}"
+    );
 }
 
 /// A proxy to an echo server with `drain`, and one connection through it, answering.
@@ -741,6 +900,20 @@ async fn bind_error_names_the_port() {
     assert!(
         text.contains(&format!("pass-through port {}", addr.port())),
         "{text}"
+    );
+}
+
+#[actix_rt::test]
+async fn zero_max_connections_per_client_is_refused() {
+    let mut c = config(free_port(), true);
+    c.max_connections_per_client = 0;
+    let err = Proxy::bind(c, Arc::new(ProxyStats::new()))
+        .await
+        .err()
+        .expect("accepted max_connections_per_client = 0");
+    assert!(
+        err.to_string().contains("max_connections_per_client is 0"),
+        "{err}"
     );
 }
 

@@ -26,6 +26,9 @@ struct Args {
     ports: String,
     #[arg(long, default_value_t = proxy::DEFAULT_MAX_CONNECTIONS)]
     max_connections: usize,
+    /// Connections one client address may hold; the load tool's idle run is one address.
+    #[arg(long, default_value_t = proxy::DEFAULT_MAX_CONNECTIONS_PER_CLIENT)]
+    max_connections_per_client: usize,
     /// Use the copy loop instead of splice(2).
     #[arg(long)]
     copy: bool,
@@ -47,6 +50,7 @@ fn main() -> Result<()> {
     tracing::info!(limit, "open-file limit");
     let config = ProxyConfig {
         max_connections: args.max_connections,
+        max_connections_per_client: args.max_connections_per_client,
         splice: !args.copy,
         drain: Duration::from_secs(args.drain_secs),
         ..ProxyConfig::new(args.listen, args.aux, ports)
