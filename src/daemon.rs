@@ -138,9 +138,16 @@ pub async fn serve(props: Properties) -> Result<(), Fatal> {
 
     // Without a usable key MIG can neither reach a grid nor check a handoff.
     let key_ok = actors::keys::check_private_key(&props.private_key_file).is_ok();
-    let app_key = key_ok
-        .then(|| AppKey::from_private_key_file(&props.private_key_file).ok())
-        .flatten();
+    let app_key = match AppKey::load_or_create(&props.handoff_key_file) {
+        Ok(k) => key_ok.then_some(k),
+        Err(e) => {
+            tracing::warn!(
+                "operations are not offered: the handoff secret {} is not usable: {e}",
+                props.handoff_key_file.display()
+            );
+            None
+        }
+    };
     let (mut handoff, mut status, mut source) = (None, None, None);
     if let Some(app_key) = app_key {
         let target = Target::new(app_key.clone(), props.app_name.clone(), driver.clone()).start();

@@ -66,7 +66,7 @@ fn start_in(app: &str, mode: &str, sets: &[&str]) -> Api {
     lab.grid("root@127.0.2.1:2222");
     let book = OpBook::open(Journal::open(&props.state_dir).unwrap()).unwrap();
     let driver = Driver::new(book.clone(), Arc::new(lab.clone()));
-    let app_key = AppKey::from_private_key_bytes(KEY);
+    let app_key = AppKey::from_secret_bytes(KEY);
     let source = Source::new(
         SourceConfig {
             mode: props.mode,
@@ -294,12 +294,12 @@ async fn send_raw(
 async fn forged_replayed_cross_op_tampered_and_stale_handoffs_are_401_and_change_nothing() {
     // The MIG of the target application, to which MigHelper hands a migrate.
     let api = start_in("shop2", "both", &[]);
-    let app_key = AppKey::from_private_key_bytes(KEY);
+    let app_key = AppKey::from_secret_bytes(KEY);
     let op = handed_over();
     let k_op = app_key.op_key(&op.id);
 
     // Another application's key, another operation's key, a changed body, a stale signature.
-    let wrong_app = AppKey::from_private_key_bytes(b"another application").op_key(&op.id);
+    let wrong_app = AppKey::from_secret_bytes(b"another application").op_key(&op.id);
     assert_eq!(send(&api, &wrong_app, &op, 1, false, 0).await, 401);
     let other_op = app_key.op_key(&op::new_id());
     assert_eq!(send(&api, &other_op, &op, 1, false, 0).await, 401);
@@ -349,7 +349,7 @@ async fn forged_replayed_cross_op_tampered_and_stale_handoffs_are_401_and_change
 #[actix_rt::test]
 async fn a_handoff_for_the_target_mig_replayed_to_the_source_mig_destroys_nothing() {
     let api = start_in("shop", "both", &[]);
-    let app_key = AppKey::from_private_key_bytes(KEY);
+    let app_key = AppKey::from_secret_bytes(KEY);
     let op = handed_over();
     let k_op = app_key.op_key(&op.id);
 
@@ -393,7 +393,7 @@ async fn a_handoff_for_the_target_mig_replayed_to_the_source_mig_destroys_nothin
 #[actix_rt::test]
 async fn an_unknown_or_missing_step_is_400_and_the_instance_stays_up() {
     let api = start_in("shop2", "both", &[]);
-    let app_key = AppKey::from_private_key_bytes(KEY);
+    let app_key = AppKey::from_secret_bytes(KEY);
     let op = handed_over();
     let k_op = app_key.op_key(&op.id);
     let to = actors::handoff::audience(&op);
@@ -420,7 +420,7 @@ async fn an_unknown_or_missing_step_is_400_and_the_instance_stays_up() {
 #[actix_rt::test]
 async fn the_status_route_answers_signed_over_the_askers_nonce() {
     let api = start_in("shop2", "both", &[]);
-    let app_key = AppKey::from_private_key_bytes(KEY);
+    let app_key = AppKey::from_secret_bytes(KEY);
     let op = handed_over();
     let k_op = app_key.op_key(&op.id);
     let ask = |nonce: String| {

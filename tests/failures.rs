@@ -27,7 +27,7 @@ use std::time::Duration;
 
 use common::lab::{curl, get, put, random_bytes, wait_for, Lab};
 
-/// This binary's lab addresses: bases 230..=238, two grids a test, five tests (tests/migrate.rs
+/// This binary's lab addresses: bases 230..=244, two grids a test, eight tests (tests/migrate.rs
 /// holds 200..230, tests/gui.rs 240..).
 static BASES: AtomicU8 = AtomicU8::new(230);
 
@@ -609,4 +609,147 @@ fn a_mighelper_that_forgot_its_final_handoff_does_not_undo_the_cut_over() {
     lab.run_lab_up("lab up again");
     let op = wait_end(&lab, &target, &id, 90);
     assert_moved(&lab, &op, &data, &sum);
+}
+
+/// Switches the lab's MIG instances (the demo application's and MigHelper's) to the fault points
+/// under the returned directory (property `fault_dir`); a point is on while its file exists.
+/// Call it before the applications are provisioned.
+fn fault_points(lab: &Lab) -> std::path::PathBuf {
+    let dir = lab.path().join("mig-faults");
+    std::fs::create_dir_all(&dir).unwrap();
+    for n in 1..=lab.grids {
+        for (file, anchor) in [
+            ("demoapp.toml", r#""--set", "app_name=${app}""#),
+            ("MigHelper.toml", r#""--set", "state_dir=${vol:state}""#),
+        ] {
+            let p = lab.state(n).join("templates").join(file);
+            let t = std::fs::read_to_string(&p).unwrap();
+            assert!(t.contains(anchor), "{anchor} not in {}", p.display());
+            let with = format!(r#"{anchor}, "--set", "fault_dir={}""#, dir.display());
+            std::fs::write(&p, t.replacen(anchor, &with, 1)).unwrap();
+        }
+    }
+    dir
+}
+
+fn on(dir: &std::path::Path, point: &str) {
+    std::fs::write(dir.join(point), "").unwrap();
+}
+
+fn off(dir: &std::path::Path, point: &str) {
+    std::fs::remove_file(dir.join(point)).unwrap();
+}
+
+/// `shop` on g1 with a little data (the copy's size does not matter to these paths).
+fn small_shop(lab: &Lab) -> (Data, String) {
+    lab.provision_demo(1, "shop");
+    let data: Data = vec![
+        ("greeting".into(), b"hello".to_vec()),
+        ("blob".into(), random_bytes(1 << 20, 7)),
+    ];
+    for (k, v) in &data {
+        put(&lab.data_url(1), k, v);
+    }
+    (data, lab.checksum(1, "shop"))
+}
+
+/// Issue 13, item 1: the target MIG takes the cut-over handoff, but its 200 is lost, MigHelper's
+/// retry is refused as a replay, and its status probes fail for a while. Before, MigHelper then
+/// rolled back and destroyed the started target while the target MIG destroyed the source: no
+/// copy left. Now MigHelper never destroys a started target; the target MIG finishes the move.
+#[test]
+fn a_lost_answer_to_the_cut_over_handoff_never_costs_the_application() {
+    let lab = Lab::up(2, &BASES);
+    let faults = fault_points(&lab);
+    let (data, sum) = small_shop(&lab);
+    // Hold MigHelper before its verify, so the faults below meet only the cut-over handoff.
+    on(&faults, "hold-verify");
+    let id = start_migrate(&lab.mig_url(1), "g2", "shop2");
+    let helper = helper_url(&lab, 2);
+    wait_op(&lab, &helper, &id, "the copy to be imported", 60, |_| {
+        lab.apps(2).iter().any(|(n, _)| n == "shop2")
+    });
+    on(&faults, "drop-handoff-reply");
+    on(&faults, "fail-status");
+    off(&faults, "hold-verify");
+
+    // The target MIG took the operation (its answer was dropped) and cleans up.
+    let target = lab.mig_url(2);
+    let op = wait_end(&lab, &target, &id, 120);
+    off(&faults, "drop-handoff-reply");
+    off(&faults, "fail-status");
+    assert!(
+        step(&op, MIGRATING)["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("blake3 equal")),
+        "{op:#}"
+    );
+    assert_moved(&lab, &op, &data, &sum);
+}
+
+/// Issue 13, item 3: an application given the target's name after the operation started (here by
+/// a person, while MigHelper is about to copy) is not MigHelper's to destroy. The operation fails
+/// and rolls back; the other application keeps running with its data.
+#[test]
+fn a_target_name_taken_mid_operation_is_left_alone_and_the_operation_rolls_back() {
+    let lab = Lab::up(2, &BASES);
+    let faults = fault_points(&lab);
+    let (data, sum) = small_shop(&lab);
+    on(&faults, "hold-copy");
+    let id = start_migrate(&lab.mig_url(1), "g2", "shop2");
+    let helper = helper_url(&lab, 2);
+    wait_step(&lab, &helper, &id, MIGRATING, "running", 60);
+    lab.provision_demo(2, "shop2");
+    put(&lab.data_url(2), "theirs", b"not the operation's");
+    off(&faults, "hold-copy");
+
+    let op = wait_end(&lab, &lab.mig_url(1), &id, 120);
+    assert_eq!(op["state"], "rolled_back", "{op:#}");
+    assert!(
+        step(&op, MIGRATING)["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("did not create")),
+        "{op:#}"
+    );
+    assert_eq!(names(&lab.apps(1)), [("shop", "running")]);
+    assert_eq!(
+        names(&lab.apps(2)),
+        [("shop2", "running")],
+        "the other application stays; MigHelper is gone"
+    );
+    assert_eq!(
+        get(&lab.data_url(2), "theirs").as_deref(),
+        Some(&b"not the operation's"[..])
+    );
+    assert_data(&lab.data_url(1), &data);
+    assert_eq!(lab.checksum(1, "shop"), sum);
+}
+
+/// Issue 13, item 4: the copy changed on the target after the transfer (a bad disk, a bug): the
+/// verify compares every volume with the stopped source, refuses to start it and rolls back.
+#[test]
+fn a_copy_that_differs_from_the_source_never_starts_and_rolls_back() {
+    let lab = Lab::up(2, &BASES);
+    let faults = fault_points(&lab);
+    let (data, sum) = small_shop(&lab);
+    on(&faults, "hold-verify");
+    let id = start_migrate(&lab.mig_url(1), "g2", "shop2");
+    let helper = helper_url(&lab, 2);
+    wait_op(&lab, &helper, &id, "the copy to be imported", 60, |_| {
+        lab.apps(2).iter().any(|(n, _)| n == "shop2")
+    });
+    let vol = lab.state(2).join("apps/shop2/vols/data");
+    let mut bytes = std::fs::read(&vol).unwrap();
+    bytes[0] ^= 0xff;
+    std::fs::write(&vol, bytes).unwrap();
+    off(&faults, "hold-verify");
+
+    let op = wait_end(&lab, &lab.mig_url(1), &id, 120);
+    assert!(
+        step(&op, MIGRATING)["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("differs") && d.contains("data")),
+        "{op:#}"
+    );
+    assert_rolled_back(&lab, &op, &data, &sum);
 }

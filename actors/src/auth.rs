@@ -70,8 +70,10 @@ fn hmac(key: &[u8], parts: &[&[u8]]) -> HmacSha256 {
     mac
 }
 
-/// `K_app`: the application's handoff key, derived from its private key, which every MIG instance
-/// of the application shares through its config volume. It never leaves the volume.
+/// `K_app`: the application's handoff key, derived from its handoff secret (`handoff_key_file`),
+/// which every MIG instance of the application shares through its config volume. It never leaves
+/// the volume. It is not derived from the application's SSH key: MigHelper holds that key (it
+/// must reach both grids), and it must not be able to sign for any operation but its own.
 #[derive(Clone)]
 pub struct AppKey([u8; 32]);
 
@@ -82,14 +84,46 @@ impl std::fmt::Debug for AppKey {
 }
 
 impl AppKey {
-    /// Derives `K_app` from the private key file's contents.
-    pub fn from_private_key_file(path: &Path) -> std::io::Result<AppKey> {
+    /// Derives `K_app` from the handoff secret file, creating the file (256 random bits, mode
+    /// 0600 from the start, never readable by others) when the config volume has none yet. A copy
+    /// of the application carries the file with its config volume, so its MIG derives the same key.
+    pub fn load_or_create(path: &Path) -> std::io::Result<AppKey> {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)
+        {
+            Ok(mut f) => {
+                let secret = format!(
+                    "{:032x}{:032x}\n",
+                    rand::random::<u128>(),
+                    rand::random::<u128>()
+                );
+                f.write_all(secret.as_bytes())?;
+                f.sync_all()?;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e),
+        }
         let bytes = std::fs::read(path)?;
-        Ok(AppKey::from_private_key_bytes(bytes.trim_ascii()))
+        let secret = bytes.trim_ascii();
+        if secret.len() < 32 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!(
+                    "{} holds fewer than 32 bytes: not a handoff secret",
+                    path.display()
+                ),
+            ));
+        }
+        Ok(AppKey::from_secret_bytes(secret))
     }
 
-    pub fn from_private_key_bytes(key: &[u8]) -> AppKey {
-        let out = hmac(b"mig K_app v1", &[key]).finalize().into_bytes();
+    pub fn from_secret_bytes(secret: &[u8]) -> AppKey {
+        let out = hmac(b"mig K_app v2", &[secret]).finalize().into_bytes();
         AppKey(out.into())
     }
 
@@ -327,7 +361,7 @@ mod tests {
     }
 
     fn keys() -> (AppKey, String, OpKey) {
-        let app = AppKey::from_private_key_bytes(b"-----BEGIN OPENSSH PRIVATE KEY----- test");
+        let app = AppKey::from_secret_bytes(b"-----BEGIN OPENSSH PRIVATE KEY----- test");
         let id = crate::op::new_id();
         let k = app.op_key(&id);
         (app, id, k)
@@ -385,7 +419,7 @@ mod tests {
             k.verify(&s, &me, b"bodY", 0, unix_now()),
             Err(HandoffAuthError::BadSignature)
         );
-        let other_app = AppKey::from_private_key_bytes(b"another key");
+        let other_app = AppKey::from_secret_bytes(b"another key");
         assert_eq!(
             other_app
                 .op_key(&id)
@@ -485,5 +519,29 @@ mod tests {
         assert!(!c.check_header(Some("Bearer abc")));
         assert!(!c.check_header(Some("Basic !!!notbase64")));
         assert!(!c.check_header(Some("Basic")));
+    }
+
+    #[test]
+    fn the_handoff_secret_is_made_once_private_and_kept() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("handoff.key");
+        let a = AppKey::load_or_create(&p).unwrap();
+        let mode = std::fs::metadata(&p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let b = AppKey::load_or_create(&p).unwrap();
+        let id = crate::op::new_id();
+        assert!(
+            a.op_key(&id) == b.op_key(&id),
+            "the same secret, the same key"
+        );
+        let other = dir.path().join("other.key");
+        assert!(AppKey::load_or_create(&other).unwrap().op_key(&id) != a.op_key(&id));
+        // MigHelper holds the SSH key; it yields no key that signs for the application.
+        let ssh_key = b"-----BEGIN OPENSSH PRIVATE KEY----- the application's key";
+        assert!(AppKey::from_secret_bytes(ssh_key).op_key(&id) != a.op_key(&id));
+        std::fs::write(&p, "short").unwrap();
+        let e = AppKey::load_or_create(&p).unwrap_err();
+        assert!(e.to_string().contains("handoff.key"), "{e}");
     }
 }

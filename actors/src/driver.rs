@@ -639,7 +639,7 @@ mod tests {
     }
 
     fn key_of(op: &Op) -> OpKey {
-        crate::auth::AppKey::from_private_key_bytes(b"k").op_key(&op.id)
+        crate::auth::AppKey::from_secret_bytes(b"k").op_key(&op.id)
     }
 
     #[tokio::test]
@@ -707,7 +707,7 @@ mod tests {
         // nonce), another application's, an error, nothing listening.
         let url = answer_once("200 OK", says(&mine, Role::Target, 3), None);
         assert!(unknown(d.probe(&url, &k, "shop2", &mine).await), "unsigned");
-        let other = crate::auth::AppKey::from_private_key_bytes(b"k").op_key(&crate::op::new_id());
+        let other = crate::auth::AppKey::from_secret_bytes(b"k").op_key(&crate::op::new_id());
         let url = answer_once("200 OK", says(&mine, Role::Target, 3), Some(other));
         assert!(
             unknown(d.probe(&url, &k, "shop2", &mine).await),

@@ -346,7 +346,7 @@ mod tests {
 
     #[test]
     fn helper_env_round_trips_as_one_safe_token_and_hides_secrets() {
-        let k = crate::auth::AppKey::from_private_key_bytes(b"k").op_key("x");
+        let k = crate::auth::AppKey::from_secret_bytes(b"k").op_key("x");
         let env = HelperEnv {
             op_id: crate::op::new_id(),
             k_op: k.to_hex(),

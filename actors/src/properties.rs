@@ -33,6 +33,7 @@ pub const NAMES: &[&str] = &[
     "mode",
     "port_no",
     "private_key_file",
+    "handoff_key_file",
     "grid_info_file",
     "listen",
     "aux",
@@ -104,6 +105,8 @@ pub struct Properties {
     /// 0 lets the OS pick (tests).
     pub port_no: u16,
     pub private_key_file: PathBuf,
+    /// The application's handoff secret, from which `K_app` is derived (created when missing).
+    pub handoff_key_file: PathBuf,
     pub grid_info_file: PathBuf,
     pub listen: IpAddr,
     pub aux: Option<String>,
@@ -401,6 +404,7 @@ impl<'a> Typed<'a> {
         let port_no = self.get("port_no", 8080, port);
         let mon_port = self.get("mon_port", 9480, port);
         let private_key_file = self.path("private_key_file");
+        let handoff_key_file = self.path("handoff_key_file");
         let grid_info_file = self.path("grid_info_file");
         let known_hosts_file = self.path("known_hosts_file");
         let listen = self.get("listen", IpAddr::from([0, 0, 0, 0]), |s| {
@@ -515,6 +519,7 @@ impl<'a> Typed<'a> {
             mode,
             port_no,
             private_key_file,
+            handoff_key_file,
             grid_info_file,
             listen,
             aux,
