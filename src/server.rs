@@ -509,8 +509,9 @@ async fn op_events(
             }
             tokio::select! {
                 changed = rx.changed() => if changed.is_err() { break },
-                // A comment now and then keeps proxies from closing an idle stream.
-                () = tokio::time::sleep(Duration::from_secs(15)) => {
+                // A comment now and then keeps proxies from closing an idle stream, and finds a
+                // client that has gone (a write fails), which frees its place under the cap.
+                () = tokio::time::sleep(Duration::from_secs(5)) => {
                     yield Ok(aw::Bytes::from_static(b": keep-alive\n\n"));
                 }
             }

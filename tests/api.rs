@@ -326,7 +326,11 @@ fn revealing_op() -> Op {
     );
     op.end(
         op::OpState::Failed,
-        Some("stopping failed on admin@127.0.1.1:2222: STDERR-TEXT".into()),
+        Some(
+            "the source application did not stop: grid controller admin@127.0.1.1:2222: \
+             `app stop shop` exited with code 1: STDERR-TEXT"
+                .into(),
+        ),
     );
     op
 }
@@ -335,7 +339,7 @@ fn revealing_op() -> Op {
 const SECRETS: [&str; 7] = [
     "admin@",
     "127.0.1.1:",
-    "127.0.2.1",
+    "root@127.0.2.1",
     "hunter2",
     "10.99.0.1",
     "STDERR-TEXT",
