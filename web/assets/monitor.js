@@ -465,7 +465,8 @@
   function describe(base) {
     if (!best) return base;
     for (const role of ["helper", "target", "source"]) {
-      const u = ownerUrl(Object.assign({}, best, { owner: role }));
+      // Each role at its own URL: during a roll-back the source is not "the final MIG".
+      const u = ownerUrl(Object.assign({}, best, { owner: role, rolling_back: false }));
       if (u === base) return ROLE_NAME[role] + " (" + base.replace(/^https?:\/\//, "") + ")";
     }
     return base;
