@@ -1,11 +1,13 @@
 //! The operator's side of the API: `mig migrate|snapshot` start an operation and follow it across
-//! the three instances that run it, as the browser page does; `mig status` prints one operation.
+//! the three instances that run it, as the browser page does (reading the public view, as the page
+//! does); `mig status` prints one operation, its full record when given the GUI credentials.
 
 use std::time::{Duration, Instant};
 
-use actors::op::{Op, Role, StepState, MIGRATING};
+use actors::op::{Op, StepState, MIGRATING};
 use anyhow::{bail, Context};
 use indicatif::{ProgressBar, ProgressStyle};
+use web::OpView;
 
 /// How often the follower asks for news.
 const POLL: Duration = Duration::from_millis(200);
@@ -71,8 +73,8 @@ pub async fn start(
         .context("the answer has no operation id")
 }
 
-/// Reads one operation from one instance.
-pub async fn fetch(http: &reqwest::Client, url: &str, id: &str) -> anyhow::Result<Op> {
+/// Reads one operation's public view from one instance.
+pub async fn fetch(http: &reqwest::Client, url: &str, id: &str) -> anyhow::Result<OpView> {
     let url = url.trim_end_matches('/');
     let r = http
         .get(format!("{url}/api/v1/ops/{id}"))
@@ -88,20 +90,36 @@ pub async fn fetch(http: &reqwest::Client, url: &str, id: &str) -> anyhow::Resul
         .with_context(|| format!("{url}: not an operation"))
 }
 
-/// The instance that drives `op` now.
-pub fn owner_url(op: &Op) -> &str {
-    let p = &op.plan;
-    match op.owner {
-        Role::Source => &p.source_mig_url,
-        Role::Helper => &p.helper_url,
-        Role::Target if op.rolling_back => &p.source_mig_url,
-        Role::Target => &p.final_mig_url,
+/// Reads one operation's full record (`GET /api/v1/ops/{id}/record`), with the GUI credentials
+/// when given (a MIG without a `username` needs none).
+pub async fn fetch_record(
+    http: &reqwest::Client,
+    url: &str,
+    id: &str,
+    creds: &Credentials,
+) -> anyhow::Result<Op> {
+    let url = url.trim_end_matches('/');
+    let r = with_auth(http.get(format!("{url}/api/v1/ops/{id}/record")), creds)
+        .timeout(Duration::from_secs(5))
+        .send()
+        .await
+        .with_context(|| format!("cannot reach {url}"))?;
+    if !r.status().is_success() {
+        bail!("{url}: {}", error_text(r).await);
     }
+    r.json()
+        .await
+        .with_context(|| format!("{url}: not an operation record"))
+}
+
+/// The instance that drives `op` now.
+pub fn owner_url(op: &OpView) -> &str {
+    op.owner_url()
 }
 
 /// Follows operation `id` from `url` to its end, across instances, drawing progress; returns the
 /// final operation.
-pub async fn follow(url: &str, id: &str, quiet: bool) -> anyhow::Result<Op> {
+pub async fn follow(url: &str, id: &str, quiet: bool) -> anyhow::Result<OpView> {
     let http = reqwest::Client::new();
     let mut op = fetch(&http, url, id).await?;
     let bar = if quiet {
@@ -185,7 +203,7 @@ pub async fn follow(url: &str, id: &str, quiet: bool) -> anyhow::Result<Op> {
 }
 
 /// One line per step with its duration, for the end of a run.
-pub fn summary(op: &Op) -> String {
+pub fn summary(op: &OpView) -> String {
     let mut out = String::new();
     for m in &op.monitors {
         out.push_str(&format!("{} ({})\n", m.name, m.grid));
@@ -216,6 +234,14 @@ pub fn summary(op: &Op) -> String {
     }
     for l in &op.leftovers {
         out.push_str(&format!("\n  left over: {l}"));
+    }
+    if !op.leftovers.is_empty() {
+        // The public view leaves the commands out: they name the grid controllers.
+        out.push_str(&format!(
+            "\n  the commands that clear them: mig status --url {} --user USER {}",
+            owner_url(op),
+            op.id
+        ));
     }
     out
 }

@@ -223,13 +223,32 @@ pub async fn helper(mut props: Properties, env: Option<String>) -> Result<(), Fa
     shared.handoff = Some(helper.clone().recipient());
     shared.status = Some(helper.recipient());
     shared.faults = Faults::new(props.fault_dir.clone());
+    shared.hosts = crate::host_check::HostCheck::new(&props, None);
     listen_and_serve(&props, shared, None).await
 }
 
+/// Writes a key or known_hosts file readable by this user only ([`create_private`]).
 fn write_private(path: &Path, text: &str) -> Result<(), Fatal> {
+    use std::io::Write;
     let err = |e: std::io::Error| fatal(format!("{}: {e}", path.display()));
-    std::fs::write(path, text).map_err(err)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(err)
+    create_private(path)
+        .and_then(|mut f| f.write_all(text.as_bytes()))
+        .map_err(err)
+}
+
+/// Opens `path` empty and 0600 before a byte of the secret goes in: created with that mode (never
+/// world-readable for a moment between a write and a chmod), and an existing file with a looser
+/// mode narrowed first.
+fn create_private(path: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    Ok(file)
 }
 
 /// Cancels `shutdown` on SIGTERM (the grid stopping the application) or SIGINT (Ctrl-C). The
@@ -251,4 +270,33 @@ fn stop_on_signal(shutdown: CancellationToken) -> Result<(), Fatal> {
         shutdown.cancel();
     });
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn private_files_are_0600_before_anything_is_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        let path = dir.path().join("private.key");
+        let file = create_private(&path).unwrap();
+        assert_eq!(mode(&path), 0o600, "created private, not chmodded after");
+        drop(file);
+        write_private(&path, "secret").unwrap();
+        assert_eq!(mode(&path), 0o600);
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "secret");
+
+        // An existing file with a looser mode is narrowed before the secret goes in.
+        let old = dir.path().join("known_hosts");
+        std::fs::write(&old, "a much longer old text").unwrap();
+        std::fs::set_permissions(&old, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let file = create_private(&old).unwrap();
+        assert_eq!(mode(&old), 0o600);
+        assert_eq!(file.metadata().unwrap().len(), 0, "truncated");
+        drop(file);
+        write_private(&old, "new").unwrap();
+        assert_eq!(std::fs::read_to_string(&old).unwrap(), "new");
+    }
 }

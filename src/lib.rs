@@ -4,6 +4,7 @@
 
 pub mod client;
 pub mod daemon;
+pub mod host_check;
 pub mod logging;
 pub mod metrics;
 pub mod server;

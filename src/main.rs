@@ -44,11 +44,22 @@ enum Command {
     Migrate(OpArgs),
     /// Copy the application behind the MIG at --url to another grid, stopped; the source runs on.
     Snapshot(OpArgs),
-    /// Print one operation as JSON, as the MIG at --url knows it.
+    /// Print one operation as JSON, as the MIG at --url knows it: its public view, or with
+    /// --user (or --record) its full record (plan, leftovers with the commands that clear them).
     Status {
         /// The MIG (or MigHelper) to ask, e.g. http://10.0.1.10:8080
         #[arg(long)]
         url: String,
+        /// GUI username, when the MIG has one; asks for the full record.
+        #[arg(long)]
+        user: Option<String>,
+        /// GUI password (or MIG_PASSWORD_CLI in the environment, to keep it out of `ps`).
+        #[arg(long, env = "MIG_PASSWORD_CLI", hide_env_values = true)]
+        password: Option<String>,
+        /// Ask for the full record even without --user (a MIG with no `username` serves it to
+        /// anyone; MigHelper serves none).
+        #[arg(long)]
+        record: bool,
         /// The operation id.
         op_id: String,
     },
@@ -141,7 +152,24 @@ async fn main() -> ExitCode {
         }
         (Command::Migrate(args), _) => operate("migrate", args).await,
         (Command::Snapshot(args), _) => operate("snapshot", args).await,
-        (Command::Status { url, op_id }, _) => status(&url, &op_id).await,
+        (
+            Command::Status {
+                url,
+                user,
+                password,
+                record,
+                op_id,
+            },
+            _,
+        ) => {
+            let record = record || user.is_some();
+            status(
+                &url,
+                &op_id,
+                record.then_some(mig::client::Credentials { user, password }),
+            )
+            .await
+        }
         (Command::Serve(_) | Command::Helper(_), None) => unreachable!("loaded above"),
     };
     result.unwrap_or_else(|code| code)
@@ -188,10 +216,24 @@ async fn operate(kind: &str, a: OpArgs) -> Result<ExitCode, ExitCode> {
     }
 }
 
-async fn status(url: &str, id: &str) -> Result<ExitCode, ExitCode> {
-    match mig::client::fetch(&reqwest::Client::new(), url, id).await {
-        Ok(op) => {
-            println!("{}", serde_json::to_string_pretty(&op).expect("serializes"));
+/// Prints the public view, or the full record when `record` holds the credentials to ask with.
+async fn status(
+    url: &str,
+    id: &str,
+    record: Option<mig::client::Credentials>,
+) -> Result<ExitCode, ExitCode> {
+    let http = reqwest::Client::new();
+    let json = match &record {
+        Some(creds) => mig::client::fetch_record(&http, url, id, creds)
+            .await
+            .map(|op| serde_json::to_string_pretty(&op)),
+        None => mig::client::fetch(&http, url, id)
+            .await
+            .map(|op| serde_json::to_string_pretty(&op)),
+    };
+    match json {
+        Ok(json) => {
+            println!("{}", json.expect("serializes"));
             Ok(ExitCode::SUCCESS)
         }
         Err(e) => {

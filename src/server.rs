@@ -3,8 +3,9 @@
 //! [`run`] takes listeners that are already bound, so a test binds port 0 and talks to the real
 //! server over real sockets, and `main` can report a port that cannot be bound before anything starts.
 
-use std::net::TcpListener;
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::net::{IpAddr, TcpListener};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use actix::{Addr, Recipient};
@@ -25,6 +26,7 @@ use subtle::ConstantTimeEq;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use crate::host_check::{HostCheck, LocalAddr};
 use crate::site::Site;
 
 /// How long in-flight requests get when MIG stops.
@@ -37,6 +39,10 @@ pub use web::CSRF_HEADER;
 
 /// Largest handoff body accepted (an operation with its steps is a few KiB).
 const MAX_HANDOFF: usize = 256 * 1024;
+
+/// Live event streams one client address may hold open at once: a few monitor pages' worth. The
+/// streams are public, so without a cap one client could hold every connection MIG has.
+pub const MAX_STREAMS_PER_CLIENT: usize = 8;
 
 /// State shared by every request handler.
 pub struct Shared {
@@ -57,6 +63,10 @@ pub struct Shared {
     pub csrf_token: String,
     /// The pass-through counters, for `/metrics`.
     pub proxy_stats: Option<Arc<ProxyStats>>,
+    /// The names the GUI port answers to in a request's `Host` header.
+    pub hosts: HostCheck,
+    /// Live event streams open, by client address.
+    streams: Arc<Mutex<HashMap<IpAddr, usize>>>,
 }
 
 impl Shared {
@@ -64,6 +74,20 @@ impl Shared {
         let credentials = site
             .as_ref()
             .and_then(|s| GuiCredentials::new(&s.props.username, &s.props.password));
+        if let (Some(site), None) = (&site, &credentials) {
+            // The seed's rule (no username, no authentication) stays; nobody should run so
+            // without having been told.
+            tracing::warn!(
+                port = site.props.port_no,
+                "no username is set: the GUI and API ask for no credentials, so anyone who can \
+                 reach this port can move or copy the application; set the username and password \
+                 properties"
+            );
+        }
+        let hosts = site
+            .as_ref()
+            .map(|s| HostCheck::new(&s.props, s.grid_info.as_ref()))
+            .unwrap_or_default();
         Shared {
             site,
             credentials,
@@ -75,6 +99,8 @@ impl Shared {
             roles,
             csrf_token: actors::op::new_id(),
             proxy_stats: None,
+            hosts,
+            streams: Arc::default(),
         }
     }
 }
@@ -97,6 +123,8 @@ pub async fn run(
             .app_data(aw::PayloadConfig::new(MAX_HANDOFF))
             .app_data(aw::JsonConfig::default().limit(16 * 1024))
             .wrap(from_fn(require_credentials))
+            // Outermost: a request for another host is refused before anything else looks at it.
+            .wrap(from_fn(check_host))
             .route("/", aw::get().to(index))
             .route("/ops/{id}", aw::get().to(monitor))
             .route("/ops/{id}/trace", aw::get().to(trace_page))
@@ -107,6 +135,7 @@ pub async fn run(
                     .route("/csrf", aw::get().to(csrf))
                     .route("/ops", aw::post().to(start_op))
                     .route("/ops/{id}", aw::get().to(get_op))
+                    .route("/ops/{id}/record", aw::get().to(get_record))
                     .route("/ops/{id}/events", aw::get().to(op_events))
                     .route("/ops/{id}/trace", aw::get().to(op_trace))
                     .route("/ops/{id}/status", aw::get().to(op_status))
@@ -116,6 +145,14 @@ pub async fn run(
     .workers(1)
     .disable_signals()
     .shutdown_timeout(SHUTDOWN_GRACE.as_secs())
+    // The Host check accepts the address a connection arrived at.
+    .on_connect(|conn, ext| {
+        if let Some(tcp) = conn.downcast_ref::<actix_web::rt::net::TcpStream>() {
+            if let Ok(a) = tcp.local_addr() {
+                ext.insert(LocalAddr(a));
+            }
+        }
+    })
     .listen(gui)?
     .run();
 
@@ -143,18 +180,45 @@ pub async fn run(
     gui_res.and(mon_res)
 }
 
-/// Routes anyone may call without the GUI credentials: an operation's status (readable with its
-/// unguessable id, from any origin, so the page can follow it across grids) and the handoff
-/// (which carries its own signature).
+/// Routes anyone may call without the GUI credentials: an operation's public view (readable with
+/// its unguessable id, from any origin, so the page can follow it across grids) and the handoff
+/// (which carries its own signature). The full record (`/record`) is not one of them.
 fn is_public(req: &ServiceRequest) -> bool {
     let path = req.path();
-    let get = req.method() == Method::GET;
+    let get = req.method() == Method::GET && !path.ends_with("/record");
     // The monitor page and its script reveal nothing without the operation id; they must load on
     // the MigHelper and the target MIG, whose credentials the person may not have.
     (get && (path.starts_with("/api/v1/ops/")
         || path.starts_with("/ops/")
         || path.starts_with("/static/")))
         || (req.method() == Method::POST && path == "/api/v1/handoff")
+}
+
+/// 421 for a request whose `Host` is not a name this MIG answers to (see [`crate::host_check`]).
+async fn check_host(
+    req: ServiceRequest,
+    next: Next<impl MessageBody + 'static>,
+) -> Result<ServiceResponse<actix_web::body::BoxBody>, actix_web::Error> {
+    let shared = req
+        .app_data::<aw::Data<Shared>>()
+        .expect("Shared is registered")
+        .clone();
+    let host = req
+        .headers()
+        .get(header::HOST)
+        .map(|h| h.to_str().unwrap_or("(not text)"));
+    let local = req.request().conn_data::<LocalAddr>().map(|a| a.0.ip());
+    if let Err(why) = shared.hosts.check(host, local) {
+        tracing::warn!(
+            host = host.unwrap_or_default(),
+            path = req.path(),
+            "request for another host refused (421)"
+        );
+        return Ok(req.into_response(error(421, why)));
+    }
+    next.call(req)
+        .await
+        .map(ServiceResponse::map_into_boxed_body)
 }
 
 /// HTTP basic auth on every other GUI route when `username` is set.
@@ -235,15 +299,11 @@ async fn grids(shared: aw::Data<Shared>) -> HttpResponse {
     })
 }
 
-/// `GET /`: the form (or, in MigHelper, a pointer to the operation it runs).
+/// `GET /`: the form (or, in MigHelper, a page that says what it is and names no operation: its
+/// id is what lets a reader see the operation).
 async fn index(shared: aw::Data<Shared>) -> HttpResponse {
     let Some(site) = &shared.site else {
-        return match shared.book.all().first() {
-            Some(op) => HttpResponse::Found()
-                .insert_header((header::LOCATION, format!("/ops/{}", op.id)))
-                .finish(),
-            None => error(404, "this MigHelper has no operation yet"),
-        };
+        return web::html_response(web::helper_page());
     };
     let own = site.own();
     let ctx = web::PageContext {
@@ -265,6 +325,7 @@ async fn index(shared: aw::Data<Shared>) -> HttpResponse {
             .map(|g| (g.id.clone(), g.location.clone()))
             .collect(),
         csrf_token: shared.csrf_token.clone(),
+        open: shared.credentials.is_none(),
     };
     web::html_response(web::index_page(&ctx))
 }
@@ -342,11 +403,29 @@ fn cors(mut resp: HttpResponse) -> HttpResponse {
     resp
 }
 
-/// `GET /api/v1/ops/{id}`: the operation as far as this instance knows it.
+/// `GET /api/v1/ops/{id}`: the operation as far as this instance knows it, as its public view
+/// ([`web::OpView`]: no controller addresses, configuration values or controller output).
 async fn get_op(shared: aw::Data<Shared>, id: aw::Path<String>) -> HttpResponse {
     match shared.book.get(&id) {
-        Some(op) => cors(HttpResponse::Ok().json(op)),
+        Some(op) => cors(HttpResponse::Ok().json(web::OpView::of(&op))),
         None => cors(error(404, format!("no operation {id} here"))),
+    }
+}
+
+/// `GET /api/v1/ops/{id}/record`: the operation's full record (plan, leftovers with the commands
+/// that clear them, the controllers' own words), behind the GUI credentials and not readable
+/// cross-origin. MigHelper has no credentials to check, so it serves no record.
+async fn get_record(shared: aw::Data<Shared>, id: aw::Path<String>) -> HttpResponse {
+    if shared.site.is_none() {
+        return error(
+            403,
+            "MigHelper has no GUI credentials to check, so it serves only the public view \
+             (GET /api/v1/ops/{id}); read the full record on the source or final MIG",
+        );
+    }
+    match shared.book.get(&id) {
+        Some(op) => HttpResponse::Ok().json(op),
+        None => error(404, format!("no operation {id} here")),
     }
 }
 
@@ -354,11 +433,7 @@ async fn get_op(shared: aw::Data<Shared>, id: aw::Path<String>) -> HttpResponse 
 /// as this instance knows it (the last one knows all of it).
 async fn op_trace(shared: aw::Data<Shared>, id: aw::Path<String>) -> HttpResponse {
     match shared.book.get(&id) {
-        Some(op) => cors(HttpResponse::Ok().json(serde_json::json!({
-            "id": op.id,
-            "trace_id": op.trace_id,
-            "events": op.trace,
-        }))),
+        Some(op) => cors(HttpResponse::Ok().json(web::TraceView::of(&op))),
         None => cors(error(404, format!("no operation {id} here"))),
     }
 }
@@ -366,7 +441,7 @@ async fn op_trace(shared: aw::Data<Shared>, id: aw::Path<String>) -> HttpRespons
 /// `GET /ops/{id}/trace`: the same as a page.
 async fn trace_page(shared: aw::Data<Shared>, id: aw::Path<String>) -> HttpResponse {
     match shared.book.get(&id) {
-        Some(op) => web::html_response(web::trace_page(&op)),
+        Some(op) => web::html_response(web::trace_page(&web::TraceView::of(&op))),
         None => error(
             404,
             format!("no operation {id} here; its timeline is on the instance that ended it"),
@@ -374,25 +449,78 @@ async fn trace_page(shared: aw::Data<Shared>, id: aw::Path<String>) -> HttpRespo
     }
 }
 
-/// `GET /api/v1/ops/{id}/events`: the same, live, as server-sent events (`event: op`). The stream
-/// ends once the operation has ended or has moved on to another instance.
-async fn op_events(shared: aw::Data<Shared>, id: aw::Path<String>) -> HttpResponse {
+/// One open event stream of a client, counted while it lives.
+struct StreamSlot {
+    streams: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    client: IpAddr,
+}
+
+impl StreamSlot {
+    /// A slot for `client`, or `None` when it holds [`MAX_STREAMS_PER_CLIENT`] already.
+    fn take(streams: &Arc<Mutex<HashMap<IpAddr, usize>>>, client: IpAddr) -> Option<StreamSlot> {
+        let mut open = streams.lock().expect("stream count lock");
+        let n = open.entry(client).or_default();
+        if *n >= MAX_STREAMS_PER_CLIENT {
+            return None;
+        }
+        *n += 1;
+        Some(StreamSlot {
+            streams: streams.clone(),
+            client,
+        })
+    }
+}
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        let mut open = self.streams.lock().expect("stream count lock");
+        if let Some(n) = open.get_mut(&self.client) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.client);
+            }
+        }
+    }
+}
+
+/// `GET /api/v1/ops/{id}/events`: the same public view, live, as server-sent events (`event: op`).
+/// The stream ends once the operation has ended or has moved on to another instance. One client
+/// address holds at most [`MAX_STREAMS_PER_CLIENT`] streams (429 beyond; the page then polls).
+async fn op_events(
+    req: HttpRequest,
+    shared: aw::Data<Shared>,
+    id: aw::Path<String>,
+) -> HttpResponse {
     let Some(mut rx) = shared.book.watch(&id) else {
         return cors(error(404, format!("no operation {id} here")));
     };
+    let client = req
+        .peer_addr()
+        .map_or(IpAddr::from([0, 0, 0, 0]), |a| a.ip().to_canonical());
+    let Some(slot) = StreamSlot::take(&shared.streams, client) else {
+        return cors(error(
+            429,
+            format!(
+                "{client} already holds {MAX_STREAMS_PER_CLIENT} live operation streams here; \
+                 close some monitor pages, or poll GET /api/v1/ops/{id} instead"
+            ),
+        ));
+    };
     let roles = shared.roles.clone();
     let stream = async_stream::stream! {
+        let _slot = slot;
         loop {
             let op = rx.borrow_and_update().clone();
-            let data = serde_json::to_string(&op).expect("an Op serializes");
+            let data = serde_json::to_string(&web::OpView::of(&op)).expect("an OpView serializes");
             yield Ok::<_, actix_web::Error>(aw::Bytes::from(format!("event: op\ndata: {data}\n\n")));
             if !op.state.is_running() || !roles.contains(&op.owner) {
                 break;
             }
             tokio::select! {
                 changed = rx.changed() => if changed.is_err() { break },
-                // A comment now and then keeps proxies from closing an idle stream.
-                () = tokio::time::sleep(Duration::from_secs(15)) => {
+                // A comment now and then keeps proxies from closing an idle stream, and finds a
+                // client that has gone (a write fails), which frees its place under the cap.
+                () = tokio::time::sleep(Duration::from_secs(5)) => {
                     yield Ok(aw::Bytes::from_static(b": keep-alive\n\n"));
                 }
             }

@@ -449,4 +449,314 @@ async fn the_status_route_answers_signed_over_the_askers_nonce() {
     assert_eq!((a.owner, a.seq), (Some(Role::Target), 5));
 
     assert_eq!(ask("nothex".into()).await.status(), 400);
+/// An ended operation whose full record holds everything the public must not read: controllers
+/// as `user@host:port`, configuration values, a leftover's command, a controller's stderr.
+fn revealing_op() -> Op {
+    let mut plan = plan();
+    plan.source_controller = "admin@127.0.1.1:2222".into();
+    plan.target_app_config = vec![("db_password".into(), "hunter2-secret".into())];
+    plan.helper_config = vec![("gateway".into(), "10.99.0.1".into())];
+    let mut op = Op::new(op::new_id(), Kind::Migrate, plan);
+    op.finish_step(op::PROVISIONING_HELPER, None);
+    op.start_step(op::STOPPING_SOURCE);
+    op.trace(
+        "command",
+        "app stop shop on admin@127.0.1.1:2222".into(),
+        Some(40),
+        Some(
+            "grid controller admin@127.0.1.1:2222: `app stop shop` exited with code 1: STDERR-TEXT"
+                .into(),
+        ),
+    );
+    op.fail_step(
+        op::STOPPING_SOURCE,
+        "grid controller admin@127.0.1.1:2222: `app stop shop` exited with code 1: STDERR-TEXT \
+         db_password=hunter2-secret via 10.99.0.1",
+    );
+    op.leftovers.push(
+        "MigHelper mighelper-x on grid g2: ssh -p 2222 root@127.0.2.1 app destroy mighelper-x"
+            .into(),
+    );
+    op.end(
+        op::OpState::Failed,
+        Some(
+            "the source application did not stop: grid controller admin@127.0.1.1:2222: \
+             `app stop shop` exited with code 1: STDERR-TEXT"
+                .into(),
+        ),
+    );
+    op
+}
+
+/// What must not be in a public answer about [`revealing_op`].
+const SECRETS: [&str; 7] = [
+    "admin@",
+    "127.0.1.1:",
+    "root@127.0.2.1",
+    "hunter2",
+    "10.99.0.1",
+    "STDERR-TEXT",
+    "ssh -p",
+];
+
+fn assert_tells_nothing(what: &str, body: &str) {
+    for s in SECRETS {
+        assert!(!body.contains(s), "{what} shows {s:?}: {body}");
+    }
+}
+
+#[actix_rt::test]
+async fn the_public_routes_tell_no_controller_config_command_or_stderr_but_the_record_does() {
+    let api = start("both", &["username=ops", "password=pw"]);
+    let op = revealing_op();
+    api.book.commit(&op).unwrap();
+    let http = reqwest::Client::new();
+    let get = |path: String| {
+        let http = http.clone();
+        let url = format!("{}{path}", api.url);
+        async move {
+            let r = http.get(url).send().await.unwrap();
+            let cors = r.headers().get("access-control-allow-origin").cloned();
+            (r.status().as_u16(), cors, r.text().await.unwrap())
+        }
+    };
+    let id = &op.id;
+
+    let (status, cors, view) = get(format!("/api/v1/ops/{id}")).await;
+    assert_eq!((status, cors.unwrap()), (200, "*".parse().unwrap()));
+    assert_tells_nothing("the public view", &view);
+    let v: serde_json::Value = serde_json::from_str(&view).unwrap();
+    assert_eq!(v["state"], "failed");
+    assert_eq!(
+        v["leftovers"],
+        serde_json::json!(["MigHelper mighelper-x on grid g2"])
+    );
+    let detail = v["monitors"][1]["steps"][0]["detail"].as_str().unwrap();
+    assert!(
+        detail.starts_with(
+            "grid controller grid g1's controller: `app stop shop` exited with code 1"
+        ),
+        "{detail}"
+    );
+    assert_eq!(v["plan"]["final_mig_url"], "http://127.0.2.10:8080");
+
+    // The live stream of an ended operation: one event, then the end.
+    let (status, _, events) = get(format!("/api/v1/ops/{id}/events")).await;
+    assert_eq!(status, 200);
+    assert!(events.starts_with("event: op\ndata: {"), "{events}");
+    assert_tells_nothing("the event stream", &events);
+
+    for path in [
+        format!("/api/v1/ops/{id}/trace"),
+        format!("/ops/{id}/trace"),
+    ] {
+        let (status, _, trace) = get(path.clone()).await;
+        assert_eq!(status, 200, "{path}");
+        assert_tells_nothing(&path, &trace);
+        assert!(
+            trace.contains("app stop shop on grid g1&#39;s controller")
+                || trace.contains("app stop shop on grid g1's controller"),
+            "{trace}"
+        );
+    }
+
+    // The full record is behind the credentials, and not readable cross-origin.
+    let (status, _, _) = get(format!("/api/v1/ops/{id}/record")).await;
+    assert_eq!(status, 401);
+    let r = http
+        .get(format!("{}/api/v1/ops/{id}/record", api.url))
+        .basic_auth("ops", Some("pw"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.headers().get("access-control-allow-origin").is_none());
+    let record = r.text().await.unwrap();
+    for s in SECRETS {
+        assert!(record.contains(s), "the record lacks {s:?}: {record}");
+    }
+
+    // `mig status`: the public view without credentials, the record with them.
+    let status = |args: Vec<String>| {
+        tokio::task::spawn_blocking(move || {
+            let out = common::mig().arg("status").args(args).output().unwrap();
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            String::from_utf8(out.stdout).unwrap()
+        })
+    };
+    let public = status(vec!["--url".into(), api.url.clone(), id.clone()])
+        .await
+        .unwrap();
+    assert_tells_nothing("mig status", &public);
+    let full = status(vec![
+        "--url".into(),
+        api.url.clone(),
+        "--user".into(),
+        "ops".into(),
+        "--password".into(),
+        "pw".into(),
+        id.clone(),
+    ])
+    .await
+    .unwrap();
+    assert!(
+        full.contains("ssh -p 2222 root@127.0.2.1 app destroy mighelper-x"),
+        "{full}"
+    );
+}
+
+#[actix_rt::test]
+async fn a_ninth_live_stream_from_one_client_gets_429() {
+    let api = start("both", &[]);
+    let mut op = handed_over();
+    op.owner = Role::Source; // running and owned here: its streams stay open
+    api.book.commit(&op).unwrap();
+    let url = format!("{}/api/v1/ops/{}/events", api.url, op.id);
+    let http = reqwest::Client::new();
+    let mut open = Vec::new();
+    for i in 0..mig::server::MAX_STREAMS_PER_CLIENT {
+        let r = http.get(&url).send().await.unwrap();
+        assert_eq!(r.status(), 200, "stream {}", i + 1);
+        open.push(r);
+    }
+    let r = http.get(&url).send().await.unwrap();
+    assert_eq!(r.status(), 429);
+    assert_eq!(r.headers()["access-control-allow-origin"], "*");
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .contains("already holds 8 live operation streams"),
+        "{body}"
+    );
+    // The status reads themselves are not capped.
+    let r = http
+        .get(format!("{}/api/v1/ops/{}", api.url, op.id))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    // A closed stream frees its place (once the server notices, at the latest at the next
+    // keep-alive comment).
+    drop(open.pop());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(25);
+    loop {
+        let r = http.get(&url).send().await.unwrap();
+        if r.status() == 200 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the closed stream's place never came back"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}
+
+#[actix_rt::test]
+async fn a_request_for_another_host_gets_421_and_changes_nothing() {
+    let api = start("both", &[]);
+    let http = reqwest::Client::new();
+    let r = http
+        .post(format!("{}/api/v1/ops", api.url))
+        .header("host", "evil.example")
+        .header("x-mig-csrf", &api.csrf)
+        .json(&serde_json::json!({"kind": "migrate", "target_app": "copy", "target_grid": "g2"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 421);
+    let body: serde_json::Value = r.json().await.unwrap();
+    let e = body["error"].as_str().unwrap();
+    assert!(
+        e.contains("\"evil.example\"") && e.contains("allowed_hosts"),
+        "{e}"
+    );
+    for path in ["/", "/api/v1/csrf", "/api/v1/grids"] {
+        let r = http
+            .get(format!("{}{path}", api.url))
+            .header("host", "evil.example:8080")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 421, "{path}");
+    }
+    assert!(api.book.all().is_empty());
+    assert!(api.grid_logs().is_empty(), "{:?}", api.grid_logs());
+
+    // MIG's own names pass: the address it was reached at, localhost, a MIG_ip of grid.info.
+    for host in ["localhost", "127.0.2.10:8080", &api.url[7..]] {
+        let r = http
+            .get(format!("{}/api/v1/grids", api.url))
+            .header("host", host)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{host}");
+    }
+
+    // A name in allowed_hosts passes.
+    let api = start("both", &["allowed_hosts=mig.example.net,Evil.Example"]);
+    let (status, body) = {
+        let r = http
+            .post(format!("{}/api/v1/ops", api.url))
+            .header("host", "evil.example:8080")
+            .header("x-mig-csrf", &api.csrf)
+            .json(
+                &serde_json::json!({"kind": "migrate", "target_app": "copy", "target_grid": "g2"}),
+            )
+            .send()
+            .await
+            .unwrap();
+        (r.status(), r.text().await.unwrap())
+    };
+    assert_eq!(status, 202, "{body}");
+}
+
+#[actix_rt::test]
+async fn mighelper_names_no_operation_at_its_root_and_serves_no_record() {
+    let dir = common::config_dir();
+    let props = properties::load(dir.path(), std::iter::empty(), &[]).unwrap();
+    let book = OpBook::open(Journal::open(&props.state_dir).unwrap()).unwrap();
+    let mut op = revealing_op();
+    op.owner = Role::Helper;
+    book.commit(&op).unwrap();
+    let shared = Shared::new(None, book, vec![Role::Helper]);
+    let gui = TcpListener::bind("127.0.0.1:0").unwrap();
+    let mon = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", gui.local_addr().unwrap());
+    let stop = CancellationToken::new();
+    actix_rt::spawn(mig::server::run(shared, gui, mon, stop.clone()));
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let r = http.get(format!("{url}/")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.headers().get("location").is_none());
+    let page = r.text().await.unwrap();
+    assert!(page.contains("This is MigHelper"), "{page}");
+    assert!(
+        !page.contains(&op.id) && !page.contains(op.short_id()),
+        "{page}"
+    );
+    let r = http
+        .get(format!("{url}/api/v1/ops/{}/record", op.id))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    let r = http
+        .get(format!("{url}/api/v1/ops/{}", op.id))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_tells_nothing("MigHelper's view", &r.text().await.unwrap());
+    stop.cancel();
 }

@@ -155,8 +155,8 @@ async fn a_password_without_username_means_no_authentication() {
 }
 
 /// Runs `mig serve` on ports the OS picks; returns the child once it logged that it serves, with
-/// the GUI and mon base URLs.
-fn spawn_serve(dir: &std::path::Path, extra: &[&str]) -> (Child, String, String) {
+/// the GUI and mon base URLs, and the log lines before that one.
+fn spawn_serve(dir: &std::path::Path, extra: &[&str]) -> (Child, String, String, Vec<String>) {
     let mut cmd = mig();
     cmd.args(["--log-format", "json", "serve", "--config-dir"])
         .arg(dir)
@@ -186,13 +186,15 @@ fn spawn_serve(dir: &std::path::Path, extra: &[&str]) -> (Child, String, String)
         }
     });
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let mut before = Vec::new();
     while let Ok(line) = rx.recv_timeout(deadline - std::time::Instant::now()) {
         let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
         if v["message"] == "serving" {
             let gui = v["gui"].as_str().unwrap().trim_end_matches('/').to_string();
             let mon = v["mon"].as_str().unwrap().trim_end_matches("/healthz");
-            return (child, gui, mon.to_string());
+            return (child, gui, mon.to_string(), before);
         }
+        before.push(line);
     }
     let _ = child.kill();
     let _ = child.wait();
@@ -216,7 +218,7 @@ fn serve_binary_runs_rc_local_first_serves_and_stops_on_sigterm() {
         &format!("pwd > {}", path_str(&marker)),
         0o755,
     );
-    let (mut child, gui, _mon) = spawn_serve(dir.path(), &[]);
+    let (mut child, gui, _mon, _) = spawn_serve(dir.path(), &[]);
     // The script ran to the end before the GUI started, in the config dir.
     assert_eq!(
         std::fs::read_to_string(&marker).unwrap().trim(),
@@ -269,7 +271,7 @@ fn the_per_client_cap_resets_one_address_lets_others_in_and_shows_on_metrics() {
     });
     let dir = config_dir();
     let passthrough = format!("passthrough={port}");
-    let (mut child, _gui, mon) = spawn_serve(
+    let (mut child, _gui, mon, _) = spawn_serve(
         dir.path(),
         &[
             "aux=127.0.0.3",
@@ -463,4 +465,40 @@ async fn readiness_is_false_while_the_own_grid_is_unknown() {
     );
     token.cancel();
     task.await.unwrap().unwrap();
+}
+
+/// An empty `username` means no authentication (the seed's rule), said loudly: a warning at
+/// start-up and a banner on the form; with a username, neither.
+#[test]
+fn an_open_mig_warns_at_start_up_and_on_the_form() {
+    let dir = config_dir();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    for (extra, open) in [
+        (&[][..], true),
+        (&["username=ops", "password=pw"][..], false),
+    ] {
+        let (mut child, gui, _, log) = spawn_serve(dir.path(), extra);
+        let warned = log.iter().any(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap_or_default();
+            v["level"] == "WARN"
+                && v["message"]
+                    .as_str()
+                    .is_some_and(|m| m.starts_with("no username is set"))
+        });
+        assert_eq!(warned, open, "{extra:?}: {log:#?}");
+        let page = rt.block_on(async {
+            reqwest::Client::new()
+                .get(format!("{gui}/"))
+                .basic_auth("ops", Some("pw"))
+                .send()
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap()
+        });
+        assert_eq!(page.contains("id=\"open-warning\""), open, "{page}");
+        sigterm(&child);
+        assert!(child.wait().unwrap().success());
+    }
 }

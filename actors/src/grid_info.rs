@@ -13,19 +13,20 @@
 //! grid g1:                 # `{` on this line or the next; a comment may follow `:`, `{` and `}`
 //! {
 //!   controller = 10.0.0.5  # host, host:port or user@host[:port]
-//!   location = Los Angeles # free text; unquoted values run to the end of the line, '#' included
+//!   location = Los Angeles # free text; a `#` after a blank starts a comment, `Rack#4` keeps it
 //!   MIG_ip = 10.0.1.10:8080
 //!   app_config = "in_ip=10.0.1.10 motd='hello world'"
 //!   MigHelper_config = "in_ip=10.0.1.20 out_ip=10.0.1.21 netmask=255.255.255.0 gateway=10.0.1.1"
 //! }
 //! ```
 //!
-//! A value is either unquoted (the rest of the line, trimmed; so a `#` there is part of the value)
-//! or wrapped in `"..."`, where `\"` and `\\` are the only escapes and a comment may follow the
-//! closing quote. A property list (`app_config`, `MigHelper_config`) holds `name=value` pairs
-//! separated by spaces or tabs; a value that needs a space is wrapped in single quotes, or in
-//! double quotes written `\"` inside the outer quotes; there are no escapes inside those inner
-//! quotes, so `'` can hold `"` and the other way round.
+//! A value is either unquoted (the rest of the line up to a comment, trimmed: a `#` that follows a
+//! space or tab starts a comment, a `#` inside a word such as `Rack#4` is part of the value) or
+//! wrapped in `"..."`, where `\"` and `\\` are the only escapes, a `#` is part of the value, and a
+//! comment may follow the closing quote. A property list (`app_config`, `MigHelper_config`) holds
+//! `name=value` pairs separated by spaces or tabs; a value that needs a space is wrapped in single
+//! quotes, or in double quotes written `\"` inside the outer quotes; there are no escapes inside
+//! those inner quotes, so `'` can hold `"` and the other way round.
 use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 use std::fmt;
@@ -416,6 +417,25 @@ fn col(text: &str, at: usize) -> usize {
 /// Spaces and tabs separate tokens on a line; every other character is content.
 fn is_blank(c: char) -> bool {
     c == ' ' || c == '\t'
+}
+
+/// Where the comment starts in an unquoted value `rest` (its length when there is none): at the
+/// first `#` that follows a blank (`after_blank`: the character before `rest` is one). In a
+/// property list (`list`), a `#` inside single or double inner quotes is part of the value.
+fn comment_start(rest: &str, after_blank: bool, list: bool) -> usize {
+    let mut prev_blank = after_blank;
+    let mut quote: Option<char> = None;
+    for (i, c) in rest.char_indices() {
+        match quote {
+            Some(q) if c == q => quote = None,
+            Some(_) => {}
+            None if list && (c == '\'' || c == '"') => quote = Some(c),
+            None if c == '#' && prev_blank => return i,
+            None => {}
+        }
+        prev_blank = is_blank(c);
+    }
+    rest.len()
 }
 
 /// A value as written after `=`, unquoted, each character with the column it came from.
@@ -832,8 +852,15 @@ impl Parser<'_> {
     fn value(&mut self, no: usize, text: &str, at: usize, key: &str) -> Option<Value> {
         let skip = text[at..].len() - text[at..].trim_start_matches(is_blank).len();
         let at = at + skip;
-        let rest = &text[at..];
+        let mut rest = &text[at..];
         let first_col = col(text, at);
+        if !rest.starts_with('"') {
+            // A `#` after a blank starts a comment, as at the end of any other line; `a#b` and a
+            // `#` inside a property list's inner quotes are part of the value.
+            let after_blank = text[..at].ends_with(is_blank);
+            let list = key == Key::AppConfig.name() || key == Key::MigHelperConfig.name();
+            rest = &rest[..comment_start(rest, after_blank, list)];
+        }
         if rest.trim_end_matches(is_blank).is_empty() {
             let message = format!("`{key}` has no value after `=`");
             self.err(no, first_col, message);
@@ -1206,10 +1233,16 @@ mod tests {
     }
 
     #[test]
-    fn unquoted_values_keep_hashes() {
-        let src = GOOD.replace("}\n", "  location = Rack #4\n}\n");
+    fn unquoted_values_keep_hashes_inside_words_and_quotes() {
+        // Issue 13: a `#` after a blank starts a comment, also at the end of a value line.
+        let src = GOOD.replace("}\n", "  location = Rack#4 #  row 2\n}\n");
+        let info = parse(Path::new("g.info"), src.as_bytes()).unwrap();
+        assert_eq!(info.grids[0].location.as_deref(), Some("Rack#4"));
+        let src = GOOD.replace("}\n", "  location = \"Rack #4\"\n}\n");
         let info = parse(Path::new("g.info"), src.as_bytes()).unwrap();
         assert_eq!(info.grids[0].location.as_deref(), Some("Rack #4"));
+        let src = GOOD.replace("}\n", "  location =\t# only a comment\n}\n");
+        assert!(diags(&src)[0].contains("`location` has no value after `=`"));
     }
 
     #[test]

@@ -50,6 +50,7 @@ pub const NAMES: &[&str] = &[
     "drain_timeout",
     "otlp_endpoint",
     "fault_dir",
+    "allowed_hosts",
 ];
 
 /// Which operations the GUI offers and the API accepts.
@@ -128,6 +129,43 @@ pub struct Properties {
     pub otlp_endpoint: Option<String>,
     /// Test-only: the directory of the fault points ([`crate::faults`]); `None` turns them off.
     pub fault_dir: Option<PathBuf>,
+    /// More names the GUI answers to in a request's `Host` header, beyond its own addresses.
+    pub allowed_hosts: Vec<AllowedHost>,
+}
+
+/// One entry of `allowed_hosts`: a host name or IP address (lowercase, IPv6 without brackets),
+/// and the port it must come with, when one was given.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AllowedHost {
+    pub host: String,
+    pub port: Option<u16>,
+}
+
+/// Splits a `Host` header value (or an `allowed_hosts` entry) into host and port: `name`,
+/// `name:port`, `1.2.3.4:port`, `[::1]:port`. The host comes back lowercase, without brackets
+/// or a trailing dot; `None` when the text is not of that shape.
+pub fn split_host_port(s: &str) -> Option<(String, Option<u16>)> {
+    let (host, port) = if let Some(rest) = s.strip_prefix('[') {
+        let (h, after) = rest.split_once(']')?;
+        h.parse::<std::net::Ipv6Addr>().ok()?;
+        match after {
+            "" => (h, None),
+            p => (h, Some(p.strip_prefix(':')?)),
+        }
+    } else {
+        match s.rsplit_once(':') {
+            Some((h, p)) if !h.contains(':') => (h, Some(p)),
+            // A bare IPv6 address (no brackets, so no port).
+            Some(_) => (s, None),
+            None => (s, None),
+        }
+    };
+    let port = match port {
+        Some(p) => Some(p.parse::<u16>().ok().filter(|p| *p != 0)?),
+        None => None,
+    };
+    let host = host.trim_end_matches('.').to_ascii_lowercase();
+    (host.parse::<IpAddr>().is_ok() || is_host_name(&host)).then_some((host, port))
 }
 
 impl Properties {
@@ -492,6 +530,20 @@ impl<'a> Typed<'a> {
             }
         });
 
+        let allowed_hosts = self.get("allowed_hosts", Vec::new(), |s| {
+            s.split(',')
+                .map(str::trim)
+                .filter(|e| !e.is_empty())
+                .map(|e| {
+                    split_host_port(e)
+                        .map(|(host, port)| AllowedHost { host, port })
+                        .ok_or_else(|| {
+                            format!("{e:?} is not a host name, an IP address or either with :port (entries are separated by commas)")
+                        })
+                })
+                .collect()
+        });
+
         // Cross-property rules: the GUI and mon ports are never passed through.
         if port_no != 0 && passthrough.contains(&port_no) {
             self.error(
@@ -536,6 +588,7 @@ impl<'a> Typed<'a> {
             drain_timeout,
             otlp_endpoint,
             fault_dir,
+            allowed_hosts,
         }
     }
 }
@@ -675,6 +728,15 @@ mod tests {
             ("idle_timeout=-1", "whole number of seconds"),
             ("drain_timeout=1.5", "whole number of seconds"),
             ("otlp_endpoint=collector:4318", "http:// or https:// URL"),
+            (
+                "allowed_hosts=mig.example,evil example",
+                "\"evil example\" is not a host name",
+            ),
+            (
+                "allowed_hosts=mig.example:0",
+                "is not a host name, an IP address",
+            ),
+            ("allowed_hosts=[::1", "is not a host name"),
             ("passthrough=8000-8080", "includes the GUI port 8080"),
             ("passthrough=9480", "includes the mon port 9480"),
             ("mon_port=8080", "same as port_no"),
@@ -759,6 +821,33 @@ mod tests {
             problem: "x".into(),
         };
         assert!(!e.to_string().contains("hunter2"));
+    }
+
+    #[test]
+    fn allowed_hosts_are_names_or_addresses_with_an_optional_port() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = load_with(dir.path(), &[], &[]).unwrap();
+        assert!(p.allowed_hosts.is_empty());
+        let p = load_with(
+            dir.path(),
+            &[],
+            &["allowed_hosts= MIG.Example.NET , 10.0.1.10:8080,[FE80::1]:81,::1,"],
+        )
+        .unwrap();
+        let got: Vec<_> = p
+            .allowed_hosts
+            .iter()
+            .map(|a| (a.host.as_str(), a.port))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("mig.example.net", None),
+                ("10.0.1.10", Some(8080)),
+                ("fe80::1", Some(81)),
+                ("::1", None)
+            ]
+        );
     }
 
     #[test]

@@ -505,3 +505,16 @@ fn the_largest_files_parse_in_linear_time() {
         assert!(took.as_secs() < 20, "{name}: {took:?}");
     }
 }
+
+#[test]
+fn comments_after_values_outside_quotes() {
+    let info = good("06-trailing-comments.info");
+    let g = info.get("west").unwrap();
+    assert_eq!(g.controller.to_string(), "admin@10.9.0.1:2222");
+    assert_eq!(g.location.as_deref(), Some("Rack#4"));
+    assert_eq!(g.mig_ip, hp("10.9.0.10", 8080));
+    assert_eq!(g.app_config, pairs(&[("motd", "#1 shop"), ("tag", "a#b")]));
+    let mut helper = mighelper(9);
+    helper.push(("note".into(), "a #b".into()));
+    assert_eq!(g.mighelper_config, helper);
+}

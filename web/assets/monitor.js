@@ -304,6 +304,16 @@
     if (op.leftovers && op.leftovers.length) {
       parts.push(node("h3", {}, "Left over, to clear by hand"));
       parts.push(node("ul", { id: "leftovers" }, ...op.leftovers.map((l) => node("li", { class: "leftover" }, l))));
+      // The public view names what is left, not the commands (they name the grid controllers).
+      parts.push(
+        node(
+          "p",
+          { id: "leftover-commands", class: "small" },
+          "The commands that clear them are in the operation's full record, for an operator " +
+            "with MIG's GUI credentials: mig status --url " + (ownerUrl(op) || location.origin) +
+            " --user USER " + op.id,
+        ),
+      );
     }
     el.outcome.replaceChildren(
       node("section", { class: "notice error", id: "outcome-failure", role: "alert", "aria-labelledby": "outcome-title" }, ...parts),
@@ -358,10 +368,10 @@
     return true;
   }
 
-  // Only http(s) URLs are followed or linked: the plan comes over the network, and a
-  // "javascript:" link would run in this page.
-  // The whole timeline (steps, handoffs, grid commands of every instance) is served by the
-  // instance that drives the operation now, or ended it.
+  // The instance that drives the operation now: it streams it, and it serves the whole timeline
+  // (steps, handoffs, grid commands of every instance). During a roll-back after the handoff to
+  // the final MIG, that is the re-started source. Only http(s) URLs are followed or linked: the
+  // plan comes over the network, and a "javascript:" link would run in this page.
   function ownerUrl(op) {
     const p = op.plan;
     if (op.owner === "source") return norm(p.source_mig_url);
@@ -397,11 +407,6 @@
       if (u && !list.includes(u)) list.push(u);
     }
     return list;
-  }
-
-  function ownerUrl(op) {
-    const p = op.plan;
-    return norm({ source: p.source_mig_url, helper: p.helper_url, target: p.final_mig_url }[op.owner]);
   }
 
   function sleep(ms) {
@@ -460,7 +465,8 @@
   function describe(base) {
     if (!best) return base;
     for (const role of ["helper", "target", "source"]) {
-      const u = ownerUrl(Object.assign({}, best, { owner: role }));
+      // Each role at its own URL: during a roll-back the source is not "the final MIG".
+      const u = ownerUrl(Object.assign({}, best, { owner: role, rolling_back: false }));
       if (u === base) return ROLE_NAME[role] + " (" + base.replace(/^https?:\/\//, "") + ")";
     }
     return base;

@@ -19,9 +19,10 @@
 //!   `/static/*` (they reveal nothing, so they may skip authentication).
 //! - The monitor reads `GET /api/v1/ops/{id}` and `GET /api/v1/ops/{id}/events` on every instance
 //!   of the plan, cross-origin and without credentials: both need
-//!   `Access-Control-Allow-Origin: *` and no authentication. Each SSE event is `event: op` with
-//!   `data: <Op JSON>`; an instance ends the stream after the event that names another owner, or
-//!   once the op is final.
+//!   `Access-Control-Allow-Origin: *` and no authentication, and serve the public
+//!   [`OpView`] (never the full `Op`). Each SSE event is `event: op` with `data: <OpView JSON>`;
+//!   an instance ends the stream after the event that names another owner, or once the op is
+//!   final.
 //! - The page keeps the copy with the highest `version` and ignores older ones, so the receiver
 //!   of a handoff must continue the sender's `version`, never restart it.
 
@@ -30,8 +31,10 @@
 use actors::properties::Mode;
 
 mod html;
+pub mod view;
 
 pub use html::escape;
+pub use view::{OpView, TraceView};
 
 /// Everything the form page shows, gathered by the server from its properties and grid.info.
 #[derive(Debug, Clone)]
@@ -48,6 +51,8 @@ pub struct PageContext {
     pub targets: Vec<(String, Option<String>)>,
     /// Sent back in the `X-Mig-Csrf` header of `POST /api/v1/ops`.
     pub csrf_token: String,
+    /// No `username` is set, so the form and the API need no credentials: the page says so.
+    pub open: bool,
 }
 
 /// The header a state-changing request must carry, holding [`PageContext::csrf_token`].
@@ -165,6 +170,9 @@ pub fn index_page(ctx: &PageContext) -> String {
          <div><dt>Runs on grid</dt><dd id=\"own-grid\">{own}</dd></div></dl>\n"
     ));
 
+    if ctx.open {
+        out.push_str(OPEN_BANNER);
+    }
     if let Some(why) = &ctx.unavailable {
         out.push_str(&format!(
             "<section class=\"notice error\" id=\"unavailable\" role=\"alert\">\
@@ -221,6 +229,13 @@ pub fn index_page(ctx: &PageContext) -> String {
     out
 }
 
+/// Said on the form when `username` is empty: the seed's rule (no username, no authentication)
+/// stays, but nobody should run that way without knowing it.
+const OPEN_BANNER: &str = "<section class=\"notice warn\" id=\"open-warning\" role=\"note\">\
+     <h2>No authentication</h2><p>This MIG has no <code>username</code> set, so anyone who can \
+     reach this page can move or copy the application. Set <code>username</code> and \
+     <code>password</code> in MIG's properties and restart it.</p></section>\n";
+
 fn operation_fieldset(mode: Mode) -> String {
     const MIGRATE: (&str, &str, &str) = (
         "migrate",
@@ -266,6 +281,24 @@ fn operation_fieldset(mode: Mode) -> String {
     out
 }
 
+/// MigHelper's `GET /`: what this is, and where the operation's page is. It names no operation:
+/// the operation id is what lets a reader see the operation, and MigHelper asks for no credentials.
+pub fn helper_page() -> String {
+    let mut out = head("MigHelper", "", "");
+    out.push_str("<body>\n");
+    out.push_str(&banner("MigHelper", "target grid"));
+    out.push_str(
+        "<main class=\"wrap\" id=\"helper\">\n<h1>MigHelper</h1>\n\
+         <p>This is MigHelper, the helper MIG provisions on the target grid to move one \
+         application, and destroys once the move is over.</p>\n\
+         <p>It shows nothing here. Follow the operation on its monitor page, which the source \
+         application's MIG opened when the operation started (<code>/ops/</code> followed by the \
+         operation id); that page follows the operation here by itself.</p>\n\
+         </main>\n</body>\n</html>\n",
+    );
+    out
+}
+
 /// The monitor page (`GET /ops/{id}`): the script fetches the operation and follows it live.
 /// It changes nothing, so it needs no CSRF token; `op_id` should already be checked with
 /// `actors::op::valid_id`, and is escaped regardless.
@@ -294,7 +327,7 @@ pub fn monitor_page(op_id: &str) -> String {
 /// The timeline page (`GET /ops/{id}/trace`): every step, handoff and grid command of the
 /// operation across the instances that ran it, in order, with the time since the first event and
 /// how long each took. Rendered on the server from the operation's own trace: no script needed.
-pub fn trace_page(op: &actors::op::Op) -> String {
+pub fn trace_page(op: &TraceView) -> String {
     let short: String = op.id.chars().take(8).collect();
     let mut out = head(&format!("MIG · timeline {short}"), "", "");
     out.push_str("<body>\n");
@@ -312,13 +345,13 @@ pub fn trace_page(op: &actors::op::Op) -> String {
         id = escape(&op.id),
         kind = escape(op.kind.as_str()),
         state = escape(&format!("{:?}", op.state).to_lowercase()),
-        n = op.trace.len(),
+        n = op.events.len(),
     ));
     let t0 = op
-        .trace
+        .events
         .first()
         .and_then(|e| humantime::parse_rfc3339(&e.at).ok());
-    for e in &op.trace {
+    for e in &op.events {
         let offset = match (t0, humantime::parse_rfc3339(&e.at)) {
             (Some(a), Ok(b)) => b
                 .duration_since(a)
@@ -364,7 +397,7 @@ mod tests {
         op.start_step(actors::op::PROVISIONING_HELPER);
         op.fail_step(actors::op::PROVISIONING_HELPER, "<script>boom</script>");
         op.trace("command", "app list on <h>".into(), Some(1500), None);
-        let html = trace_page(&op);
+        let html = trace_page(&TraceView::of(&op));
         assert_eq!(html.matches("<tr class=\"ev-").count(), 3, "{html}");
         assert!(html.contains("&lt;script&gt;boom") && !html.contains("<script>boom"));
         assert!(html.contains("1.500 s"));
@@ -379,7 +412,19 @@ mod tests {
             mode: Mode::Both,
             targets: vec![("g2".into(), Some("Frankfurt".into())), ("g3".into(), None)],
             csrf_token: "tok123".into(),
+            open: false,
         }
+    }
+
+    #[test]
+    fn an_open_mig_says_so_on_the_form() {
+        assert!(!index_page(&ctx()).contains("open-warning"));
+        let mut c = ctx();
+        c.open = true;
+        let page = index_page(&c);
+        assert!(page.contains("id=\"open-warning\""), "{page}");
+        assert!(page.contains("no <code>username</code> set"));
+        assert!(page.find("open-warning") < page.find("<form"));
     }
 
     #[test]

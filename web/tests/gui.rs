@@ -34,6 +34,7 @@ fn page(mode: Mode) -> PageContext {
             ("g3".into(), Some("Singapore".into())),
         ],
         csrf_token: CSRF.into(),
+        open: false,
     }
 }
 
@@ -625,6 +626,7 @@ async fn a_rolled_back_operation_shows_what_failed_and_what_was_undone() {
               error: (document.getElementById('failure-error') || {}).textContent || '',
               undone: Array.from(document.querySelectorAll('#rolled-back li')).map(l => l.textContent),
               leftovers: Array.from(document.querySelectorAll('#leftovers li')).map(l => l.textContent),
+              commands: (document.getElementById('leftover-commands') || {}).textContent || '',
               end: document.getElementById('end-state').textContent,
               failedDetail: document.querySelector('.step[data-state="failed"] .detail').textContent,
               link: document.getElementById('target-link'),
@@ -656,9 +658,29 @@ async fn a_rolled_back_operation_shows_what_failed_and_what_was_undone() {
     assert!(undone.contains(&"provisioning MigHelper on the target grid: undone by the roll-back"));
     assert!(undone.contains(&"stopping the source application: undone by the roll-back"));
     assert!(undone.contains(&"destroying MigHelper: not run: the operation was rolled back"));
+    // The public view names what is left over, not the command (it names a controller); the
+    // page says where the commands are.
     assert_eq!(
         failure["leftovers"],
-        json!(["the partial copy shop-eu on grid g2: ssh g2 app destroy shop-eu"])
+        json!(["the partial copy shop-eu on grid g2"])
+    );
+    assert!(
+        failure["commands"].as_str().unwrap().contains(&format!(
+            "mig status --url {} --user USER {OP_ID}",
+            trio.helper.url
+        )),
+        "{failure}"
+    );
+    let text = browser.js("return document.body.innerText").await;
+    let text = text.as_str().unwrap();
+    assert!(
+        !text.contains("ssh g2") && !text.contains("127.0.2.1"),
+        "the page shows a controller: {text}"
+    );
+    assert!(
+        reason.contains("grid g2's controller closed the SSH connection")
+            || reason.contains("(grid g2's controller)"),
+        "{reason}"
     );
     assert_eq!(
         failure["end"],
@@ -949,5 +971,74 @@ async fn a_stalled_copy_says_so_instead_of_promising_an_end() {
     let stalled = stalled.as_str().unwrap();
     assert!(stalled.starts_with("1.00 GiB of 2.00 GiB (50%) · no progress for "));
     assert!(!stalled.contains("ETA"), "{stalled}");
+    browser.close().await;
+}
+
+/// During a roll-back after the handoff to the final MIG, the re-started source drives the
+/// operation: the page follows it there and links its timeline (monitor.js once had a second
+/// `ownerUrl` that forgot this and pointed at the final MIG).
+#[actix_web::test]
+async fn a_roll_back_after_the_handoff_is_followed_at_the_source() {
+    let _one = ONE_BROWSER.lock().await;
+    let trio = Trio::start().await;
+    let mut op = Op::new(OP_ID.into(), Kind::Migrate, trio.plan());
+    for name in [op::PROVISIONING_HELPER, op::STOPPING_SOURCE, op::MIGRATING] {
+        op.finish_step(name, None);
+    }
+    op.fail_step(op::STARTING_TARGET, "the target application did not start");
+    op.owner = Role::Target;
+    op.rolling_back = true;
+    op.version += 1;
+    // MigHelper still holds the copy it handed over; the final MIG has none (the handoff went to
+    // the source); the source drives the roll-back.
+    let mut handed = op.clone();
+    handed.owner = Role::Helper;
+    handed.rolling_back = false;
+    handed.version -= 1;
+    trio.helper.set(&handed);
+    trio.source.set(&op);
+    let browser = Browser::start().await;
+    browser
+        .client
+        .goto(&format!("{}/ops/{OP_ID}", trio.helper.url))
+        .await
+        .unwrap();
+    let following = browser
+        .wait_for(
+            "the page to follow the source",
+            Duration::from_secs(8),
+            "const f = document.getElementById('following').textContent; \
+             return f.startsWith('Live from the source MIG') && f",
+        )
+        .await;
+    assert!(
+        following.as_str().unwrap().contains(&trio.source.url[7..]),
+        "{following}"
+    );
+    let href = browser
+        .js("const a = document.getElementById('trace-link'); return a && a.getAttribute('href')")
+        .await;
+    assert_eq!(
+        href,
+        json!(format!("{}/ops/{OP_ID}/trace", trio.source.url))
+    );
+
+    op.roll_back_rest(&[op::STOPPING_SOURCE, op::PROVISIONING_HELPER]);
+    op.end(OpState::RolledBack, None);
+    trio.source.set(&op);
+    browser
+        .wait_for(
+            "the end",
+            Duration::from_secs(5),
+            "return document.getElementById('monitor').dataset.state === 'rolled_back'",
+        )
+        .await;
+    let href = browser
+        .js("return document.getElementById('trace-link').getAttribute('href')")
+        .await;
+    assert_eq!(
+        href,
+        json!(format!("{}/ops/{OP_ID}/trace", trio.source.url))
+    );
     browser.close().await;
 }

@@ -1,6 +1,7 @@
 //! Scripted stand-ins for the three instances an operation visits: the source MIG, MigHelper and
 //! the final MIG, each an actix-web server on its own loopback address (127.0.60.1/2/3) serving
-//! `web`'s pages and assets and the operation routes the real server will have. A test plays a
+//! `web`'s pages and assets and the operation routes the real server has (serving the public
+//! [`web::OpView`], as the real server does to a reader without credentials). A test plays a
 //! script of operation states (built with the real `actors::op` model) into them, and kills an
 //! instance the way an application stop would: its listener closes and its streams end.
 
@@ -217,7 +218,7 @@ fn current(state: &State, id: &str) -> Option<Op> {
 
 async fn get_op(state: aw::Data<State>, path: aw::Path<String>) -> HttpResponse {
     match current(&state, &path) {
-        Some(op) => HttpResponse::Ok().json(op),
+        Some(op) => HttpResponse::Ok().json(web::OpView::of(&op)),
         None => HttpResponse::NotFound().json(serde_json::json!({"error": "no such operation"})),
     }
 }
@@ -260,7 +261,8 @@ async fn events(state: aw::Data<State>, path: aw::Path<String>) -> HttpResponse 
                     Copy::Op(op) if op.id != id => continue,
                     Copy::Op(op) => {
                         let end = op.state.is_final() || op.owner != role;
-                        let json = serde_json::to_string(&op).expect("an Op serialises");
+                        let json = serde_json::to_string(&web::OpView::of(&op))
+                            .expect("an OpView serialises");
                         let event = Bytes::from(format!("event: op\ndata: {json}\n\n"));
                         return Some((Ok(event), (rx, false, end)));
                     }
