@@ -449,6 +449,8 @@ async fn the_status_route_answers_signed_over_the_askers_nonce() {
     assert_eq!((a.owner, a.seq), (Some(Role::Target), 5));
 
     assert_eq!(ask("nothex".into()).await.status(), 400);
+}
+
 /// An ended operation whose full record holds everything the public must not read: controllers
 /// as `user@host:port`, configuration values, a leftover's command, a controller's stderr.
 fn revealing_op() -> Op {

@@ -492,8 +492,9 @@ fn an_unreachable_source_controller_during_the_copy_rolls_back_once_it_answers()
 #[test]
 fn a_target_mig_killed_during_its_clean_up_finishes_it_when_started_again() {
     let lab = Lab::up(2, &BASES);
-    // g1's controller stops taking new connections while the copy runs (the copy's own session
-    // goes on), so the target MIG's first clean-up step cannot reach it and keeps retrying.
+    let faults = fault_points(&lab);
+    // g1's controller stops taking connections once the target MIG has taken the operation, so
+    // its first clean-up step cannot reach it and keeps retrying.
     let Held {
         data,
         sum,
@@ -501,10 +502,8 @@ fn a_target_mig_killed_during_its_clean_up_finishes_it_when_started_again() {
         export,
         ..
     } = held_migrate(&lab);
-    signal(sshd_pid(&lab, 1), "KILL");
-    signal(export, "CONT");
+    cut_over_then_lose_the_source(&lab, &faults, &id, export);
     let target = lab.mig_url(2);
-    wait_step(&lab, &target, &id, DESTROYING_SOURCE, "running", 60);
 
     // The target MIG dies mid-step; its grid marks the application failed.
     let state_dir = lab.state(2).join("mig-state/shop2").display().to_string();
@@ -562,9 +561,10 @@ fn a_mighelper_killed_during_the_roll_back_goes_on_rolling_back_when_restarted()
 #[test]
 fn a_mighelper_that_forgot_its_final_handoff_does_not_undo_the_cut_over() {
     let lab = Lab::up(2, &BASES);
+    let faults = fault_points(&lab);
     let target = lab.mig_url(2);
     // Hold the operation after the cut-over: the target MIG took it and cannot reach g1 to
-    // destroy the source (g1's sshd takes no new connections; the copy's session goes on).
+    // destroy the source (g1's sshd is gone).
     let Held {
         data,
         sum,
@@ -572,9 +572,7 @@ fn a_mighelper_that_forgot_its_final_handoff_does_not_undo_the_cut_over() {
         helper,
         export,
     } = held_migrate(&lab);
-    signal(sshd_pid(&lab, 1), "KILL");
-    signal(export, "CONT");
-    wait_step(&lab, &target, &id, DESTROYING_SOURCE, "running", 60);
+    cut_over_then_lose_the_source(&lab, &faults, &id, export);
 
     // MigHelper dies, and its journal is put back to where it was before the target's answer
     // reached it: what a helper killed between that answer and its journal write (or one whose
@@ -752,4 +750,25 @@ fn a_copy_that_differs_from_the_source_never_starts_and_rolls_back() {
         "{op:#}"
     );
     assert_rolled_back(&lab, &op, &data, &sum);
+}
+
+/// Lets the held copy go on to the cut-over, then takes g1's controller away (its sshd killed)
+/// before the target MIG's clean-up reaches it: the target MIG waits at its clean-up fault point
+/// until then. Not earlier: MigHelper's verify reads the source's checksums on g1 before the
+/// target starts, and without them it rightly refuses to start the copy.
+fn cut_over_then_lose_the_source(lab: &Lab, faults: &std::path::Path, id: &str, export: i32) {
+    let target = lab.mig_url(2);
+    on(faults, "hold-clean-up");
+    signal(export, "CONT");
+    wait_op(
+        lab,
+        &target,
+        id,
+        "the target MIG to take the operation",
+        60,
+        |op| op["owner"] == "target",
+    );
+    signal(sshd_pid(lab, 1), "KILL");
+    off(faults, "hold-clean-up");
+    wait_step(lab, &target, id, DESTROYING_SOURCE, "running", 60);
 }

@@ -13,6 +13,9 @@ use std::time::Duration;
 pub const HOLD_VERIFY: &str = "hold-verify";
 /// MigHelper waits here before each copy attempt: a test takes the target name meanwhile.
 pub const HOLD_COPY: &str = "hold-copy";
+/// The Target waits here before its clean-up steps: a test cuts a grid off after the cut-over
+/// and before the clean-up reaches it.
+pub const HOLD_CLEAN_UP: &str = "hold-clean-up";
 /// The handoff route journals and hands an accepted handoff to its actor, then answers 503 as if
 /// the 200 had been lost on the way.
 pub const DROP_HANDOFF_REPLY: &str = "drop-handoff-reply";

@@ -138,6 +138,7 @@ struct CleanUp<'a> {
 async fn clean_up(driver: Driver, mut op: Op) {
     let span = crate::telemetry::op_span(Role::Target, &op);
     async move {
+        driver.faults.hold(crate::faults::HOLD_CLEAN_UP).await;
         let plan = op.plan.clone();
         let mut left = Vec::new();
         let mut steps: Vec<CleanUp> = Vec::new();
