@@ -14,6 +14,7 @@ const POLL: Duration = Duration::from_millis(200);
 /// How long every instance may be unreachable before the follower gives up.
 const LOST_AFTER: Duration = Duration::from_secs(300);
 
+#[derive(Default)]
 pub struct Credentials {
     pub user: Option<String>,
     pub password: Option<String>,
@@ -75,19 +76,14 @@ pub async fn start(
 
 /// Reads one operation's public view from one instance.
 pub async fn fetch(http: &reqwest::Client, url: &str, id: &str) -> anyhow::Result<OpView> {
-    let url = url.trim_end_matches('/');
-    let r = http
-        .get(format!("{url}/api/v1/ops/{id}"))
-        .timeout(Duration::from_secs(5))
-        .send()
-        .await
-        .with_context(|| format!("cannot reach {url}"))?;
-    if !r.status().is_success() {
-        bail!("{url}: {}", error_text(r).await);
-    }
-    r.json()
-        .await
-        .with_context(|| format!("{url}: not an operation"))
+    get_json(
+        http,
+        url,
+        &format!("/api/v1/ops/{id}"),
+        &Credentials::default(),
+        "an operation",
+    )
+    .await
 }
 
 /// Reads one operation's full record (`GET /api/v1/ops/{id}/record`), with the GUI credentials
@@ -98,8 +94,20 @@ pub async fn fetch_record(
     id: &str,
     creds: &Credentials,
 ) -> anyhow::Result<Op> {
+    let path = format!("/api/v1/ops/{id}/record");
+    get_json(http, url, &path, creds, "an operation record").await
+}
+
+/// `GET url+path` as JSON of type `T` (`what` names it in the error).
+async fn get_json<T: serde::de::DeserializeOwned>(
+    http: &reqwest::Client,
+    url: &str,
+    path: &str,
+    creds: &Credentials,
+    what: &str,
+) -> anyhow::Result<T> {
     let url = url.trim_end_matches('/');
-    let r = with_auth(http.get(format!("{url}/api/v1/ops/{id}/record")), creds)
+    let r = with_auth(http.get(format!("{url}{path}")), creds)
         .timeout(Duration::from_secs(5))
         .send()
         .await
@@ -107,9 +115,7 @@ pub async fn fetch_record(
     if !r.status().is_success() {
         bail!("{url}: {}", error_text(r).await);
     }
-    r.json()
-        .await
-        .with_context(|| format!("{url}: not an operation record"))
+    r.json().await.with_context(|| format!("{url}: not {what}"))
 }
 
 /// The instance that drives `op` now.

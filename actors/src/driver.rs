@@ -453,6 +453,16 @@ pub async fn destroy_if_ours(
     Ok(None)
 }
 
+/// The leftover that a MigHelper not destroyed is: where it is, and the command that clears it.
+pub fn helper_leftover(plan: &crate::op::Plan) -> String {
+    format!(
+        "MigHelper {} on grid {}: {}",
+        plan.helper_app,
+        plan.target_grid,
+        manual_command(&plan.target_controller, "destroy", &plan.helper_app)
+    )
+}
+
 /// The exact command an operator runs to do `verb NAME` by hand on a controller.
 pub fn manual_command(controller: &str, verb: &str, name: &str) -> String {
     match controller.parse::<dialect::Controller>() {

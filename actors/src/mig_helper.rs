@@ -17,8 +17,8 @@ use tracing::Instrument;
 
 use crate::auth::OpKey;
 use crate::driver::{
-    destroy_if_ours, ensure_running, ensure_stopped, manual_command, Driver, StepError, BACKOFF,
-    MARK,
+    destroy_if_ours, ensure_running, ensure_stopped, helper_leftover, manual_command, Driver,
+    StepError, BACKOFF, MARK,
 };
 use crate::faults;
 use crate::handoff::{self, Handoff, HandoffError, SignedStatus, StatusQuery};
@@ -177,12 +177,7 @@ async fn hold(driver: &Driver, mut op: Op, why: &str) {
             manual_command(&plan.source_controller, "destroy", &plan.source_app)
         ));
     }
-    op.leave(format!(
-        "MigHelper {} on grid {}: {}",
-        plan.helper_app,
-        plan.target_grid,
-        manual_command(&plan.target_controller, "destroy", &plan.helper_app)
-    ));
+    op.leave(helper_leftover(&plan));
     op.end(
         OpState::Failed,
         Some(format!(
@@ -439,12 +434,7 @@ async fn roll_back(driver: &Driver, key: &OpKey, mut op: Op) {
                 plan.source_grid,
                 manual_command(&plan.source_controller, "start", &plan.source_app)
             ));
-            op.leave(format!(
-                "MigHelper {} on grid {}: {}",
-                plan.helper_app,
-                plan.target_grid,
-                manual_command(&plan.target_controller, "destroy", &plan.helper_app)
-            ));
+            op.leave(helper_leftover(&plan));
         }
     }
     op.end(

@@ -303,12 +303,7 @@ async fn provision(cfg: Arc<SourceConfig>, driver: Driver, mut op: Op) {
         match cleanup {
             Ok(()) => op.end(OpState::RolledBack, Some(format!("{PROVISIONING_HELPER} failed: {reason}"))),
             Err(e) => {
-                op.leave(format!(
-                    "MigHelper {} on grid {}: {}",
-                    plan.helper_app,
-                    plan.target_grid,
-                    crate::driver::manual_command(&plan.target_controller, "destroy", &plan.helper_app)
-                ));
+                op.leave(crate::driver::helper_leftover(&plan));
                 op.end(
                     OpState::Failed,
                     Some(format!("{PROVISIONING_HELPER} failed: {reason}; MigHelper could not be destroyed: {e}")),
