@@ -50,7 +50,10 @@ impl Journal {
         self.dir.join(format!("{id}.json"))
     }
 
-    /// Writes `op` durably.
+    /// Writes `op` durably. The fsyncs run on the caller's thread (for a handoff, the actor's),
+    /// on purpose: a receiver must not answer 200, nor an actor start a step, before the record
+    /// it would resume from is on disk, and an operation commits a few dozen times in all, so the
+    /// milliseconds this holds the arbiter are worth the order they guarantee.
     pub fn save(&self, op: &Op) -> Result<(), JournalError> {
         let path = self.path(&op.id);
         let tmp = self.dir.join(format!(".{}.tmp", op.id));
