@@ -41,9 +41,15 @@ fn names(apps: &[(String, String)]) -> Vec<(&str, &str)> {
 
 /// Starts a migrate through the API (as the page does) and returns the operation id.
 fn start_migrate(mig_url: &str, target_grid: &str, target_app: &str) -> String {
+    start_op(mig_url, "migrate", target_grid, target_app)
+}
+
+/// Starts an operation of `kind` through the API and returns its id.
+fn start_op(mig_url: &str, kind: &str, target_grid: &str, target_app: &str) -> String {
     let csrf: serde_json::Value =
         serde_json::from_slice(&curl(&[&format!("{mig_url}/api/v1/csrf")]).unwrap()).unwrap();
-    let body = serde_json::json!({"kind": "migrate", "target_app": target_app, "target_grid": target_grid});
+    let body =
+        serde_json::json!({"kind": kind, "target_app": target_app, "target_grid": target_grid});
     let out = curl(&[
         "--max-time",
         "30",
@@ -778,8 +784,9 @@ fn cut_over_then_lose_the_source(lab: &Lab, faults: &std::path::Path, id: &str, 
 enum Victim {
     /// `mig helper`; its grid starts it again (`restart = "on-failure"`).
     Helper,
-    /// The target MIG's `mig serve`; an operator `app start`s its application.
-    TargetMig,
+    /// The MIG that takes the operation at the end (the target's after a migrate, the
+    /// re-started source's after a snapshot); an operator `app start`s its application.
+    FinalMig,
     /// The source grid's sshd; `lab up` starts it again, as its supervisor would.
     SourceSshd,
 }
@@ -788,29 +795,33 @@ impl Victim {
     fn name(self) -> &'static str {
         match self {
             Victim::Helper => "MigHelper",
-            Victim::TargetMig => "target MIG",
+            Victim::FinalMig => "final MIG",
             Victim::SourceSshd => "g1's sshd",
         }
     }
 }
 
-/// Holds a migrate at fault point `point` (a MIG point, or gridctl's `hold-export` on g1), kills
-/// `victim` with SIGKILL, brings it back as its supervisor would, lets the operation go on, and
-/// checks the invariant: within a bounded time exactly one copy of the application runs, with the
-/// source's bytes, no MigHelper is left, and the operation has ended. Returns how long the end took
-/// after the fault was healed, or what broke.
-fn crash_trial(point: &str, victim: Victim) -> Result<Duration, String> {
+/// Holds a migrate or snapshot (`kind`) at fault point `point` (a MIG point, or gridctl's
+/// `hold-export` on g1), kills `victim` with SIGKILL, brings it back as its supervisor would, lets
+/// the operation go on, and checks the invariant within a bounded time: the operation has ended,
+/// no MigHelper is left, and for a migrate exactly one copy runs, with the source's bytes; for a
+/// snapshot the source runs with its bytes and the copy is either absent or stopped with the same
+/// bytes. Returns how long the end took after the fault was healed, or what broke.
+fn crash_trial(kind: &str, point: &str, victim: Victim) -> Result<Duration, String> {
     let bases = AtomicU8::new(230);
     let lab = Lab::up(2, &bases);
     let faults = fault_points(&lab);
     let (_, sum) = small_shop(&lab);
-    let gridctl_point = point == "hold-export";
-    if gridctl_point {
+    let snapshot = kind == "snapshot";
+    // The application that runs at the end, and its MIG.
+    let (final_grid, final_app) = if snapshot { (1, "shop") } else { (2, "shop2") };
+    let final_mig = lab.mig_url(final_grid);
+    if point == "hold-export" {
         hold_exports(&lab, 1);
     } else {
         on(&faults, point);
     }
-    let id = start_migrate(&lab.mig_url(1), "g2", "shop2");
+    let id = start_op(&lab.mig_url(1), kind, "g2", "shop2");
     let helper = helper_url(&lab, 2);
     // Wait until the operation stands at the point.
     let mut export = None;
@@ -820,14 +831,9 @@ fn crash_trial(point: &str, victim: Victim) -> Result<Duration, String> {
         "hold-verify" => drop(wait_op(&lab, &helper, &id, "the import", 60, |_| {
             lab.apps(2).iter().any(|(n, _)| n == "shop2")
         })),
-        "hold-clean-up" => drop(wait_op(
-            &lab,
-            &lab.mig_url(2),
-            &id,
-            "the target",
-            60,
-            |op| op["owner"] == "target",
-        )),
+        "hold-clean-up" => drop(wait_op(&lab, &final_mig, &id, "the final MIG", 60, |op| {
+            op["owner"] == "target"
+        })),
         other => return Err(format!("unknown point {other}")),
     }
     match victim {
@@ -835,9 +841,13 @@ fn crash_trial(point: &str, victim: Victim) -> Result<Duration, String> {
             let pid = helper_process(&lab, &id, 0);
             signal(pid, "KILL");
         }
-        Victim::TargetMig => {
-            let state_dir = lab.state(2).join("mig-state/shop2").display().to_string();
-            let serve = find_process("the target's mig serve", |p| {
+        Victim::FinalMig => {
+            let state_dir = lab
+                .state(final_grid)
+                .join(format!("mig-state/{final_app}"))
+                .display()
+                .to_string();
+            let serve = find_process("the final mig serve", |p| {
                 p.argv.get(1).is_some_and(|c| c == "serve")
                     && p.argv.iter().any(|x| x.contains(&state_dir))
             });
@@ -855,19 +865,17 @@ fn crash_trial(point: &str, victim: Victim) -> Result<Duration, String> {
     match victim {
         Victim::Helper => {}
         Victim::SourceSshd => lab.run_lab_up("the source's sshd back"),
-        Victim::TargetMig => {
-            wait_for("the grid to mark shop2 failed", 30, || {
-                lab.apps(2)
+        Victim::FinalMig => {
+            wait_for("the grid to mark the application failed", 30, || {
+                lab.apps(final_grid)
                     .iter()
-                    .any(|(n, s)| n == "shop2" && s == "failed")
+                    .any(|(n, s)| n == final_app && s == "failed")
                     .then_some(())
             });
-            let out = lab.app(2, &["start", "shop2"]);
+            let out = lab.app(final_grid, &["start", final_app]);
             if !out.status.success() {
-                return Err(format!(
-                    "app start shop2: {}",
-                    String::from_utf8_lossy(&out.stderr)
-                ));
+                let e = String::from_utf8_lossy(&out.stderr);
+                return Err(format!("app start {final_app}: {e}"));
             }
         }
     }
@@ -892,12 +900,20 @@ fn crash_trial(point: &str, victim: Victim) -> Result<Duration, String> {
         }
         if ended && !helpers && running.len() == 1 {
             let (g, app) = running[0];
-            let got = lab.checksum(g, app);
-            return if got == sum {
-                Ok(healed.elapsed())
-            } else {
-                Err(format!("{app} on g{g} does not hold the source's bytes"))
-            };
+            if lab.checksum(g, app) != sum {
+                return Err(format!("{app} on g{g} does not hold the source's bytes"));
+            }
+            if snapshot {
+                if (g, app) != (1, "shop") {
+                    return Err(format!(
+                        "after a snapshot {app} runs on g{g}, not the source"
+                    ));
+                }
+                if g2.iter().any(|(n, _)| n == "shop2") && lab.checksum(2, "shop2") != sum {
+                    return Err("the snapshot's copy on g2 is not the source's bytes".into());
+                }
+            }
+            return Ok(healed.elapsed());
         }
         if std::time::Instant::now() > deadline {
             return Err(format!(
@@ -914,34 +930,39 @@ fn crash_trial(point: &str, victim: Victim) -> Result<Duration, String> {
 #[test]
 #[ignore = "the sweep takes minutes: scripts/fault-sweep runs it"]
 fn fault_sweep() {
-    let trials = [
-        ("hold-export", Victim::Helper),
-        ("hold-copy", Victim::Helper),
-        ("hold-verify", Victim::Helper),
-        ("hold-verify", Victim::SourceSshd),
-        ("hold-clean-up", Victim::Helper),
-        ("hold-clean-up", Victim::TargetMig),
-        ("hold-clean-up", Victim::SourceSshd),
-    ];
+    let mut trials = Vec::new();
+    for kind in ["migrate", "snapshot"] {
+        for (point, victim) in [
+            ("hold-export", Victim::Helper),
+            ("hold-copy", Victim::Helper),
+            ("hold-verify", Victim::Helper),
+            ("hold-verify", Victim::SourceSshd),
+            ("hold-clean-up", Victim::Helper),
+            ("hold-clean-up", Victim::FinalMig),
+            ("hold-clean-up", Victim::SourceSshd),
+        ] {
+            trials.push((kind, point, victim));
+        }
+    }
     let mut held = 0;
     let mut longest = Duration::ZERO;
     let mut broken = Vec::new();
-    for (point, victim) in trials {
-        match crash_trial(point, victim) {
+    for &(kind, point, victim) in &trials {
+        match crash_trial(kind, point, victim) {
             Ok(took) => {
                 held += 1;
                 longest = longest.max(took);
                 println!(
-                    "trial migrate {point:<14} kill {:<11} invariant held, final in {took:.1?}",
+                    "trial {kind:<8} {point:<14} kill {:<11} invariant held, final in {took:.1?}",
                     victim.name()
                 );
             }
             Err(e) => {
                 println!(
-                    "trial migrate {point:<14} kill {:<11} VIOLATED: {e}",
+                    "trial {kind:<8} {point:<14} kill {:<11} VIOLATED: {e}",
                     victim.name()
                 );
-                broken.push(format!("{point} / {}: {e}", victim.name()));
+                broken.push(format!("{kind} {point} / {}: {e}", victim.name()));
             }
         }
     }
