@@ -636,6 +636,13 @@ fn fault_points(lab: &Lab) -> std::path::PathBuf {
     dir
 }
 
+/// Waits until g2 holds the imported copy `shop2` (MigHelper holds at `hold-verify` after it).
+fn wait_imported(lab: &Lab, helper: &str, id: &str) {
+    wait_op(lab, helper, id, "the copy to be imported", 60, |_| {
+        lab.apps(2).iter().any(|(n, _)| n == "shop2")
+    });
+}
+
 fn on(dir: &std::path::Path, point: &str) {
     std::fs::write(dir.join(point), "").unwrap();
 }
@@ -670,9 +677,7 @@ fn a_lost_answer_to_the_cut_over_handoff_never_costs_the_application() {
     on(&faults, "hold-verify");
     let id = start_migrate(&lab.mig_url(1), "g2", "shop2");
     let helper = helper_url(&lab, 2);
-    wait_op(&lab, &helper, &id, "the copy to be imported", 60, |_| {
-        lab.apps(2).iter().any(|(n, _)| n == "shop2")
-    });
+    wait_imported(&lab, &helper, &id);
     on(&faults, "drop-handoff-reply");
     on(&faults, "fail-status");
     off(&faults, "hold-verify");
@@ -739,9 +744,7 @@ fn a_copy_that_differs_from_the_source_never_starts_and_rolls_back() {
     on(&faults, "hold-verify");
     let id = start_migrate(&lab.mig_url(1), "g2", "shop2");
     let helper = helper_url(&lab, 2);
-    wait_op(&lab, &helper, &id, "the copy to be imported", 60, |_| {
-        lab.apps(2).iter().any(|(n, _)| n == "shop2")
-    });
+    wait_imported(&lab, &helper, &id);
     let vol = lab.state(2).join("apps/shop2/vols/data");
     let mut bytes = std::fs::read(&vol).unwrap();
     bytes[0] ^= 0xff;
@@ -828,9 +831,7 @@ fn crash_trial(kind: &str, point: &str, victim: Victim) -> Result<Duration, Stri
     match point {
         "hold-export" => export = Some(stopped_export(&lab, 1, "shop")),
         "hold-copy" => drop(wait_step(&lab, &helper, &id, MIGRATING, "running", 60)),
-        "hold-verify" => drop(wait_op(&lab, &helper, &id, "the import", 60, |_| {
-            lab.apps(2).iter().any(|(n, _)| n == "shop2")
-        })),
+        "hold-verify" => wait_imported(&lab, &helper, &id),
         "hold-clean-up" => drop(wait_op(&lab, &final_mig, &id, "the final MIG", 60, |op| {
             op["owner"] == "target"
         })),
