@@ -17,9 +17,9 @@ use actors::journal::Journal;
 use actors::mig_helper::MigHelper;
 use actors::op::Role;
 use actors::properties::Properties;
-use actors::proxy::{Proxy, ProxyConfig, ProxyStats, Shutdown as ProxyShutdown};
 use actors::source::{Source, SourceConfig};
 use actors::target::Target;
+use proxy::{Proxy, ProxyConfig, ProxyStats, Shutdown as ProxyShutdown};
 use tokio_util::sync::CancellationToken;
 
 use crate::server::{self, Shared};
@@ -101,7 +101,7 @@ async fn start_proxy(
     if props.passthrough.is_empty() {
         return Ok(None);
     }
-    if let Err(e) = actors::proxy::raise_fd_limit() {
+    if let Err(e) = proxy::raise_fd_limit() {
         tracing::warn!(error = %e, "cannot raise the open-file limit; fewer pass-through connections fit");
     }
     let mut cfg = ProxyConfig::new(props.listen, props.aux.clone(), props.passthrough.clone());

@@ -4,8 +4,8 @@
 
 use std::sync::OnceLock;
 
-use actors::proxy::ProxyStats;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use proxy::ProxyStats;
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 

@@ -1,8 +1,8 @@
-//! MIG's application side: the actors that carry out an operation (Source, MigHelper, Target and
-//! Proxy), the operation model they share with the API and the journal, and the configuration they
-//! run on: MIG's properties, the application's key, and the grid.info file that says which grids
-//! exist and how to reach them. The `mig` binary wires these together; nothing here parses a command
-//! line or serves HTTP.
+//! MIG's application side: the actors that carry out an operation (Source, MigHelper and Target;
+//! the Proxy actor has its own crate, `proxy`), the operation model they share with the API and the
+//! journal, and the configuration they run on: MIG's properties, the application's key, and the
+//! grid.info file that says which grids exist and how to reach them. The `mig` binary wires these
+//! together; nothing here parses a command line or serves HTTP.
 #![forbid(unsafe_code)]
 
 pub mod api;
@@ -18,7 +18,6 @@ pub mod keys;
 pub mod mig_helper;
 pub mod op;
 pub mod properties;
-pub mod proxy;
 pub mod source;
 pub mod ssh;
 pub mod target;

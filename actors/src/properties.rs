@@ -461,7 +461,7 @@ impl<'a> Typed<'a> {
                 )
             }
         });
-        let passthrough = self.get("passthrough", Vec::new(), crate::proxy::parse_passthrough);
+        let passthrough = self.get("passthrough", Vec::new(), proxy::parse_passthrough);
         let grid = self.get("grid", None, |s| {
             if s.is_empty() {
                 Ok(None)
@@ -490,7 +490,7 @@ impl<'a> Typed<'a> {
         });
         let max_connections_per_client = self.get(
             "max_connections_per_client",
-            crate::proxy::DEFAULT_MAX_CONNECTIONS_PER_CLIENT,
+            proxy::DEFAULT_MAX_CONNECTIONS_PER_CLIENT,
             |s| match s.parse::<usize>() {
                 Ok(n) if (1..=1_000_000).contains(&n) => Ok(n),
                 _ => Err("must be a whole number from 1 to 1000000 (connections one client address may hold at once)".into()),

@@ -62,7 +62,7 @@ enum Cmd {
 
 fn main() -> Result<()> {
     let args = Args::parse();
-    actors::proxy::raise_fd_limit().context("raising the open-file limit")?;
+    proxy::raise_fd_limit().context("raising the open-file limit")?;
     match args.cmd {
         Cmd::Server { listen } => server(listen),
         Cmd::Bulk {

@@ -1,5 +1,6 @@
-//! The Proxy actor alone, for `scripts/bench-proxy` until `mig serve` wires it: binds the
-//! pass-through ports, prints `ready ADDR...`, and on SIGTERM or SIGINT shuts down gracefully.
+//! The Proxy actor alone, for `scripts/bench-proxy`: set beside the real `mig serve`, it shows what
+//! the rest of MIG costs the proxy. Binds the pass-through ports, prints `ready ADDR...`, and on
+//! SIGTERM or SIGINT shuts down gracefully.
 
 #![forbid(unsafe_code)]
 
@@ -8,9 +9,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use actix::Actor;
-use actors::proxy::{self, Proxy, ProxyConfig, ProxyStats, Shutdown};
 use anyhow::{Context, Result};
 use clap::Parser;
+use proxy::{self, Proxy, ProxyConfig, ProxyStats, Shutdown};
 
 #[derive(Parser, Debug)]
 #[command(about = "Run MIG's pass-through proxy on its own (benchmarks)")]

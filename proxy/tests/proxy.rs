@@ -11,7 +11,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use actix::{Actor, Addr};
-use actors::proxy::{PortStats, Proxy, ProxyConfig, ProxyStats, Shutdown};
+use proxy::{PortStats, Proxy, ProxyConfig, ProxyStats, Shutdown};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
@@ -23,13 +23,13 @@ const LOCALHOST: &str = "127.0.0.1";
 fn ends() -> &'static tokio::runtime::Runtime {
     static RT: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
     RT.get_or_init(|| {
-        // RUST_LOG=actors=debug shows the proxy's view of each connection.
+        // RUST_LOG=proxy=debug shows the proxy's view of each connection.
         let _ = tracing_subscriber::fmt()
             .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
             .with_test_writer()
             .try_init();
         // 2 000 connections need ~16 000 descriptors in this one process.
-        let _ = actors::proxy::raise_fd_limit();
+        let _ = proxy::raise_fd_limit();
         tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -174,7 +174,7 @@ async fn echo_case(splice: bool, len: usize) {
     assert_eq!((s.bytes_in, s.bytes_out), (len as u64, len as u64), "{s:?}");
     if splice && len == 1 {
         // A small message goes by read and write: a pipe would cost more calls than it saves.
-        assert_eq!(actors::proxy::bytes_spliced_on_this_thread(), 0);
+        assert_eq!(proxy::bytes_spliced_on_this_thread(), 0);
     }
 }
 
@@ -260,7 +260,7 @@ async fn bulk_case(splice: bool) {
     assert_eq!(client_received, (LEN, server_sent), "aux → client bytes");
     let s = p.stats_until(|s| s.active == 0).await;
     assert_eq!((s.bytes_in, s.bytes_out, s.total), (LEN, LEN, 1), "{s:?}");
-    let spliced = actors::proxy::bytes_spliced_on_this_thread();
+    let spliced = proxy::bytes_spliced_on_this_thread();
     if splice {
         // A stream goes through the pipe, bar the first read of each burst.
         assert!(spliced > LEN, "only {spliced} of {} bytes spliced", 2 * LEN);
@@ -415,7 +415,7 @@ async fn idle_spliced_connections_hold_no_pipe() {
     .await;
     // The proxy runs on this thread: every echo has arrived, so every splice has finished.
     assert_eq!(p.port_stats().active, 50);
-    assert_eq!(actors::proxy::pipes_held_on_this_thread(), 0);
+    assert_eq!(proxy::pipes_held_on_this_thread(), 0);
     drop(conns);
 }
 
