@@ -13,9 +13,16 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
+use std::convert::Infallible;
+
 use anyhow::Context;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use hyper::body::{Body, Bytes, Incoming};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
 
 const MAX_VALUE: usize = 16 << 20;
 
@@ -106,16 +113,28 @@ impl Store {
 
 pub async fn run(listen: &str, data: &Path) -> anyhow::Result<()> {
     let store = Store::open(data).with_context(|| format!("opening {}", data.display()))?;
-    let store = Arc::new(Mutex::new(store));
     let l = TcpListener::bind(listen)
         .await
         .with_context(|| format!("binding {listen}"))?;
     tracing::info!("kvstore listening on {listen}");
+    serve(l, Arc::new(Mutex::new(store))).await
+}
+
+/// Serves HTTP/1.1 on `l` with hyper, which among the rest answers `Expect: 100-continue` (curl
+/// sends it for every body over 1 KiB and waits a second for it).
+pub async fn serve(l: TcpListener, store: Arc<Mutex<Store>>) -> anyhow::Result<()> {
     loop {
         let (s, _) = l.accept().await?;
         let st = store.clone();
         tokio::spawn(async move {
-            if let Err(e) = serve(s, st).await {
+            let svc = service_fn(move |req| {
+                let st = st.clone();
+                async move { Ok::<_, Infallible>(route(req, st).await) }
+            });
+            if let Err(e) = http1::Builder::new()
+                .serve_connection(TokioIo::new(s), svc)
+                .await
+            {
                 tracing::debug!("connection: {e}");
             }
         });
@@ -128,141 +147,98 @@ fn valid_key(k: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
 }
 
-async fn serve(mut s: TcpStream, store: Arc<Mutex<Store>>) -> std::io::Result<()> {
-    let mut buf = Vec::new();
-    let head_end = loop {
-        let mut chunk = [0u8; 4096];
-        let n = s.read(&mut chunk).await?;
-        if n == 0 {
-            return Ok(());
-        }
-        buf.extend_from_slice(&chunk[..n]);
-        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            break i + 4;
-        }
-        if buf.len() > 16384 {
-            return respond(&mut s, 431, b"headers too large\n").await;
-        }
-    };
-    let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
-    let mut lines = head.split("\r\n");
-    let mut rl = lines.next().unwrap_or("").split(' ');
-    let (method, path) = (rl.next().unwrap_or(""), rl.next().unwrap_or(""));
-    let len: usize = lines
-        .filter_map(|l| l.split_once(':'))
-        .find(|(k, _)| k.trim().eq_ignore_ascii_case("content-length"))
-        .and_then(|(_, v)| v.trim().parse().ok())
-        .unwrap_or(0);
-    if len > MAX_VALUE {
-        return respond(&mut s, 413, b"value larger than 16 MiB\n").await;
-    }
-    let mut body = buf[head_end..].to_vec();
-    while body.len() < len {
-        let mut chunk = vec![0u8; (len - body.len()).min(1 << 16)];
-        let n = s.read(&mut chunk).await?;
-        if n == 0 {
-            return Ok(());
-        }
-        body.extend_from_slice(&chunk[..n]);
-    }
-    body.truncate(len);
+type Resp = Response<Full<Bytes>>;
+
+async fn route(req: Request<Incoming>, store: Arc<Mutex<Store>>) -> Resp {
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
     if path == "/healthz" {
-        return respond(&mut s, 200, b"ok\n").await;
+        return respond(200, "ok\n");
     }
-    if path == "/" && method == "GET" {
+    if path == "/" && method == Method::GET {
         let page = guestbook_page(&store.lock().unwrap().guestbook());
-        return respond_with(
-            &mut s,
-            200,
-            &[("Content-Type", "text/html; charset=utf-8")],
-            page.as_bytes(),
-        )
-        .await;
+        return respond_with(200, &[("Content-Type", "text/html; charset=utf-8")], page);
     }
-    if path == "/guestbook" && method == "POST" {
+    if path == "/guestbook" && method == Method::POST {
+        let body = match body(req).await {
+            Ok(b) => b,
+            Err(resp) => return resp,
+        };
         let entry: String = form_urlencoded::parse(&body)
             .find(|(k, _)| k == "entry")
             .map(|(_, v)| v.trim().chars().filter(|c| !c.is_control()).collect())
             .unwrap_or_default();
         if entry.is_empty() || entry.len() > MAX_ENTRY {
-            return respond(&mut s, 400, b"write an entry of 1 to 2000 bytes\n").await;
+            return respond(400, "write an entry of 1 to 2000 bytes\n");
         }
-        let st = store.clone();
-        let r = tokio::task::spawn_blocking(move || {
-            let mut st = st.lock().unwrap();
+        return match write(store, move |st| {
             let key = st.next_guestbook_key();
             st.put(&key, entry.as_bytes())
         })
         .await
-        .map_err(std::io::Error::other)?;
-        return match r {
-            Ok(()) => respond_with(&mut s, 303, &[("Location", "/")], b"").await,
-            Err(e) => respond(&mut s, 507, format!("{e}\n").as_bytes()).await,
+        {
+            Ok(()) => respond_with(303, &[("Location", "/")], ""),
+            Err(e) => respond(507, format!("{e}\n")),
         };
     }
     let Some(key) = path.strip_prefix("/kv/").filter(|k| valid_key(k)) else {
-        return respond(
-            &mut s,
-            404,
-            b"use /kv/KEY (KEY: 1-256 of A-Z a-z 0-9 . _ -)\n",
-        )
-        .await;
+        return respond(404, "use /kv/KEY (KEY: 1-256 of A-Z a-z 0-9 . _ -)\n");
     };
+    let key = key.to_string();
     match method {
-        "GET" => {
-            let v = store.lock().unwrap().get(key).map(<[u8]>::to_vec);
-            match v {
-                Some(v) => respond(&mut s, 200, &v).await,
-                None => respond(&mut s, 404, b"no such key\n").await,
+        Method::GET => match store.lock().unwrap().get(&key) {
+            Some(v) => respond(200, v.to_vec()),
+            None => respond(404, "no such key\n"),
+        },
+        Method::PUT => {
+            let body = match body(req).await {
+                Ok(b) => b,
+                Err(resp) => return resp,
+            };
+            match write(store, move |st| st.put(&key, &body)).await {
+                Ok(()) => respond(204, ""),
+                Err(e) => respond(507, format!("{e}\n")),
             }
         }
-        "PUT" => {
-            let key = key.to_string();
-            let st = store.clone();
-            let r = tokio::task::spawn_blocking(move || st.lock().unwrap().put(&key, &body))
-                .await
-                .map_err(std::io::Error::other)?;
-            match r {
-                Ok(()) => respond(&mut s, 204, b"").await,
-                Err(e) => respond(&mut s, 507, format!("{e}\n").as_bytes()).await,
-            }
-        }
-        _ => respond(&mut s, 405, b"use GET or PUT\n").await,
+        _ => respond(405, "use GET or PUT\n"),
     }
 }
 
-async fn respond(s: &mut TcpStream, code: u16, body: &[u8]) -> std::io::Result<()> {
-    respond_with(s, code, &[], body).await
+/// The request's body, at most [`MAX_VALUE`] bytes; a larger one is refused before it is read
+/// when it declares its length (so no `100 Continue` invites it).
+async fn body(req: Request<Incoming>) -> Result<Bytes, Resp> {
+    let too_large = || respond(413, "value larger than 16 MiB\n");
+    if req.body().size_hint().lower() > MAX_VALUE as u64 {
+        return Err(too_large());
+    }
+    match Limited::new(req.into_body(), MAX_VALUE).collect().await {
+        Ok(c) => Ok(c.to_bytes()),
+        Err(e) if e.is::<LengthLimitError>() => Err(too_large()),
+        Err(e) => Err(respond(400, format!("reading the body: {e}\n"))),
+    }
 }
 
-async fn respond_with(
-    s: &mut TcpStream,
-    code: u16,
-    headers: &[(&str, &str)],
-    body: &[u8],
+/// Runs a write on the blocking pool: it fsyncs before the answer.
+async fn write(
+    store: Arc<Mutex<Store>>,
+    f: impl FnOnce(&mut Store) -> std::io::Result<()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let reason = match code {
-        200 => "OK",
-        204 => "No Content",
-        303 => "See Other",
-        400 => "Bad Request",
-        404 => "Not Found",
-        405 => "Method Not Allowed",
-        413 => "Payload Too Large",
-        431 => "Request Header Fields Too Large",
-        _ => "Insufficient Storage",
-    };
-    let extra: String = headers
-        .iter()
-        .map(|(k, v)| format!("{k}: {v}\r\n"))
-        .collect();
-    let head = format!(
-        "HTTP/1.1 {code} {reason}\r\n{extra}Content-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
-    s.write_all(head.as_bytes()).await?;
-    s.write_all(body).await?;
-    s.shutdown().await
+    tokio::task::spawn_blocking(move || f(&mut store.lock().unwrap()))
+        .await
+        .map_err(std::io::Error::other)?
+}
+
+fn respond(code: u16, body: impl Into<Bytes>) -> Resp {
+    respond_with(code, &[], body)
+}
+
+fn respond_with(code: u16, headers: &[(&str, &str)], body: impl Into<Bytes>) -> Resp {
+    let mut b = Response::builder().status(code);
+    for (k, v) in headers {
+        b = b.header(*k, *v);
+    }
+    b.body(Full::new(body.into()))
+        .expect("status codes and headers here are constants")
 }
 
 /// Escapes text for HTML. Written by hand: five replacements do not justify a templating crate.
@@ -345,5 +321,99 @@ mod tests {
         assert!(s.put("k", &[1u8; 100]).is_err());
         s.put("k", b"small").unwrap();
         assert_eq!(Store::open(&p).unwrap().get("k"), Some(&b"small"[..]));
+    }
+
+    /// A store on a fresh volume served on an ephemeral loopback port.
+    async fn server() -> (std::net::SocketAddr, tempfile::TempDir) {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("data");
+        crate::volume::create(&p, crate::template::VolumeKind::File, 1 << 20, None).unwrap();
+        let store = Arc::new(Mutex::new(Store::open(&p).unwrap()));
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(serve(l, store));
+        (addr, d)
+    }
+
+    async fn read_head(s: &mut tokio::net::TcpStream) -> String {
+        use tokio::io::AsyncReadExt;
+        let mut head = Vec::new();
+        while !head.ends_with(b"\r\n\r\n") {
+            let mut b = [0u8; 1];
+            assert_eq!(s.read(&mut b).await.unwrap(), 1, "closed after {head:?}");
+            head.push(b[0]);
+        }
+        String::from_utf8(head).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_put_that_expects_100_continue_is_invited_at_once() {
+        use tokio::io::AsyncWriteExt;
+        let (addr, _d) = server().await;
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let value = vec![b'v'; 4096];
+        s.write_all(
+            format!(
+                "PUT /kv/big HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\
+                 Expect: 100-continue\r\n\r\n",
+                value.len()
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+        // The hand-written server never sent this: curl waited a second before every body.
+        let interim = tokio::time::timeout(std::time::Duration::from_secs(5), read_head(&mut s))
+            .await
+            .expect("no 100 Continue");
+        assert!(interim.starts_with("HTTP/1.1 100 Continue"), "{interim}");
+        s.write_all(&value).await.unwrap();
+        assert!(read_head(&mut s).await.starts_with("HTTP/1.1 204"));
+        let (code, body) = get(addr, "/kv/big").await;
+        assert_eq!((code, body.len()), (200, 4096));
+    }
+
+    #[tokio::test]
+    async fn a_declared_oversize_body_is_refused_without_reading_it() {
+        use tokio::io::AsyncWriteExt;
+        let (addr, _d) = server().await;
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(
+            format!(
+                "PUT /kv/huge HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\
+                 Expect: 100-continue\r\n\r\n",
+                MAX_VALUE + 1
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+        let head = read_head(&mut s).await;
+        assert!(head.starts_with("HTTP/1.1 413"), "{head}");
+        assert_eq!(get(addr, "/kv/huge").await.0, 404);
+    }
+
+    #[tokio::test]
+    async fn bad_keys_and_methods_get_a_message_that_says_what_to_use() {
+        let (addr, _d) = server().await;
+        let (code, body) = get(addr, "/kv/a%20b").await;
+        assert_eq!(code, 404);
+        assert!(String::from_utf8_lossy(&body).contains("use /kv/KEY"));
+        assert_eq!(get(addr, "/healthz").await, (200, b"ok\n".to_vec()));
+    }
+
+    async fn get(addr: std::net::SocketAddr, path: &str) -> (u16, Vec<u8>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .unwrap();
+        let mut resp = Vec::new();
+        s.read_to_end(&mut resp).await.unwrap();
+        let end = resp.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+        let code = String::from_utf8_lossy(&resp[9..12]).parse().unwrap();
+        (code, resp[end + 4..].to_vec())
     }
 }
