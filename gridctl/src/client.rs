@@ -302,7 +302,8 @@ pub fn peer_ssh(state: &Path, remote: &Controller, remote_cmd: &str) -> Proc {
             "ServerAliveCountMax=3",
             "-o",
             "LogLevel=ERROR",
-            // AES-GCM runs at nearly twice chacha20's speed where AES-NI exists (DESIGN.md).
+            // AES-GCM runs at nearly twice chacha20's speed where AES-NI exists
+            // (docs/architecture.md, "The data path between grids").
             "-c",
             "aes128-gcm@openssh.com,chacha20-poly1305@openssh.com",
             "-p",

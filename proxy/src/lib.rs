@@ -1,5 +1,5 @@
 //! The Proxy actor: every connection to a pass-through port on `in` is spliced, unchanged, to the
-//! same port on `aux` (DESIGN.md, "Terminals").
+//! same port on `aux` (docs/architecture.md, "Terminals").
 //!
 //! MIG sits in the application's path, so the pass-through must be invisible: no byte changed, FIN in
 //! one direction does not end the other (half-close), TCP_NODELAY on both ends, and as fast as a

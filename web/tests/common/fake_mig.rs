@@ -81,7 +81,7 @@ impl Instance {
         let server = HttpServer::new(move || {
             App::new()
                 .app_data(data.clone())
-                // The status routes are readable from any origin (DESIGN.md); the test serves
+                // The status routes are readable from any origin (docs/architecture.md); the test serves
                 // everything with it, which only makes the page's own origin checks weaker.
                 .wrap(from_fn(require_credentials))
                 .wrap(DefaultHeaders::new().add((header::ACCESS_CONTROL_ALLOW_ORIGIN, "*")))
