@@ -1,5 +1,5 @@
 //! grid.info against fixture files: every bad file yields exactly the problems its `.expect` lists
-//! (see tests/fixtures/grid_info/README.md), the good ones parse to the expected grids, and no
+//! (see actors/tests/fixtures/grid_info/README.md), the good ones parse to the expected grids, and no
 //! input at all makes the parser panic.
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use actors::grid_info::{self, Diagnostic, Grid, GridInfo, HostPort};
 use proptest::prelude::*;
 
-const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/grid_info");
+const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/grid_info");
 const SAMPLE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../conf/sample.grid.info");
 
 /// One line of a `.expect` file: `LINE:COL: message fragment`.
