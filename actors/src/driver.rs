@@ -476,16 +476,6 @@ pub fn manual_command(controller: &str, verb: &str, name: &str) -> String {
     }
 }
 
-/// Tests and dry runs reach in-memory grids the same way.
-impl Connect for crate::controller::memory::MemoryLab {
-    fn connect(&self, controller: &str) -> Result<Arc<dyn GridController>, String> {
-        controller
-            .parse::<dialect::Controller>()
-            .map_err(|e| e.to_string())?;
-        Ok(Arc::new(self.grid(controller)))
-    }
-}
-
 /// A [`GridController`] that times every command into the operation's trace and the log (inside
 /// the caller's span, so with the operation id).
 struct Traced {
@@ -580,7 +570,7 @@ mod tests {
 
     fn driver(dir: &std::path::Path) -> Driver {
         let book = OpBook::open(crate::journal::Journal::open(dir).unwrap()).unwrap();
-        Driver::new(book, Arc::new(crate::controller::memory::MemoryLab::new()))
+        Driver::new(book, Arc::new(crate::memory_lab::MemoryLab::new()))
     }
 
     fn op() -> Op {

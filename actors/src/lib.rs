@@ -15,6 +15,8 @@ pub mod grid_info;
 pub mod handoff;
 pub mod journal;
 pub mod keys;
+#[cfg(any(test, feature = "test-support"))]
+pub mod memory_lab;
 pub mod mig_helper;
 pub mod op;
 pub mod properties;
