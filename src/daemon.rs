@@ -60,6 +60,7 @@ fn open_book_and_driver(props: &Properties) -> Result<(OpBook, Driver), Fatal> {
     let connect = SshConnect {
         key_file: props.private_key_file.clone(),
         known_hosts: props.known_hosts_file.clone(),
+        grids: Default::default(),
     };
     let faults = Faults::new(props.fault_dir.clone());
     let driver = Driver::new(book.clone(), Arc::new(connect)).with_faults(faults);

@@ -59,8 +59,26 @@ fn migrate_then_snapshot_keep_every_byte_and_leave_nothing_behind() {
     put(&lab.data_url(1), "blob", &value);
     put(&lab.data_url(1), "greeting", b"hello");
 
+    // Logins with MIG's key on grid n so far (sshd logs each with the key's fingerprint).
+    let keygen = std::process::Command::new("ssh-keygen")
+        .arg("-lf")
+        .arg(lab.path().join("mig/private.key.pub"))
+        .output()
+        .unwrap();
+    let mig_key = String::from_utf8(keygen.stdout).unwrap();
+    let mig_key = mig_key.split_whitespace().nth(1).unwrap().to_string();
+    let mig_logins = |n: u8| {
+        let log = std::fs::read_to_string(lab.path().join(format!("g{n}/sshd.log"))).unwrap();
+        log.lines()
+            .filter(|l| l.contains("Accepted publickey") && l.contains(&mig_key))
+            .count()
+    };
+
     // Migrate g1 -> g2.
+    let before = [mig_logins(1), mig_logins(2)];
     let (ok, out) = run_cli("migrate", &lab.mig_url(1), "g2", "shop2");
+    // The test's own `ssh g1 app list` below logs in with the same key: count before those.
+    let after = [mig_logins(1), mig_logins(2)];
     assert!(ok, "migrate failed:\n{out}");
     assert!(out.contains("Succeeded"), "{out}");
     for step in [
@@ -202,6 +220,27 @@ fn migrate_then_snapshot_keep_every_byte_and_leave_nothing_behind() {
         times.windows(2).all(|w| w[0] <= w[1]),
         "events in time order: {times:?}"
     );
+
+    // One SSH session per grid and instance: the source MIG, MigHelper and the target MIG each
+    // logged in to each grid at most once with MIG's key for all their commands, and the
+    // timeline still gives each command its own time.
+    let commands = events.iter().filter(|e| e["kind"] == "command").count();
+    assert!(commands >= 10, "{trace}");
+    assert!(
+        events
+            .iter()
+            .filter(|e| e["kind"] == "command")
+            .all(|e| e["millis"].is_u64()),
+        "{trace}"
+    );
+    for (n, (a, b)) in after.iter().zip(before).enumerate() {
+        let logins = a - b;
+        assert!(
+            (1..=3).contains(&logins),
+            "g{}: {logins} logins for {commands} commands",
+            n + 1
+        );
+    }
 
     // Snapshot g2 -> g3: a stopped copy there, the source running on.
     put(&lab.data_url(2), "after-move", b"written on g2");

@@ -2,6 +2,7 @@
 //! controllers, an HTTP client, and the step bookkeeping (journal before a step starts, again when
 //! it ends), so each actor's file reads as its steps in order.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -118,16 +119,27 @@ pub trait Connect: Send + Sync {
     fn connect(&self, controller: &str) -> Result<Arc<dyn GridController>, String>;
 }
 
-/// The real one: SSH with the application's key, host keys pinned in known_hosts.
+/// The real one: SSH with the application's key, host keys pinned in known_hosts. It keeps one
+/// [`SshGrid`] per controller, so every step of every actor here reuses that grid's session
+/// instead of logging in again for each command.
+#[derive(Default)]
 pub struct SshConnect {
     pub key_file: PathBuf,
     pub known_hosts: PathBuf,
+    /// The controllers reached so far, by their grid.info address.
+    pub grids: Mutex<HashMap<String, SshGrid>>,
 }
 
 impl Connect for SshConnect {
     fn connect(&self, controller: &str) -> Result<Arc<dyn GridController>, String> {
+        let mut grids = self.grids.lock().expect("grids lock");
+        if let Some(g) = grids.get(controller) {
+            return Ok(Arc::new(g.clone()));
+        }
         let c: dialect::Controller = controller.parse().map_err(|e| format!("{e}"))?;
-        Ok(Arc::new(SshGrid::new(c, &self.key_file, &self.known_hosts)))
+        let g = SshGrid::new(c, &self.key_file, &self.known_hosts);
+        grids.insert(controller.to_string(), g.clone());
+        Ok(Arc::new(g))
     }
 }
 

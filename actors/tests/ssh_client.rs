@@ -600,3 +600,106 @@ async fn a_listener_that_never_speaks_ssh_times_out_within_the_connect_timeout()
     }
     hold.abort();
 }
+
+#[tokio::test]
+async fn the_commands_of_an_operation_share_one_ssh_session() {
+    let g = FakeGrid::start();
+    let c = g.client();
+    c.list().await.unwrap();
+    c.info("shop").await.unwrap();
+    c.stop("shop").await.unwrap();
+    // A failed command leaves the session as good as a successful one.
+    c.stop("failing").await.unwrap_err();
+    // Clones (one per actor or step that asks for the grid) share the same session.
+    let again = c.clone();
+    again.start("shop").await.unwrap();
+    again.checksum("shop").await.unwrap();
+    assert_eq!(g.logged().len(), 6, "every command still ran");
+    assert_eq!(
+        g.logins(),
+        1,
+        "one login for six commands:\n{}",
+        g.sshd_log()
+    );
+}
+
+#[tokio::test]
+async fn every_actor_reaching_a_controller_through_ssh_connect_shares_its_session() {
+    use actors::driver::{Connect, SshConnect};
+    let g = FakeGrid::start();
+    let connect = SshConnect {
+        key_file: g.client_key.clone(),
+        known_hosts: g.known_hosts.clone(),
+        grids: Default::default(),
+    };
+    let addr = g.controller().to_string();
+    // As the Source's check, its provisioning step, and the Target's clean-up each ask.
+    for _ in 0..3 {
+        let grid = connect.connect(&addr).unwrap();
+        grid.list().await.unwrap();
+    }
+    assert_eq!(g.logged().len(), 3);
+    assert_eq!(g.logins(), 1, "{}", g.sshd_log());
+}
+
+#[tokio::test]
+async fn a_dropped_session_is_reopened_without_the_caller_noticing() {
+    let g = FakeGrid::start();
+    let c = g.client();
+    c.list().await.unwrap();
+    g.drop_connections();
+    // The pooled session is dead: the next command logs in again and runs once.
+    assert_eq!(c.list().await.unwrap().len(), 2);
+    c.stop("shop").await.unwrap();
+    assert_eq!(
+        g.logged(),
+        ["app list --batch", "app list --batch", "app stop shop"]
+    );
+    assert_eq!(g.logins(), 2, "{}", g.sshd_log());
+}
+
+#[tokio::test]
+async fn a_changed_host_key_is_refused_when_the_session_is_reopened() {
+    let mut g = FakeGrid::start();
+    let c = g.client();
+    c.list().await.unwrap();
+    let impostor = g.path("impostor_key");
+    common::keygen(&impostor);
+    g.restart_with_host_key(&impostor);
+    let e = c.stop("shop").await.unwrap_err();
+    match &e {
+        GridError::HostKeyChanged { fingerprint, .. } => {
+            assert_eq!(
+                fingerprint,
+                &common::fingerprint(&g.path("impostor_key.pub"))
+            )
+        }
+        other => panic!("expected HostKeyChanged, got {other:?}"),
+    }
+    assert_eq!(
+        g.logged(),
+        ["app list --batch"],
+        "a command ran on an impostor"
+    );
+    // And it stays refused: no session was kept from the attempt.
+    assert!(matches!(
+        c.list().await,
+        Err(GridError::HostKeyChanged { .. })
+    ));
+}
+
+#[tokio::test]
+async fn an_idle_session_is_closed() {
+    let g = FakeGrid::start();
+    let c = g.client().with_idle_timeout(Duration::from_millis(300));
+    c.list().await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    // sshd logs the client's goodbye.
+    while !g.sshd_log().contains("Received disconnect") {
+        assert!(Instant::now() < deadline, "{}", g.sshd_log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The next command simply logs in again.
+    c.list().await.unwrap();
+    assert_eq!(g.logins(), 2);
+}

@@ -541,6 +541,7 @@ impl Daemon {
         });
         for (c, addr, timeout) in ready {
             let deadline = Instant::now() + timeout;
+            let mut pause = Pause::new(Duration::from_millis(100));
             loop {
                 if let Some(reason) = self.failure_of(&rec.name, generation) {
                     return Err(reason);
@@ -559,7 +560,7 @@ impl Daemon {
                         timeout.as_secs()
                     ));
                 }
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                pause.wait().await;
             }
         }
         let mut inner = self.inner.lock().unwrap();
@@ -921,15 +922,59 @@ pub async fn terminate_group(pgid: i32, timeout: Duration) {
     }
     let _ = killpg(Pid::from_raw(pgid), Signal::SIGTERM);
     let deadline = Instant::now() + timeout;
+    let mut pause = Pause::new(Duration::from_millis(50));
     while group_exists(pgid) && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        pause.wait().await;
     }
     if group_exists(pgid) {
         tracing::warn!(pgid, "process group ignored SIGTERM; sending SIGKILL");
         kill_group_now(pgid);
         let deadline = Instant::now() + Duration::from_secs(5);
+        let mut pause = Pause::new(Duration::from_millis(20));
         while group_exists(pgid) && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            pause.wait().await;
         }
+    }
+}
+
+/// The waits of a poll: 1 ms, then twice as long each time up to `max`. A component that exits
+/// or starts listening within milliseconds (most do) is seen within milliseconds, so `app stop`
+/// and `app start` answer at once, while a slow one is still polled only every `max`.
+struct Pause {
+    next: Duration,
+    max: Duration,
+}
+
+impl Pause {
+    fn new(max: Duration) -> Pause {
+        Pause {
+            next: Duration::from_millis(1).min(max),
+            max,
+        }
+    }
+
+    /// How long the next wait lasts.
+    fn step(&mut self) -> Duration {
+        let d = self.next;
+        self.next = (self.next * 2).min(self.max);
+        d
+    }
+
+    async fn wait(&mut self) {
+        tokio::time::sleep(self.step()).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn polls_start_at_a_millisecond_and_back_off_to_their_cap() {
+        let mut p = Pause::new(Duration::from_millis(50));
+        let waits: Vec<u128> = (0..9).map(|_| p.step().as_millis()).collect();
+        assert_eq!(waits, [1, 2, 4, 8, 16, 32, 50, 50, 50]);
+        let mut tiny = Pause::new(Duration::from_micros(500));
+        assert_eq!(tiny.step(), Duration::from_micros(500));
     }
 }

@@ -164,6 +164,9 @@ pub fn up(o: &UpOpts) -> Result<()> {
         let mut top = toml::Table::new();
         top.insert("vars".into(), vars.into());
         write_atomic(&state.join("grid.toml"), toml::to_string(&top)?.as_bytes())?;
+        // `SetEnv SHLVL=1`: sshd runs the forced command through the account's shell, and bash
+        // sources ~/.bashrc when sshd starts it at shell level 1; a heavy one (root's here runs
+        // `pyenv init`) cost every command 0.15 s. Started at level 2, bash skips it.
         let sshd_config = format!(
             "# Written by gridctl lab up: grid {name}.\n\
              ListenAddress {addr}\n\
@@ -182,7 +185,8 @@ pub fn up(o: &UpOpts) -> Result<()> {
              PermitTTY no\n\
              PrintMotd no\n\
              MaxStartups 100:30:200\n\
-             MaxSessions 50\n",
+             MaxSessions 50\n\
+             SetEnv SHLVL=1\n",
             name = g.name(),
             addr = g.controller(),
             gdir = g.dir.display(),

@@ -265,29 +265,24 @@ fn export_file(
         }
         Some(hash.finish(size))
     });
-    let mut comp = zstd::bulk::Compressor::new(1)?;
-    // Compressed frames are built here, header first, and reused chunk after chunk.
-    let mut zbuf = vec![0u8; D_HEAD + zstd::zstd_safe::compress_bound(CHUNK)];
+    let mut squeeze = Squeeze::default();
     let mut adapt = Adapt::new(compress);
     for item in rx.iter() {
         let (off, data) = item?;
         let t = Instant::now();
         let try_zstd = adapt.compress_next();
-        let mut zlen = None;
-        if try_zstd {
-            let n = comp.compress_to_buffer(&data[..], &mut zbuf[D_HEAD..])?;
-            // Data that does not compress is sent as it is.
-            if n < data.len() - data.len() / 10 {
-                zlen = Some(n);
-            }
-        }
+        // Data that does not compress is sent as it is.
+        let zlen = if try_zstd {
+            squeeze.squeeze(&data)?
+        } else {
+            None
+        };
         if let Some(bad) = fault.apply(&data) {
             // The test hook's path: header and corrupted payload, raw.
             out.write_all(&d_head(off, data.len(), data.len(), 0))?;
             out.write_all(&bad)?;
         } else if let Some(n) = zlen {
-            zbuf[..D_HEAD].copy_from_slice(&d_head(off, data.len(), n, 1));
-            out.write_all(&zbuf[..D_HEAD + n])?;
+            out.write_all(squeeze.frame(off, data.len(), n))?;
         } else {
             out.write_all(data.frame())?;
         }
@@ -301,6 +296,62 @@ fn export_file(
         .ok_or_else(|| io::Error::other("the reader thread stopped"))?;
     out.write_all(b"E")?;
     out.write_all(hash.as_bytes())
+}
+
+/// The sender's zstd: compresses a chunk when asked and says whether that made it at least a
+/// tenth smaller. While chunks do not shrink (random or already compressed data), a try first
+/// compresses only a [`Squeeze::SAMPLE`] of the chunk, and a sample that does not shrink sends
+/// the chunk raw without compressing the rest: a probe of incompressible data costs 64 KiB of
+/// zstd instead of a whole chunk. The compressor and its buffer exist only once a chunk is tried.
+#[derive(Default)]
+struct Squeeze {
+    comp: Option<zstd::bulk::Compressor<'static>>,
+    /// Compressed frames are built here, header first, and reused chunk after chunk.
+    zbuf: Vec<u8>,
+    /// Whether the last chunk compressed whole shrank; only then is the next one tried whole
+    /// at once. Starts out false: the first try is sampled too.
+    shrinking: bool,
+    /// Bytes handed to zstd so far.
+    fed: u64,
+}
+
+impl Squeeze {
+    const SAMPLE: usize = 64 << 10;
+
+    /// `Some(len)` when `data` compressed to `len` bytes, a tenth or more below its size; the
+    /// frame is then [`Squeeze::frame`]. `None`: send `data` raw.
+    fn squeeze(&mut self, data: &[u8]) -> io::Result<Option<usize>> {
+        let worth = |n: usize, len: usize| n < len - len / 10;
+        let need = D_HEAD + zstd::zstd_safe::compress_bound(data.len());
+        if self.zbuf.len() < need {
+            // Fresh zeroed memory, not a resize: the kernel maps it zeroed, so only the pages
+            // zstd writes are ever touched (a sample's output, for incompressible data).
+            self.zbuf = vec![0u8; need];
+        }
+        let comp = match &mut self.comp {
+            Some(c) => c,
+            None => self.comp.insert(zstd::bulk::Compressor::new(1)?),
+        };
+        if !self.shrinking && data.len() >= 2 * Self::SAMPLE {
+            let sample = &data[..Self::SAMPLE];
+            self.fed += sample.len() as u64;
+            let n = comp.compress_to_buffer(sample, &mut self.zbuf[D_HEAD..])?;
+            if !worth(n, sample.len()) {
+                return Ok(None);
+            }
+        }
+        self.fed += data.len() as u64;
+        let n = comp.compress_to_buffer(data, &mut self.zbuf[D_HEAD..])?;
+        self.shrinking = worth(n, data.len());
+        Ok(self.shrinking.then_some(n))
+    }
+
+    /// The `D` frame of the chunk at `off` (`raw` bytes) that [`Squeeze::squeeze`] just
+    /// compressed to `n` bytes: header and payload, contiguous, for one write.
+    fn frame(&mut self, off: u64, raw: usize, n: usize) -> &[u8] {
+        self.zbuf[..D_HEAD].copy_from_slice(&d_head(off, raw, n, 1));
+        &self.zbuf[..D_HEAD + n]
+    }
 }
 
 /// Chooses, chunk by chunk, whether compressing pays: in every cycle of chunks it sends
@@ -1143,6 +1194,58 @@ mod tests {
             read_chunk(&f, &mut direct, off as u64, &mut c).unwrap();
             assert!(c[..] == content[off..off + len], "chunk at {off}");
         }
+    }
+
+    /// `len` bytes that no compressor can shrink (BLAKE3's output stream).
+    fn random(seed: u8, len: usize) -> Vec<u8> {
+        let mut v = vec![0u8; len];
+        blake3::Hasher::new()
+            .update(&[seed])
+            .finalize_xof()
+            .fill(&mut v);
+        v
+    }
+
+    #[test]
+    fn incompressible_chunks_go_raw_after_a_sample_of_zstd() {
+        let mut z = Squeeze::default();
+        for seed in 0..16 {
+            assert_eq!(z.squeeze(&random(seed, CHUNK)).unwrap(), None);
+        }
+        // 16 MiB tried, 1 MiB of it compressed: one sample per chunk, never the whole chunk.
+        assert_eq!(z.fed, 16 * Squeeze::SAMPLE as u64);
+    }
+
+    #[test]
+    fn compressible_chunks_are_compressed_whole_and_arrive_intact() {
+        let text: Vec<u8> = b"volume data that repeats, as logs and tables do; "
+            .iter()
+            .copied()
+            .cycle()
+            .take(CHUNK)
+            .collect();
+        let mut z = Squeeze::default();
+        // Random data first: from then on a try starts with a sample.
+        assert_eq!(z.squeeze(&random(1, CHUNK)).unwrap(), None);
+        let fed = z.fed;
+        let n = z.squeeze(&text).unwrap().expect("text shrinks");
+        assert_eq!(
+            z.fed - fed,
+            (Squeeze::SAMPLE + CHUNK) as u64,
+            "sample, then whole"
+        );
+        // Once data shrinks, the next chunk is compressed whole at once.
+        let fed = z.fed;
+        let n2 = z.squeeze(&text).unwrap().expect("text shrinks");
+        assert_eq!((n2, z.fed - fed), (n, CHUNK as u64));
+        let frame = z.frame(4096, text.len(), n).to_vec();
+        assert_eq!(frame[..D_HEAD], d_head(4096, text.len(), n, 1));
+        let back = zstd::bulk::decompress(&frame[D_HEAD..], CHUNK).unwrap();
+        assert!(back == text);
+        // A chunk too small to sample is tried whole.
+        let mut z = Squeeze::default();
+        assert_eq!(z.squeeze(&random(2, 1000)).unwrap(), None);
+        assert_eq!(z.fed, 1000);
     }
 
     #[test]

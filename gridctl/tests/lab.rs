@@ -35,6 +35,10 @@ fn lab_up_writes_trust_and_config_is_idempotent_and_down_leaves_nothing() {
         "{cfg}"
     );
     assert!(cfg.contains("StrictHostKeyChecking yes"), "{cfg}");
+    // The forced command starts without the account's ~/.bashrc (bash skips it above shell
+    // level 1): a heavy one otherwise costs every command its start-up time.
+    let sshd = std::fs::read_to_string(dir.join("g1/sshd_config")).unwrap();
+    assert!(sshd.contains("\nSetEnv SHLVL=1\n"), "{sshd}");
     // Every grid answers over real SSH with MIG's key.
     for n in 1..=2 {
         assert_eq!(lab.ok(n, "app list --batch"), "");

@@ -152,7 +152,8 @@ impl FakeGrid {
                  PermitRootLogin prohibit-password\n\
                  ForceCommand {script}\n\
                  MaxStartups 100\n\
-                 LogLevel VERBOSE\n",
+                 LogLevel VERBOSE\n\
+                 SetEnv SHLVL=1\n",
                 hk = host_key.display(),
                 ek = ecdsa_key.display(),
                 d = d.display(),
@@ -209,6 +210,59 @@ impl FakeGrid {
         }
     }
 
+    /// How many times a client logged in to this controller so far (sshd logs each login).
+    pub fn logins(&self) -> usize {
+        self.sshd_log().matches("Accepted publickey for").count()
+    }
+
+    /// Drops every open connection, as a controller restart or a cut link would: sshd's
+    /// per-connection processes (the listener's children) are killed; the listener stays.
+    pub fn drop_connections(&self) {
+        let listener = self.child.id();
+        for pid in children_of(listener) {
+            let _ = Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status();
+        }
+        // Until they are gone, a new command could still land on a dying one.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !children_of(listener).is_empty() {
+            assert!(Instant::now() < deadline, "sshd connections did not go");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Restarts the controller's sshd on the same port with another ed25519 host key (the
+    /// ECDSA one stays), dropping every open connection: what a client sees when the machine
+    /// behind the address is replaced.
+    pub fn restart_with_host_key(&mut self, key: &Path) {
+        self.drop_connections();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let conf = self.path("sshd_config");
+        let old = format!("HostKey {}\n", self.path("host_key").display());
+        let text = fs::read_to_string(&conf).unwrap();
+        assert!(text.contains(&old), "{text}");
+        fs::write(
+            &conf,
+            text.replace(&old, &format!("HostKey {}\n", key.display())),
+        )
+        .unwrap();
+        let log = fs::OpenOptions::new()
+            .append(true)
+            .open(self.path("sshd.log"))
+            .unwrap();
+        self.child = Command::new("/usr/sbin/sshd")
+            .args(["-D", "-e", "-f"])
+            .arg(&conf)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start /usr/sbin/sshd");
+        self.wait_ready();
+    }
+
     pub fn sshd_log(&self) -> String {
         fs::read_to_string(self.dir.path().join("sshd.log")).unwrap_or_default()
     }
@@ -242,4 +296,26 @@ impl Drop for FakeGrid {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// The processes whose parent is `pid`, from /proc.
+fn children_of(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    for e in fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(stat) = fs::read_to_string(e.path().join("stat")) else {
+            continue;
+        };
+        // `pid (comm) state ppid …`; comm may hold spaces, so split after its `)`.
+        let Some((head, rest)) = stat.rsplit_once(')') else {
+            continue;
+        };
+        let ppid: Option<u32> = rest.split_whitespace().nth(1).and_then(|p| p.parse().ok());
+        let me: Option<u32> = head.split_whitespace().next().and_then(|p| p.parse().ok());
+        if let (Some(me), Some(ppid)) = (me, ppid) {
+            if ppid == pid && me != pid {
+                out.push(me);
+            }
+        }
+    }
+    out
 }
