@@ -222,7 +222,7 @@ fn a_limited_migrate_is_audited_announced_and_listed_and_a_dead_webhook_delays_n
         pull["what"]
             .as_str()
             .unwrap()
-            .ends_with("--import --max_rate=4194304"),
+            .contains(" --import --max_rate=4194304 "),
         "{pull}"
     );
     // The monitor (the public view) has the limit to show beside the rate.
