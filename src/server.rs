@@ -834,3 +834,37 @@ async fn metrics(shared: aw::Data<Shared>) -> HttpResponse {
         .content_type("text/plain; version=0.0.4")
         .body(crate::metrics::render(shared.proxy_stats.as_deref()))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::requested_rate;
+    use serde_json::json;
+
+    #[test]
+    fn a_request_s_max_rate_overrides_the_property_and_a_bad_one_names_the_field() {
+        let d = Some(1 << 20);
+        assert_eq!(requested_rate(None, d), Ok(d));
+        assert_eq!(requested_rate(Some(&json!(null)), d), Ok(d));
+        assert_eq!(requested_rate(Some(&json!("8M")), d), Ok(Some(8 << 20)));
+        assert_eq!(requested_rate(Some(&json!(4096)), d), Ok(Some(4096)));
+        assert_eq!(
+            requested_rate(Some(&json!("")), d),
+            Ok(None),
+            "explicitly none"
+        );
+        for bad in [
+            json!("8X"),
+            json!(0),
+            json!(-1),
+            json!(1.5),
+            json!(true),
+            json!(["8M"]),
+        ] {
+            let e = requested_rate(Some(&bad), d).unwrap_err();
+            assert!(
+                e.starts_with("max_rate: must be bytes per second"),
+                "{bad}: {e}"
+            );
+        }
+    }
+}
