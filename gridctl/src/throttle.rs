@@ -122,5 +122,9 @@ mod tests {
         let mut got = Vec::new();
         r.read_to_end(&mut got).unwrap();
         assert_eq!(got, data);
+        // A slow limit takes a tenth of a second's worth per read, however big the buffer.
+        let mut r = Throttled::new(&data[..], 40960);
+        let mut big = vec![0u8; 1 << 20];
+        assert_eq!(r.read(&mut big).unwrap(), 4096);
     }
 }

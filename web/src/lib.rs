@@ -494,6 +494,10 @@ mod tests {
     fn the_form_lists_recent_operations_newest_first_and_links_the_audit_log() {
         let page = index_page(&ctx());
         assert!(page.contains("id=\"history-empty\""), "{page}");
+        assert!(
+            page.contains("id=\"max-rate\" name=\"max_rate\""),
+            "the limit field"
+        );
         assert!(page.contains("href=\"/api/v1/audit\""));
         let plan: actors::op::Plan = serde_json::from_value(serde_json::json!({
             "source_grid": "g1", "target_grid": "g2", "source_app": "a", "target_app": "<b>",
