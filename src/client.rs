@@ -36,12 +36,14 @@ async fn error_text(r: reqwest::Response) -> String {
     }
 }
 
-/// Starts an operation on the MIG at `url`; returns its id.
+/// Starts an operation on the MIG at `url`; returns its id. `max_rate` (e.g. `8M`, or empty for
+/// no limit) overrides the MIG's `max_rate` property for this operation.
 pub async fn start(
     url: &str,
     kind: &str,
     to: &str,
     name: &str,
+    max_rate: Option<&str>,
     creds: &Credentials,
 ) -> anyhow::Result<String> {
     let http = reqwest::Client::new();
@@ -55,9 +57,13 @@ pub async fn start(
     }
     let token: serde_json::Value = r.json().await.context("reading the CSRF token")?;
     let token = token["csrf"].as_str().unwrap_or_default().to_string();
+    let mut body = serde_json::json!({"kind": kind, "target_app": name, "target_grid": to});
+    if let Some(r) = max_rate {
+        body["max_rate"] = r.into();
+    }
     let r = with_auth(http.post(format!("{url}/api/v1/ops")), creds)
         .header(crate::server::CSRF_HEADER, token)
-        .json(&serde_json::json!({"kind": kind, "target_app": name, "target_grid": to}))
+        .json(&body)
         .send()
         .await
         .with_context(|| format!("cannot reach MIG at {url}"))?;

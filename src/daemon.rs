@@ -136,6 +136,8 @@ pub async fn serve(props: Properties) -> Result<(), Fatal> {
     }
     let props = site.props.clone();
     let (book, driver) = open_book_and_driver(&props)?;
+    // Before any actor commits, so no start or end goes unannounced.
+    let lifecycle = book.subscribe();
 
     // Without a usable key MIG can neither reach a grid nor check a handoff.
     let key_ok = actors::keys::check_private_key(&props.private_key_file).is_ok();
@@ -187,6 +189,21 @@ pub async fn serve(props: Properties) -> Result<(), Fatal> {
     shared.status = status;
     shared.source = source;
     shared.faults = Faults::new(props.fault_dir.clone());
+    if !props.webhook_url.is_empty() {
+        crate::webhook::Webhooks {
+            urls: props.webhook_url.clone(),
+            secret: props.webhook_secret.clone(),
+            audit: shared.audit.clone(),
+            backoff: crate::webhook::BACKOFF.to_vec(),
+        }
+        .spawn(lifecycle);
+        let to: Vec<String> = props
+            .webhook_url
+            .iter()
+            .map(|u| crate::webhook::target(u))
+            .collect();
+        tracing::info!(webhooks = ?to, "announcing operations to webhooks");
+    }
     let stats = Arc::new(ProxyStats::new());
     let proxy = start_proxy(&props, stats.clone()).await?;
     if proxy.is_some() {

@@ -85,6 +85,10 @@ struct OpArgs {
     /// Print only the final summary.
     #[arg(long)]
     quiet: bool,
+    /// Bandwidth limit of the copy in bytes per second, with K, M or G (1024-based), e.g. 8M;
+    /// "" for no limit. Without it the MIG's `max_rate` property applies.
+    #[arg(long, value_name = "RATE")]
+    max_rate: Option<String>,
 }
 
 #[derive(Args)]
@@ -198,7 +202,14 @@ async fn operate(kind: &str, a: OpArgs) -> Result<ExitCode, ExitCode> {
         user: a.user,
         password: a.password,
     };
-    let id = mig::client::start(&a.url, kind, &a.to, &a.name, &creds)
+    // Checked here too, so a typo is refused before anything is sent.
+    if let Some(r) = &a.max_rate {
+        if let Err(e) = properties::parse_rate(r) {
+            eprintln!("mig {kind}: --max-rate {r:?}: {e}");
+            return Err(ExitCode::from(2));
+        }
+    }
+    let id = mig::client::start(&a.url, kind, &a.to, &a.name, a.max_rate.as_deref(), &creds)
         .await
         .map_err(fail)?;
     println!(

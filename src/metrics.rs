@@ -59,6 +59,14 @@ pub fn install() -> &'static PrometheusHandle {
             "Times a pass-through port stopped accepting because max_connections were live \
              (new connections then wait in the backlog)."
         );
+        metrics::describe_counter!(
+            "mig_webhook_attempts_total",
+            "Webhook delivery attempts, by result: delivered (2xx) or failed (retried with back-off)."
+        );
+        metrics::describe_counter!(
+            "mig_webhook_gave_up_total",
+            "Webhook deliveries abandoned after the last retry."
+        );
         handle
     })
 }

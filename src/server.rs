@@ -26,6 +26,7 @@ use subtle::ConstantTimeEq;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use crate::audit::{action, Audit};
 use crate::host_check::{HostCheck, LocalAddr};
 use crate::site::Site;
 
@@ -67,6 +68,8 @@ pub struct Shared {
     pub hosts: HostCheck,
     /// Live event streams open, by client address.
     streams: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    /// `state_dir/audit.log`: every state-changing request and its outcome.
+    pub audit: Arc<Audit>,
 }
 
 impl Shared {
@@ -88,7 +91,14 @@ impl Shared {
             .as_ref()
             .map(|s| HostCheck::new(&s.props, s.grid_info.as_ref()))
             .unwrap_or_default();
+        // The journal is `state_dir/ops`; the audit log sits beside it.
+        let state_dir = book
+            .journal()
+            .dir()
+            .parent()
+            .map_or_else(|| book.journal().dir().to_path_buf(), |p| p.to_path_buf());
         Shared {
+            audit: Arc::new(Audit::open(&state_dir)),
             site,
             credentials,
             book,
@@ -134,6 +144,8 @@ pub async fn run(
                     .route("/grids", aw::get().to(grids))
                     .route("/csrf", aw::get().to(csrf))
                     .route("/ops", aw::post().to(start_op))
+                    .route("/ops", aw::get().to(list_ops))
+                    .route("/audit", aw::get().to(audit_log))
                     .route("/ops/{id}", aw::get().to(get_op))
                     .route("/ops/{id}/record", aw::get().to(get_record))
                     .route("/ops/{id}/events", aw::get().to(op_events))
@@ -236,6 +248,22 @@ async fn require_credentials(
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok());
         if !creds.check_header(given) {
+            // A request without credentials is how every browser starts; a wrong one is not.
+            if given.is_some() {
+                let client = req.peer_addr().map(|a| a.ip());
+                let user = actors::auth::basic_user(given);
+                shared.audit.record(
+                    client,
+                    user.as_deref(),
+                    action::LOGIN,
+                    None,
+                    &format!(
+                        "refused (401): wrong username or password for {} {}",
+                        req.method(),
+                        req.path()
+                    ),
+                );
+            }
             let resp = HttpResponse::Unauthorized()
                 .insert_header((
                     header::WWW_AUTHENTICATE,
@@ -326,6 +354,7 @@ async fn index(shared: aw::Data<Shared>) -> HttpResponse {
             .collect(),
         csrf_token: shared.csrf_token.clone(),
         open: shared.credentials.is_none(),
+        history: web::OpSummary::history(&shared.book.all(), HISTORY),
     };
     web::html_response(web::index_page(&ctx))
 }
@@ -349,6 +378,53 @@ struct StartBody {
     kind: String,
     target_app: String,
     target_grid: String,
+    /// The copy's bandwidth limit: `"8M"`, a number of bytes per second, or `""` for none;
+    /// absent, the `max_rate` property applies.
+    #[serde(default)]
+    max_rate: Option<serde_json::Value>,
+}
+
+/// The client address and the GUI user of a request, as the audit log names them.
+pub fn who(req: &HttpRequest, shared: &Shared) -> (Option<IpAddr>, Option<String>) {
+    let client = req.peer_addr().map(|a| a.ip());
+    let user = shared.credentials.as_ref().and_then(|_| {
+        actors::auth::basic_user(
+            req.headers()
+                .get(header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok()),
+        )
+    });
+    (client, user)
+}
+
+/// Appends one audit entry for `req` (the hook for the cancel and dry-run routes too).
+pub fn audit_request(
+    req: &HttpRequest,
+    shared: &Shared,
+    action: &str,
+    op_id: Option<&str>,
+    result: &str,
+) {
+    let (client, user) = who(req, shared);
+    shared
+        .audit
+        .record(client, user.as_deref(), action, op_id, result);
+}
+
+/// The request's `max_rate`, or the property's when it names none.
+fn requested_rate(
+    given: Option<&serde_json::Value>,
+    default: Option<u64>,
+) -> Result<Option<u64>, String> {
+    let bad = |why: String| format!("max_rate: {why}");
+    match given {
+        None | Some(serde_json::Value::Null) => Ok(default),
+        Some(serde_json::Value::String(s)) => actors::properties::parse_rate(s).map_err(bad),
+        Some(serde_json::Value::Number(n)) => {
+            actors::properties::parse_rate(&n.to_string()).map_err(bad)
+        }
+        Some(_) => Err(bad(actors::properties::parse_rate("?").unwrap_err())),
+    }
 }
 
 /// `POST /api/v1/ops`: 202 `{id, monitor_url}`, or 400/403/409/503/502 with `{error}`.
@@ -362,8 +438,18 @@ async fn start_op(
         .get(CSRF_HEADER)
         .map(|v| v.as_bytes())
         .unwrap_or_default();
+    let refuse = |status: u16, msg: String| {
+        audit_request(
+            &req,
+            &shared,
+            action::START,
+            None,
+            &format!("refused ({status}): {msg}"),
+        );
+        error(status, msg)
+    };
     if !bool::from(token.ct_eq(shared.csrf_token.as_bytes())) {
-        return error(
+        return refuse(
             403,
             format!("missing or wrong {CSRF_HEADER} header: reload the page (or GET /api/v1/csrf)"),
         );
@@ -374,25 +460,89 @@ async fn start_op(
             .as_ref()
             .and_then(Site::operations_unavailable)
             .unwrap_or_else(|| "this instance does not start operations".into());
-        return error(503, format!("operations are not offered here: {why}"));
+        return refuse(503, format!("operations are not offered here: {why}"));
     };
     let body = body.into_inner();
+    let default_rate = shared.site.as_ref().and_then(|s| s.props.max_rate);
+    let max_rate = match requested_rate(body.max_rate.as_ref(), default_rate) {
+        Ok(r) => r,
+        Err(e) => return refuse(400, e),
+    };
+    let what = format!(
+        "{} as {} to grid {}{}",
+        body.kind,
+        body.target_app,
+        body.target_grid,
+        max_rate
+            .map(|r| format!(", max_rate {r} B/s"))
+            .unwrap_or_default()
+    );
     let msg = StartOp {
         kind: body.kind,
         target_app: body.target_app,
         target_grid: body.target_grid,
+        max_rate,
     };
     match source.send(msg).await {
-        Ok(Ok(started)) => HttpResponse::Accepted().json(serde_json::json!({
-            "id": started.id,
-            "monitor_url": format!("/ops/{}", started.id),
-        })),
+        Ok(Ok(started)) => {
+            audit_request(
+                &req,
+                &shared,
+                action::START,
+                Some(&started.id),
+                &format!("accepted: {what}"),
+            );
+            HttpResponse::Accepted().json(serde_json::json!({
+                "id": started.id,
+                "monitor_url": format!("/ops/{}", started.id),
+            }))
+        }
         Ok(Err(e)) => {
             tracing::info!(status = e.status(), error = %e, "operation refused");
-            error(e.status(), e.to_string())
+            refuse(e.status(), format!("{what}: {e}"))
         }
-        Err(e) => error(500, format!("the Source actor is gone: {e}")),
+        Err(e) => refuse(500, format!("the Source actor is gone: {e}")),
     }
+}
+
+/// How many operations the history lists.
+const HISTORY: usize = 50;
+
+/// `GET /api/v1/ops`: this instance's recent operations, newest first, from its journal (the
+/// same list the form page shows).
+async fn list_ops(shared: aw::Data<Shared>) -> HttpResponse {
+    HttpResponse::Ok().json(serde_json::json!({
+        "ops": web::OpSummary::history(&shared.book.all(), HISTORY),
+    }))
+}
+
+#[derive(Deserialize)]
+struct AuditParams {
+    since: Option<String>,
+}
+
+/// `GET /api/v1/audit?since=RFC3339`: the audit log's entries at or after `since` (all without
+/// it), oldest first, behind the GUI credentials.
+async fn audit_log(shared: aw::Data<Shared>, q: aw::Query<AuditParams>) -> HttpResponse {
+    if shared.site.is_none() {
+        return error(
+            403,
+            "MigHelper has no GUI credentials to check, so it serves no audit log",
+        );
+    }
+    let since = match q.since.as_deref().filter(|s| !s.is_empty()) {
+        None => None,
+        Some(s) => match humantime::parse_rfc3339_weak(s) {
+            Ok(t) => Some(t),
+            Err(_) => {
+                return error(
+                    400,
+                    format!("since: {s:?} is not an RFC 3339 time, e.g. 2026-12-02T17:00:00Z"),
+                )
+            }
+        },
+    };
+    HttpResponse::Ok().json(serde_json::json!({"entries": shared.audit.read(since)}))
 }
 
 fn cors(mut resp: HttpResponse) -> HttpResponse {
@@ -537,13 +687,31 @@ async fn op_events(
 /// `POST /api/v1/handoff`: a signed operation from the previous actor.
 async fn handoff(req: HttpRequest, shared: aw::Data<Shared>, body: aw::Bytes) -> HttpResponse {
     let Some(recipient) = &shared.handoff else {
+        audit_request(
+            &req,
+            &shared,
+            action::HANDOFF,
+            None,
+            "refused (503): this instance cannot take operations",
+        );
         return error(503, "this instance cannot take operations (see mig check)");
     };
     let signed =
         match Signed::from_headers(|name| req.headers().get(name).and_then(|v| v.to_str().ok())) {
             Ok(s) => s,
-            Err(e) => return error(401, e.to_string()),
+            Err(e) => {
+                audit_request(
+                    &req,
+                    &shared,
+                    action::HANDOFF,
+                    None,
+                    &format!("refused (401): {e}"),
+                );
+                return error(401, e.to_string());
+            }
         };
+    let op_id = signed.op_id.clone();
+    let seq = signed.seq;
     let traceparent = req
         .headers()
         .get("traceparent")
@@ -558,21 +726,37 @@ async fn handoff(req: HttpRequest, shared: aw::Data<Shared>, body: aw::Bytes) ->
         body: body.to_vec(),
     });
     async move {
-        match sent.await {
+        let (answer, result) = match sent.await {
             Ok(Ok(())) if shared.faults.active(faults::DROP_HANDOFF_REPLY) => {
                 tracing::warn!("handoff accepted; its answer dropped at a test fault point");
-                error(
-                    503,
-                    "fault point: the answer to an accepted handoff is dropped",
+                (
+                    error(
+                        503,
+                        "fault point: the answer to an accepted handoff is dropped",
+                    ),
+                    format!("accepted (seq {seq}); the answer dropped at a test fault point"),
                 )
             }
-            Ok(Ok(())) => HttpResponse::Ok().json(serde_json::json!({"accepted": true})),
+            Ok(Ok(())) => (
+                HttpResponse::Ok().json(serde_json::json!({"accepted": true})),
+                format!("accepted (seq {seq})"),
+            ),
             Ok(Err(e)) => {
                 tracing::warn!(status = e.status(), error = %e, "handoff refused");
-                error(e.status(), e.to_string())
+                (
+                    error(e.status(), e.to_string()),
+                    format!("refused ({}) (seq {seq}): {e}", e.status()),
+                )
             }
-            Err(e) => error(500, format!("the actor is gone: {e}")),
-        }
+            Err(e) => (
+                error(500, format!("the actor is gone: {e}")),
+                format!("refused (500) (seq {seq}): the actor is gone"),
+            ),
+        };
+        // The op id is the signed header's: a refused one may be anyone's claim, and says so.
+        let op_id = actors::op::valid_id(&op_id).then_some(op_id.as_str());
+        audit_request(&req, &shared, action::HANDOFF, op_id, &result);
+        answer
     }
     .instrument(span)
     .await
@@ -649,4 +833,38 @@ async fn metrics(shared: aw::Data<Shared>) -> HttpResponse {
     HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4")
         .body(crate::metrics::render(shared.proxy_stats.as_deref()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::requested_rate;
+    use serde_json::json;
+
+    #[test]
+    fn a_request_s_max_rate_overrides_the_property_and_a_bad_one_names_the_field() {
+        let d = Some(1 << 20);
+        assert_eq!(requested_rate(None, d), Ok(d));
+        assert_eq!(requested_rate(Some(&json!(null)), d), Ok(d));
+        assert_eq!(requested_rate(Some(&json!("8M")), d), Ok(Some(8 << 20)));
+        assert_eq!(requested_rate(Some(&json!(4096)), d), Ok(Some(4096)));
+        assert_eq!(
+            requested_rate(Some(&json!("")), d),
+            Ok(None),
+            "explicitly none"
+        );
+        for bad in [
+            json!("8X"),
+            json!(0),
+            json!(-1),
+            json!(1.5),
+            json!(true),
+            json!(["8M"]),
+        ] {
+            let e = requested_rate(Some(&bad), d).unwrap_err();
+            assert!(
+                e.starts_with("max_rate: must be bytes per second"),
+                "{bad}: {e}"
+            );
+        }
+    }
 }

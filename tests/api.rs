@@ -209,6 +209,7 @@ fn plan() -> Plan {
         helper_app: "mighelper-x".into(),
         helper_config: vec![],
         target_app_config: vec![],
+        max_rate: None,
     }
 }
 

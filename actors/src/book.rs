@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 
 use crate::journal::{Journal, JournalError};
 use crate::op::{Op, OpState, Role, StepState, MIGRATING};
@@ -19,6 +19,41 @@ pub struct OpBook {
     /// One commit at a time: saves of an operation share its temporary file, and the check that a
     /// copy is not older than the book's must hold until its write is done.
     writing: Arc<Mutex<()>>,
+    /// Told of each operation that starts or ends here, after the commit that did it.
+    listeners: Arc<Mutex<Vec<mpsc::UnboundedSender<Lifecycle>>>>,
+}
+
+/// An operation started by this instance, or ended by it: what webhooks announce.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LifecycleEvent {
+    Started,
+    Ended,
+}
+
+impl LifecycleEvent {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LifecycleEvent::Started => "started",
+            LifecycleEvent::Ended => "ended",
+        }
+    }
+
+    /// What the commit of `op` over `prev` (the book's copy before it) means, if anything. The
+    /// same rule as the started and ended counters: each event once per instance.
+    pub fn of(prev: Option<&Op>, op: &Op) -> Option<LifecycleEvent> {
+        if prev.is_none() && op.owner == Role::Source && op.state.is_running() {
+            return Some(LifecycleEvent::Started);
+        }
+        let was_running = prev.is_none_or(|p| p.state.is_running());
+        (was_running && op.state.is_final()).then_some(LifecycleEvent::Ended)
+    }
+}
+
+/// One [`LifecycleEvent`] with the operation as committed.
+#[derive(Debug, Clone)]
+pub struct Lifecycle {
+    pub event: LifecycleEvent,
+    pub op: Op,
 }
 
 impl OpBook {
@@ -28,6 +63,7 @@ impl OpBook {
             journal,
             ops: Arc::default(),
             writing: Arc::default(),
+            listeners: Arc::default(),
         };
         for op in book.journal.load_all()? {
             book.publish(op);
@@ -56,8 +92,26 @@ impl OpBook {
         }
         self.journal.save(op)?;
         record_metrics(prev.as_ref(), op);
+        if let Some(event) = LifecycleEvent::of(prev.as_ref(), op) {
+            // Unbounded and never awaited: a listener (a slow webhook) cannot hold a commit.
+            let told = Lifecycle {
+                event,
+                op: op.clone(),
+            };
+            self.listeners
+                .lock()
+                .expect("listeners lock")
+                .retain(|l| l.send(told.clone()).is_ok());
+        }
         self.publish(op.clone());
         Ok(())
+    }
+
+    /// Every operation that starts or ends here from now on, as its commit journals it.
+    pub fn subscribe(&self) -> mpsc::UnboundedReceiver<Lifecycle> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.listeners.lock().expect("listeners lock").push(tx);
+        rx
     }
 
     /// Makes `op` visible without journalling it: for progress figures, which are not worth an
@@ -185,6 +239,31 @@ mod tests {
         // Reopened, as after a restart: the newer copy.
         let again = OpBook::open(Journal::open(dir.path()).unwrap()).unwrap();
         assert_eq!(again.get(&op.id).unwrap(), op);
+    }
+
+    #[test]
+    fn listeners_hear_of_a_start_and_an_end_once_each() {
+        let dir = tempfile::tempdir().unwrap();
+        let book = OpBook::open(Journal::open(dir.path()).unwrap()).unwrap();
+        let mut rx = book.subscribe();
+        let mut op = crate::op::tests::sample_op();
+        book.commit(&op).unwrap();
+        op.start_step(crate::op::PROVISIONING_HELPER);
+        book.commit(&op).unwrap();
+        op.end(OpState::RolledBack, Some("x".into()));
+        book.commit(&op).unwrap();
+        op.version += 1;
+        book.commit(&op).unwrap();
+        let got: Vec<_> = std::iter::from_fn(|| rx.try_recv().ok())
+            .map(|l| (l.event, l.op.state))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (LifecycleEvent::Started, OpState::Running),
+                (LifecycleEvent::Ended, OpState::RolledBack)
+            ]
+        );
     }
 
     #[test]

@@ -104,6 +104,8 @@ pub struct MigrateOptions {
     pub nocompress: bool,
     /// `--novols`: copy the descriptor only.
     pub novols: bool,
+    /// `--max_rate=BYTES`: the most bytes per second the pull may move (property `max_rate`).
+    pub max_rate: Option<u64>,
 }
 
 /// What went wrong talking to a grid controller. Every variant names the controller; command
@@ -303,6 +305,7 @@ pub mod commands {
             nocompress: opts.nocompress,
             props: props(p)?,
             progress_on_stdout: true,
+            max_rate: opts.max_rate,
         })
     }
 

@@ -563,8 +563,13 @@ impl GridController for Traced {
         opts: MigrateOptions,
         progress: ProgressFn<'a>,
     ) -> GridFuture<'a, ()> {
+        // The limit is named in the timeline: it explains a copy slower than the link.
+        let limit = opts
+            .max_rate
+            .map(|r| format!(" {}{r}", dialect::MAX_RATE_OPTION))
+            .unwrap_or_default();
         self.run(
-            format!("app migrate {remote} {app} .name={new_name} --import"),
+            format!("app migrate {remote} {app} .name={new_name} --import{limit}"),
             self.inner
                 .migrate_import(remote, app, new_name, props, opts, progress),
         )

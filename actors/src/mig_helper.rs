@@ -301,7 +301,10 @@ async fn copy(
         &plan.source_app,
         &plan.target_app,
         &props,
-        Default::default(),
+        crate::controller::MigrateOptions {
+            max_rate: plan.max_rate,
+            ..Default::default()
+        },
         &mut progress,
     )
     .await

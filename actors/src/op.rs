@@ -243,6 +243,10 @@ pub struct Plan {
     pub helper_config: Vec<(String, String)>,
     /// The target grid's app_config, applied to the copy.
     pub target_app_config: Vec<(String, String)>,
+    /// The most bytes per second the copy may move (`max_rate`); `None`: no limit. Absent in
+    /// records written before the limit existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_rate: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -638,6 +642,7 @@ pub(crate) mod tests {
             helper_app: "mighelper-01234567".into(),
             helper_config: vec![("in_ip".into(), "127.0.2.20".into())],
             target_app_config: vec![],
+            max_rate: None,
         }
     }
 

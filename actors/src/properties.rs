@@ -51,7 +51,13 @@ pub const NAMES: &[&str] = &[
     "otlp_endpoint",
     "fault_dir",
     "allowed_hosts",
+    "max_rate",
+    "webhook_url",
+    "webhook_secret",
 ];
+
+/// Properties whose values are never shown, not even a bad one.
+const SECRET_NAMES: &[&str] = &["password", "webhook_secret"];
 
 /// Which operations the GUI offers and the API accepts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -131,6 +137,65 @@ pub struct Properties {
     pub fault_dir: Option<PathBuf>,
     /// More names the GUI answers to in a request's `Host` header, beyond its own addresses.
     pub allowed_hosts: Vec<AllowedHost>,
+    /// The most bytes per second an operation's copy may move, unless the request names its own;
+    /// `None`: no limit.
+    pub max_rate: Option<u64>,
+    /// Where each operation's start and end are POSTed (http:// or https:// URLs).
+    pub webhook_url: Vec<String>,
+    /// The HMAC-SHA256 key of the webhooks' `X-Mig-Signature`; required with `webhook_url`.
+    pub webhook_secret: Secret,
+}
+
+/// The largest `max_rate` accepted: 1 TiB/s is past any link; beyond it is surely a typo.
+const MAX_RATE_LIMIT: u64 = 1 << 40;
+
+/// Parses a bandwidth limit: bytes per second, a whole number with an optional `K`, `M` or `G`
+/// suffix (1024-based, either case), e.g. `8M`; empty means no limit (`None`). The error says what
+/// is allowed, for the caller to prefix with the property or field it came from.
+pub fn parse_rate(s: &str) -> Result<Option<u64>, String> {
+    const ALLOWED: &str = "must be bytes per second: a whole number with an optional K, M or G \
+                           suffix (1024-based), e.g. 8M, more than 0 and at most 1024G; or empty \
+                           for no limit";
+    let s = s.trim();
+    if s.is_empty() {
+        return Ok(None);
+    }
+    let (digits, unit) = match s.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => (&s[..i], c.to_ascii_uppercase()),
+        _ => (s, ' '),
+    };
+    let shift = match unit {
+        ' ' => 0,
+        'K' => 10,
+        'M' => 20,
+        'G' => 30,
+        _ => return Err(ALLOWED.into()),
+    };
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(ALLOWED.into());
+    }
+    digits
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(1 << shift))
+        .filter(|n| (1..=MAX_RATE_LIMIT).contains(n))
+        .map(Some)
+        .ok_or_else(|| ALLOWED.into())
+}
+
+/// Parses `webhook_url`: URLs separated by commas or spaces, each http:// or https:// with a host.
+fn parse_webhook_urls(s: &str) -> Result<Vec<String>, String> {
+    s.split(|c: char| c == ',' || c.is_whitespace())
+        .filter(|u| !u.is_empty())
+        .map(|u| match reqwest::Url::parse(u) {
+            Ok(url) if matches!(url.scheme(), "http" | "https") && url.host().is_some() => {
+                Ok(u.to_string())
+            }
+            _ => Err(format!(
+                "{u:?} is not an http:// or https:// URL with a host (separate several with commas)"
+            )),
+        })
+        .collect()
 }
 
 /// One entry of `allowed_hosts`: a host name or IP address (lowercase, IPv6 without brackets),
@@ -209,8 +274,8 @@ impl fmt::Display for PropertyError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.given {
             // Never echo a password back, not even a bad one.
-            Some(_) if self.name == "password" => {
-                write!(f, "password (from {}): {}", self.origin, self.problem)
+            Some(_) if SECRET_NAMES.contains(&self.name.as_str()) => {
+                write!(f, "{} (from {}): {}", self.name, self.origin, self.problem)
             }
             Some(g) => write!(
                 f,
@@ -544,6 +609,18 @@ impl<'a> Typed<'a> {
                 .collect()
         });
 
+        let max_rate = self.get("max_rate", None, parse_rate);
+        let webhook_url = self.get("webhook_url", Vec::new(), parse_webhook_urls);
+        let webhook_secret = Secret::new(self.raw["webhook_secret"].value.clone());
+        if !webhook_url.is_empty() && webhook_secret.expose().trim().is_empty() {
+            self.error(
+                "webhook_url",
+                "is set but webhook_secret is empty: set webhook_secret, so that receivers can \
+                 check the X-Mig-Signature of each POST"
+                    .into(),
+            );
+        }
+
         // Cross-property rules: the GUI and mon ports are never passed through.
         if port_no != 0 && passthrough.contains(&port_no) {
             self.error(
@@ -589,6 +666,9 @@ impl<'a> Typed<'a> {
             otlp_endpoint,
             fault_dir,
             allowed_hosts,
+            max_rate,
+            webhook_url,
+            webhook_secret,
         }
     }
 }
@@ -740,6 +820,15 @@ mod tests {
             ("passthrough=8000-8080", "includes the GUI port 8080"),
             ("passthrough=9480", "includes the mon port 9480"),
             ("mon_port=8080", "same as port_no"),
+            ("max_rate=8X", "bytes per second"),
+            ("max_rate=fast", "bytes per second"),
+            ("max_rate=0", "more than 0"),
+            ("max_rate=-8M", "bytes per second"),
+            (
+                "webhook_url=ftp://x.example/h",
+                "not an http:// or https:// URL",
+            ),
+            ("webhook_url=http://a.example/h", "webhook_secret is empty"),
         ] {
             let e = one_error(dir.path(), &[], &[set]);
             assert!(e.contains(fragment), "{set}: {e}");
@@ -848,6 +937,62 @@ mod tests {
                 ("::1", None)
             ]
         );
+    }
+
+    #[test]
+    fn rates_take_k_m_g_suffixes_and_empty_means_no_limit() {
+        assert_eq!(parse_rate(""), Ok(None));
+        assert_eq!(parse_rate(" "), Ok(None));
+        assert_eq!(parse_rate("1"), Ok(Some(1)));
+        assert_eq!(parse_rate("512k"), Ok(Some(512 << 10)));
+        assert_eq!(parse_rate("8M"), Ok(Some(8 << 20)));
+        assert_eq!(parse_rate("2G"), Ok(Some(2 << 30)));
+        assert_eq!(parse_rate("1024G"), Ok(Some(1 << 40)));
+        for bad in [
+            "0",
+            "0M",
+            "M",
+            "8MB",
+            "1.5M",
+            "8 M",
+            "-1",
+            "1025G",
+            "99999999999999999999",
+        ] {
+            assert!(parse_rate(bad).is_err(), "{bad:?} accepted");
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let p = load_with(dir.path(), &[], &[]).unwrap();
+        assert_eq!(p.max_rate, None);
+        let p = load_with(dir.path(), &[("MIG_MAX_RATE", "8M")], &[]).unwrap();
+        assert_eq!(p.max_rate, Some(8 << 20));
+    }
+
+    #[test]
+    fn webhooks_take_several_urls_and_need_a_secret_that_is_never_shown() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = load_with(
+            dir.path(),
+            &[],
+            &[
+                "webhook_url=http://a.example/h, https://b.example:8443/x?y=1",
+                "webhook_secret=s3cret-value",
+            ],
+        )
+        .unwrap();
+        assert_eq!(
+            p.webhook_url,
+            ["http://a.example/h", "https://b.example:8443/x?y=1"]
+        );
+        assert_eq!(p.webhook_secret.expose(), "s3cret-value");
+        assert!(!format!("{p:?}").contains("s3cret-value"));
+        let e = PropertyError {
+            name: "webhook_secret".into(),
+            origin: Origin::Set,
+            given: Some("s3cret-value".into()),
+            problem: "x".into(),
+        };
+        assert!(!e.to_string().contains("s3cret-value"));
     }
 
     #[test]

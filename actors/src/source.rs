@@ -69,6 +69,8 @@ pub struct StartOp {
     pub kind: String,
     pub target_app: String,
     pub target_grid: String,
+    /// The copy's bandwidth limit in bytes per second (already checked); `None`: no limit.
+    pub max_rate: Option<u64>,
 }
 
 #[derive(Debug, Clone)]
@@ -203,6 +205,7 @@ fn check_request(
             helper_app: String::new(),
             helper_config: target.mighelper_config.clone(),
             target_app_config: target.app_config.clone(),
+            max_rate: msg.max_rate,
         },
     ))
 }

@@ -99,6 +99,7 @@ async fn every_verb_round_trips_and_the_controller_gets_exactly_the_quoted_line(
         MigrateOptions {
             nocompress: true,
             novols: false,
+            max_rate: Some(4 << 20),
         },
         &mut |d, t| last = (d, t),
     )
@@ -112,6 +113,7 @@ async fn every_verb_round_trips_and_the_controller_gets_exactly_the_quoted_line(
         import: true,
         novols: false,
         nocompress: true,
+        max_rate: Some(4 << 20),
         props: props(&[("in_ip", "127.0.2.10")]),
         progress_on_stdout: true,
     });

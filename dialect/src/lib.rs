@@ -208,6 +208,10 @@ impl fmt::Display for Controller {
     }
 }
 
+/// The prefix of `app migrate`'s bandwidth limit, `--max_rate=BYTES` (bytes per second): the
+/// target grid's pull moves at most that many bytes a second over the link.
+pub const MAX_RATE_OPTION: &str = "--max_rate=";
+
 /// One command of the dialect, fully validated.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Command {
@@ -247,6 +251,8 @@ pub enum Command {
         nocompress: bool,
         props: Vec<Prop>,
         progress_on_stdout: bool,
+        /// `--max_rate=BYTES`: the most bytes per second the pull may move (MIG's `max_rate`).
+        max_rate: Option<u64>,
     },
     /// gridctl's extension for tests and operators: one `VOLUME\tSIZE\tblake3:HEX` line per volume.
     Checksum {
@@ -312,6 +318,7 @@ impl Command {
                 nocompress,
                 props: p,
                 progress_on_stdout,
+                max_rate,
             } => {
                 a.push(remote.to_string());
                 a.push(app.to_string());
@@ -324,6 +331,9 @@ impl Command {
                     if on {
                         a.push(flag.into());
                     }
+                }
+                if let Some(r) = max_rate {
+                    a.push(format!("{MAX_RATE_OPTION}{r}"));
                 }
                 props(&mut a, p);
                 if *progress_on_stdout {
@@ -464,7 +474,28 @@ fn parse_verb(verb: &str, rest: &[&str]) -> Result<Command, DialectError> {
                 "--nocompress",
                 "--progress_on_stdout",
             ];
-            let (flags, words) = split_flags("migrate", rest, &allowed)?;
+            // The one option with a value: taken out before the plain flags are checked.
+            let mut max_rate = None;
+            let mut others = Vec::new();
+            for w in rest {
+                match w.strip_prefix(MAX_RATE_OPTION) {
+                    Some(_) if max_rate.is_some() => {
+                        return Err(usage("migrate", "option --max_rate given twice"))
+                    }
+                    Some(v) => {
+                        max_rate = Some(v.parse::<u64>().ok().filter(|r| *r > 0).ok_or_else(
+                            || {
+                                usage(
+                                    "migrate",
+                                    format!("--max_rate={v}: expected a whole number of bytes per second, more than 0"),
+                                )
+                            },
+                        )?)
+                    }
+                    None => others.push(*w),
+                }
+            }
+            let (flags, words) = split_flags("migrate", &others, &allowed)?;
             let [remote, app, new, props @ ..] = words.as_slice() else {
                 return Err(usage(
                     "migrate",
@@ -483,6 +514,7 @@ fn parse_verb(verb: &str, rest: &[&str]) -> Result<Command, DialectError> {
                 nocompress: flags.contains(&"--nocompress"),
                 props: parse_props(props)?,
                 progress_on_stdout: flags.contains(&"--progress_on_stdout"),
+                max_rate,
             })
         }
         other => Err(DialectError::Unknown(format!("app {other}"))),
@@ -566,7 +598,48 @@ mod tests {
             nocompress: true,
             props: vec![Prop::new("in_ip", "127.0.2.10").unwrap()],
             progress_on_stdout: true,
+            max_rate: None,
         });
+        round_trip(Command::Migrate {
+            remote: "127.0.1.1".parse().unwrap(),
+            app: n("shop"),
+            new_name: n("shop2"),
+            import: true,
+            novols: false,
+            nocompress: false,
+            props: vec![],
+            progress_on_stdout: true,
+            max_rate: Some(8 << 20),
+        });
+    }
+
+    #[test]
+    fn the_bandwidth_limit_is_one_option_with_a_positive_number() {
+        let c =
+            Command::parse("app migrate g1 shop .name=shop2 --import --max_rate=8388608").unwrap();
+        assert!(matches!(
+            c,
+            Command::Migrate {
+                max_rate: Some(8388608),
+                ..
+            }
+        ));
+        assert!(c.to_command_line().contains("--max_rate=8388608"));
+        for bad in [
+            "--max_rate=",
+            "--max_rate=0",
+            "--max_rate=8M",
+            "--max_rate=-1",
+        ] {
+            let e = Command::parse(&format!("app migrate g1 shop .name=s2 --import {bad}"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("--max_rate"), "{bad}: {e}");
+        }
+        let e = Command::parse("app migrate g1 shop .name=s2 --max_rate=1 --max_rate=2")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("given twice"), "{e}");
     }
 
     #[test]

@@ -49,6 +49,7 @@ pub fn main(state: &Path) -> i32 {
             nocompress,
             props,
             progress_on_stdout,
+            max_rate,
         } => {
             if !import {
                 eprintln!(
@@ -64,6 +65,7 @@ pub fn main(state: &Path) -> i32 {
                 nocompress,
                 props: &props,
                 progress_on_stdout,
+                max_rate,
             };
             match import_app(state, &opts) {
                 Ok(()) => {
@@ -248,6 +250,8 @@ pub struct ImportOpts<'a> {
     pub nocompress: bool,
     pub props: &'a [dialect::Prop],
     pub progress_on_stdout: bool,
+    /// `--max_rate`: the most bytes per second read from the source grid.
+    pub max_rate: Option<u64>,
 }
 
 /// The `known_hosts` name of a controller: `host`, or `[host]:port` off port 22.
@@ -413,6 +417,12 @@ fn pull(state: &Path, o: &ImportOpts, app_dir: &Path) -> Result<crate::model::Ap
     let err_reader = std::thread::spawn(move || read_bounded(err_pipe, MAX_REMOTE_ERR));
     let stdout_pipe = child.stdout.take().expect("piped");
     transfer::grow_pipe(&stdout_pipe);
+    // The limit applies to the bytes on the link (compressed where they are): reading no faster
+    // makes ssh, and TCP under it, hold the source back.
+    let stdout_pipe: Box<dyn Read + Send> = match o.max_rate {
+        Some(rate) => Box::new(crate::throttle::Throttled::new(stdout_pipe, rate)),
+        None => Box::new(stdout_pipe),
+    };
     // Small on purpose: a payload read bigger than the buffer bypasses it and lands directly in
     // its chunk, so only frame headers are copied twice.
     let mut r = BufReader::with_capacity(64 << 10, stdout_pipe);

@@ -39,6 +39,8 @@
 //!   record must list exactly the volumes its stream carries, with plain names; received files
 //!   lose setuid and setgid; the header line is at most 4 MiB.
 //!   Without `--import` the command is refused (exit 2): grids only pull.
+//!   `--max_rate=BYTES` (a whole number of bytes per second, more than 0) limits the pull: the
+//!   stream from the source grid is read no faster than that on average ([`throttle`]).
 //! * `peer export APP [--nocompress] [--novols]` is the source side of a pull, for other grids'
 //!   keys only (sshd's `ExposeAuthInfo` tells `gridctl ssh` which key logged in).
 //!
@@ -139,6 +141,7 @@ pub mod lab;
 pub mod model;
 pub mod protocol;
 pub mod template;
+pub mod throttle;
 pub mod transfer;
 pub mod util;
 pub mod volume;

@@ -15,6 +15,7 @@
   const submit = document.getElementById("submit");
   const formError = document.getElementById("form-error");
   const submitHint = document.getElementById("submit-hint");
+  const maxRate = document.getElementById("max-rate");
 
   function nameProblem(value) {
     if (value.length === 0) return "Enter the name the application will have on the target grid.";
@@ -53,6 +54,13 @@
   grid.addEventListener("change", label);
   form.addEventListener("change", label);
 
+  // An empty limit is left out, so the MIG's own max_rate property applies.
+  function request() {
+    const r = { kind: kind(), target_app: name.value, target_grid: grid.value };
+    if (maxRate && maxRate.value.trim()) r.max_rate = maxRate.value.trim();
+    return r;
+  }
+
   form.addEventListener("submit", async function (ev) {
     ev.preventDefault();
     formError.hidden = true;
@@ -75,7 +83,7 @@
         method: "POST",
         credentials: "same-origin",
         headers: { "Content-Type": "application/json", "X-Mig-Csrf": csrf },
-        body: JSON.stringify({ kind: kind(), target_app: name.value, target_grid: grid.value }),
+        body: JSON.stringify(request()),
       });
       let body = null;
       try { body = await resp.json(); } catch (_) { body = null; }

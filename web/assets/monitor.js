@@ -25,6 +25,7 @@
   let finished = false;  // the operation reached a final state
   let stopStream = null; // closes the open stream, if any
   const samples = {};    // step name -> [{t, bytes}] for the rate
+  let maxRate = null;    // the copy's bandwidth limit (plan.max_rate), bytes/s, shown by the rate
 
   const STATE_LABEL = {
     pending: "pending",
@@ -146,6 +147,7 @@
       figures += " · " + bytes(r) + "/s";
       if (s.state === "running") figures += " · ETA " + duration(((total - done) * 1000) / r);
     }
+    if (maxRate) figures += " · limit " + bytes(maxRate) + "/s";
     return node(
       "div",
       { class: "progress" },
@@ -176,6 +178,7 @@
   }
 
   function renderMonitors(op) {
+    maxRate = op.plan && op.plan.max_rate ? op.plan.max_rate : null;
     const frag = document.createDocumentFragment();
     op.monitors.forEach((m, i) => {
       const state = monitorState(m);

@@ -34,7 +34,7 @@ mod html;
 pub mod view;
 
 pub use html::escape;
-pub use view::{OpView, TraceView};
+pub use view::{OpSummary, OpView, TraceView};
 
 /// Everything the form page shows, gathered by the server from its properties and grid.info.
 #[derive(Debug, Clone)]
@@ -53,6 +53,8 @@ pub struct PageContext {
     pub csrf_token: String,
     /// No `username` is set, so the form and the API need no credentials: the page says so.
     pub open: bool,
+    /// This instance's recent operations, newest first (`GET /api/v1/ops` serves the same).
+    pub history: Vec<OpSummary>,
 }
 
 /// The header a state-changing request must carry, holding [`PageContext::csrf_token`].
@@ -181,6 +183,7 @@ pub fn index_page(ctx: &PageContext) -> String {
              running and its traffic still passes through.</p></section>\n",
             escape(why)
         ));
+        out.push_str(&history_section(&ctx.history));
         out.push_str("</main>\n</body>\n</html>\n");
         return out;
     }
@@ -215,6 +218,14 @@ pub fn index_page(ctx: &PageContext) -> String {
         );
     }
     out.push_str("</div>\n");
+    out.push_str(
+        "<div class=\"field\"><label for=\"max-rate\">Bandwidth limit (optional)</label>\
+         <input id=\"max-rate\" name=\"max_rate\" type=\"text\" maxlength=\"16\" \
+         autocomplete=\"off\" spellcheck=\"false\" placeholder=\"e.g. 8M\" \
+         aria-describedby=\"max-rate-hint\">\
+         <p class=\"hint\" id=\"max-rate-hint\">Bytes per second the copy may take of the link, \
+         with K, M or G (1024-based). Empty: this MIG's <code>max_rate</code> property.</p></div>\n",
+    );
     out.push_str(&format!(
         "<div class=\"actions\"><button type=\"submit\" id=\"submit\"{}>Start</button>\
          <span class=\"hint\" id=\"submit-hint\" aria-live=\"polite\"></span></div>\n\
@@ -225,7 +236,69 @@ pub fn index_page(ctx: &PageContext) -> String {
             ""
         }
     ));
+    out.push_str(&history_section(&ctx.history));
     out.push_str("</main>\n</body>\n</html>\n");
+    out
+}
+
+/// `RolledBack` → `rolled_back`: a state as the API spells it, from its `Debug` name.
+fn snake_case(name: &str) -> String {
+    let mut out = String::new();
+    for (i, c) in name.chars().enumerate() {
+        if c.is_ascii_uppercase() && i > 0 {
+            out.push('_');
+        }
+        out.push(c.to_ascii_lowercase());
+    }
+    out
+}
+
+/// "Recent operations": this instance's history, newest first, each with its monitor and
+/// timeline, and a link to the audit log.
+fn history_section(history: &[OpSummary]) -> String {
+    let mut out =
+        String::from("<section id=\"history\" class=\"history\"><h2>Recent operations</h2>\n");
+    if history.is_empty() {
+        out.push_str("<p class=\"muted\" id=\"history-empty\">None yet on this MIG.</p>\n");
+    } else {
+        out.push_str(
+            "<table class=\"timeline\"><thead><tr><th scope=\"col\">operation</th>\
+             <th scope=\"col\">target</th><th scope=\"col\">state</th>\
+             <th scope=\"col\">when (UTC)</th><th scope=\"col\">took</th>\
+             <th scope=\"col\"></th></tr></thead>\n<tbody>\n",
+        );
+        for h in history {
+            let state = snake_case(&format!("{:?}", h.state));
+            let when = h
+                .started_at
+                .as_deref()
+                .map(|t| t.get(..19).unwrap_or(t).replace('T', " "))
+                .unwrap_or_default();
+            let took = h
+                .duration_secs
+                .map(|s| format!("{s:.1} s"))
+                .unwrap_or_default();
+            out.push_str(&format!(
+                "<tr class=\"op-{state}\" data-op-id=\"{id}\"><td>{kind}</td>\
+                 <td>{app} on {grid}</td><td>{state}</td><td>{when}</td><td>{took}</td>\
+                 <td><a href=\"{monitor}\">monitor</a> · <a href=\"{trace}\">timeline</a></td></tr>\n",
+                id = escape(&h.id),
+                kind = escape(h.kind.as_str()),
+                app = escape(&h.target_app),
+                grid = escape(&h.target_grid),
+                state = escape(&state),
+                when = escape(&when),
+                monitor = escape(&h.monitor_url),
+                trace = escape(&h.trace_url),
+            ));
+        }
+        out.push_str("</tbody></table>\n");
+    }
+    out.push_str(
+        "<p class=\"muted small\"><a href=\"/api/v1/ops\">as JSON</a> · \
+         <a href=\"/api/v1/audit\" id=\"audit-link\">audit log</a> (who did what here)</p>\n\
+         </section>\n",
+    );
     out
 }
 
@@ -413,7 +486,48 @@ mod tests {
             targets: vec![("g2".into(), Some("Frankfurt".into())), ("g3".into(), None)],
             csrf_token: "tok123".into(),
             open: false,
+            history: Vec::new(),
         }
+    }
+
+    #[test]
+    fn the_form_lists_recent_operations_newest_first_and_links_the_audit_log() {
+        let page = index_page(&ctx());
+        assert!(page.contains("id=\"history-empty\""), "{page}");
+        assert!(
+            page.contains("id=\"max-rate\" name=\"max_rate\""),
+            "the limit field"
+        );
+        assert!(page.contains("href=\"/api/v1/audit\""));
+        let plan: actors::op::Plan = serde_json::from_value(serde_json::json!({
+            "source_grid": "g1", "target_grid": "g2", "source_app": "a", "target_app": "<b>",
+            "source_controller": "h:1", "target_controller": "h:2", "source_mig_url": "x",
+            "helper_url": "y", "final_mig_url": "z", "helper_app": "m", "helper_config": [],
+            "target_app_config": []}))
+        .unwrap();
+        let mut old = actors::op::Op::new(
+            actors::op::new_id(),
+            actors::op::Kind::Migrate,
+            plan.clone(),
+        );
+        old.start_step(actors::op::PROVISIONING_HELPER);
+        old.end(actors::op::OpState::RolledBack, None);
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        let mut new = actors::op::Op::new(actors::op::new_id(), actors::op::Kind::Snapshot, plan);
+        new.start_step(actors::op::PROVISIONING_HELPER);
+        let mut c = ctx();
+        c.history = OpSummary::history(&[old.clone(), new.clone()], 10);
+        assert_eq!(c.history[0].id, new.id);
+        assert!(c.history[1].ended_at.is_some() && c.history[0].ended_at.is_none());
+        let page = index_page(&c);
+        let (a, b) = (page.find(&new.id).unwrap(), page.find(&old.id).unwrap());
+        assert!(a < b, "newest first");
+        assert!(page.contains(&format!("href=\"/ops/{}/trace\"", old.id)));
+        assert!(page.contains("rolled_back") && page.contains("&lt;b&gt; on g2"));
+        assert!(!page.contains("<b>"));
+        // Also where operations are not offered: the history is still this instance's.
+        c.unavailable = Some("no grid".into());
+        assert!(index_page(&c).contains(&old.id));
     }
 
     #[test]

@@ -31,6 +31,9 @@ pub struct PlanView {
     pub source_mig_url: String,
     pub helper_url: String,
     pub final_mig_url: String,
+    /// The copy's bandwidth limit in bytes per second, shown beside the rate; `None`: no limit.
+    #[serde(default)]
+    pub max_rate: Option<u64>,
 }
 
 /// An operation as the public routes serve it. The JSON keeps the API's shape (`id`, `kind`,
@@ -89,6 +92,7 @@ impl OpView {
                 source_mig_url: p.source_mig_url.clone(),
                 helper_url: p.helper_url.clone(),
                 final_mig_url: p.final_mig_url.clone(),
+                max_rate: p.max_rate,
             },
             owner: op.owner,
             rolling_back: op.rolling_back,
@@ -131,6 +135,94 @@ impl TraceView {
                 })
                 .collect(),
         }
+    }
+}
+
+/// One line of this instance's history (`GET /api/v1/ops`, and the list on the form page): what
+/// ran, where to, how it ended, when and for how long, and where to read more.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OpSummary {
+    pub id: String,
+    pub kind: Kind,
+    pub state: OpState,
+    pub source_grid: String,
+    pub source_app: String,
+    pub target_grid: String,
+    pub target_app: String,
+    /// RFC 3339, UTC: the first thing the operation did, as far as this instance knows it.
+    pub started_at: Option<String>,
+    /// RFC 3339, UTC: when it ended (`None` while it runs).
+    pub ended_at: Option<String>,
+    /// Seconds from start to end, or to now while it runs.
+    pub duration_secs: Option<f64>,
+    /// Bytes the copy moved, once it has moved any.
+    pub bytes: Option<u64>,
+    pub max_rate: Option<u64>,
+    /// Why it failed or was rolled back (redacted as in the public view).
+    pub error: Option<String>,
+    /// The monitor page and the timeline on this instance.
+    pub monitor_url: String,
+    pub trace_url: String,
+}
+
+impl OpSummary {
+    pub fn of(op: &Op) -> OpSummary {
+        let steps = op.monitors.iter().flat_map(|m| &m.steps);
+        // RFC 3339 in UTC with a fixed format sorts as text.
+        let started_at = steps
+            .clone()
+            .filter_map(|s| s.started_at.clone())
+            .chain(op.trace.first().map(|e| e.at.clone()))
+            .min();
+        let ended_at = op.state.is_final().then(|| {
+            steps
+                .clone()
+                .filter_map(|s| s.ended_at.clone())
+                .chain(op.trace.last().map(|e| e.at.clone()))
+                .max()
+        });
+        let ended_at = ended_at.flatten();
+        let at = |t: &Option<String>| t.as_deref().and_then(|t| humantime::parse_rfc3339(t).ok());
+        let end = if op.state.is_final() {
+            at(&ended_at)
+        } else {
+            Some(std::time::SystemTime::now())
+        };
+        let duration_secs = match (at(&started_at), end) {
+            (Some(a), Some(b)) => b.duration_since(a).ok().map(|d| d.as_secs_f64()),
+            _ => None,
+        };
+        let bytes = steps
+            .clone()
+            .find(|s| s.name == actors::op::MIGRATING)
+            .and_then(|s| s.bytes_done);
+        let r = Redactor::new(&op.plan);
+        let p = &op.plan;
+        OpSummary {
+            id: op.id.clone(),
+            kind: op.kind,
+            state: op.state,
+            source_grid: p.source_grid.clone(),
+            source_app: p.source_app.clone(),
+            target_grid: p.target_grid.clone(),
+            target_app: p.target_app.clone(),
+            started_at,
+            ended_at,
+            duration_secs,
+            bytes,
+            max_rate: p.max_rate,
+            error: op.error.as_deref().map(|e| r.text(e)),
+            monitor_url: format!("/ops/{}", op.id),
+            trace_url: format!("/ops/{}/trace", op.id),
+        }
+    }
+
+    /// The operations of `ops`, newest first, at most `limit` of them.
+    pub fn history(ops: &[Op], limit: usize) -> Vec<OpSummary> {
+        let mut all: Vec<OpSummary> = ops.iter().map(OpSummary::of).collect();
+        all.sort_by(|a, b| b.started_at.cmp(&a.started_at).then(a.id.cmp(&b.id)));
+        all.truncate(limit);
+        all
     }
 }
 
@@ -307,7 +399,32 @@ mod tests {
                 ("gateway".into(), "10.77.0.1".into()),
             ],
             target_app_config: vec![("db_password".into(), "hunter2-xyz".into())],
+            max_rate: None,
         }
+    }
+
+    #[test]
+    fn the_public_view_and_the_history_carry_the_limit_and_redact_the_error() {
+        let mut p = plan();
+        p.max_rate = Some(8 << 20);
+        let mut op = Op::new(new_id(), Kind::Migrate, p);
+        assert_eq!(OpView::of(&op).plan.max_rate, Some(8 << 20));
+        op.start_step(actors::op::PROVISIONING_HELPER);
+        op.end(
+            OpState::Failed,
+            Some("db_password=hunter2-xyz refused".into()),
+        );
+        let s = OpSummary::of(&op);
+        assert_eq!(s.max_rate, Some(8 << 20));
+        assert_eq!(s.target_app, "shop2");
+        assert!(!s.error.unwrap().contains("hunter2-xyz"));
+        assert!(s.ended_at.is_some() && s.duration_secs.is_some());
+        assert_eq!(s.trace_url, format!("/ops/{}/trace", op.id));
+        // Records written before the limit existed read as no limit.
+        let mut v = serde_json::to_value(&op).unwrap();
+        v["plan"].as_object_mut().unwrap().remove("max_rate");
+        let old: Op = serde_json::from_value(v).unwrap();
+        assert_eq!(old.plan.max_rate, None);
     }
 
     #[test]

@@ -35,6 +35,7 @@ fn page(mode: Mode) -> PageContext {
         ],
         csrf_token: CSRF.into(),
         open: false,
+        history: Vec::new(),
     }
 }
 
