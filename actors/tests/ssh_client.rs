@@ -98,7 +98,7 @@ async fn every_verb_round_trips_and_the_controller_gets_exactly_the_quoted_line(
         &pairs(&[("in_ip", "127.0.2.10")]),
         MigrateOptions {
             nocompress: true,
-            novols: false,
+            ..Default::default()
         },
         &mut |d, t| last = (d, t),
     )
@@ -114,6 +114,8 @@ async fn every_verb_round_trips_and_the_controller_gets_exactly_the_quoted_line(
         nocompress: true,
         props: props(&[("in_ip", "127.0.2.10")]),
         progress_on_stdout: true,
+        stage: false,
+        delta: false,
     });
 
     let sent: Vec<String> = expected.iter().map(Command::to_command_line).collect();

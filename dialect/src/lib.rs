@@ -247,6 +247,10 @@ pub enum Command {
         nocompress: bool,
         props: Vec<Prop>,
         progress_on_stdout: bool,
+        /// `--stage`: a pre-copy of a running `app` into a staged copy `new_name` (not startable).
+        stage: bool,
+        /// `--delta`: the final pull into the staged copy `new_name`: only what changed moves.
+        delta: bool,
     },
     /// gridctl's extension for tests and operators: one `VOLUME\tSIZE\tblake3:HEX` line per volume.
     Checksum {
@@ -312,6 +316,8 @@ impl Command {
                 nocompress,
                 props: p,
                 progress_on_stdout,
+                stage,
+                delta,
             } => {
                 a.push(remote.to_string());
                 a.push(app.to_string());
@@ -320,6 +326,8 @@ impl Command {
                     (*import, "--import"),
                     (*novols, "--novols"),
                     (*nocompress, "--nocompress"),
+                    (*stage, "--stage"),
+                    (*delta, "--delta"),
                 ] {
                     if on {
                         a.push(flag.into());
@@ -463,8 +471,23 @@ fn parse_verb(verb: &str, rest: &[&str]) -> Result<Command, DialectError> {
                 "--novols",
                 "--nocompress",
                 "--progress_on_stdout",
+                "--stage",
+                "--delta",
             ];
             let (flags, words) = split_flags("migrate", rest, &allowed)?;
+            let has = |f: &str| flags.contains(&f);
+            if has("--stage") && has("--delta") {
+                return Err(usage(
+                    "migrate",
+                    "--stage (the pre-copy) and --delta (the final pull) are two separate runs",
+                ));
+            }
+            if (has("--stage") || has("--delta")) && has("--novols") {
+                return Err(usage(
+                    "migrate",
+                    "--stage and --delta copy volumes; they do not go with --novols",
+                ));
+            }
             let [remote, app, new, props @ ..] = words.as_slice() else {
                 return Err(usage(
                     "migrate",
@@ -483,6 +506,8 @@ fn parse_verb(verb: &str, rest: &[&str]) -> Result<Command, DialectError> {
                 nocompress: flags.contains(&"--nocompress"),
                 props: parse_props(props)?,
                 progress_on_stdout: flags.contains(&"--progress_on_stdout"),
+                stage: has("--stage"),
+                delta: has("--delta"),
             })
         }
         other => Err(DialectError::Unknown(format!("app {other}"))),
@@ -566,7 +591,40 @@ mod tests {
             nocompress: true,
             props: vec![Prop::new("in_ip", "127.0.2.10").unwrap()],
             progress_on_stdout: true,
+            stage: false,
+            delta: false,
         });
+        for (stage, delta) in [(true, false), (false, true)] {
+            round_trip(Command::Migrate {
+                remote: "127.0.1.1:2222".parse().unwrap(),
+                app: n("shop"),
+                new_name: n("shop2"),
+                import: true,
+                novols: false,
+                nocompress: false,
+                props: vec![],
+                progress_on_stdout: true,
+                stage,
+                delta,
+            });
+        }
+    }
+
+    #[test]
+    fn stage_and_delta_are_two_runs_and_need_volumes() {
+        for (line, want) in [
+            (
+                "app migrate g1 a .name=b --import --stage --delta",
+                "two separate runs",
+            ),
+            (
+                "app migrate g1 a .name=b --import --delta --novols",
+                "do not go with --novols",
+            ),
+        ] {
+            let e = Command::parse(line).unwrap_err().to_string();
+            assert!(e.contains(want), "{line}: {e}");
+        }
     }
 
     #[test]

@@ -39,8 +39,12 @@
 //!   record must list exactly the volumes its stream carries, with plain names; received files
 //!   lose setuid and setgid; the header line is at most 4 MiB.
 //!   Without `--import` the command is refused (exit 2): grids only pull.
-//! * `peer export APP [--nocompress] [--novols]` is the source side of a pull, for other grids'
-//!   keys only (sshd's `ExposeAuthInfo` tells `gridctl ssh` which key logged in).
+//! * `migrate … --import --stage` pulls a **staged copy** of APP, which may run meanwhile: NEW is
+//!   listed `stopped`, `info --batch` ends with `staged\ttrue`, and `start` refuses it. Then
+//!   `migrate … --import --delta` (APP stopped) pulls only the 1 MiB blocks that changed since
+//!   into it, and every dir volume; NEW becomes an ordinary stopped application. See [`stage`].
+//! * `peer export APP [--nocompress] [--novols | --stage | --delta]` is the source side of a pull,
+//!   for other grids' keys only (sshd's `ExposeAuthInfo` tells `gridctl ssh` which key logged in).
 //!
 //! # Batch formats (`--batch`; stable, tab-separated, one record per line, no header)
 //!
@@ -72,6 +76,8 @@
 //! STATE/peer/peer_keys            public keys of the grids allowed to use the `peer` verbs
 //! STATE/faults/corrupt-export-after   test hook: flip one bit of the next export after N bytes
 //! STATE/faults/hold-export        test hook: exports wait, before sending, while this file exists
+//! STATE/faults/no-staging         test hook: `peer export` refuses --stage/--delta (an old gridctl)
+//! STATE/apps/NAME/stage/VOL       a staged copy's block digests (BLAKE3 of each 1 MiB block)
 //! ```
 //!
 //! # Template format (`STATE/templates/NAME.toml`)
@@ -138,6 +144,7 @@ pub mod kvstore;
 pub mod lab;
 pub mod model;
 pub mod protocol;
+pub mod stage;
 pub mod template;
 pub mod transfer;
 pub mod util;
