@@ -76,6 +76,7 @@ fn start_in(app: &str, mode: &str, sets: &[&str]) -> Api {
             private_key: String::new(),
             known_hosts: String::new(),
             otlp_endpoint: None,
+            precopy: false,
         },
         driver.clone(),
     )
@@ -209,6 +210,7 @@ fn plan() -> Plan {
         helper_app: "mighelper-x".into(),
         helper_config: vec![],
         target_app_config: vec![],
+        precopy: false,
     }
 }
 

@@ -51,6 +51,7 @@ pub const NAMES: &[&str] = &[
     "otlp_endpoint",
     "fault_dir",
     "allowed_hosts",
+    "precopy",
 ];
 
 /// Which operations the GUI offers and the API accepts.
@@ -131,6 +132,8 @@ pub struct Properties {
     pub fault_dir: Option<PathBuf>,
     /// More names the GUI answers to in a request's `Host` header, beyond its own addresses.
     pub allowed_hosts: Vec<AllowedHost>,
+    /// `precopy = on`: copy the data while the source runs, stop it only to move what changed.
+    pub precopy: bool,
 }
 
 /// One entry of `allowed_hosts`: a host name or IP address (lowercase, IPv6 without brackets),
@@ -544,6 +547,12 @@ impl<'a> Typed<'a> {
                 .collect()
         });
 
+        let precopy = self.get("precopy", true, |s| match s {
+            "on" => Ok(true),
+            "off" => Ok(false),
+            _ => Err("must be on or off".into()),
+        });
+
         // Cross-property rules: the GUI and mon ports are never passed through.
         if port_no != 0 && passthrough.contains(&port_no) {
             self.error(
@@ -589,6 +598,7 @@ impl<'a> Typed<'a> {
             otlp_endpoint,
             fault_dir,
             allowed_hosts,
+            precopy,
         }
     }
 }
@@ -847,6 +857,21 @@ mod tests {
                 ("fe80::1", Some(81)),
                 ("::1", None)
             ]
+        );
+    }
+
+    #[test]
+    fn precopy_is_on_by_default_and_only_on_or_off() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(load_with(dir.path(), &[], &[]).unwrap().precopy);
+        assert!(
+            !load_with(dir.path(), &[], &["precopy=off"])
+                .unwrap()
+                .precopy
+        );
+        assert_eq!(
+            one_error(dir.path(), &[], &["precopy=yes"]),
+            r#"precopy = "yes" (from --set): must be on or off"#
         );
     }
 

@@ -33,6 +33,8 @@ pub struct SourceConfig {
     pub known_hosts: String,
     /// The `otlp_endpoint` property, passed on to MigHelper.
     pub otlp_endpoint: Option<String>,
+    /// The `precopy` property: operations pre-copy the data while the source runs.
+    pub precopy: bool,
 }
 
 pub struct Source {
@@ -203,6 +205,7 @@ fn check_request(
             helper_app: String::new(),
             helper_config: target.mighelper_config.clone(),
             target_app_config: target.app_config.clone(),
+            precopy: cfg.precopy,
         },
     ))
 }

@@ -307,6 +307,7 @@ mod tests {
                 ("gateway".into(), "10.77.0.1".into()),
             ],
             target_app_config: vec![("db_password".into(), "hunter2-xyz".into())],
+            precopy: false,
         }
     }
 

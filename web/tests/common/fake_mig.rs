@@ -309,6 +309,7 @@ impl Trio {
             helper_app: "mighelper-0a1b2c3d".into(),
             helper_config: vec![],
             target_app_config: vec![],
+            precopy: false,
         }
     }
 }
