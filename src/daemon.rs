@@ -177,6 +177,7 @@ pub async fn serve(props: Properties) -> Result<(), Fatal> {
                     private_key: read(&props.private_key_file)?,
                     known_hosts: read(&props.known_hosts_file)?,
                     otlp_endpoint: props.otlp_endpoint.clone(),
+                    precopy: props.precopy,
                 };
                 source = Some(Source::new(cfg, driver).start());
             }

@@ -76,6 +76,7 @@ fn start_in(app: &str, mode: &str, sets: &[&str]) -> Api {
             private_key: String::new(),
             known_hosts: String::new(),
             otlp_endpoint: None,
+            precopy: false,
         },
         driver.clone(),
     )
@@ -210,6 +211,8 @@ fn plan() -> Plan {
         helper_config: vec![],
         target_app_config: vec![],
         max_rate: None,
+
+        precopy: false,
     }
 }
 

@@ -106,6 +106,10 @@ pub struct MigrateOptions {
     pub novols: bool,
     /// `--max_rate=BYTES`: the most bytes per second the pull may move (property `max_rate`).
     pub max_rate: Option<u64>,
+    /// `--stage`: pre-copy the (running) application into a staged copy, not startable.
+    pub stage: bool,
+    /// `--delta`: the final pull into the staged copy: only the chunks that changed move.
+    pub delta: bool,
 }
 
 /// What went wrong talking to a grid controller. Every variant names the controller; command
@@ -306,6 +310,8 @@ pub mod commands {
             props: props(p)?,
             progress_on_stdout: true,
             max_rate: opts.max_rate,
+            stage: opts.stage,
+            delta: opts.delta,
         })
     }
 

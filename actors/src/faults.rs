@@ -13,6 +13,9 @@ use std::time::Duration;
 pub const HOLD_VERIFY: &str = "hold-verify";
 /// MigHelper waits here before each copy attempt: a test takes the target name meanwhile.
 pub const HOLD_COPY: &str = "hold-copy";
+/// MigHelper waits here after the pre-copy, before it stops the source: a test writes to the
+/// running source, then lets the operation go on to see those writes arrive.
+pub const HOLD_PRECOPIED: &str = "hold-precopied";
 /// The Target waits here before its clean-up steps: a test cuts a grid off after the cut-over
 /// and before the clean-up reaches it.
 pub const HOLD_CLEAN_UP: &str = "hold-clean-up";

@@ -15,6 +15,8 @@ struct App {
     template: String,
     props: Vec<(String, String)>,
     volumes: Vec<(String, Vec<u8>)>,
+    /// A staged copy (`--stage`): listed, never started, until `--delta` completes it.
+    staged: bool,
 }
 
 #[derive(Debug, Default)]
@@ -83,6 +85,7 @@ impl MemoryGrid {
                 .iter()
                 .map(|(n, d)| (n.to_string(), d.to_vec()))
                 .collect(),
+            staged: false,
         };
         self.with(|g| g.apps.insert(name.to_string(), app));
     }
@@ -194,7 +197,11 @@ impl GridController for MemoryGrid {
                     .iter()
                     .map(|(n, d)| (n.clone(), d.len() as u64))
                     .collect(),
-                extra: Vec::new(),
+                extra: if a.staged {
+                    vec![("staged".into(), "true".into())]
+                } else {
+                    Vec::new()
+                },
             })
         });
         Box::pin(std::future::ready(r))
@@ -217,6 +224,7 @@ impl GridController for MemoryGrid {
                     template: template.to_string(),
                     props: props.to_vec(),
                     volumes: Vec::new(),
+                    staged: false,
                 },
             );
             Ok(())
@@ -226,7 +234,11 @@ impl GridController for MemoryGrid {
 
     fn start<'a>(&'a self, name: &'a str) -> GridFuture<'a, ()> {
         let r = self.run(commands::start(name), name, |g| {
-            app(g, name)?.state = AppState::Running;
+            let a = app(g, name)?;
+            if a.staged {
+                return Err(format!("cannot start {name}: it is a staged copy"));
+            }
+            a.state = AppState::Running;
             Ok(())
         });
         Box::pin(std::future::ready(r))
@@ -293,12 +305,29 @@ impl GridController for MemoryGrid {
                 Some(None) => return Err(format!("{remote} has no application {app_name}")),
                 Some(Some(a)) => a,
             };
-            if a.state != AppState::Stopped {
+            // As gridctl: only the pre-copy reads a running source.
+            if a.state != AppState::Stopped && !opts.stage {
                 return Err(format!("source application {app_name} is not stopped"));
             }
-            if g.apps.contains_key(new_name) {
+            let mut moved = None;
+            if opts.delta {
+                let staged = g
+                    .apps
+                    .get(new_name)
+                    .filter(|t| t.staged)
+                    .ok_or_else(|| format!("{new_name} is not a staged copy"))?;
+                moved = Some(
+                    a.volumes
+                        .iter()
+                        .filter(|v| !staged.volumes.contains(v))
+                        .map(|(_, d)| d.len() as u64)
+                        .sum::<u64>(),
+                );
+            } else if g.apps.contains_key(new_name) {
                 return Err(format!("application {new_name} already exists"));
             }
+            a.state = AppState::Stopped;
+            a.staged = opts.stage;
             if opts.novols {
                 a.volumes.clear();
             }
@@ -308,7 +337,8 @@ impl GridController for MemoryGrid {
                     None => a.props.push((n.clone(), v.clone())),
                 }
             }
-            let total: u64 = a.volumes.iter().map(|(_, d)| d.len() as u64).sum();
+            let total =
+                moved.unwrap_or_else(|| a.volumes.iter().map(|(_, d)| d.len() as u64).sum());
             progress(0, total);
             progress(total, total);
             g.apps.insert(new_name.to_string(), a);

@@ -16,6 +16,7 @@ use actix::prelude::*;
 use tracing::Instrument;
 
 use crate::auth::OpKey;
+use crate::controller::{GridController, GridError, MigrateOptions, VolumeChecksum};
 use crate::driver::{
     destroy_if_ours, ensure_running, ensure_stopped, helper_leftover, manual_command, Driver,
     StepError, BACKOFF, MARK,
@@ -23,8 +24,8 @@ use crate::driver::{
 use crate::faults;
 use crate::handoff::{self, Handoff, HandoffError, SignedStatus, StatusQuery};
 use crate::op::{
-    Kind, Op, OpState, Role, StepId, StepState, DESTROYING_HELPER, MIGRATING, RESTARTING_SOURCE,
-    STARTING_TARGET, STOPPING_HELPER, STOPPING_SOURCE,
+    Kind, Op, OpState, Role, StepId, StepState, DESTROYING_HELPER, MIGRATING, PRECOPYING,
+    RESTARTING_SOURCE, STARTING_TARGET, STOPPING_HELPER, STOPPING_SOURCE,
 };
 
 /// How often progress reaches the op book (and so the page).
@@ -196,6 +197,22 @@ async fn steps(driver: &Driver, op: &mut Op) -> Result<(), StepError> {
     let dst = driver.grid(&plan.target_controller)?;
     let todo = |op: &Op, s: StepId| op.step(s).state != StepState::Done;
 
+    if op.has_step(PRECOPYING) && todo(op, PRECOPYING) {
+        op.start_step(PRECOPYING);
+        driver.commit(op)?;
+        match precopy(driver, op, dst.as_ref(), &plan).await {
+            Ok(detail) => op.finish_step(PRECOPYING, Some(detail)),
+            Err(e) => {
+                op.fail_step(PRECOPYING, &e.message);
+                driver.commit(op)?;
+                return Err(e);
+            }
+        }
+        driver.commit(op)?;
+    }
+    if op.has_step(PRECOPYING) && todo(op, STOPPING_SOURCE) {
+        driver.faults.hold(faults::HOLD_PRECOPIED).await;
+    }
     if todo(op, STOPPING_SOURCE) {
         driver
             .step(
@@ -263,6 +280,113 @@ async fn steps(driver: &Driver, op: &mut Op) -> Result<(), StepError> {
     Ok(())
 }
 
+/// `1.00 GiB`, `51 MiB`, `512 B`: bytes as the monitor shows them.
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 4] = ["KiB", "MiB", "GiB", "TiB"];
+    if n < 1024 {
+        return format!("{n} B");
+    }
+    let mut v = n as f64 / 1024.0;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u >= 2 {
+        format!("{v:.2} {}", UNITS[u])
+    } else {
+        format!("{v:.0} {}", UNITS[u])
+    }
+}
+
+/// The pre-copy, while the source runs: a target left by an earlier attempt of this operation
+/// goes first (one this operation did not make fails the step), then the target grid pulls a
+/// staged copy (`--stage`), marked as this operation's and never startable, its progress
+/// published as it goes. Returns the step's detail.
+async fn precopy(
+    driver: &Driver,
+    op: &mut Op,
+    dst: &dyn GridController,
+    plan: &crate::op::Plan,
+) -> Result<String, StepError> {
+    if let Some(taken) = destroy_if_ours(dst, &plan.target_app, &op.id).await? {
+        return Err(StepError::permanent(format!(
+            "the target name is taken: {taken}"
+        )));
+    }
+    let mut props = plan.target_app_config.clone();
+    props.push((MARK.to_string(), op.id.clone()));
+    let remote: dialect::Controller = plan
+        .source_controller
+        .parse()
+        .map_err(|e| StepError::permanent(format!("{e}")))?;
+    let book = &driver.book;
+    let mut last = Instant::now() - PROGRESS_EVERY;
+    let mut progress = |done: u64, total: u64| {
+        op.set_progress(PRECOPYING, done, total);
+        if last.elapsed() >= PROGRESS_EVERY || done == total {
+            last = Instant::now();
+            book.publish(op.clone());
+        }
+    };
+    let opts = MigrateOptions {
+        stage: true,
+        max_rate: plan.max_rate,
+        ..Default::default()
+    };
+    dst.migrate_import(
+        &remote,
+        &plan.source_app,
+        &plan.target_app,
+        &props,
+        opts,
+        &mut progress,
+    )
+    .await
+    .map_err(|e| {
+        staging_refused(&e, plan).unwrap_or_else(|| {
+            StepError::from(e).context(format!("pre-copy from grid {} failed", plan.source_grid))
+        })
+    })?;
+    let bytes = op.step(PRECOPYING).bytes_done.unwrap_or(0);
+    Ok(format!(
+        "{} pre-copied while the source ran",
+        human_bytes(bytes)
+    ))
+}
+
+/// A grid whose gridctl has no staged copies (stream format 3) refuses the pre-copy or the final
+/// pull; said in MIG's own words, since the public page withholds a controller's output.
+fn staging_refused(e: &crate::controller::GridError, plan: &crate::op::Plan) -> Option<StepError> {
+    let text = e.to_string();
+    let grid = if e.is_refused() && (text.contains("--stage") || text.contains("--delta")) {
+        &plan.target_grid
+    } else if text.contains("without staged copies") {
+        &plan.source_grid
+    } else {
+        return None;
+    };
+    Some(StepError::permanent(format!(
+        "grid {grid}'s controller runs a gridctl without staged copies (stream format 3), so it \
+         cannot pre-copy: run the same gridctl version on both grids, or set precopy = off"
+    )))
+}
+
+/// Whether `name` on `dst` is this operation's staged copy (the pre-copy), which the final
+/// pull completes instead of copying everything again.
+async fn is_our_staged_copy(
+    dst: &dyn GridController,
+    name: &str,
+    op_id: &str,
+) -> Result<bool, StepError> {
+    if crate::driver::app_state(dst, name).await?.is_none() {
+        return Ok(false);
+    }
+    let info = dst.info(name).await?;
+    Ok(info.prop(MARK) == Some(op_id)
+        && info.extra.iter().any(|(k, v)| k == "staged" && v == "true"))
+}
+
 /// One attempt at the copy: a target left by an interrupted copy of this operation is partial,
 /// so it goes first (an application of that name that this operation did not make fails the
 /// copy and is left alone); then the target grid pulls the application, marked as this
@@ -271,15 +395,20 @@ async fn steps(driver: &Driver, op: &mut Op) -> Result<(), StepError> {
 async fn copy(
     driver: &Driver,
     op: &mut Op,
-    src: &dyn crate::controller::GridController,
-    dst: &dyn crate::controller::GridController,
+    src: &dyn GridController,
+    dst: &dyn GridController,
     plan: &crate::op::Plan,
 ) -> Result<String, StepError> {
     driver.faults.hold(faults::HOLD_COPY).await;
-    if let Some(taken) = destroy_if_ours(dst, &plan.target_app, &op.id).await? {
-        return Err(StepError::permanent(format!(
-            "the target name is taken: {taken}"
-        )));
+    // After a pre-copy only what changed moves, into this operation's staged copy.
+    let delta =
+        op.has_step(PRECOPYING) && is_our_staged_copy(dst, &plan.target_app, &op.id).await?;
+    if !delta {
+        if let Some(taken) = destroy_if_ours(dst, &plan.target_app, &op.id).await? {
+            return Err(StepError::permanent(format!(
+                "the target name is taken: {taken}"
+            )));
+        }
     }
     let mut props = plan.target_app_config.clone();
     props.push((MARK.to_string(), op.id.clone()));
@@ -296,34 +425,62 @@ async fn copy(
         .source_controller
         .parse()
         .map_err(|e| StepError::permanent(format!("{e}")))?;
-    dst.migrate_import(
+    let opts = MigrateOptions {
+        delta,
+        max_rate: plan.max_rate,
+        ..Default::default()
+    };
+    let import = dst.migrate_import(
         &remote,
         &plan.source_app,
         &plan.target_app,
         &props,
-        crate::controller::MigrateOptions {
-            max_rate: plan.max_rate,
-            ..Default::default()
-        },
+        opts,
         &mut progress,
-    )
-    .await
-    .map_err(|e| {
-        StepError::from(e).context(format!("copy from grid {} failed", plan.source_grid))
+    );
+    // The source is stopped already: after a pre-copy its checksum for the verify is taken while
+    // the delta moves, which keeps one whole-volume pass out of the stopped time.
+    let (imported, source_sums) = if delta {
+        let (i, s) = tokio::join!(import, src.checksum(&plan.source_app));
+        (i, Some(s))
+    } else {
+        (import.await, None)
+    };
+    imported.map_err(|e| {
+        delta
+            .then(|| staging_refused(&e, plan))
+            .flatten()
+            .unwrap_or_else(|| {
+                StepError::from(e).context(format!("copy from grid {} failed", plan.source_grid))
+            })
     })?;
     driver.faults.hold(faults::HOLD_VERIFY).await;
-    verify(src, &plan.source_app, dst, &plan.target_app).await
+    let verified = verify(src, &plan.source_app, source_sums, dst, &plan.target_app).await?;
+    if !delta {
+        return Ok(verified);
+    }
+    let pre = op.step(PRECOPYING).bytes_done.unwrap_or(0);
+    let changed = op.step(MIGRATING).bytes_done.unwrap_or(0);
+    Ok(format!(
+        "{} pre-copied, {} changed since; {verified}",
+        human_bytes(pre),
+        human_bytes(changed)
+    ))
 }
 
 /// Compares every volume's checksum of the source with the copy's. A difference is permanent: the
 /// copy is not the application, and it must not start.
 async fn verify(
-    src: &dyn crate::controller::GridController,
+    src: &dyn GridController,
     source_app: &str,
-    dst: &dyn crate::controller::GridController,
+    source_sums: Option<Result<Vec<VolumeChecksum>, GridError>>,
+    dst: &dyn GridController,
     target_app: &str,
 ) -> Result<String, StepError> {
-    let (a, b) = tokio::join!(src.checksum(source_app), dst.checksum(target_app));
+    let (a, b) = match source_sums {
+        Some(a) => (a, dst.checksum(target_app).await),
+        None => tokio::join!(src.checksum(source_app), dst.checksum(target_app)),
+    };
     let (mut a, mut b) = (a?, b?);
     a.sort_by(|x, y| x.volume.cmp(&y.volume));
     b.sort_by(|x, y| x.volume.cmp(&y.volume));
@@ -355,6 +512,7 @@ async fn verify(
 async fn roll_back(driver: &Driver, key: &OpKey, mut op: Op) {
     let plan = op.plan.clone();
     let undone: Vec<StepId> = [
+        PRECOPYING,
         STOPPING_SOURCE,
         MIGRATING,
         STARTING_TARGET,

@@ -17,6 +17,8 @@ pub const RESTART_MONITOR: &str = "Re-Start Source Application Monitor";
 pub enum StepId {
     #[serde(rename = "provisioning MigHelper on the target grid")]
     ProvisioningHelper,
+    #[serde(rename = "pre-copying the source application's data to the target grid")]
+    Precopying,
     #[serde(rename = "stopping the source application")]
     StoppingSource,
     #[serde(
@@ -40,6 +42,7 @@ impl StepId {
     pub fn as_str(self) -> &'static str {
         match self {
             StepId::ProvisioningHelper => "provisioning MigHelper on the target grid",
+            StepId::Precopying => "pre-copying the source application's data to the target grid",
             StepId::StoppingSource => "stopping the source application",
             StepId::Migrating => {
                 "migrating the source application to the target grid as the target application"
@@ -79,6 +82,8 @@ impl PartialEq<StepId> for &str {
 }
 
 pub const PROVISIONING_HELPER: StepId = StepId::ProvisioningHelper;
+/// MigHelper's first step with `precopy = on`, before the source is stopped.
+pub const PRECOPYING: StepId = StepId::Precopying;
 pub const STOPPING_SOURCE: StepId = StepId::StoppingSource;
 pub const MIGRATING: StepId = StepId::Migrating;
 pub const STARTING_TARGET: StepId = StepId::StartingTarget;
@@ -128,6 +133,21 @@ impl Kind {
                 (RESTART_MONITOR, &[STOPPING_HELPER, DESTROYING_HELPER]),
             ],
         }
+    }
+
+    /// The steps of each monitor for a plan: the seed's, with MigHelper's pre-copy first when
+    /// the plan asks for it.
+    pub fn monitors_for(self, precopy: bool) -> Vec<(&'static str, Vec<StepId>)> {
+        self.monitors()
+            .iter()
+            .map(|(name, steps)| {
+                let mut v = steps.to_vec();
+                if precopy && *name == HELPER_MONITOR {
+                    v.insert(0, PRECOPYING);
+                }
+                (*name, v)
+            })
+            .collect()
     }
 }
 
@@ -247,6 +267,11 @@ pub struct Plan {
     /// records written before the limit existed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_rate: Option<u64>,
+
+    /// `precopy = on`: MigHelper pre-copies the data while the source runs, then moves only
+    /// what changed once it is stopped. Absent (a plan from before it): off.
+    #[serde(default)]
+    pub precopy: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -372,7 +397,7 @@ impl Op {
             }
         }];
         let monitors = kind
-            .monitors()
+            .monitors_for(plan.precopy)
             .iter()
             .zip(grids)
             .map(|((name, steps), grid)| Monitor {
@@ -416,10 +441,10 @@ impl Op {
         if !valid_id(&self.id) {
             return Err("the operation id is not 32 lowercase hex digits".into());
         }
-        let want = self.kind.monitors();
+        let want = self.kind.monitors_for(self.plan.precopy);
         let same = self.monitors.len() == want.len()
-            && self.monitors.iter().zip(want).all(|(m, (name, steps))| {
-                m.name == name
+            && self.monitors.iter().zip(&want).all(|(m, (name, steps))| {
+                m.name == *name
                     && m.steps.len() == steps.len()
                     && m.steps.iter().zip(steps).all(|(s, id)| s.name == *id)
             });
@@ -643,6 +668,8 @@ pub(crate) mod tests {
             helper_config: vec![("in_ip".into(), "127.0.2.20".into())],
             target_app_config: vec![],
             max_rate: None,
+
+            precopy: false,
         }
     }
 

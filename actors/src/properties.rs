@@ -54,6 +54,7 @@ pub const NAMES: &[&str] = &[
     "max_rate",
     "webhook_url",
     "webhook_secret",
+    "precopy",
 ];
 
 /// Properties whose values are never shown, not even a bad one.
@@ -137,6 +138,8 @@ pub struct Properties {
     pub fault_dir: Option<PathBuf>,
     /// More names the GUI answers to in a request's `Host` header, beyond its own addresses.
     pub allowed_hosts: Vec<AllowedHost>,
+    /// `precopy = on`: copy the data while the source runs, stop it only to move what changed.
+    pub precopy: bool,
     /// The most bytes per second an operation's copy may move, unless the request names its own;
     /// `None`: no limit.
     pub max_rate: Option<u64>,
@@ -621,6 +624,12 @@ impl<'a> Typed<'a> {
             );
         }
 
+        let precopy = self.get("precopy", true, |s| match s {
+            "on" => Ok(true),
+            "off" => Ok(false),
+            _ => Err("must be on or off".into()),
+        });
+
         // Cross-property rules: the GUI and mon ports are never passed through.
         if port_no != 0 && passthrough.contains(&port_no) {
             self.error(
@@ -669,6 +678,8 @@ impl<'a> Typed<'a> {
             max_rate,
             webhook_url,
             webhook_secret,
+
+            precopy,
         }
     }
 }
@@ -993,6 +1004,21 @@ mod tests {
             problem: "x".into(),
         };
         assert!(!e.to_string().contains("s3cret-value"));
+    }
+
+    #[test]
+    fn precopy_is_on_by_default_and_only_on_or_off() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(load_with(dir.path(), &[], &[]).unwrap().precopy);
+        assert!(
+            !load_with(dir.path(), &[], &["precopy=off"])
+                .unwrap()
+                .precopy
+        );
+        assert_eq!(
+            one_error(dir.path(), &[], &["precopy=yes"]),
+            r#"precopy = "yes" (from --set): must be on or off"#
+        );
     }
 
     #[test]

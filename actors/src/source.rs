@@ -33,6 +33,8 @@ pub struct SourceConfig {
     pub known_hosts: String,
     /// The `otlp_endpoint` property, passed on to MigHelper.
     pub otlp_endpoint: Option<String>,
+    /// The `precopy` property: operations pre-copy the data while the source runs.
+    pub precopy: bool,
 }
 
 pub struct Source {
@@ -206,6 +208,8 @@ fn check_request(
             helper_config: target.mighelper_config.clone(),
             target_app_config: target.app_config.clone(),
             max_rate: msg.max_rate,
+
+            precopy: cfg.precopy,
         },
     ))
 }

@@ -98,8 +98,8 @@ async fn every_verb_round_trips_and_the_controller_gets_exactly_the_quoted_line(
         &pairs(&[("in_ip", "127.0.2.10")]),
         MigrateOptions {
             nocompress: true,
-            novols: false,
             max_rate: Some(4 << 20),
+            ..Default::default()
         },
         &mut |d, t| last = (d, t),
     )
@@ -116,6 +116,8 @@ async fn every_verb_round_trips_and_the_controller_gets_exactly_the_quoted_line(
         max_rate: Some(4 << 20),
         props: props(&[("in_ip", "127.0.2.10")]),
         progress_on_stdout: true,
+        stage: false,
+        delta: false,
     });
 
     let sent: Vec<String> = expected.iter().map(Command::to_command_line).collect();

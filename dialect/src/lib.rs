@@ -253,6 +253,10 @@ pub enum Command {
         progress_on_stdout: bool,
         /// `--max_rate=BYTES`: the most bytes per second the pull may move (MIG's `max_rate`).
         max_rate: Option<u64>,
+        /// `--stage`: a pre-copy of a running `app` into a staged copy `new_name` (not startable).
+        stage: bool,
+        /// `--delta`: the final pull into the staged copy `new_name`: only what changed moves.
+        delta: bool,
     },
     /// gridctl's extension for tests and operators: one `VOLUME\tSIZE\tblake3:HEX` line per volume.
     Checksum {
@@ -319,6 +323,8 @@ impl Command {
                 props: p,
                 progress_on_stdout,
                 max_rate,
+                stage,
+                delta,
             } => {
                 a.push(remote.to_string());
                 a.push(app.to_string());
@@ -327,6 +333,8 @@ impl Command {
                     (*import, "--import"),
                     (*novols, "--novols"),
                     (*nocompress, "--nocompress"),
+                    (*stage, "--stage"),
+                    (*delta, "--delta"),
                 ] {
                     if on {
                         a.push(flag.into());
@@ -473,6 +481,8 @@ fn parse_verb(verb: &str, rest: &[&str]) -> Result<Command, DialectError> {
                 "--novols",
                 "--nocompress",
                 "--progress_on_stdout",
+                "--stage",
+                "--delta",
             ];
             // The one option with a value: taken out before the plain flags are checked.
             let mut max_rate = None;
@@ -496,6 +506,19 @@ fn parse_verb(verb: &str, rest: &[&str]) -> Result<Command, DialectError> {
                 }
             }
             let (flags, words) = split_flags("migrate", &others, &allowed)?;
+            let has = |f: &str| flags.contains(&f);
+            if has("--stage") && has("--delta") {
+                return Err(usage(
+                    "migrate",
+                    "--stage (the pre-copy) and --delta (the final pull) are two separate runs",
+                ));
+            }
+            if (has("--stage") || has("--delta")) && has("--novols") {
+                return Err(usage(
+                    "migrate",
+                    "--stage and --delta copy volumes; they do not go with --novols",
+                ));
+            }
             let [remote, app, new, props @ ..] = words.as_slice() else {
                 return Err(usage(
                     "migrate",
@@ -515,6 +538,8 @@ fn parse_verb(verb: &str, rest: &[&str]) -> Result<Command, DialectError> {
                 props: parse_props(props)?,
                 progress_on_stdout: flags.contains(&"--progress_on_stdout"),
                 max_rate,
+                stage: has("--stage"),
+                delta: has("--delta"),
             })
         }
         other => Err(DialectError::Unknown(format!("app {other}"))),
@@ -599,6 +624,8 @@ mod tests {
             props: vec![Prop::new("in_ip", "127.0.2.10").unwrap()],
             progress_on_stdout: true,
             max_rate: None,
+            stage: false,
+            delta: false,
         });
         round_trip(Command::Migrate {
             remote: "127.0.1.1".parse().unwrap(),
@@ -610,7 +637,24 @@ mod tests {
             props: vec![],
             progress_on_stdout: true,
             max_rate: Some(8 << 20),
+            stage: false,
+            delta: false,
         });
+        for (stage, delta) in [(true, false), (false, true)] {
+            round_trip(Command::Migrate {
+                remote: "127.0.1.1:2222".parse().unwrap(),
+                app: n("shop"),
+                new_name: n("shop2"),
+                import: true,
+                novols: false,
+                nocompress: false,
+                props: vec![],
+                progress_on_stdout: true,
+                max_rate: None,
+                stage,
+                delta,
+            });
+        }
     }
 
     #[test]
@@ -640,6 +684,23 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("given twice"), "{e}");
+    }
+
+    #[test]
+    fn stage_and_delta_are_two_runs_and_need_volumes() {
+        for (line, want) in [
+            (
+                "app migrate g1 a .name=b --import --stage --delta",
+                "two separate runs",
+            ),
+            (
+                "app migrate g1 a .name=b --import --delta --novols",
+                "do not go with --novols",
+            ),
+        ] {
+            let e = Command::parse(line).unwrap_err().to_string();
+            assert!(e.contains(want), "{line}: {e}");
+        }
     }
 
     #[test]

@@ -50,6 +50,9 @@ pub fn main(state: &Path) -> i32 {
             props,
             progress_on_stdout,
             max_rate,
+
+            stage,
+            delta,
         } => {
             if !import {
                 eprintln!(
@@ -67,10 +70,19 @@ pub fn main(state: &Path) -> i32 {
                 progress_on_stdout,
                 max_rate,
             };
-            match import_app(state, &opts) {
+            let imported = if stage {
+                crate::stage::import_staged(state, &opts)
+            } else if delta {
+                crate::stage::import_delta(state, &opts)
+            } else {
+                import_app(state, &opts)
+            };
+            match imported {
                 Ok(()) => {
                     // With --progress_on_stdout, stdout carries progress lines only.
-                    if !progress_on_stdout {
+                    if !progress_on_stdout && stage {
+                        println!("staged a copy of {app} from {remote} as {new_name}; it cannot start until `--delta`");
+                    } else if !progress_on_stdout {
                         println!("imported {app} from {remote} as {new_name}; it is stopped");
                     }
                     OK
@@ -88,7 +100,7 @@ pub fn main(state: &Path) -> i32 {
     }
 }
 
-fn connect(state: &Path) -> Result<Conn, String> {
+pub(crate) fn connect(state: &Path) -> Result<Conn, String> {
     Conn::connect(state).map_err(|e| {
         format!(
             "the grid daemon is not reachable on {}: {e}",
@@ -168,16 +180,26 @@ fn peer(state: &Path, line: &str) -> i32 {
         }
     };
     let w: Vec<&str> = words.iter().map(String::as_str).collect();
+    // A gridctl without staged copies refused these; the test hook makes this one do the same.
+    let staging = !state
+        .join("faults")
+        .join(crate::stage::NO_STAGING_HOOK)
+        .exists();
     let (app, flags) = match w.as_slice() {
         ["peer", "export", app, flags @ ..]
-            if flags
-                .iter()
-                .all(|f| ["--nocompress", "--novols"].contains(f)) =>
+            if flags.iter().all(|f| {
+                ["--nocompress", "--novols"].contains(f)
+                    || (staging && ["--stage", "--delta"].contains(f))
+            }) =>
         {
             (*app, flags)
         }
         _ => {
-            eprintln!("gridctl: refused: expected `peer export APP [--nocompress] [--novols]`");
+            if staging {
+                eprintln!("gridctl: refused: expected `peer export APP [--nocompress] [--novols] [--stage|--delta]`");
+            } else {
+                eprintln!("gridctl: refused: expected `peer export APP [--nocompress] [--novols]`");
+            }
             return REFUSED;
         }
     };
@@ -193,8 +215,11 @@ fn peer(state: &Path, line: &str) -> i32 {
         }
     };
     // The lease lasts as long as `conn`: the application cannot start or vanish meanwhile.
+    let stage = flags.contains(&"--stage");
+    let delta = flags.contains(&"--delta");
     let (record, app_dir) = match conn.call(&Request::ExportBegin {
         app: app.to_string(),
+        live: stage,
     }) {
         Ok(Reply::Export { record, app_dir }) => (record, app_dir),
         Ok(Reply::Done { stderr, .. }) => {
@@ -224,14 +249,21 @@ fn peer(state: &Path, line: &str) -> i32 {
     };
     transfer::grow_pipe(&raw);
     let mut out = io::BufWriter::with_capacity(64 << 10, raw);
-    let r = transfer::export(
-        &app_dir,
-        &record,
-        flags.contains(&"--novols"),
-        !flags.contains(&"--nocompress"),
-        fault,
-        &mut out,
-    );
+    let compress = !flags.contains(&"--nocompress");
+    let r = if stage {
+        crate::stage::export_stage(&app_dir, &record, compress, &mut out)
+    } else if delta {
+        crate::stage::export_delta(&app_dir, &record, &mut io::stdin().lock(), &mut out)
+    } else {
+        transfer::export(
+            &app_dir,
+            &record,
+            flags.contains(&"--novols"),
+            compress,
+            fault,
+            &mut out,
+        )
+    };
     drop(conn);
     match r {
         Ok(()) => OK,
@@ -320,14 +352,20 @@ pub fn peer_ssh(state: &Path, remote: &Controller, remote_cmd: &str) -> Proc {
     c
 }
 
-fn import_app(state: &Path, o: &ImportOpts) -> Result<(), String> {
-    if !is_known_peer(state, o.remote) {
+/// An import pulls only from a grid whose host key this grid pinned.
+pub(crate) fn check_peer(state: &Path, remote: &Controller) -> Result<(), String> {
+    if !is_known_peer(state, remote) {
         return Err(format!(
             "{} is not a known peer grid (its host key is not in {})",
-            o.remote,
+            remote,
             state.join("peer/known_hosts").display()
         ));
     }
+    Ok(())
+}
+
+fn import_app(state: &Path, o: &ImportOpts) -> Result<(), String> {
+    check_peer(state, o.remote)?;
     let mut conn = connect(state)?;
     let app_dir = match conn.call(&Request::ImportBegin {
         name: o.new_name.to_string(),
@@ -354,11 +392,11 @@ fn import_app(state: &Path, o: &ImportOpts) -> Result<(), String> {
 }
 
 /// The most of the source's stderr an import keeps for its error message.
-const MAX_REMOTE_ERR: usize = 16 << 10;
+pub(crate) const MAX_REMOTE_ERR: usize = 16 << 10;
 
 /// Reads `r` to its end but keeps only its first `limit` bytes (as text), saying how much more
 /// there was: the other side's stderr must be drained, or it would block, but not stored whole.
-fn read_bounded(mut r: impl Read, limit: usize) -> String {
+pub(crate) fn read_bounded(mut r: impl Read, limit: usize) -> String {
     let mut kept = Vec::new();
     let mut more = 0u64;
     let mut buf = [0u8; 8192];

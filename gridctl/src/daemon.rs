@@ -143,7 +143,7 @@ impl Daemon {
                 Err(e) => Reply::fail(2, format!("refused: {e}")),
                 Ok(cmd) => self.command(cmd).await,
             },
-            Request::ExportBegin { app } => match self.export_begin(&app) {
+            Request::ExportBegin { app, live } => match self.export_begin(&app, live) {
                 Ok((record, app_dir)) => {
                     leases.push(app);
                     Reply::Export { record, app_dir }
@@ -175,6 +175,19 @@ impl Daemon {
                     self.abort_import(&mut inner, &name);
                 }
                 Reply::ok("")
+            }
+            Request::StageBegin { name } => match self.stage_begin(&name) {
+                Ok((record, app_dir)) => {
+                    leases.push(name);
+                    Reply::Export { record, app_dir }
+                }
+                Err(e) => Reply::fail(1, e),
+            },
+            Request::StageCommit { record } => {
+                if !leases.contains(&record.name) {
+                    return Reply::fail(2, "commit of a staged copy this connection does not hold");
+                }
+                done(self.stage_commit(record))
             }
             Request::Shutdown => done(self.shutdown_apps().await),
         }
@@ -338,6 +351,13 @@ impl Daemon {
             if e.leases > 0 {
                 return err(format!(
                     "cannot start {name}: it is being copied to another grid"
+                ));
+            }
+            if e.rec.staged {
+                return err(format!(
+                    "cannot start {name}: it is a staged copy (the pre-copy of a migration, {}); \
+                     only its final pull (`app migrate … --import --delta`) makes it an application",
+                    e.rec.props.get(model::MIG_OP).map_or("no operation".to_string(), |op| format!("operation {op}"))
                 ));
             }
             e.generation += 1;
@@ -710,9 +730,14 @@ impl Daemon {
         .map_err(|e| e.to_string())?
     }
 
-    fn export_begin(&self, name: &str) -> Result<(AppRecord, PathBuf), String> {
+    fn export_begin(&self, name: &str, live: bool) -> Result<(AppRecord, PathBuf), String> {
         self.with_app(name, |e| {
-            if e.rec.state != State::Stopped {
+            if e.rec.staged {
+                return err(format!(
+                    "cannot copy {name}: it is a staged copy, not an application"
+                ));
+            }
+            if !live && e.rec.state != State::Stopped {
                 return err(format!(
                     "cannot copy {name}: it is {}; stop it first",
                     e.rec.state
@@ -760,6 +785,43 @@ impl Daemon {
             },
         );
         Ok(format!("imported {name}\n"))
+    }
+
+    /// The staged copy `name`, held for its final pull (see [`Request::StageBegin`]).
+    fn stage_begin(&self, name: &str) -> Result<(AppRecord, PathBuf), String> {
+        self.with_app(name, |e| {
+            if !e.rec.staged {
+                return err(format!(
+                    "{name} is not a staged copy: a final pull (--delta) needs the pre-copy \
+                     (--stage) first"
+                ));
+            }
+            if e.leases > 0 {
+                return err(format!("{name} is already being updated"));
+            }
+            e.leases += 1;
+            Ok((e.rec.clone(), model::app_dir(&self.state, name)))
+        })
+    }
+
+    fn stage_commit(&self, mut rec: AppRecord) -> Res {
+        rec.validate()
+            .map_err(|e| format!("refusing the record of {}: {e}", rec.name))?;
+        rec.staged = false;
+        rec.state = State::Stopped;
+        rec.pids.clear();
+        rec.pgid = 0;
+        rec.error.clear();
+        let name = rec.name.clone();
+        self.with_app(&name, |e| {
+            if !e.rec.staged {
+                return err(format!("{name} is not a staged copy"));
+            }
+            rec.save(&self.state)
+                .map_err(|err| format!("saving {name}: {err}"))?;
+            e.rec = rec;
+            Ok(format!("imported {name}\n"))
+        })
     }
 
     fn abort_import(&self, inner: &mut Inner, name: &str) {

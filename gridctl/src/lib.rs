@@ -43,6 +43,13 @@
 //!   stream from the source grid is read no faster than that on average ([`throttle`]).
 //! * `peer export APP [--nocompress] [--novols]` is the source side of a pull, for other grids'
 //!   keys only (sshd's `ExposeAuthInfo` tells `gridctl ssh` which key logged in).
+
+//! * `migrate … --import --stage` pulls a **staged copy** of APP, which may run meanwhile: NEW is
+//!   listed `stopped`, `info --batch` ends with `staged\ttrue`, and `start` refuses it. Then
+//!   `migrate … --import --delta` (APP stopped) pulls only the 1 MiB blocks that changed since
+//!   into it, and every dir volume; NEW becomes an ordinary stopped application. See [`stage`].
+//! * `peer export APP [--nocompress] [--novols | --stage | --delta]` is the source side of a pull,
+//!   for other grids' keys only (sshd's `ExposeAuthInfo` tells `gridctl ssh` which key logged in).
 //!
 //! # Batch formats (`--batch`; stable, tab-separated, one record per line, no header)
 //!
@@ -74,6 +81,8 @@
 //! STATE/peer/peer_keys            public keys of the grids allowed to use the `peer` verbs
 //! STATE/faults/corrupt-export-after   test hook: flip one bit of the next export after N bytes
 //! STATE/faults/hold-export        test hook: exports wait, before sending, while this file exists
+//! STATE/faults/no-staging         test hook: `peer export` refuses --stage/--delta (an old gridctl)
+//! STATE/apps/NAME/stage/VOL       a staged copy's block digests (BLAKE3 of each 1 MiB block)
 //! ```
 //!
 //! # Template format (`STATE/templates/NAME.toml`)
@@ -140,6 +149,7 @@ pub mod kvstore;
 pub mod lab;
 pub mod model;
 pub mod protocol;
+pub mod stage;
 pub mod template;
 pub mod throttle;
 pub mod transfer;

@@ -69,6 +69,10 @@ pub struct AppRecord {
     pub pids: Vec<i32>,
     #[serde(default)]
     pub pgid: i32,
+    /// A staged copy (`app migrate … --import --stage`): the pre-copy of an application that
+    /// still runs elsewhere, never started; `--delta` completes it into an application.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub staged: bool,
 }
 
 pub fn apps_dir(state: &Path) -> PathBuf {
@@ -238,6 +242,7 @@ pub fn record_from_template(
             components: t.components.clone(),
             pids: Vec::new(),
             pgid: 0,
+            staged: false,
         },
         inits,
     ))
@@ -328,6 +333,9 @@ impl AppRecord {
             s.push_str(&format!("volume.{}\t{}\n", v.name, v.size));
             s.push_str(&format!("volume.{}.kind\t{}\n", v.name, v.kind.as_str()));
         }
+        if self.staged {
+            s.push_str("staged\ttrue\n");
+        }
         s
     }
 
@@ -339,6 +347,9 @@ impl AppRecord {
         );
         if !self.error.is_empty() {
             s.push_str(&format!("  error:    {}\n", self.error));
+        }
+        if self.staged {
+            s.push_str("  staged:   a pre-copy, not startable until its final pull (--delta)\n");
         }
         s.push_str("  properties:\n");
         for (k, v) in &self.props {

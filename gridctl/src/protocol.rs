@@ -20,6 +20,10 @@ pub enum Request {
     /// Holds `app` stopped and undestroyable until the connection closes.
     ExportBegin {
         app: String,
+        /// The pre-copy (`peer export --stage`): the application may run meanwhile; the lease
+        /// still keeps it from being destroyed while it is read.
+        #[serde(default)]
+        live: bool,
     },
     /// Reserves `name` and creates its directory; removed unless committed on this connection.
     ImportBegin {
@@ -29,6 +33,15 @@ pub enum Request {
         record: AppRecord,
     },
     ImportAbort,
+    /// Holds the staged copy `name` (no start, no destroy) for its final pull until the
+    /// connection closes; answered with [`Reply::Export`] (its record and directory).
+    StageBegin {
+        name: String,
+    },
+    /// Turns the staged copy held on this connection into the stopped application `record`.
+    StageCommit {
+        record: AppRecord,
+    },
     /// Stops every application (state `stopped`) and exits: `lab down`.
     Shutdown,
 }

@@ -34,7 +34,7 @@ use crate::model::{self, AppRecord, State};
 use crate::template::{Template, VolumeKind};
 use crate::volume::{self, DirEntry};
 
-const CHUNK: usize = 1 << 20;
+pub(crate) const CHUNK: usize = 1 << 20;
 /// The longest header line read; the source's record (properties of at most 64 KiB each) fits.
 pub const MAX_HEADER: u64 = 4 << 20;
 /// Mode bits a received file or directory may keep: setuid and setgid are stripped, so that a
@@ -42,12 +42,12 @@ pub const MAX_HEADER: u64 = 4 << 20;
 const KEEP_MODE: u32 = 0o1777;
 const MAX_CHUNK: usize = 8 << 20;
 /// Bytes of a `D` frame before its payload.
-const D_HEAD: usize = 18;
+pub(crate) const D_HEAD: usize = 18;
 /// Idle chunk buffers kept per transfer: enough for the channels between threads.
-const POOL_KEEP: usize = 40;
+pub(crate) const POOL_KEEP: usize = 40;
 
 /// The header of a `D` frame.
-fn d_head(off: u64, raw: usize, enc: usize, codec: u8) -> [u8; D_HEAD] {
+pub(crate) fn d_head(off: u64, raw: usize, enc: usize, codec: u8) -> [u8; D_HEAD] {
     let mut h = [0u8; D_HEAD];
     h[0] = b'D';
     h[1..9].copy_from_slice(&off.to_le_bytes());
@@ -84,14 +84,14 @@ fn format_1() -> u32 {
     1
 }
 
-fn bad(msg: impl Into<String>) -> io::Error {
+pub(crate) fn bad(msg: impl Into<String>) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, msg.into())
 }
 
 /// Flips one bit after `after` payload bytes: the test hook `STATE/faults/corrupt-export-after`.
-struct Fault {
-    after: Option<u64>,
-    sent: u64,
+pub(crate) struct Fault {
+    pub(crate) after: Option<u64>,
+    pub(crate) sent: u64,
 }
 
 impl Fault {
@@ -229,7 +229,7 @@ pub fn export(
     out.flush()
 }
 
-fn export_file(
+pub(crate) fn export_file(
     path: &Path,
     size: u64,
     compress: bool,
@@ -441,7 +441,7 @@ fn put_str(v: &mut Vec<u8>, s: &str) {
     v.extend_from_slice(s.as_bytes());
 }
 
-fn export_dir(root: &Path, fault: &mut Fault, out: &mut dyn Write) -> io::Result<()> {
+pub(crate) fn export_dir(root: &Path, fault: &mut Fault, out: &mut dyn Write) -> io::Result<()> {
     let mut h = blake3::Hasher::new();
     for e in volume::walk_dir(root)? {
         h.update(&volume::entry_header(&e));
@@ -509,7 +509,7 @@ impl<'a> Progress<'a> {
         }
     }
 
-    fn add(&mut self, n: u64) -> io::Result<()> {
+    pub(crate) fn add(&mut self, n: u64) -> io::Result<()> {
         self.done += n;
         if self.last.is_none_or(|t| t.elapsed() >= self.every) {
             self.emit()?;
@@ -531,17 +531,17 @@ impl<'a> Progress<'a> {
     }
 }
 
-fn read_u8(r: &mut dyn Read) -> io::Result<u8> {
+pub(crate) fn read_u8(r: &mut dyn Read) -> io::Result<u8> {
     let mut b = [0u8; 1];
     r.read_exact(&mut b)?;
     Ok(b[0])
 }
-fn read_u32(r: &mut dyn Read) -> io::Result<u32> {
+pub(crate) fn read_u32(r: &mut dyn Read) -> io::Result<u32> {
     let mut b = [0u8; 4];
     r.read_exact(&mut b)?;
     Ok(u32::from_le_bytes(b))
 }
-fn read_u64(r: &mut dyn Read) -> io::Result<u64> {
+pub(crate) fn read_u64(r: &mut dyn Read) -> io::Result<u64> {
     let mut b = [0u8; 8];
     r.read_exact(&mut b)?;
     Ok(u64::from_le_bytes(b))
@@ -555,7 +555,7 @@ fn read_str(r: &mut dyn Read) -> io::Result<String> {
     r.read_exact(&mut b)?;
     String::from_utf8(b).map_err(|_| bad("non-UTF-8 path in the stream"))
 }
-fn read_hash(r: &mut dyn Read) -> io::Result<blake3::Hash> {
+pub(crate) fn read_hash(r: &mut dyn Read) -> io::Result<blake3::Hash> {
     let mut b = [0u8; 32];
     r.read_exact(&mut b)?;
     Ok(blake3::Hash::from_bytes(b))
@@ -636,9 +636,9 @@ pub fn import_volumes(
     }
 }
 
-type Mismatch = Option<(blake3::Hash, blake3::Hash)>;
+pub(crate) type Mismatch = Option<(blake3::Hash, blake3::Hash)>;
 
-fn import_file(
+pub(crate) fn import_file(
     r: &mut dyn Read,
     path: &Path,
     size: u64,
@@ -714,7 +714,12 @@ fn import_file(
 
 /// Reads a chunk with the `O_DIRECT` handle where it is aligned, else through the cache (and
 /// from then on if the handle refuses it).
-fn read_chunk(f: &File, direct: &mut Option<File>, off: u64, buf: &mut Chunk) -> io::Result<()> {
+pub(crate) fn read_chunk(
+    f: &File,
+    direct: &mut Option<File>,
+    off: u64,
+    buf: &mut Chunk,
+) -> io::Result<()> {
     if let Some(d) = direct.as_ref().filter(|_| direct_ok(off, buf)) {
         match d.read_exact_at(buf, off) {
             Ok(()) => return Ok(()),
@@ -732,7 +737,7 @@ fn read_chunk(f: &File, direct: &mut Option<File>, off: u64, buf: &mut Chunk) ->
 /// reading, or `None` where the filesystem has no such thing (tmpfs). Copying each byte into
 /// the page cache and writing it back later costs about a CPU-second per GiB here, on a path
 /// where CPU is the limit; the direct write has the disk read the chunk from our buffer instead.
-fn open_direct(path: &Path, write: bool) -> Option<File> {
+pub(crate) fn open_direct(path: &Path, write: bool) -> Option<File> {
     use std::os::unix::fs::OpenOptionsExt;
     OpenOptions::new()
         .read(!write)
@@ -795,7 +800,7 @@ fn write_extents(f: File, mut direct: Option<File>, rx: Receiver<(u64, Chunk)>) 
 
 /// Reads a dir volume's entries into `root`; its files may hold at most `announced` bytes in all
 /// (the header's `data_bytes`), so a stream cannot fill the disk past what it declared.
-fn import_dir(
+pub(crate) fn import_dir(
     r: &mut dyn Read,
     root: &Path,
     announced: u64,
@@ -996,6 +1001,7 @@ pub fn imported_record(
         components: local.components.clone(),
         pids: Vec::new(),
         pgid: 0,
+        staged: false,
     };
     rec.validate()?;
     Ok(rec)
@@ -1041,6 +1047,7 @@ mod tests {
             components: vec![],
             pids: vec![],
             pgid: 0,
+            staged: false,
         }
     }
 

@@ -90,7 +90,10 @@ fn an_export_lease_holds_the_source_stopped_until_its_connection_closes() {
     let mut lease = Conn::connect(s).unwrap();
     // Running: no export.
     match lease
-        .call(&Request::ExportBegin { app: "a".into() })
+        .call(&Request::ExportBegin {
+            app: "a".into(),
+            live: false,
+        })
         .unwrap()
     {
         Reply::Done {
@@ -101,7 +104,10 @@ fn an_export_lease_holds_the_source_stopped_until_its_connection_closes() {
     assert_eq!(cmd(s, "app stop a").0, 0);
     assert!(matches!(
         lease
-            .call(&Request::ExportBegin { app: "a".into() })
+            .call(&Request::ExportBegin {
+                app: "a".into(),
+                live: false,
+            })
             .unwrap(),
         Reply::Export { .. }
     ));

@@ -9,6 +9,10 @@ use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::{Duration, Instant};
 
+const APP_NAME_SET: &str = r#""--set", "app_name=${app}""#;
+const PRECOPY_OFF: &str = r#""--set", "precopy=off""#;
+const PRECOPY_ON: &str = r#""--set", "precopy=on""#;
+
 pub struct Lab {
     pub dir: tempfile::TempDir,
     pub base: u8,
@@ -59,10 +63,29 @@ impl Lab {
             .stderr(Stdio::null())
             .spawn();
         let template = Path::new(env!("CARGO_MANIFEST_DIR")).join("conf/templates/demoapp.toml");
+        // The tests written for stop-and-copy keep its steps: `precopy` is off in their labs
+        // (tests/precopy.rs turns it on with `set_precopy`).
+        let t = std::fs::read_to_string(&template).unwrap().replacen(
+            APP_NAME_SET,
+            &format!("{APP_NAME_SET}, {PRECOPY_OFF}"),
+            1,
+        );
         for n in 1..=grids {
-            std::fs::copy(&template, lab.state(n).join("templates/demoapp.toml")).unwrap();
+            std::fs::write(lab.state(n).join("templates/demoapp.toml"), &t).unwrap();
         }
         lab
+    }
+
+    /// Sets the demo application's `precopy` property on every grid; call it before the
+    /// applications are provisioned.
+    pub fn set_precopy(&self, on: bool) {
+        let want = if on { PRECOPY_ON } else { PRECOPY_OFF };
+        for n in 1..=self.grids {
+            let p = self.state(n).join("templates/demoapp.toml");
+            let t = std::fs::read_to_string(&p).unwrap();
+            let t = t.replace(PRECOPY_OFF, want).replace(PRECOPY_ON, want);
+            std::fs::write(&p, t).unwrap();
+        }
     }
 
     /// `gridctl lab up` with this lab's options. Idempotent: run again, it restarts only what is

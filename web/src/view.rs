@@ -400,6 +400,8 @@ mod tests {
             ],
             target_app_config: vec![("db_password".into(), "hunter2-xyz".into())],
             max_rate: None,
+
+            precopy: false,
         }
     }
 

@@ -310,6 +310,8 @@ impl Trio {
             helper_config: vec![],
             target_app_config: vec![],
             max_rate: None,
+
+            precopy: false,
         }
     }
 }
