@@ -16,6 +16,7 @@ use actix_web::middleware::{from_fn, Next};
 use actix_web::{web as aw, App, HttpRequest, HttpResponse, HttpServer};
 use actors::auth::{GuiCredentials, Signed};
 use actors::book::OpBook;
+use actors::cancel::{CancelError, Canceller, SignedCancel};
 use actors::faults::{self, Faults};
 use actors::handoff::{self, Handoff, StatusQuery};
 use actors::op::Role;
@@ -67,6 +68,8 @@ pub struct Shared {
     pub hosts: HostCheck,
     /// Live event streams open, by client address.
     streams: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    /// Takes `POST /api/v1/ops/{id}/cancel`: to the local owner, or forwarded to the remote one.
+    pub canceller: Option<Arc<Canceller>>,
 }
 
 impl Shared {
@@ -101,6 +104,7 @@ impl Shared {
             proxy_stats: None,
             hosts,
             streams: Arc::default(),
+            canceller: None,
         }
     }
 }
@@ -139,6 +143,7 @@ pub async fn run(
                     .route("/ops/{id}/events", aw::get().to(op_events))
                     .route("/ops/{id}/trace", aw::get().to(op_trace))
                     .route("/ops/{id}/status", aw::get().to(op_status))
+                    .route("/ops/{id}/cancel", aw::post().to(cancel_op))
                     .route("/handoff", aw::post().to(handoff)),
             )
     })
@@ -192,6 +197,11 @@ fn is_public(req: &ServiceRequest) -> bool {
         || path.starts_with("/ops/")
         || path.starts_with("/static/")))
         || (req.method() == Method::POST && path == "/api/v1/handoff")
+        // A cancel forwarded by another instance carries its own signature (checked by the route).
+        || (req.method() == Method::POST
+            && path.starts_with("/api/v1/ops/")
+            && path.ends_with("/cancel")
+            && req.headers().contains_key(actors::auth::H_SIGNATURE))
 }
 
 /// 421 for a request whose `Host` is not a name this MIG answers to (see [`crate::host_check`]).
@@ -351,22 +361,88 @@ struct StartBody {
     target_grid: String,
 }
 
-/// `POST /api/v1/ops`: 202 `{id, monitor_url}`, or 400/403/409/503/502 with `{error}`.
-async fn start_op(
-    req: HttpRequest,
-    shared: aw::Data<Shared>,
-    body: aw::Json<StartBody>,
-) -> HttpResponse {
+/// 403 unless the request carries this instance's CSRF token.
+fn check_csrf(req: &HttpRequest, shared: &Shared) -> Result<(), HttpResponse> {
     let token = req
         .headers()
         .get(CSRF_HEADER)
         .map(|v| v.as_bytes())
         .unwrap_or_default();
     if !bool::from(token.ct_eq(shared.csrf_token.as_bytes())) {
-        return error(
+        return Err(error(
             403,
             format!("missing or wrong {CSRF_HEADER} header: reload the page (or GET /api/v1/csrf)"),
-        );
+        ));
+    }
+    Ok(())
+}
+
+/// `POST /api/v1/ops/{id}/cancel`: 202 `{id, cancelled: {user, from, at}, monitor_url}` once the
+/// cancel has won (the operation then rolls back and ends `cancelled`); 409 past the cut-over or
+/// when it has ended; 404 when this instance does not know it. From a person: the GUI credentials
+/// and the CSRF token. From another instance: signed for this one ([`actors::cancel`]).
+async fn cancel_op(
+    req: HttpRequest,
+    shared: aw::Data<Shared>,
+    id: aw::Path<String>,
+    body: aw::Bytes,
+) -> HttpResponse {
+    let id = id.into_inner();
+    if !actors::op::valid_id(&id) {
+        return error(404, "not an operation id");
+    }
+    let Some(canceller) = shared.canceller.clone() else {
+        return error(503, "this instance cannot take operations (see mig check)");
+    };
+    let signed = SignedCancel::from_headers(&id, &body, |name| {
+        req.headers().get(name).and_then(|v| v.to_str().ok())
+    });
+    let r = match signed {
+        Some(Ok(s)) => canceller.from_peer(s).await,
+        Some(Err(e)) => Err(e),
+        None => {
+            if let Err(resp) = check_csrf(&req, &shared) {
+                return resp;
+            }
+            let by = actors::op::Cancelled {
+                user: shared
+                    .credentials
+                    .as_ref()
+                    .map_or("anonymous", |c| c.username())
+                    .to_string(),
+                from: req
+                    .peer_addr()
+                    .map_or("unknown".into(), |a| a.ip().to_canonical().to_string()),
+                at: actors::op::now(),
+            };
+            canceller.from_user(&id, by).await
+        }
+    };
+    match r {
+        Ok(by) => {
+            tracing::warn!(op_id = %id, %by, "operation cancelled");
+            HttpResponse::Accepted().json(serde_json::json!({
+                "id": id,
+                "cancelled": by,
+                "monitor_url": format!("/ops/{id}"),
+            }))
+        }
+        Err(e) => {
+            let e: CancelError = e;
+            tracing::info!(op_id = %id, status = e.status(), error = %e, "cancel refused");
+            error(e.status(), e.to_string())
+        }
+    }
+}
+
+/// `POST /api/v1/ops`: 202 `{id, monitor_url}`, or 400/403/409/503/502 with `{error}`.
+async fn start_op(
+    req: HttpRequest,
+    shared: aw::Data<Shared>,
+    body: aw::Json<StartBody>,
+) -> HttpResponse {
+    if let Err(resp) = check_csrf(&req, &shared) {
+        return resp;
     }
     let Some(source) = &shared.source else {
         let why = shared

@@ -76,6 +76,7 @@ fn start_in(app: &str, mode: &str, sets: &[&str]) -> Api {
             private_key: String::new(),
             known_hosts: String::new(),
             otlp_endpoint: None,
+            gui: None,
         },
         driver.clone(),
     )

@@ -8,6 +8,7 @@
 pub mod api;
 pub mod auth;
 pub mod book;
+pub mod cancel;
 pub mod controller;
 pub mod driver;
 pub mod faults;

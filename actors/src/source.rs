@@ -5,16 +5,20 @@
 //! A failure here rolls back at once (MigHelper destroyed if it was made); the source application
 //! has not been touched yet.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use actix::prelude::*;
 use tracing::Instrument;
 
-use crate::auth::AppKey;
+use crate::auth::{AppKey, GuiCredentials};
+use crate::cancel::{Cancel, CancelError, Gate, GateState};
 use crate::driver::{destroy_if_ours, Driver, StepError, MARK};
 use crate::grid_info::{Grid, GridInfo};
 use crate::handoff::HelperEnv;
-use crate::op::{self, Kind, Op, OpState, Plan, Role, HELPER_TEMPLATE, PROVISIONING_HELPER};
+use crate::op::{
+    self, Cancelled, Kind, Op, OpState, Plan, Role, HELPER_TEMPLATE, PROVISIONING_HELPER,
+};
 use crate::properties::Mode;
 
 /// The port MigHelper's API listens on (its template's `port_no`).
@@ -33,11 +37,15 @@ pub struct SourceConfig {
     pub known_hosts: String,
     /// The `otlp_endpoint` property, passed on to MigHelper.
     pub otlp_endpoint: Option<String>,
+    /// The GUI credentials, which MigHelper checks (by a MAC of the password) before a cancel.
+    pub gui: Option<GuiCredentials>,
 }
 
 pub struct Source {
     cfg: Arc<SourceConfig>,
     driver: Driver,
+    /// The gate of each operation this Source drives: a cancel against the handoff to MigHelper.
+    gates: HashMap<String, Gate>,
 }
 
 impl Source {
@@ -45,6 +53,41 @@ impl Source {
         Source {
             cfg: Arc::new(cfg),
             driver,
+            gates: HashMap::new(),
+        }
+    }
+
+    fn provision(&mut self, op: Op, ctx: &mut Context<Self>) {
+        let gate = Gate::of(&op);
+        let id = op.id.clone();
+        self.gates.insert(id.clone(), gate.clone());
+        ctx.spawn(
+            provision(self.cfg.clone(), self.driver.clone(), gate, op)
+                .into_actor(self)
+                .map(move |(), act, _| {
+                    act.gates.remove(&id);
+                }),
+        );
+    }
+}
+
+impl Handler<Cancel> for Source {
+    type Result = Result<Cancelled, CancelError>;
+
+    /// Before the handoff to MigHelper a cancel wins (the provisioning in flight ends, then
+    /// MigHelper is destroyed); once the handoff has begun, the cancel is for MigHelper.
+    fn handle(&mut self, c: Cancel, _ctx: &mut Context<Self>) -> Self::Result {
+        tracing::info!(op_id = %c.op_id, message = "Cancel", from = "http", to = "source", "actor message");
+        let Some(gate) = self.gates.get(&c.op_id) else {
+            return Err(CancelError::Moved);
+        };
+        match gate.cancel(c.by) {
+            Ok(by) => Ok(by),
+            Err(GateState::CutOver) => Err(CancelError::Moved),
+            Err(_) => Err(CancelError::Conflict(format!(
+                "operation {} is already being rolled back",
+                c.op_id
+            ))),
         }
     }
 }
@@ -57,7 +100,7 @@ impl Actor for Source {
     fn started(&mut self, ctx: &mut Context<Self>) {
         for op in self.driver.book.running_owned_by(Role::Source) {
             tracing::info!(op_id = %op.id, "resuming provisioning from the journal");
-            ctx.spawn(provision(self.cfg.clone(), self.driver.clone(), op).into_actor(self));
+            self.provision(op, ctx);
         }
     }
 }
@@ -133,7 +176,7 @@ impl Handler<StartOp> for Source {
             .map(|res: Result<Op, StartError>, act, ctx| {
                 let op = res?;
                 let id = op.id.clone();
-                ctx.spawn(provision(act.cfg.clone(), act.driver.clone(), op).into_actor(act));
+                act.provision(op, ctx);
                 Ok(Started { id })
             }),
         ))
@@ -237,7 +280,7 @@ async fn check_grids(driver: &Driver, plan: &Plan) -> Result<(), StartError> {
 
 /// "provisioning MigHelper on the target grid", then the handoff to MigHelper; on failure, the
 /// roll-back (MigHelper destroyed).
-async fn provision(cfg: Arc<SourceConfig>, driver: Driver, mut op: Op) {
+async fn provision(cfg: Arc<SourceConfig>, driver: Driver, gate: Gate, mut op: Op) {
     let span = crate::telemetry::op_span(Role::Source, &op);
     async move {
         let k_op = cfg.app_key.op_key(&op.id);
@@ -248,6 +291,7 @@ async fn provision(cfg: Arc<SourceConfig>, driver: Driver, mut op: Op) {
             private_key: cfg.private_key.clone(),
             known_hosts: cfg.known_hosts.clone(),
             otlp_endpoint: cfg.otlp_endpoint.clone(),
+            gui: cfg.gui.as_ref().map(|g| g.for_helper(&k_op)),
         };
         let plan = op.plan.clone();
         let provisioned = driver
@@ -265,6 +309,23 @@ async fn provision(cfg: Arc<SourceConfig>, driver: Driver, mut op: Op) {
                 Ok(())
             })
             .await;
+        // The point of no return here is the handoff: once it is sent, MigHelper may own the
+        // operation. A cancel that came first stops it.
+        let provisioned = match provisioned.map(|()| gate.pass()) {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(by)) => {
+                tracing::warn!(%by, "cancelled before the handoff to MigHelper; rolling back");
+                op.trace("step", by.to_string(), None, None);
+                op.cancelled = Some(by);
+                Err(())
+            }
+            Err(_) => {
+                // A cancel that won meanwhile still names the end state.
+                gate.rolling_back();
+                op.cancelled = gate.cancelled();
+                Err(())
+            }
+        };
         if provisioned.is_ok() {
             match driver.hand_off(&plan.helper_url, &k_op, &mut op, Role::Helper).await {
                 Ok(next) => {
@@ -299,14 +360,28 @@ async fn provision(cfg: Arc<SourceConfig>, driver: Driver, mut op: Op) {
                 }
             })
             .await;
-        op.roll_back_rest(&[]);
+        let reason = match op.cancelled.clone() {
+            Some(by) => {
+                let undone = (op.step(PROVISIONING_HELPER).state == crate::op::StepState::Done)
+                    .then_some(PROVISIONING_HELPER);
+                op.roll_back_rest(undone.as_slice());
+                by.to_string()
+            }
+            None => {
+                op.roll_back_rest(&[]);
+                format!("{PROVISIONING_HELPER} failed: {reason}")
+            }
+        };
         match cleanup {
-            Ok(()) => op.end(OpState::RolledBack, Some(format!("{PROVISIONING_HELPER} failed: {reason}"))),
+            Ok(()) => {
+                let state = op.undone_state();
+                op.end(state, Some(reason));
+            }
             Err(e) => {
                 op.leave(crate::driver::helper_leftover(&plan));
                 op.end(
                     OpState::Failed,
-                    Some(format!("{PROVISIONING_HELPER} failed: {reason}; MigHelper could not be destroyed: {e}")),
+                    Some(format!("{reason}; MigHelper could not be destroyed: {e}")),
                 );
             }
         }
