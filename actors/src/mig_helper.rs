@@ -259,6 +259,12 @@ async fn steps(driver: &Driver, gate: &Gate, op: &mut Op) -> Result<(), StepErro
     let dst = driver.grid(&plan.target_controller)?;
     let todo = |op: &Op, s: StepId| op.step(s).state != StepState::Done;
 
+    if todo(op, STOPPING_SOURCE) {
+        tokio::select! {
+            () = driver.faults.hold(faults::HOLD_STOP_SOURCE) => {}
+            _ = gate.wait_cancelled() => {}
+        }
+    }
     if let Some(by) = gate.cancelled() {
         return Err(interrupted(driver, op, by));
     }
