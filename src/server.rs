@@ -21,7 +21,7 @@ use actors::faults::{self, Faults};
 use actors::handoff::{self, Handoff, StatusQuery};
 use actors::op::Role;
 use actors::proxy::ProxyStats;
-use actors::source::{Source, StartOp};
+use actors::source::{DryRun, Source, StartError, StartOp};
 use serde::{Deserialize, Serialize};
 use subtle::ConstantTimeEq;
 use tokio_util::sync::CancellationToken;
@@ -359,6 +359,9 @@ struct StartBody {
     kind: String,
     target_app: String,
     target_grid: String,
+    /// Run the checks only: 200 `{checks: [{name, ok, detail}]}`, nothing changed on any grid.
+    #[serde(default)]
+    dry_run: bool,
 }
 
 /// 403 unless the request carries this instance's CSRF token.
@@ -453,6 +456,18 @@ async fn start_op(
         return error(503, format!("operations are not offered here: {why}"));
     };
     let body = body.into_inner();
+    if body.dry_run {
+        let msg = DryRun {
+            kind: body.kind,
+            target_app: body.target_app,
+            target_grid: body.target_grid,
+        };
+        return match source.send(msg).await {
+            Ok(Ok(checks)) => HttpResponse::Ok().json(serde_json::json!({ "checks": checks })),
+            Ok(Err(e)) => error(e.status(), e.to_string()),
+            Err(e) => error(500, format!("the Source actor is gone: {e}")),
+        };
+    }
     let msg = StartOp {
         kind: body.kind,
         target_app: body.target_app,
@@ -463,6 +478,12 @@ async fn start_op(
             "id": started.id,
             "monitor_url": format!("/ops/{}", started.id),
         })),
+        Ok(Err(StartError::Checks(checks))) => {
+            let e = StartError::Checks(checks.clone());
+            tracing::info!(status = e.status(), error = %e, "operation refused by its checks");
+            HttpResponse::build(StatusCode::PRECONDITION_FAILED)
+                .json(serde_json::json!({"error": e.to_string(), "checks": checks}))
+        }
         Ok(Err(e)) => {
             tracing::info!(status = e.status(), error = %e, "operation refused");
             error(e.status(), e.to_string())

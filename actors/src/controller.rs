@@ -95,6 +95,27 @@ pub trait GridController: Send + Sync {
     ) -> GridFuture<'a, ()>;
     /// gridctl's extension: the BLAKE3 digest of each volume, to prove bytes arrived intact.
     fn checksum<'a>(&'a self, name: &'a str) -> GridFuture<'a, Vec<VolumeChecksum>>;
+    /// gridctl's extension (`app grid --batch`), for the dry run: room for volumes, templates,
+    /// addresses in use.
+    fn grid_summary(&self) -> GridFuture<'_, GridSummary>;
+    /// `app migrate REMOTE APP .name=NEW --import --check`, for the dry run: the pull's own
+    /// trust (this grid reaches `remote` and may export `app`) and `new_name` free, no copy.
+    fn check_import<'a>(
+        &'a self,
+        remote: &'a Controller,
+        app: &'a str,
+        new_name: &'a str,
+    ) -> GridFuture<'a, ()>;
+}
+
+/// `app grid --batch`, parsed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GridSummary {
+    /// Bytes free for new volumes.
+    pub free_bytes: u64,
+    pub templates: Vec<String>,
+    /// IP addresses the grid's applications' properties hold.
+    pub addresses: Vec<String>,
 }
 
 /// The optional flags of `app migrate`.
@@ -311,6 +332,22 @@ pub mod commands {
             name: AppName::new(name)?,
         })
     }
+
+    pub fn grid() -> Command {
+        Command::Grid { batch: true }
+    }
+
+    pub fn check_import(
+        remote: &Controller,
+        app: &str,
+        new_name: &str,
+    ) -> Result<Command, DialectError> {
+        Ok(Command::MigrateCheck {
+            remote: remote.clone(),
+            app: AppName::new(app)?,
+            new_name: AppName::new(new_name)?,
+        })
+    }
 }
 
 /// Parsers for the controller's `--batch` outputs. They return a reason; the caller adds which
@@ -409,6 +446,28 @@ pub mod parse {
                 })
             })
             .collect()
+    }
+
+    /// `free_bytes\tN`, `template\tNAME`…, `address\tIP`… (other keys ignored).
+    pub fn grid(out: &str) -> Result<GridSummary, String> {
+        let mut g = GridSummary::default();
+        let mut free = None;
+        for line in lines(out) {
+            let f = fields(line, 2, "KEY, VALUE")?;
+            match f[0] {
+                "free_bytes" => {
+                    free = Some(
+                        f[1].parse()
+                            .map_err(|_| format!("free_bytes {:?} is not a byte count", f[1]))?,
+                    )
+                }
+                "template" => g.templates.push(f[1].to_string()),
+                "address" => g.addresses.push(f[1].to_string()),
+                _ => {}
+            }
+        }
+        g.free_bytes = free.ok_or("no `free_bytes` line")?;
+        Ok(g)
     }
 
     /// One line of `--progress_on_stdout`: `progress DONE TOTAL`. `None` for any other line.
@@ -737,6 +796,56 @@ pub mod memory {
                 progress(total, total);
                 g.apps.insert(new_name.to_string(), a);
                 Ok(())
+            });
+            Box::pin(std::future::ready(r))
+        }
+
+        /// Every template any application of the lab uses, and MigHelper; room to spare; the
+        /// addresses this grid's applications hold.
+        fn grid_summary(&self) -> GridFuture<'_, GridSummary> {
+            let mut templates: Vec<String> = self
+                .lab
+                .lock()
+                .values()
+                .flat_map(|g| g.apps.values().map(|a| a.template.clone()))
+                .chain(["MigHelper".to_string()])
+                .collect();
+            templates.sort();
+            templates.dedup();
+            let r = self.run(Ok(commands::grid()), "", |g| {
+                Ok(GridSummary {
+                    free_bytes: 1 << 40,
+                    templates,
+                    addresses: g
+                        .apps
+                        .values()
+                        .flat_map(|a| a.props.iter().map(|(_, v)| v.clone()))
+                        .filter(|v| v.parse::<std::net::IpAddr>().is_ok())
+                        .collect(),
+                })
+            });
+            Box::pin(std::future::ready(r))
+        }
+
+        fn check_import<'a>(
+            &'a self,
+            remote: &'a Controller,
+            app_name: &'a str,
+            new_name: &'a str,
+        ) -> GridFuture<'a, ()> {
+            let cmd = commands::check_import(remote, app_name, new_name);
+            let has = self
+                .lab
+                .lock()
+                .get(&key(remote))
+                .map(|g| g.apps.contains_key(app_name));
+            let r = self.run(cmd, new_name, |g| match has {
+                None => Err(format!("unknown remote controller {remote}")),
+                Some(false) => Err(format!("{remote} has no application {app_name}")),
+                Some(true) if g.apps.contains_key(new_name) => {
+                    Err(format!("application {new_name} already exists"))
+                }
+                Some(true) => Ok(()),
             });
             Box::pin(std::future::ready(r))
         }

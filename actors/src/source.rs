@@ -14,6 +14,7 @@ use tracing::Instrument;
 use crate::auth::{AppKey, GuiCredentials};
 use crate::cancel::{Cancel, CancelError, Gate, GateState};
 use crate::driver::{destroy_if_ours, Driver, StepError, MARK};
+use crate::dry_run::Check;
 use crate::grid_info::{Grid, GridInfo};
 use crate::handoff::HelperEnv;
 use crate::op::{
@@ -119,6 +120,15 @@ pub struct Started {
     pub id: String,
 }
 
+/// `POST /api/v1/ops` with `"dry_run": true`: every check of [`crate::dry_run`], nothing changed.
+#[derive(Message, Debug, Clone)]
+#[rtype(result = "Result<Vec<Check>, StartError>")]
+pub struct DryRun {
+    pub kind: String,
+    pub target_app: String,
+    pub target_grid: String,
+}
+
 /// Why an operation was not started. Nothing has changed on any grid in any of these cases.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum StartError {
@@ -134,6 +144,9 @@ pub enum StartError {
     Grid(String),
     #[error("cannot journal the operation: {0}")]
     Journal(String),
+    /// A check of the dry run failed; the list says which and what to fix.
+    #[error("a check failed, so nothing was started: {}", crate::dry_run::failures(.0))]
+    Checks(Vec<Check>),
 }
 
 impl StartError {
@@ -145,6 +158,7 @@ impl StartError {
             StartError::Unavailable(_) => 503,
             StartError::Grid(_) => 502,
             StartError::Journal(_) => 500,
+            StartError::Checks(_) => 412,
         }
     }
 }
@@ -158,11 +172,17 @@ impl Handler<StartOp> for Source {
         tracing::info!(message = "StartOp", from = "http", to = "source", kind = %msg.kind, target_grid = %msg.target_grid, "actor message");
         let cfg = self.cfg.clone();
         let driver = self.driver.clone();
-        let checked = check_request(&cfg, &driver, &msg);
+        let checked = check_request(&cfg, &driver, &msg, false);
         AtomicResponse::new(Box::pin(
             async move {
                 let (kind, plan) = checked?;
                 check_grids(&driver, &plan).await?;
+                // The dry run's checks, every time: a start that one of them would refuse
+                // changes nothing.
+                let checks = crate::dry_run::run(&driver, cfg.mode, kind, &plan).await;
+                if checks.iter().any(|c| !c.ok) {
+                    return Err(StartError::Checks(checks));
+                }
                 let mut op = Op::new(op::new_id(), kind, plan);
                 op.plan.helper_app = op::helper_app_name(&op.id);
                 driver
@@ -183,15 +203,36 @@ impl Handler<StartOp> for Source {
     }
 }
 
+impl Handler<DryRun> for Source {
+    type Result = ResponseFuture<Result<Vec<Check>, StartError>>;
+
+    fn handle(&mut self, msg: DryRun, _ctx: &mut Context<Self>) -> Self::Result {
+        tracing::info!(message = "DryRun", from = "http", to = "source", kind = %msg.kind, target_grid = %msg.target_grid, "actor message");
+        let (cfg, driver) = (self.cfg.clone(), self.driver.clone());
+        let start = StartOp {
+            kind: msg.kind,
+            target_app: msg.target_app,
+            target_grid: msg.target_grid,
+        };
+        let checked = check_request(&cfg, &driver, &start, true);
+        Box::pin(async move {
+            let (kind, plan) = checked?;
+            Ok(crate::dry_run::run(&driver, cfg.mode, kind, &plan).await)
+        })
+    }
+}
+
 /// The checks that need no grid: kind, mode, names, grids, one at a time. A bad request is
-/// refused here, before any SSH connection.
+/// refused here, before any SSH connection. A dry run reports the mode as one of its checks, and
+/// runs while another operation does.
 fn check_request(
     cfg: &SourceConfig,
     driver: &Driver,
     msg: &StartOp,
+    dry_run: bool,
 ) -> Result<(Kind, Plan), StartError> {
     let kind: Kind = msg.kind.parse().map_err(StartError::Invalid)?;
-    if !cfg.mode.allows(kind.as_str()) {
+    if !dry_run && !cfg.mode.allows(kind.as_str()) {
         return Err(StartError::Forbidden(format!(
             "this MIG's mode does not allow {}",
             kind.as_str()
@@ -220,7 +261,7 @@ fn check_request(
             target.id
         )));
     }
-    if let Some(running) = driver.book.any_running() {
+    if let Some(running) = driver.book.any_running().filter(|_| !dry_run) {
         return Err(StartError::Busy { id: running.id });
     }
     let source = gi.get(own_id).expect("own grid is in grid.info");
