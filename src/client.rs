@@ -314,3 +314,50 @@ pub fn detached(kind: &str, url: &str, owner: &str, id: &str) -> String {
         "stopped following; the {kind} {id} goes on.\n  follow it again: {url}/ops/{id} (or mig status --url {owner} {id})\n  cancel it (before the cut-over): mig cancel --url {owner} {id}"
     )
 }
+
+/// `POST /api/v1/ops` with `"dry_run": true`: the checks, nothing started or changed.
+pub async fn dry_run(
+    url: &str,
+    kind: &str,
+    to: &str,
+    name: &str,
+    creds: &Credentials,
+) -> anyhow::Result<Vec<actors::dry_run::Check>> {
+    let http = reqwest::Client::new();
+    let url = url.trim_end_matches('/');
+    let token = csrf_token(&http, url, creds).await?;
+    let r = with_auth(http.post(format!("{url}/api/v1/ops")), creds)
+        .header(crate::server::CSRF_HEADER, token)
+        .json(&serde_json::json!({
+            "kind": kind, "target_app": name, "target_grid": to, "dry_run": true
+        }))
+        .send()
+        .await
+        .with_context(|| format!("cannot reach MIG at {url}"))?;
+    if !r.status().is_success() {
+        bail!(
+            "MIG at {url} did not run the checks: {}",
+            error_text(r).await
+        );
+    }
+    let v: serde_json::Value = r.json().await.context("reading the answer")?;
+    serde_json::from_value(v["checks"].clone()).context("the answer has no list of checks")
+}
+
+/// The checks as a table: one line each, `ok` or `FAILED`, the name, and what was found or what
+/// to fix.
+pub fn checks_table(checks: &[actors::dry_run::Check]) -> String {
+    let width = checks.iter().map(|c| c.name.len()).max().unwrap_or(0);
+    checks
+        .iter()
+        .map(|c| {
+            format!(
+                "{:<6} {:<width$}  {}",
+                if c.ok { "ok" } else { "FAILED" },
+                c.name,
+                c.detail
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}

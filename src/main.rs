@@ -101,6 +101,10 @@ struct OpArgs {
     /// Print only the final summary.
     #[arg(long)]
     quiet: bool,
+    /// Run every check the operation needs and print them as a table; change nothing. Exit 0
+    /// only if every check passed.
+    #[arg(long)]
+    dry_run: bool,
 }
 
 #[derive(Args)]
@@ -223,6 +227,20 @@ async fn operate(kind: &str, a: OpArgs) -> Result<ExitCode, ExitCode> {
         user: a.user,
         password: a.password,
     };
+    if a.dry_run {
+        let checks = mig::client::dry_run(&a.url, kind, &a.to, &a.name, &creds)
+            .await
+            .map_err(fail)?;
+        println!("{}", mig::client::checks_table(&checks));
+        let failed = checks.iter().filter(|c| !c.ok).count();
+        return if failed == 0 {
+            println!("every check passed: the {kind} can start");
+            Ok(ExitCode::SUCCESS)
+        } else {
+            println!("{failed} check(s) failed: nothing was started");
+            Err(ExitCode::FAILURE)
+        };
+    }
     let id = mig::client::start(&a.url, kind, &a.to, &a.name, &creds)
         .await
         .map_err(fail)?;

@@ -206,6 +206,12 @@ fn a_cancel_before_the_cut_over_rolls_back_wherever_it_is_asked() {
     let (data, sum) = small_shop(&lab);
     let (source, helper) = (lab.mig_url(1), helper_url(&lab, 2));
 
+    // Every check passes here: the dry run's table, exit 0, and nothing started.
+    let (ok, out) = cli_dry_run(&source, "migrate");
+    assert!(ok && out.contains("every check passed"), "{out}");
+    assert!(out.contains("ok     pull trust"), "{out}");
+    assert_untouched(&lab, &data, &sum);
+
     on(&faults, "hold-copy");
     let id = start_migrate(&source, "shop2");
     wait_op(&helper, &id, "the copy to be held", 60, |op| {
@@ -249,4 +255,231 @@ fn a_cancel_before_the_cut_over_rolls_back_wherever_it_is_asked() {
     let (code, v) = cancel(&source, &id);
     assert_eq!(code, 409, "an ended operation: {v}");
     assert!(started.elapsed() < Duration::from_secs(10));
+
+    // Past the cut-over (the target MIG holds before its clean-up): refused everywhere, and the
+    // migrate finishes as if nobody had asked.
+    on(&faults, "hold-clean-up");
+    let id = start_migrate(&source, "shop2");
+    let target = lab.mig_url(2);
+    wait_op(
+        &target,
+        &id,
+        "the target MIG to own the operation",
+        60,
+        |op| op["owner"] == "target",
+    );
+    for url in [&target, &helper] {
+        let (code, v) = cancel(url, &id);
+        assert_eq!(code, 409, "at {url}: {v}");
+        assert_eq!(
+            v["error"], "past the cut-over: the application already runs on g2",
+            "at {url}"
+        );
+    }
+    off(&faults, "hold-clean-up");
+    let op = wait_end(&target, &id);
+    assert_eq!(op["state"], "succeeded", "{op:#}");
+    assert!(op.get("cancelled").is_none(), "{op:#}");
+    assert_eq!(names(&lab.apps(1)), [] as [(&str, &str); 0]);
+    assert_eq!(names(&lab.apps(2)), [("shop2", "running")]);
+    for (k, v) in &data {
+        assert_eq!(get(&lab.data_url(2), k).as_deref(), Some(&v[..]), "{k}");
+    }
+}
+
+/// `mig KIND --url URL --to g2 --name shop2 --dry-run`: whether it exited 0, and its output.
+fn cli_dry_run(url: &str, kind: &str) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_mig"))
+        .args([
+            kind,
+            "--url",
+            url,
+            "--to",
+            "g2",
+            "--name",
+            "shop2",
+            "--dry-run",
+        ])
+        .env_remove("MIG_PASSWORD_CLI")
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr),
+    )
+}
+
+/// The names of the checks that failed in a dry run's answer (200 expected).
+fn dry(url: &str, kind: &str, target_app: &str) -> (Vec<String>, serde_json::Value) {
+    let (code, v) = post_op(
+        url,
+        serde_json::json!({"kind": kind, "target_app": target_app, "target_grid": "g2", "dry_run": true}),
+    );
+    assert_eq!(code, 200, "{v}");
+    let failed = v["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["ok"] == false)
+        .map(|c| c["name"].as_str().unwrap().to_string())
+        .collect();
+    (failed, v)
+}
+
+fn detail(v: &serde_json::Value, name: &str) -> String {
+    v["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == name)
+        .and_then(|c| c["detail"].as_str())
+        .unwrap_or_default()
+        .to_string()
+}
+
+fn sshd_pid(lab: &Lab, n: u8) -> String {
+    std::fs::read_to_string(lab.path().join(format!("g{n}/sshd.pid")))
+        .unwrap()
+        .trim()
+        .to_string()
+}
+
+/// Every check of the dry run fails once, on purpose, with a message that says what to fix, and
+/// nothing changes on either grid. `shop`'s data volume is 15 TiB (sparse), more than any test
+/// machine has free, so `room` fails throughout: each case adds its own failure to it. A real
+/// start runs the same checks and refuses with the list (412).
+#[test]
+fn every_dry_run_check_fails_once_with_what_to_fix_and_nothing_changes() {
+    let lab = Lab::up(2, &BASES);
+    // This MIG offers migrate only, so a snapshot's `mode` check fails.
+    let p = lab.state(1).join("templates/demoapp.toml");
+    let anchor = r#""--set", "app_name=${app}""#;
+    let t = std::fs::read_to_string(&p).unwrap();
+    assert!(t.contains(anchor));
+    std::fs::write(
+        &p,
+        t.replacen(anchor, &format!(r#"{anchor}, "--set", "mode=migrate""#), 1),
+    )
+    .unwrap();
+    let out = lab.app(
+        1,
+        &[
+            "provision",
+            "demoapp",
+            "shop",
+            &format!("in_ip={}", lab.ip(1, 10)),
+            &format!("web_ip={}", lab.ip(1, 11)),
+            "data_size=15T",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    put(&lab.data_url(1), "greeting", b"hello");
+    let url = lab.mig_url(1);
+    let unchanged = || {
+        assert_eq!(names(&lab.apps(1)), [("shop", "running")]);
+        assert_eq!(names(&lab.apps(2)), [] as [(&str, &str); 0]);
+        assert_eq!(
+            get(&lab.data_url(1), "greeting").as_deref(),
+            Some(&b"hello"[..])
+        );
+    };
+
+    let (failed, v) = dry(&url, "migrate", "shop2");
+    assert_eq!(failed, ["room"], "{v:#}");
+    assert!(
+        detail(&v, "room").contains("free space on it, or pick another grid"),
+        "{v:#}"
+    );
+    let (ok, out) = cli_dry_run(&url, "migrate");
+    assert!(!ok, "exit 1 when a check fails: {out}");
+    assert!(
+        out.contains("FAILED room") && out.contains("1 check(s) failed"),
+        "{out}"
+    );
+
+    let (failed, v) = dry(&url, "snapshot", "shop2");
+    assert_eq!(failed, ["mode", "room"], "{v:#}");
+    assert!(detail(&v, "mode").contains("set the mode property to snapshot or both"));
+
+    // Another application on g2 named `other`, on MigHelper's address of grid.info.
+    let out = lab.app(
+        2,
+        &[
+            "provision",
+            "demoapp",
+            "other",
+            &format!("in_ip={}", lab.ip(2, 20)),
+            &format!("web_ip={}", lab.ip(2, 22)),
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (failed, v) = dry(&url, "migrate", "other");
+    assert_eq!(
+        failed,
+        ["target name", "pull trust", "room", "addresses"],
+        "{v:#}"
+    );
+    assert!(detail(&v, "target name").contains("pick another target name"));
+    let (failed, v) = dry(&url, "migrate", "shop2");
+    assert_eq!(failed, ["room", "addresses"], "{v:#}");
+    assert!(
+        detail(&v, "addresses").contains(&format!("{} (MigHelper_config)", lab.ip(2, 20))),
+        "{v:#}"
+    );
+    for verb in ["stop", "destroy"] {
+        assert!(lab.app(2, &[verb, "other"]).status.success());
+    }
+
+    let tpl = lab.state(2).join("templates/demoapp.toml");
+    std::fs::rename(&tpl, tpl.with_extension("off")).unwrap();
+    let (failed, v) = dry(&url, "migrate", "shop2");
+    std::fs::rename(tpl.with_extension("off"), &tpl).unwrap();
+    assert_eq!(failed, ["templates", "room"], "{v:#}");
+    assert!(
+        detail(&v, "templates").contains("lacks template demoapp"),
+        "{v:#}"
+    );
+
+    let trust = lab.state(2).join("peer/known_hosts");
+    std::fs::rename(&trust, trust.with_extension("off")).unwrap();
+    let (failed, v) = dry(&url, "migrate", "shop2");
+    std::fs::rename(trust.with_extension("off"), &trust).unwrap();
+    assert_eq!(failed, ["pull trust", "room"], "{v:#}");
+    assert!(
+        detail(&v, "pull trust").contains("not a known peer grid"),
+        "{v:#}"
+    );
+
+    for (n, which) in [(1, "source controller"), (2, "target controller")] {
+        assert!(Command::new("kill")
+            .args(["-KILL", &sshd_pid(&lab, n)])
+            .status()
+            .unwrap()
+            .success());
+        let (failed, v) = dry(&url, "migrate", "shop2");
+        lab.run_lab_up("lab up again");
+        assert_eq!(failed.first().map(String::as_str), Some(which), "{v:#}");
+        assert!(
+            detail(&v, which).contains(&format!("127.0.{}.1", lab.base + n)),
+            "{v:#}"
+        );
+    }
+
+    // A real start runs the same checks and refuses with them.
+    let (code, v) = post_op(
+        &url,
+        serde_json::json!({"kind": "migrate", "target_app": "shop2", "target_grid": "g2"}),
+    );
+    assert_eq!(code, 412, "{v:#}");
+    assert!(v["error"].as_str().unwrap().contains("room: "), "{v:#}");
+    assert_eq!(v["checks"].as_array().unwrap().len(), 9, "{v:#}");
+    unchanged();
 }
