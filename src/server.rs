@@ -364,20 +364,20 @@ struct StartBody {
     dry_run: bool,
 }
 
-/// 403 unless the request carries this instance's CSRF token.
-fn check_csrf(req: &HttpRequest, shared: &Shared) -> Result<(), HttpResponse> {
+/// The 403 to answer unless the request carries this instance's CSRF token.
+fn csrf_refusal(req: &HttpRequest, shared: &Shared) -> Option<HttpResponse> {
     let token = req
         .headers()
         .get(CSRF_HEADER)
         .map(|v| v.as_bytes())
         .unwrap_or_default();
     if !bool::from(token.ct_eq(shared.csrf_token.as_bytes())) {
-        return Err(error(
+        return Some(error(
             403,
             format!("missing or wrong {CSRF_HEADER} header: reload the page (or GET /api/v1/csrf)"),
         ));
     }
-    Ok(())
+    None
 }
 
 /// `POST /api/v1/ops/{id}/cancel`: 202 `{id, cancelled: {user, from, at}, monitor_url}` once the
@@ -404,7 +404,7 @@ async fn cancel_op(
         Some(Ok(s)) => canceller.from_peer(s).await,
         Some(Err(e)) => Err(e),
         None => {
-            if let Err(resp) = check_csrf(&req, &shared) {
+            if let Some(resp) = csrf_refusal(&req, &shared) {
                 return resp;
             }
             let by = actors::op::Cancelled {
@@ -444,7 +444,7 @@ async fn start_op(
     shared: aw::Data<Shared>,
     body: aw::Json<StartBody>,
 ) -> HttpResponse {
-    if let Err(resp) = check_csrf(&req, &shared) {
+    if let Some(resp) = csrf_refusal(&req, &shared) {
         return resp;
     }
     let Some(source) = &shared.source else {

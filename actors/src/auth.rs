@@ -272,6 +272,14 @@ impl OpKey {
 /// signature (`x-mig-signature`) as a handoff's, and a fresh nonce instead of a sequence number.
 pub const H_NONCE: &str = "x-mig-nonce";
 
+/// A forwarded cancel's stamp: when it was signed, its nonce, and the signature.
+#[derive(Debug, Clone, Copy)]
+pub struct CancelSig<'a> {
+    pub timestamp: u64,
+    pub nonce: &'a str,
+    pub signature: &'a str,
+}
+
 impl OpKey {
     fn cancel_mac(
         &self,
@@ -312,19 +320,17 @@ impl OpKey {
     pub fn verify_cancel(
         &self,
         op_id: &str,
-        timestamp: u64,
-        nonce: &str,
+        sig: CancelSig<'_>,
         me: (crate::op::Role, &str),
         body: &[u8],
-        signature: &str,
         now: u64,
     ) -> Result<(), HandoffAuthError> {
-        let sig = OpKey::from_hex(signature).ok_or(HandoffAuthError::Missing(H_SIGNATURE))?;
-        self.cancel_mac(op_id, timestamp, nonce, me, body)
-            .verify_slice(&sig.0)
+        let tag = OpKey::from_hex(sig.signature).ok_or(HandoffAuthError::Missing(H_SIGNATURE))?;
+        self.cancel_mac(op_id, sig.timestamp, sig.nonce, me, body)
+            .verify_slice(&tag.0)
             .map_err(|_| HandoffAuthError::BadSignature)?;
-        if now.abs_diff(timestamp) > MAX_SKEW.as_secs() {
-            return Err(HandoffAuthError::Stale { ts: timestamp });
+        if now.abs_diff(sig.timestamp) > MAX_SKEW.as_secs() {
+            return Err(HandoffAuthError::Stale { ts: sig.timestamp });
         }
         Ok(())
     }

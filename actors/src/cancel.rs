@@ -18,7 +18,7 @@ use std::time::Duration;
 use actix::{Message, Recipient};
 use tokio::sync::watch;
 
-use crate::auth::{AppKey, OpKey, H_NONCE, H_OP, H_SIGNATURE, H_TIMESTAMP, MAX_SKEW};
+use crate::auth::{AppKey, CancelSig, OpKey, H_NONCE, H_OP, H_SIGNATURE, H_TIMESTAMP, MAX_SKEW};
 use crate::book::OpBook;
 use crate::op::{Cancelled, Kind, Op, Role};
 
@@ -239,6 +239,14 @@ pub struct SignedCancel {
 }
 
 impl SignedCancel {
+    fn sig(&self) -> CancelSig<'_> {
+        CancelSig {
+            timestamp: self.timestamp,
+            nonce: &self.nonce,
+            signature: &self.signature,
+        }
+    }
+
     /// Reads the headers; `get` looks one up by name. `None` when the request is not signed.
     pub fn from_headers<'a>(
         op_id: &str,
@@ -424,16 +432,8 @@ impl Canceller {
             .ok_or_else(|| CancelError::Auth("no key for that operation here".into()))?;
         let now = crate::auth::unix_now();
         let signed_for_me = self.me.iter().any(|(role, app)| {
-            key.verify_cancel(
-                &s.op_id,
-                s.timestamp,
-                &s.nonce,
-                (*role, app),
-                &s.body,
-                &s.signature,
-                now,
-            )
-            .is_ok()
+            key.verify_cancel(&s.op_id, s.sig(), (*role, app), &s.body, now)
+                .is_ok()
         });
         if !signed_for_me {
             return Err(CancelError::Auth(
@@ -534,33 +534,38 @@ mod tests {
         let to = (Role::Helper, "mighelper-01234567");
         let (ts, sig) = k.sign_cancel(&id, &nonce, to, b"{}");
         let now = crate::auth::unix_now();
-        assert!(k
-            .verify_cancel(&id, ts, &nonce, to, b"{}", &sig, now)
-            .is_ok());
+        let stamp = |nonce| CancelSig {
+            timestamp: ts,
+            nonce,
+            signature: &sig,
+        };
+        assert!(k.verify_cancel(&id, stamp(&nonce), to, b"{}", now).is_ok());
+        let other_app = (Role::Target, "shop2");
         assert!(
-            k.verify_cancel(&id, ts, &nonce, (Role::Target, "shop2"), b"{}", &sig, now)
+            k.verify_cancel(&id, stamp(&nonce), other_app, b"{}", now)
                 .is_err(),
             "another receiver"
         );
         assert!(
-            k.verify_cancel(&id, ts, &nonce, to, b"{\"x\":1}", &sig, now)
+            k.verify_cancel(&id, stamp(&nonce), to, b"{\"x\":1}", now)
                 .is_err(),
             "another body"
         );
+        let other_nonce = crate::handoff::nonce();
         assert!(
-            k.verify_cancel(&id, ts, &crate::handoff::nonce(), to, b"{}", &sig, now)
+            k.verify_cancel(&id, stamp(&other_nonce), to, b"{}", now)
                 .is_err(),
             "another nonce"
         );
         let other = app.op_key(&crate::op::new_id());
         assert!(
             other
-                .verify_cancel(&id, ts, &nonce, to, b"{}", &sig, now)
+                .verify_cancel(&id, stamp(&nonce), to, b"{}", now)
                 .is_err(),
             "another operation's key"
         );
         assert!(
-            k.verify_cancel(&id, ts, &nonce, to, b"{}", &sig, now + 3600)
+            k.verify_cancel(&id, stamp(&nonce), to, b"{}", now + 3600)
                 .is_err(),
             "stale"
         );
