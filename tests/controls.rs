@@ -8,7 +8,8 @@
 
 mod common;
 
-use std::process::Command;
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
 use std::sync::atomic::AtomicU8;
 use std::time::{Duration, Instant};
 
@@ -212,14 +213,63 @@ fn a_cancel_before_the_cut_over_rolls_back_wherever_it_is_asked() {
     assert!(out.contains("ok     pull trust"), "{out}");
     assert_untouched(&lab, &data, &sum);
 
+    // Started with the CLI; Ctrl-C stops it following, not the operation, and it says where to
+    // cancel: MigHelper, since the source MIG is stopped with its application during the copy.
     on(&faults, "hold-copy");
-    let id = start_migrate(&source, "shop2");
+    let mut cli = Command::new(env!("CARGO_BIN_EXE_mig"))
+        .args(["migrate", "--url", &source, "--to", "g2", "--name", "shop2"])
+        .env_remove("MIG_PASSWORD_CLI")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stdout = cli.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let first = rx.recv_timeout(Duration::from_secs(60)).unwrap();
+    let id = first.split_whitespace().nth(1).unwrap().to_string();
     wait_op(&helper, &id, "the copy to be held", 60, |op| {
         step(op, MIGRATING)["state"] == "running"
     });
-    let (code, v) = cancel(&helper, &id);
-    assert_eq!(code, 202, "{v}");
-    assert_eq!(v["cancelled"]["user"], "anonymous");
+    // The follower has seen MigHelper own it (it polls every 200 ms).
+    std::thread::sleep(Duration::from_millis(600));
+    assert!(Command::new("kill")
+        .args(["-INT", &cli.id().to_string()])
+        .status()
+        .unwrap()
+        .success());
+    let out = cli.wait_with_output().unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{said}");
+    assert!(said.contains("stopped following"), "{said}");
+    assert!(
+        said.contains(&format!("mig cancel --url {helper} {id}")),
+        "{said}"
+    );
+    assert_eq!(
+        op_at(&helper, &id).unwrap()["state"],
+        "running",
+        "the operation goes on"
+    );
+
+    let out = Command::new(env!("CARGO_BIN_EXE_mig"))
+        .args(["cancel", "--url", &helper, &id])
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{said} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        said.contains("cancelled by anonymous from 127.0.0.1"),
+        "{said}"
+    );
     // The same cancel again is answered with the first, which stands.
     let (code, again) = cancel(&helper, &id);
     assert!(code == 202 || code == 409, "{code} {again}");

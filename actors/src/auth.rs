@@ -641,6 +641,26 @@ mod tests {
     }
 
     #[test]
+    fn mighelper_checks_the_same_credentials_from_a_mac_of_the_password() {
+        let (_, _, k) = keys();
+        let source = GuiCredentials::new("ops", &Secret::new("s3cret")).unwrap();
+        let (user, mac) = source.for_helper(&k);
+        assert!(
+            !mac.contains("s3cret"),
+            "the password itself is not handed on"
+        );
+        let helper = GuiCredentials::from_mac(&user, &k, &mac).unwrap();
+        assert!(helper.check_header(Some(&header("ops", "s3cret"))));
+        assert!(!helper.check_header(Some(&header("ops", "s3cre"))));
+        assert!(!helper.check_header(Some(&header("op", "s3cret"))));
+        // Another operation's key makes another MAC: it cannot be carried over.
+        let other = AppKey::from_secret_bytes(b"x").op_key(&crate::op::new_id());
+        let moved = GuiCredentials::from_mac(&user, &other, &mac).unwrap();
+        assert!(!moved.check_header(Some(&header("ops", "s3cret"))));
+        assert!(GuiCredentials::from_mac("", &k, &mac).is_none());
+    }
+
+    #[test]
     fn the_handoff_secret_is_made_once_private_and_kept() {
         use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
