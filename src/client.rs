@@ -132,6 +132,17 @@ pub fn owner_url(op: &OpView) -> &str {
 /// Follows operation `id` from `url` to its end, across instances, drawing progress; returns the
 /// final operation.
 pub async fn follow(url: &str, id: &str, quiet: bool) -> anyhow::Result<OpView> {
+    follow_noting_owner(url, id, quiet, &std::sync::Mutex::default()).await
+}
+
+/// [`follow`], keeping in `owner` the URL of the instance that drives the operation now (where a
+/// cancel goes when the follower is stopped).
+pub async fn follow_noting_owner(
+    url: &str,
+    id: &str,
+    quiet: bool,
+    owner: &std::sync::Mutex<String>,
+) -> anyhow::Result<OpView> {
     let http = reqwest::Client::new();
     let mut op = fetch(&http, url, id).await?;
     let bar = if quiet {
@@ -174,6 +185,7 @@ pub async fn follow(url: &str, id: &str, quiet: bool) -> anyhow::Result<OpView> 
                 }
             }
         }
+        *owner.lock().expect("owner lock") = owner_url(&op).to_string();
         bar.set_message(format!(
             "{} {}: {:?}, at {}",
             op.kind.as_str(),
@@ -256,4 +268,102 @@ pub fn summary(op: &OpView) -> String {
         ));
     }
     out
+}
+
+/// This MIG's CSRF token, read with the GUI credentials (what a state-changing request carries).
+async fn csrf_token(
+    http: &reqwest::Client,
+    url: &str,
+    creds: &Credentials,
+) -> anyhow::Result<String> {
+    let r = with_auth(http.get(format!("{url}/api/v1/csrf")), creds)
+        .send()
+        .await
+        .with_context(|| format!("cannot reach MIG at {url}"))?;
+    if !r.status().is_success() {
+        bail!("MIG at {url} refused: {}", error_text(r).await);
+    }
+    let token: serde_json::Value = r.json().await.context("reading the CSRF token")?;
+    Ok(token["csrf"].as_str().unwrap_or_default().to_string())
+}
+
+/// `POST /api/v1/ops/{id}/cancel` on the instance at `url` (it forwards to the one that drives
+/// the operation); returns who cancelled it and when, as the owner recorded it.
+pub async fn cancel(url: &str, id: &str, creds: &Credentials) -> anyhow::Result<serde_json::Value> {
+    let http = reqwest::Client::new();
+    let url = url.trim_end_matches('/');
+    let token = csrf_token(&http, url, creds).await?;
+    let r = with_auth(
+        http.post(format!("{url}{}", actors::api::cancel(id))),
+        creds,
+    )
+    .header(crate::server::CSRF_HEADER, token)
+    .send()
+    .await
+    .with_context(|| format!("cannot reach MIG at {url}"))?;
+    if r.status() != reqwest::StatusCode::ACCEPTED {
+        bail!(
+            "{url} did not cancel operation {id}: {}",
+            error_text(r).await
+        );
+    }
+    let v: serde_json::Value = r.json().await.context("reading the answer")?;
+    Ok(v["cancelled"].clone())
+}
+
+/// What `mig migrate|snapshot` prints when Ctrl-C stops it following: the operation goes on.
+/// `owner` is the instance that drove it last (MigHelper during the copy, when the source's MIG is
+/// stopped with its application), where a cancel can reach it.
+pub fn detached(kind: &str, url: &str, owner: &str, id: &str) -> String {
+    let owner = if owner.is_empty() { url } else { owner };
+    format!(
+        "stopped following; the {kind} {id} goes on.\n  follow it again: {url}/ops/{id} (or mig status --url {owner} {id})\n  cancel it (before the cut-over): mig cancel --url {owner} {id}"
+    )
+}
+
+/// `POST /api/v1/ops` with `"dry_run": true`: the checks, nothing started or changed.
+pub async fn dry_run(
+    url: &str,
+    kind: &str,
+    to: &str,
+    name: &str,
+    creds: &Credentials,
+) -> anyhow::Result<Vec<actors::dry_run::Check>> {
+    let http = reqwest::Client::new();
+    let url = url.trim_end_matches('/');
+    let token = csrf_token(&http, url, creds).await?;
+    let r = with_auth(http.post(format!("{url}/api/v1/ops")), creds)
+        .header(crate::server::CSRF_HEADER, token)
+        .json(&serde_json::json!({
+            "kind": kind, "target_app": name, "target_grid": to, "dry_run": true
+        }))
+        .send()
+        .await
+        .with_context(|| format!("cannot reach MIG at {url}"))?;
+    if !r.status().is_success() {
+        bail!(
+            "MIG at {url} did not run the checks: {}",
+            error_text(r).await
+        );
+    }
+    let v: serde_json::Value = r.json().await.context("reading the answer")?;
+    serde_json::from_value(v["checks"].clone()).context("the answer has no list of checks")
+}
+
+/// The checks as a table: one line each, `ok` or `FAILED`, the name, and what was found or what
+/// to fix.
+pub fn checks_table(checks: &[actors::dry_run::Check]) -> String {
+    let width = checks.iter().map(|c| c.name.len()).max().unwrap_or(0);
+    checks
+        .iter()
+        .map(|c| {
+            format!(
+                "{:<6} {:<width$}  {}",
+                if c.ok { "ok" } else { "FAILED" },
+                c.name,
+                c.detail
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
 }

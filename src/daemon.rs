@@ -10,6 +10,7 @@ use std::sync::Arc;
 use actix::{Actor, Addr};
 use actors::auth::AppKey;
 use actors::book::OpBook;
+use actors::cancel::{Canceller, Keys};
 use actors::driver::{Driver, SshConnect};
 use actors::faults::Faults;
 use actors::handoff::{HelperEnv, HELPER_ENV_VAR};
@@ -152,7 +153,14 @@ pub async fn serve(props: Properties) -> Result<(), Fatal> {
         }
     };
     let (mut handoff, mut status, mut source) = (None, None, None);
+    let mut canceller = None;
     if let Some(app_key) = app_key {
+        let me = props
+            .app_name
+            .iter()
+            .flat_map(|a| [(Role::Source, a.clone()), (Role::Target, a.clone())])
+            .collect();
+        canceller = Some(Canceller::new(book.clone(), Keys::App(app_key.clone()), me));
         let target = Target::new(app_key.clone(), props.app_name.clone(), driver.clone()).start();
         status = Some(target.clone().recipient());
         handoff = Some(target.recipient());
@@ -178,8 +186,13 @@ pub async fn serve(props: Properties) -> Result<(), Fatal> {
                     known_hosts: read(&props.known_hosts_file)?,
                     otlp_endpoint: props.otlp_endpoint.clone(),
                     precopy: props.precopy,
+                    gui: actors::auth::GuiCredentials::new(&props.username, &props.password),
                 };
-                source = Some(Source::new(cfg, driver).start());
+                let started = Source::new(cfg, driver).start();
+                if let Some(c) = canceller.as_mut() {
+                    c.source = Some(started.clone().recipient());
+                }
+                source = Some(started);
             }
         }
     } else {
@@ -189,6 +202,7 @@ pub async fn serve(props: Properties) -> Result<(), Fatal> {
     shared.handoff = handoff;
     shared.status = status;
     shared.source = source;
+    shared.canceller = canceller.map(Arc::new);
     shared.faults = Faults::new(props.fault_dir.clone());
     if !props.webhook_url.is_empty() {
         crate::webhook::Webhooks {
@@ -238,7 +252,19 @@ pub async fn helper(mut props: Properties, env: Option<String>) -> Result<(), Fa
     let span = tracing::info_span!("op", op_id = %env.op_id, actor = "mig_helper");
     span.in_scope(|| tracing::info!("MigHelper starting"));
     let helper = MigHelper::new(env.op_id.clone(), env.op_key(), driver).start();
+    let mut canceller = Canceller::new(
+        book.clone(),
+        Keys::One(env.op_id.clone(), env.op_key()),
+        vec![(Role::Helper, actors::op::helper_app_name(&env.op_id))],
+    );
+    canceller.helper = Some(helper.clone().recipient());
     let mut shared = Shared::new(None, book, vec![Role::Helper]);
+    shared.canceller = Some(Arc::new(canceller));
+    // The source MIG's GUI credentials (the password as a MAC): a cancel here needs them too.
+    shared.credentials = env
+        .gui
+        .as_ref()
+        .and_then(|(user, mac)| actors::auth::GuiCredentials::from_mac(user, &env.op_key(), mac));
     shared.handoff = Some(helper.clone().recipient());
     shared.status = Some(helper.recipient());
     shared.faults = Faults::new(props.fault_dir.clone());

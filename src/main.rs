@@ -63,6 +63,22 @@ enum Command {
         /// The operation id.
         op_id: String,
     },
+    /// Cancel an operation before its cut-over: it rolls back (the source runs again with its
+    /// data) and ends `cancelled`. Ask any MIG (or MigHelper) that knows it; after the cut-over
+    /// it is refused.
+    Cancel {
+        /// A MIG (or MigHelper) that knows the operation, e.g. http://10.0.1.10:8080
+        #[arg(long)]
+        url: String,
+        /// GUI username, when the MIG has one.
+        #[arg(long)]
+        user: Option<String>,
+        /// GUI password (or MIG_PASSWORD_CLI in the environment, to keep it out of `ps`).
+        #[arg(long, env = "MIG_PASSWORD_CLI", hide_env_values = true)]
+        password: Option<String>,
+        /// The operation id.
+        op_id: String,
+    },
 }
 
 #[derive(Args)]
@@ -89,6 +105,10 @@ struct OpArgs {
     /// "" for no limit. Without it the MIG's `max_rate` property applies.
     #[arg(long, value_name = "RATE")]
     max_rate: Option<String>,
+    /// Run every check the operation needs and print them as a table; change nothing. Exit 0
+    /// only if every check passed.
+    #[arg(long)]
+    dry_run: bool,
 }
 
 #[derive(Args)]
@@ -174,6 +194,15 @@ async fn main() -> ExitCode {
             )
             .await
         }
+        (
+            Command::Cancel {
+                url,
+                user,
+                password,
+                op_id,
+            },
+            _,
+        ) => cancel(&url, &op_id, &mig::client::Credentials { user, password }).await,
         (Command::Serve(_) | Command::Helper(_), None) => unreachable!("loaded above"),
     };
     result.unwrap_or_else(|code| code)
@@ -209,6 +238,20 @@ async fn operate(kind: &str, a: OpArgs) -> Result<ExitCode, ExitCode> {
             return Err(ExitCode::from(2));
         }
     }
+    if a.dry_run {
+        let checks = mig::client::dry_run(&a.url, kind, &a.to, &a.name, &creds)
+            .await
+            .map_err(fail)?;
+        println!("{}", mig::client::checks_table(&checks));
+        let failed = checks.iter().filter(|c| !c.ok).count();
+        return if failed == 0 {
+            println!("every check passed: the {kind} can start");
+            Ok(ExitCode::SUCCESS)
+        } else {
+            println!("{failed} check(s) failed: nothing was started");
+            Err(ExitCode::FAILURE)
+        };
+    }
     let id = mig::client::start(&a.url, kind, &a.to, &a.name, a.max_rate.as_deref(), &creds)
         .await
         .map_err(fail)?;
@@ -216,14 +259,45 @@ async fn operate(kind: &str, a: OpArgs) -> Result<ExitCode, ExitCode> {
         "{kind} {id} started; follow it at {}/ops/{id}",
         a.url.trim_end_matches('/')
     );
-    let op = mig::client::follow(&a.url, &id, a.quiet)
-        .await
-        .map_err(fail)?;
+    // Ctrl-C stops following, not the operation: say how to follow it again and how to cancel it.
+    let url = a.url.trim_end_matches('/');
+    let owner = std::sync::Mutex::new(String::new());
+    let op = tokio::select! {
+        op = mig::client::follow_noting_owner(&a.url, &id, a.quiet, &owner) => op.map_err(fail)?,
+        _ = tokio::signal::ctrl_c() => {
+            let owner = owner.lock().expect("owner lock").clone();
+            eprintln!("\n{}", mig::client::detached(kind, url, &owner, &id));
+            return Err(ExitCode::from(130));
+        }
+    };
     println!("{}", mig::client::summary(&op));
     if op.state == actors::op::OpState::Succeeded {
         Ok(ExitCode::SUCCESS)
     } else {
         Err(ExitCode::FAILURE)
+    }
+}
+
+async fn cancel(
+    url: &str,
+    id: &str,
+    creds: &mig::client::Credentials,
+) -> Result<ExitCode, ExitCode> {
+    match mig::client::cancel(url, id, creds).await {
+        Ok(by) => {
+            println!(
+                "operation {id} cancelled by {} from {} at {}; it rolls back and ends `cancelled` \
+                 (follow it: mig status --url {url} {id})",
+                by["user"].as_str().unwrap_or("?"),
+                by["from"].as_str().unwrap_or("?"),
+                by["at"].as_str().unwrap_or("?"),
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            eprintln!("mig cancel: {e:#}");
+            Err(ExitCode::FAILURE)
+        }
     }
 }
 

@@ -16,10 +16,11 @@ use actix_web::middleware::{from_fn, Next};
 use actix_web::{web as aw, App, HttpRequest, HttpResponse, HttpServer};
 use actors::auth::{GuiCredentials, Signed};
 use actors::book::OpBook;
+use actors::cancel::{CancelError, Canceller, SignedCancel};
 use actors::faults::{self, Faults};
 use actors::handoff::{self, Handoff, StatusQuery};
 use actors::op::Role;
-use actors::source::{Source, StartOp};
+use actors::source::{DryRun, Source, StartError, StartOp};
 use proxy::ProxyStats;
 use serde::{Deserialize, Serialize};
 use subtle::ConstantTimeEq;
@@ -70,6 +71,8 @@ pub struct Shared {
     streams: Arc<Mutex<HashMap<IpAddr, usize>>>,
     /// `state_dir/audit.log`: every state-changing request and its outcome.
     pub audit: Arc<Audit>,
+    /// Takes `POST /api/v1/ops/{id}/cancel`: to the local owner, or forwarded to the remote one.
+    pub canceller: Option<Arc<Canceller>>,
 }
 
 impl Shared {
@@ -111,6 +114,7 @@ impl Shared {
             proxy_stats: None,
             hosts,
             streams: Arc::default(),
+            canceller: None,
         }
     }
 }
@@ -151,6 +155,7 @@ pub async fn run(
                     .route("/ops/{id}/events", aw::get().to(op_events))
                     .route("/ops/{id}/trace", aw::get().to(op_trace))
                     .route("/ops/{id}/status", aw::get().to(op_status))
+                    .route("/ops/{id}/cancel", aw::post().to(cancel_op))
                     .route("/handoff", aw::post().to(handoff)),
             )
     })
@@ -204,6 +209,11 @@ fn is_public(req: &ServiceRequest) -> bool {
         || path.starts_with("/ops/")
         || path.starts_with("/static/")))
         || (req.method() == Method::POST && path == "/api/v1/handoff")
+        // A cancel forwarded by another instance carries its own signature (checked by the route).
+        || (req.method() == Method::POST
+            && path.starts_with("/api/v1/ops/")
+            && path.ends_with("/cancel")
+            && req.headers().contains_key(actors::auth::H_SIGNATURE))
 }
 
 /// 421 for a request whose `Host` is not a name this MIG answers to (see [`crate::host_check`]).
@@ -382,6 +392,9 @@ struct StartBody {
     /// absent, the `max_rate` property applies.
     #[serde(default)]
     max_rate: Option<serde_json::Value>,
+    /// Run the checks only: 200 `{checks: [{name, ok, detail}]}`, nothing changed on any grid.
+    #[serde(default)]
+    dry_run: bool,
 }
 
 /// The client address and the GUI user of a request, as the audit log names them.
@@ -427,17 +440,107 @@ fn requested_rate(
     }
 }
 
+/// The 403 to answer unless the request carries this instance's CSRF token.
+fn csrf_refusal(req: &HttpRequest, shared: &Shared) -> Option<HttpResponse> {
+    let token = req
+        .headers()
+        .get(CSRF_HEADER)
+        .map(|v| v.as_bytes())
+        .unwrap_or_default();
+    if !bool::from(token.ct_eq(shared.csrf_token.as_bytes())) {
+        return Some(error(
+            403,
+            format!("missing or wrong {CSRF_HEADER} header: reload the page (or GET /api/v1/csrf)"),
+        ));
+    }
+    None
+}
+
+/// `POST /api/v1/ops/{id}/cancel`: 202 `{id, cancelled: {user, from, at}, monitor_url}` once the
+/// cancel has won (the operation then rolls back and ends `cancelled`); 409 past the cut-over or
+/// when it has ended; 404 when this instance does not know it. From a person: the GUI credentials
+/// and the CSRF token. From another instance: signed for this one ([`actors::cancel`]).
+async fn cancel_op(
+    req: HttpRequest,
+    shared: aw::Data<Shared>,
+    id: aw::Path<String>,
+    body: aw::Bytes,
+) -> HttpResponse {
+    let id = id.into_inner();
+    if !actors::op::valid_id(&id) {
+        return error(404, "not an operation id");
+    }
+    let Some(canceller) = shared.canceller.clone() else {
+        return error(503, "this instance cannot take operations (see mig check)");
+    };
+    let signed = SignedCancel::from_headers(&id, &body, |name| {
+        req.headers().get(name).and_then(|v| v.to_str().ok())
+    });
+    let r = match signed {
+        Some(Ok(s)) => canceller.from_peer(s).await,
+        Some(Err(e)) => Err(e),
+        None => {
+            if let Some(resp) = csrf_refusal(&req, &shared) {
+                audit_request(
+                    &req,
+                    &shared,
+                    action::CANCEL,
+                    Some(&id),
+                    &format!("refused (403): missing or wrong {CSRF_HEADER} header"),
+                );
+                return resp;
+            }
+            let by = actors::op::Cancelled {
+                user: shared
+                    .credentials
+                    .as_ref()
+                    .map_or("anonymous", |c| c.username())
+                    .to_string(),
+                from: req
+                    .peer_addr()
+                    .map_or("unknown".into(), |a| a.ip().to_canonical().to_string()),
+                at: actors::op::now(),
+            };
+            canceller.from_user(&id, by).await
+        }
+    };
+    match r {
+        Ok(by) => {
+            tracing::warn!(op_id = %id, %by, "operation cancelled");
+            audit_request(
+                &req,
+                &shared,
+                action::CANCEL,
+                Some(&id),
+                &format!("accepted: {by}"),
+            );
+            HttpResponse::Accepted().json(serde_json::json!({
+                "id": id,
+                "cancelled": by,
+                "monitor_url": format!("/ops/{id}"),
+            }))
+        }
+        Err(e) => {
+            let e: CancelError = e;
+            tracing::info!(op_id = %id, status = e.status(), error = %e, "cancel refused");
+            audit_request(
+                &req,
+                &shared,
+                action::CANCEL,
+                Some(&id),
+                &format!("refused ({}): {e}", e.status()),
+            );
+            error(e.status(), e.to_string())
+        }
+    }
+}
+
 /// `POST /api/v1/ops`: 202 `{id, monitor_url}`, or 400/403/409/503/502 with `{error}`.
 async fn start_op(
     req: HttpRequest,
     shared: aw::Data<Shared>,
     body: aw::Json<StartBody>,
 ) -> HttpResponse {
-    let token = req
-        .headers()
-        .get(CSRF_HEADER)
-        .map(|v| v.as_bytes())
-        .unwrap_or_default();
     let refuse = |status: u16, msg: String| {
         audit_request(
             &req,
@@ -448,11 +551,15 @@ async fn start_op(
         );
         error(status, msg)
     };
-    if !bool::from(token.ct_eq(shared.csrf_token.as_bytes())) {
-        return refuse(
-            403,
-            format!("missing or wrong {CSRF_HEADER} header: reload the page (or GET /api/v1/csrf)"),
+    if let Some(resp) = csrf_refusal(&req, &shared) {
+        audit_request(
+            &req,
+            &shared,
+            action::START,
+            None,
+            &format!("refused (403): missing or wrong {CSRF_HEADER} header"),
         );
+        return resp;
     }
     let Some(source) = &shared.source else {
         let why = shared
@@ -477,6 +584,33 @@ async fn start_op(
             .map(|r| format!(", max_rate {r} B/s"))
             .unwrap_or_default()
     );
+    if body.dry_run {
+        let msg = DryRun {
+            kind: body.kind,
+            target_app: body.target_app,
+            target_grid: body.target_grid,
+        };
+        let (resp, result) = match source.send(msg).await {
+            Ok(Ok(checks)) => {
+                let failed = checks.iter().filter(|c| !c.ok).count();
+                let result = format!("{what}: {failed} of {} checks failed", checks.len());
+                (
+                    HttpResponse::Ok().json(serde_json::json!({ "checks": checks })),
+                    result,
+                )
+            }
+            Ok(Err(e)) => (
+                error(e.status(), e.to_string()),
+                format!("refused ({}): {e}", e.status()),
+            ),
+            Err(e) => (
+                error(500, format!("the Source actor is gone: {e}")),
+                format!("error: {e}"),
+            ),
+        };
+        audit_request(&req, &shared, action::DRY_RUN, None, &result);
+        return resp;
+    }
     let msg = StartOp {
         kind: body.kind,
         target_app: body.target_app,
@@ -496,6 +630,19 @@ async fn start_op(
                 "id": started.id,
                 "monitor_url": format!("/ops/{}", started.id),
             }))
+        }
+        Ok(Err(StartError::Checks(checks))) => {
+            let e = StartError::Checks(checks.clone());
+            tracing::info!(status = e.status(), error = %e, "operation refused by its checks");
+            audit_request(
+                &req,
+                &shared,
+                action::START,
+                None,
+                &format!("refused ({}): {what}: {e}", e.status()),
+            );
+            HttpResponse::build(StatusCode::PRECONDITION_FAILED)
+                .json(serde_json::json!({"error": e.to_string(), "checks": checks}))
         }
         Ok(Err(e)) => {
             tracing::info!(status = e.status(), error = %e, "operation refused");

@@ -77,6 +77,7 @@ fn start_in(app: &str, mode: &str, sets: &[&str]) -> Api {
             known_hosts: String::new(),
             otlp_endpoint: None,
             precopy: false,
+            gui: None,
         },
         driver.clone(),
     )

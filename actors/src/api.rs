@@ -8,3 +8,8 @@ pub const HANDOFF: &str = "/api/v1/handoff";
 pub fn status(op_id: &str) -> String {
     format!("/api/v1/ops/{op_id}/status")
 }
+
+/// `POST`: cancel one operation before its cut-over ([`crate::cancel`]).
+pub fn cancel(op_id: &str) -> String {
+    format!("/api/v1/ops/{op_id}/cancel")
+}

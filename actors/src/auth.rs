@@ -268,6 +268,84 @@ impl OpKey {
     }
 }
 
+/// Headers of a forwarded cancel: the op (`x-mig-op`), its timestamp (`x-mig-timestamp`) and
+/// signature (`x-mig-signature`) as a handoff's, and a fresh nonce instead of a sequence number.
+pub const H_NONCE: &str = "x-mig-nonce";
+
+/// A forwarded cancel's stamp: when it was signed, its nonce, and the signature.
+#[derive(Debug, Clone, Copy)]
+pub struct CancelSig<'a> {
+    pub timestamp: u64,
+    pub nonce: &'a str,
+    pub signature: &'a str,
+}
+
+impl OpKey {
+    fn cancel_mac(
+        &self,
+        op_id: &str,
+        timestamp: u64,
+        nonce: &str,
+        to: (crate::op::Role, &str),
+        body: &[u8],
+    ) -> HmacSha256 {
+        // Its own domain: a cancel can never pass for a handoff or a status answer.
+        let head = format!(
+            "mig-cancel-v1\n{op_id}\n{timestamp}\n{nonce}\n{}\n{}\n",
+            to.0.actor(),
+            to.1
+        );
+        hmac(&self.0, &[head.as_bytes(), body])
+    }
+
+    /// Signs a forwarded cancel of `op_id` (its JSON `body`) for the actor `to` (role and
+    /// application) with a fresh `nonce`, now; returns the timestamp and the signature.
+    pub fn sign_cancel(
+        &self,
+        op_id: &str,
+        nonce: &str,
+        to: (crate::op::Role, &str),
+        body: &[u8],
+    ) -> (u64, String) {
+        let ts = unix_now();
+        let tag = self
+            .cancel_mac(op_id, ts, nonce, to, body)
+            .finalize()
+            .into_bytes();
+        (ts, hex(&tag))
+    }
+
+    /// Checks a forwarded cancel received by `me`: signature (constant time) and freshness. The
+    /// caller also refuses a nonce it has seen (see `cancel::Nonces`).
+    pub fn verify_cancel(
+        &self,
+        op_id: &str,
+        sig: CancelSig<'_>,
+        me: (crate::op::Role, &str),
+        body: &[u8],
+        now: u64,
+    ) -> Result<(), HandoffAuthError> {
+        let tag = OpKey::from_hex(sig.signature).ok_or(HandoffAuthError::Missing(H_SIGNATURE))?;
+        self.cancel_mac(op_id, sig.timestamp, sig.nonce, me, body)
+            .verify_slice(&tag.0)
+            .map_err(|_| HandoffAuthError::BadSignature)?;
+        if now.abs_diff(sig.timestamp) > MAX_SKEW.as_secs() {
+            return Err(HandoffAuthError::Stale { ts: sig.timestamp });
+        }
+        Ok(())
+    }
+
+    /// What MigHelper keeps of the GUI password to check a cancel with: a MAC under this
+    /// operation's key, so the password itself never goes into MigHelper's `env`.
+    pub fn password_mac(&self, password: &str) -> String {
+        hex(
+            &hmac(&self.0, &[b"mig-gui-password-v1\n", password.as_bytes()])
+                .finalize()
+                .into_bytes(),
+        )
+    }
+}
+
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -316,15 +394,50 @@ impl Signed {
 #[derive(Debug, Clone)]
 pub struct GuiCredentials {
     username: String,
-    password: Secret,
+    password: Password,
+}
+
+/// How the password is checked: as given (`mig serve`), or by its MAC under the operation's key
+/// (MigHelper, which is handed only the MAC).
+#[derive(Clone)]
+enum Password {
+    Plain(Secret),
+    Mac(OpKey, String),
+}
+
+impl std::fmt::Debug for Password {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("***")
+    }
 }
 
 impl GuiCredentials {
     pub fn new(username: &str, password: &Secret) -> Option<Self> {
         (!username.is_empty()).then(|| GuiCredentials {
             username: username.to_string(),
-            password: password.clone(),
+            password: Password::Plain(password.clone()),
         })
+    }
+
+    /// MigHelper's copy: the username and the password's MAC under `key` ([`OpKey::password_mac`]).
+    pub fn from_mac(username: &str, key: &OpKey, mac: &str) -> Option<Self> {
+        (!username.is_empty()).then(|| GuiCredentials {
+            username: username.to_string(),
+            password: Password::Mac(key.clone(), mac.to_string()),
+        })
+    }
+
+    pub fn username(&self) -> &str {
+        &self.username
+    }
+
+    /// What to hand MigHelper: the username and the password's MAC under `key`.
+    pub fn for_helper(&self, key: &OpKey) -> (String, String) {
+        let mac = match &self.password {
+            Password::Plain(p) => key.password_mac(p.expose()),
+            Password::Mac(_, m) => m.clone(),
+        };
+        (self.username.clone(), mac)
     }
 
     /// Checks an `Authorization` header value (`Basic base64(user:pass)`).
@@ -344,7 +457,13 @@ impl GuiCredentials {
         let (user, pass) = (&decoded[..colon], &decoded[colon + 1..]);
         // Both compared, always, so the time taken does not tell which one was wrong.
         let user_ok = user.ct_eq(self.username.as_bytes());
-        let pass_ok = pass.ct_eq(self.password.expose().as_bytes());
+        let pass_ok = match &self.password {
+            Password::Plain(p) => pass.ct_eq(p.expose().as_bytes()),
+            Password::Mac(key, mac) => {
+                let given = key.password_mac(&String::from_utf8_lossy(pass));
+                given.as_bytes().ct_eq(mac.as_bytes())
+            }
+        };
         (user_ok & pass_ok).into()
     }
 }
@@ -544,6 +663,26 @@ mod tests {
         assert!(!c.check_header(Some("Bearer abc")));
         assert!(!c.check_header(Some("Basic !!!notbase64")));
         assert!(!c.check_header(Some("Basic")));
+    }
+
+    #[test]
+    fn mighelper_checks_the_same_credentials_from_a_mac_of_the_password() {
+        let (_, _, k) = keys();
+        let source = GuiCredentials::new("ops", &Secret::new("s3cret")).unwrap();
+        let (user, mac) = source.for_helper(&k);
+        assert!(
+            !mac.contains("s3cret"),
+            "the password itself is not handed on"
+        );
+        let helper = GuiCredentials::from_mac(&user, &k, &mac).unwrap();
+        assert!(helper.check_header(Some(&header("ops", "s3cret"))));
+        assert!(!helper.check_header(Some(&header("ops", "s3cre"))));
+        assert!(!helper.check_header(Some(&header("op", "s3cret"))));
+        // Another operation's key makes another MAC: it cannot be carried over.
+        let other = AppKey::from_secret_bytes(b"x").op_key(&crate::op::new_id());
+        let moved = GuiCredentials::from_mac(&user, &other, &mac).unwrap();
+        assert!(!moved.check_header(Some(&header("ops", "s3cret"))));
+        assert!(GuiCredentials::from_mac("", &k, &mac).is_none());
     }
 
     #[test]

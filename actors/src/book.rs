@@ -189,6 +189,7 @@ fn record_metrics(prev: Option<&Op>, op: &Op) {
             OpState::Succeeded => "succeeded",
             OpState::Failed => "failed",
             OpState::RolledBack => "rolled_back",
+            OpState::Cancelled => "cancelled",
             OpState::Running => unreachable!(),
         };
         metrics::counter!("mig_operations_ended_total", "kind" => kind, "state" => state)

@@ -95,6 +95,27 @@ pub trait GridController: Send + Sync {
     ) -> GridFuture<'a, ()>;
     /// gridctl's extension: the BLAKE3 digest of each volume, to prove bytes arrived intact.
     fn checksum<'a>(&'a self, name: &'a str) -> GridFuture<'a, Vec<VolumeChecksum>>;
+    /// gridctl's extension (`app grid --batch`), for the dry run: room for volumes, templates,
+    /// addresses in use.
+    fn grid_summary(&self) -> GridFuture<'_, GridSummary>;
+    /// `app migrate REMOTE APP .name=NEW --import --check`, for the dry run: the pull's own
+    /// trust (this grid reaches `remote` and may export `app`) and `new_name` free, no copy.
+    fn check_import<'a>(
+        &'a self,
+        remote: &'a Controller,
+        app: &'a str,
+        new_name: &'a str,
+    ) -> GridFuture<'a, ()>;
+}
+
+/// `app grid --batch`, parsed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GridSummary {
+    /// Bytes free for new volumes.
+    pub free_bytes: u64,
+    pub templates: Vec<String>,
+    /// IP addresses the grid's applications' properties hold.
+    pub addresses: Vec<String>,
 }
 
 /// The optional flags of `app migrate`.
@@ -320,6 +341,22 @@ pub mod commands {
             name: AppName::new(name)?,
         })
     }
+
+    pub fn grid() -> Command {
+        Command::Grid { batch: true }
+    }
+
+    pub fn check_import(
+        remote: &Controller,
+        app: &str,
+        new_name: &str,
+    ) -> Result<Command, DialectError> {
+        Ok(Command::MigrateCheck {
+            remote: remote.clone(),
+            app: AppName::new(app)?,
+            new_name: AppName::new(new_name)?,
+        })
+    }
 }
 
 /// Parsers for the controller's `--batch` outputs. They return a reason; the caller adds which
@@ -418,6 +455,28 @@ pub mod parse {
                 })
             })
             .collect()
+    }
+
+    /// `free_bytes\tN`, `template\tNAME`…, `address\tIP`… (other keys ignored).
+    pub fn grid(out: &str) -> Result<GridSummary, String> {
+        let mut g = GridSummary::default();
+        let mut free = None;
+        for line in lines(out) {
+            let f = fields(line, 2, "KEY, VALUE")?;
+            match f[0] {
+                "free_bytes" => {
+                    free = Some(
+                        f[1].parse()
+                            .map_err(|_| format!("free_bytes {:?} is not a byte count", f[1]))?,
+                    )
+                }
+                "template" => g.templates.push(f[1].to_string()),
+                "address" => g.addresses.push(f[1].to_string()),
+                _ => {}
+            }
+        }
+        g.free_bytes = free.ok_or("no `free_bytes` line")?;
+        Ok(g)
     }
 
     /// One line of `--progress_on_stdout`: `progress DONE TOTAL`. `None` for any other line.

@@ -577,6 +577,20 @@ impl GridController for Traced {
     fn checksum<'a>(&'a self, name: &'a str) -> GridFuture<'a, Vec<VolumeChecksum>> {
         self.run(format!("app checksum {name}"), self.inner.checksum(name))
     }
+    fn grid_summary(&self) -> GridFuture<'_, crate::controller::GridSummary> {
+        self.run("app grid".into(), self.inner.grid_summary())
+    }
+    fn check_import<'a>(
+        &'a self,
+        remote: &'a dialect::Controller,
+        app: &'a str,
+        new_name: &'a str,
+    ) -> GridFuture<'a, ()> {
+        self.run(
+            format!("app migrate {remote} {app} .name={new_name} --import --check"),
+            self.inner.check_import(remote, app, new_name),
+        )
+    }
 }
 
 #[cfg(test)]

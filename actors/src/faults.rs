@@ -11,6 +11,9 @@ use std::time::Duration;
 /// MigHelper waits here, after the target grid pulled the copy and before the checksums are
 /// compared: a test changes the copy to see the verify catch it.
 pub const HOLD_VERIFY: &str = "hold-verify";
+/// MigHelper waits here before it stops the source (or until a cancel wins): the source MIG still
+/// runs, so a test can cancel there and see the cancel forwarded to MigHelper.
+pub const HOLD_STOP_SOURCE: &str = "hold-stop-source";
 /// MigHelper waits here before each copy attempt: a test takes the target name meanwhile.
 pub const HOLD_COPY: &str = "hold-copy";
 /// MigHelper waits here after the pre-copy, before it stops the source: a test writes to the

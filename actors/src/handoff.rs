@@ -304,6 +304,10 @@ pub struct HelperEnv {
     /// Where the Source exports its spans: MigHelper's go there too, so the trace is whole.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub otlp_endpoint: Option<String>,
+    /// The source MIG's GUI username and its password's MAC under `k_op` (never the password):
+    /// MigHelper asks for the same credentials before it takes a cancel.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gui: Option<(String, String)>,
 }
 
 impl std::fmt::Debug for HelperEnv {
@@ -353,6 +357,7 @@ mod tests {
             private_key: "-----BEGIN OPENSSH PRIVATE KEY-----\nabc\n".into(),
             known_hosts: "[127.0.1.1]:2222 ssh-ed25519 AAAA\n".into(),
             otlp_endpoint: Some("http://127.0.0.1:4318/v1/traces".into()),
+            gui: None,
         };
         let token = env.encode();
         assert!(token

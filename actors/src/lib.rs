@@ -8,8 +8,10 @@
 pub mod api;
 pub mod auth;
 pub mod book;
+pub mod cancel;
 pub mod controller;
 pub mod driver;
+pub mod dry_run;
 pub mod faults;
 pub mod grid_info;
 pub mod handoff;

@@ -347,6 +347,55 @@ impl GridController for MemoryGrid {
         Box::pin(std::future::ready(r))
     }
 
+    /// Every template any application of the lab uses, and MigHelper; room to spare; the
+    /// addresses this grid's applications hold.
+    fn grid_summary(&self) -> GridFuture<'_, GridSummary> {
+        let mut templates: Vec<String> = self
+            .lab
+            .lock()
+            .values()
+            .flat_map(|g| g.apps.values().map(|a| a.template.clone()))
+            .chain(["MigHelper".to_string()])
+            .collect();
+        templates.sort();
+        templates.dedup();
+        let r = self.run(Ok(commands::grid()), "", |g| {
+            Ok(GridSummary {
+                free_bytes: 1 << 40,
+                templates,
+                addresses: g
+                    .apps
+                    .values()
+                    .flat_map(|a| a.props.iter().map(|(_, v)| v.clone()))
+                    .filter(|v| v.parse::<std::net::IpAddr>().is_ok())
+                    .collect(),
+            })
+        });
+        Box::pin(std::future::ready(r))
+    }
+
+    fn check_import<'a>(
+        &'a self,
+        remote: &'a Controller,
+        app_name: &'a str,
+        new_name: &'a str,
+    ) -> GridFuture<'a, ()> {
+        let cmd = commands::check_import(remote, app_name, new_name);
+        let has = self
+            .lab
+            .lock()
+            .get(&key(remote))
+            .map(|g| g.apps.contains_key(app_name));
+        let r = self.run(cmd, new_name, |g| match has {
+            None => Err(format!("unknown remote controller {remote}")),
+            Some(false) => Err(format!("{remote} has no application {app_name}")),
+            Some(true) if g.apps.contains_key(new_name) => {
+                Err(format!("application {new_name} already exists"))
+            }
+            Some(true) => Ok(()),
+        });
+        Box::pin(std::future::ready(r))
+    }
     fn checksum<'a>(&'a self, name: &'a str) -> GridFuture<'a, Vec<VolumeChecksum>> {
         let r = self.run(commands::checksum(name), name, |g| {
             Ok(app(g, name)?

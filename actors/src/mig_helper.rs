@@ -16,6 +16,7 @@ use actix::prelude::*;
 use tracing::Instrument;
 
 use crate::auth::OpKey;
+use crate::cancel::{self, Cancel, CancelError, Gate, GateState};
 use crate::controller::{GridController, GridError, MigrateOptions, VolumeChecksum};
 use crate::driver::{
     destroy_if_ours, ensure_running, ensure_stopped, helper_leftover, manual_command, Driver,
@@ -24,8 +25,8 @@ use crate::driver::{
 use crate::faults;
 use crate::handoff::{self, Handoff, HandoffError, SignedStatus, StatusQuery};
 use crate::op::{
-    Kind, Op, OpState, Role, StepId, StepState, DESTROYING_HELPER, MIGRATING, PRECOPYING,
-    RESTARTING_SOURCE, STARTING_TARGET, STOPPING_HELPER, STOPPING_SOURCE,
+    Cancelled, Kind, Op, OpState, Role, StepId, StepState, DESTROYING_HELPER, MIGRATING,
+    PRECOPYING, RESTARTING_SOURCE, STARTING_TARGET, STOPPING_HELPER, STOPPING_SOURCE,
 };
 
 /// How often progress reaches the op book (and so the page).
@@ -36,6 +37,8 @@ pub struct MigHelper {
     key: OpKey,
     driver: Driver,
     busy: bool,
+    /// Where a cancel meets the cut-over (see [`crate::cancel`]).
+    gate: Gate,
 }
 
 impl MigHelper {
@@ -46,6 +49,7 @@ impl MigHelper {
             key,
             driver,
             busy: false,
+            gate: Gate::new(GateState::Open),
         }
     }
 
@@ -54,9 +58,9 @@ impl MigHelper {
             return;
         }
         self.busy = true;
-        let (driver, key) = (self.driver.clone(), self.key.clone());
+        let (driver, key, gate) = (self.driver.clone(), self.key.clone(), self.gate.clone());
         ctx.spawn(
-            run(driver, key, op)
+            run(driver, key, gate, op)
                 .into_actor(self)
                 .map(|(), act, _| act.busy = false),
         );
@@ -75,6 +79,7 @@ impl Actor for MigHelper {
             .find(|op| op.id == self.op_id)
         {
             tracing::info!(op_id = %op.id, "resuming from the journal");
+            self.gate = Gate::of(&op);
             self.run(op, ctx);
         }
     }
@@ -89,6 +94,37 @@ impl Handler<StatusQuery> for MigHelper {
             let me = crate::op::helper_app_name(&self.op_id);
             handoff::answer_status(&self.driver.book, &self.key, (Role::Helper, &me), &q)
         })
+    }
+}
+
+impl Handler<Cancel> for MigHelper {
+    type Result = Result<Cancelled, CancelError>;
+
+    /// Decided by the gate alone, against the step that starts the target (see [`crate::cancel`]).
+    fn handle(&mut self, c: Cancel, _ctx: &mut Context<Self>) -> Self::Result {
+        tracing::info!(op_id = %c.op_id, message = "Cancel", from = "http", to = "mig_helper", "actor message");
+        let op = self
+            .driver
+            .book
+            .get(&c.op_id)
+            .filter(|_| c.op_id == self.op_id)
+            .ok_or_else(|| {
+                CancelError::NotFound(format!("MigHelper has no operation {}", c.op_id))
+            })?;
+        if !op.state.is_running() || op.owner != Role::Helper {
+            return Err(cancel::too_late(&op));
+        }
+        match self.gate.cancel(c.by) {
+            Ok(by) => {
+                tracing::warn!(op_id = %op.id, %by, "cancel accepted before the cut-over; rolling back");
+                Ok(by)
+            }
+            Err(GateState::CutOver) => Err(cancel::past_cut_over(&op)),
+            Err(_) => Err(CancelError::Conflict(format!(
+                "operation {} is already being rolled back",
+                op.id
+            ))),
+        }
     }
 }
 
@@ -125,15 +161,15 @@ fn last_step(kind: Kind) -> StepId {
     }
 }
 
-async fn run(driver: Driver, key: OpKey, mut op: Op) {
+async fn run(driver: Driver, key: OpKey, gate: Gate, mut op: Op) {
     let span = crate::telemetry::op_span(Role::Helper, &op);
     async move {
         // A helper restarted during a roll-back goes on with the roll-back: the journal's forward
         // steps would copy and start the target of an operation that is being undone.
-        if op.rolling_back {
+        if op.rolling_back || op.cancelled.is_some() {
             tracing::info!("resuming the roll-back");
         } else {
-            match steps(&driver, &mut op).await {
+            match steps(&driver, &gate, &mut op).await {
                 Ok(()) => {
                     let url = op.plan.final_mig_url.clone();
                     match driver.hand_off(&url, &key, &mut op, Role::Target).await {
@@ -150,6 +186,11 @@ async fn run(driver: Driver, key: OpKey, mut op: Op) {
                 }
                 Err(e) => tracing::warn!(error = %e, "rolling back"),
             }
+        }
+        gate.rolling_back();
+        // A cancel that won while a step was failing still names the end state.
+        if op.cancelled.is_none() {
+            op.cancelled = gate.cancelled();
         }
         roll_back(&driver, &key, op).await;
     }
@@ -190,8 +231,30 @@ async fn hold(driver: &Driver, mut op: Op, why: &str) {
     }
 }
 
-/// The monitor's steps, skipping those the journal says are done.
-async fn steps(driver: &Driver, op: &mut Op) -> Result<(), StepError> {
+/// A cancel won before the cut-over: the step it interrupted is marked undone, the cancel
+/// journalled, and the error returned rolls the operation back as a failure would.
+fn interrupted(driver: &Driver, op: &mut Op, by: Cancelled) -> StepError {
+    tracing::warn!(%by, "cancelled before the cut-over; rolling back");
+    op.version += 1;
+    let now = crate::op::now();
+    for s in op.monitors.iter_mut().flat_map(|m| &mut m.steps) {
+        if s.state == StepState::Running {
+            s.state = StepState::RolledBack;
+            s.ended_at = Some(now.clone());
+            s.detail = Some(format!("interrupted: {by}"));
+        }
+    }
+    op.trace("step", by.to_string(), None, None);
+    op.cancelled = Some(by.clone());
+    if let Err(e) = driver.commit(op) {
+        tracing::error!(error = %e, "cannot journal the cancel");
+    }
+    StepError::permanent(by.to_string())
+}
+
+/// The monitor's steps, skipping those the journal says are done. A cancel stops them between
+/// steps and during the copy; the cut-over passes the gate first.
+async fn steps(driver: &Driver, gate: &Gate, op: &mut Op) -> Result<(), StepError> {
     let plan = op.plan.clone();
     let src = driver.grid(&plan.source_controller)?;
     let dst = driver.grid(&plan.target_controller)?;
@@ -212,6 +275,15 @@ async fn steps(driver: &Driver, op: &mut Op) -> Result<(), StepError> {
     }
     if op.has_step(PRECOPYING) && todo(op, STOPPING_SOURCE) {
         driver.faults.hold(faults::HOLD_PRECOPIED).await;
+    }
+    if todo(op, STOPPING_SOURCE) {
+        tokio::select! {
+            () = driver.faults.hold(faults::HOLD_STOP_SOURCE) => {}
+            _ = gate.wait_cancelled() => {}
+        }
+    }
+    if let Some(by) = gate.cancelled() {
+        return Err(interrupted(driver, op, by));
     }
     if todo(op, STOPPING_SOURCE) {
         driver
@@ -239,7 +311,20 @@ async fn steps(driver: &Driver, op: &mut Op) -> Result<(), StepError> {
                 tracing::warn!(attempt, error = %e, "the resumed copy failed; trying again in {wait} s");
                 tokio::time::sleep(Duration::from_secs(wait)).await;
             }
-            copied = copy(driver, op, src.as_ref(), dst.as_ref(), &plan).await;
+            if let Some(by) = gate.cancelled() {
+                return Err(interrupted(driver, op, by));
+            }
+            // A cancel drops the copy where it is (the grid aborts an import whose session
+            // ends); the roll-back then destroys whatever of the target this operation made.
+            let attempt = tokio::select! {
+                r = copy(driver, op, src.as_ref(), dst.as_ref(), &plan) => Some(r),
+                _ = gate.wait_cancelled() => None,
+            };
+            let Some(attempt) = attempt else {
+                let by = gate.cancelled().expect("the gate says cancelled");
+                return Err(interrupted(driver, op, by));
+            };
+            copied = attempt;
             if copied.as_ref().map_or_else(|e| e.permanent, |_| true) {
                 break;
             }
@@ -255,6 +340,10 @@ async fn steps(driver: &Driver, op: &mut Op) -> Result<(), StepError> {
         driver.commit(op)?;
     }
     let last = last_step(op.kind);
+    // The cut-over: from here no cancel can win, and a cancel that came first stops it.
+    if let Err(by) = gate.pass() {
+        return Err(interrupted(driver, op, by));
+    }
     if todo(op, last) {
         match op.kind {
             Kind::Migrate => {
@@ -534,6 +623,10 @@ async fn roll_back(driver: &Driver, key: &OpKey, mut op: Op) {
             )
         })
         .unwrap_or_else(|| "MigHelper failed".into());
+    let failed = match &op.cancelled {
+        Some(by) => by.to_string(),
+        None => failed,
+    };
     op.rolling_back = true;
     op.error = Some(crate::op::bounded(&failed));
     if let Err(e) = driver.commit(&mut op) {

@@ -171,6 +171,8 @@ pub enum OpState {
     Succeeded,
     Failed,
     RolledBack,
+    /// Rolled back because a person cancelled it before the cut-over.
+    Cancelled,
 }
 
 impl OpState {
@@ -292,6 +294,9 @@ pub struct Op {
     pub version: u64,
     /// The sequence number of the last handoff; each handoff signs a higher one.
     pub seq: u64,
+    /// Who cancelled the operation and when, once a cancel has won over the cut-over.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cancelled: Option<Cancelled>,
     /// The W3C trace id every instance's spans and `traceparent` headers carry for this operation.
     #[serde(default)]
     pub trace_id: String,
@@ -299,6 +304,25 @@ pub struct Op {
     /// travels with each handoff, so the last instance can show all of it; bounded by [`MAX_TRACE`].
     #[serde(default)]
     pub trace: Vec<TraceEvent>,
+}
+
+/// Who cancelled an operation: the GUI user (`anonymous` when the MIG asks for no credentials),
+/// the client's address, and when (RFC 3339, UTC).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Cancelled {
+    pub user: String,
+    pub from: String,
+    pub at: String,
+}
+
+impl std::fmt::Display for Cancelled {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "cancelled by {} from {} at {}",
+            self.user, self.from, self.at
+        )
+    }
 }
 
 /// The most trace events an operation carries; past it the oldest command events are dropped
@@ -427,6 +451,7 @@ impl Op {
             owner: Role::Source,
             rolling_back: false,
             leftovers: Vec::new(),
+            cancelled: None,
             version: 0,
             seq: 0,
             trace_id: format!("{:032x}", rand::random::<u128>()),
@@ -636,6 +661,24 @@ impl Op {
         self.state = state;
         if let Some(e) = error {
             self.error = Some(bounded(&e));
+        }
+    }
+
+    /// The state an operation that was undone before the cut-over ends in: `cancelled` when a
+    /// person cancelled it, `rolled_back` when a step failed.
+    pub fn undone_state(&self) -> OpState {
+        if self.cancelled.is_some() {
+            OpState::Cancelled
+        } else {
+            OpState::RolledBack
+        }
+    }
+
+    /// The grid where the application runs once the operation is past its cut-over.
+    pub fn runs_on_after_cut_over(&self) -> &str {
+        match self.kind {
+            Kind::Migrate => &self.plan.target_grid,
+            Kind::Snapshot => &self.plan.source_grid,
         }
     }
 

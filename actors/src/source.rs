@@ -5,16 +5,21 @@
 //! A failure here rolls back at once (MigHelper destroyed if it was made); the source application
 //! has not been touched yet.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use actix::prelude::*;
 use tracing::Instrument;
 
-use crate::auth::AppKey;
+use crate::auth::{AppKey, GuiCredentials};
+use crate::cancel::{Cancel, CancelError, Gate, GateState};
 use crate::driver::{destroy_if_ours, Driver, StepError, MARK};
+use crate::dry_run::Check;
 use crate::grid_info::{Grid, GridInfo};
 use crate::handoff::HelperEnv;
-use crate::op::{self, Kind, Op, OpState, Plan, Role, HELPER_TEMPLATE, PROVISIONING_HELPER};
+use crate::op::{
+    self, Cancelled, Kind, Op, OpState, Plan, Role, HELPER_TEMPLATE, PROVISIONING_HELPER,
+};
 use crate::properties::Mode;
 
 /// The port MigHelper's API listens on (its template's `port_no`).
@@ -35,11 +40,15 @@ pub struct SourceConfig {
     pub otlp_endpoint: Option<String>,
     /// The `precopy` property: operations pre-copy the data while the source runs.
     pub precopy: bool,
+    /// The GUI credentials, which MigHelper checks (by a MAC of the password) before a cancel.
+    pub gui: Option<GuiCredentials>,
 }
 
 pub struct Source {
     cfg: Arc<SourceConfig>,
     driver: Driver,
+    /// The gate of each operation this Source drives: a cancel against the handoff to MigHelper.
+    gates: HashMap<String, Gate>,
 }
 
 impl Source {
@@ -47,6 +56,41 @@ impl Source {
         Source {
             cfg: Arc::new(cfg),
             driver,
+            gates: HashMap::new(),
+        }
+    }
+
+    fn provision(&mut self, op: Op, ctx: &mut Context<Self>) {
+        let gate = Gate::of(&op);
+        let id = op.id.clone();
+        self.gates.insert(id.clone(), gate.clone());
+        ctx.spawn(
+            provision(self.cfg.clone(), self.driver.clone(), gate, op)
+                .into_actor(self)
+                .map(move |(), act, _| {
+                    act.gates.remove(&id);
+                }),
+        );
+    }
+}
+
+impl Handler<Cancel> for Source {
+    type Result = Result<Cancelled, CancelError>;
+
+    /// Before the handoff to MigHelper a cancel wins (the provisioning in flight ends, then
+    /// MigHelper is destroyed); once the handoff has begun, the cancel is for MigHelper.
+    fn handle(&mut self, c: Cancel, _ctx: &mut Context<Self>) -> Self::Result {
+        tracing::info!(op_id = %c.op_id, message = "Cancel", from = "http", to = "source", "actor message");
+        let Some(gate) = self.gates.get(&c.op_id) else {
+            return Err(CancelError::Moved);
+        };
+        match gate.cancel(c.by) {
+            Ok(by) => Ok(by),
+            Err(GateState::CutOver) => Err(CancelError::Moved),
+            Err(_) => Err(CancelError::Conflict(format!(
+                "operation {} is already being rolled back",
+                c.op_id
+            ))),
         }
     }
 }
@@ -59,7 +103,7 @@ impl Actor for Source {
     fn started(&mut self, ctx: &mut Context<Self>) {
         for op in self.driver.book.running_owned_by(Role::Source) {
             tracing::info!(op_id = %op.id, "resuming provisioning from the journal");
-            ctx.spawn(provision(self.cfg.clone(), self.driver.clone(), op).into_actor(self));
+            self.provision(op, ctx);
         }
     }
 }
@@ -80,6 +124,15 @@ pub struct Started {
     pub id: String,
 }
 
+/// `POST /api/v1/ops` with `"dry_run": true`: every check of [`crate::dry_run`], nothing changed.
+#[derive(Message, Debug, Clone)]
+#[rtype(result = "Result<Vec<Check>, StartError>")]
+pub struct DryRun {
+    pub kind: String,
+    pub target_app: String,
+    pub target_grid: String,
+}
+
 /// Why an operation was not started. Nothing has changed on any grid in any of these cases.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum StartError {
@@ -95,6 +148,9 @@ pub enum StartError {
     Grid(String),
     #[error("cannot journal the operation: {0}")]
     Journal(String),
+    /// A check of the dry run failed; the list says which and what to fix.
+    #[error("a check failed, so nothing was started: {}", crate::dry_run::failures(.0))]
+    Checks(Vec<Check>),
 }
 
 impl StartError {
@@ -106,6 +162,7 @@ impl StartError {
             StartError::Unavailable(_) => 503,
             StartError::Grid(_) => 502,
             StartError::Journal(_) => 500,
+            StartError::Checks(_) => 412,
         }
     }
 }
@@ -119,11 +176,17 @@ impl Handler<StartOp> for Source {
         tracing::info!(message = "StartOp", from = "http", to = "source", kind = %msg.kind, target_grid = %msg.target_grid, "actor message");
         let cfg = self.cfg.clone();
         let driver = self.driver.clone();
-        let checked = check_request(&cfg, &driver, &msg);
+        let checked = check_request(&cfg, &driver, &msg, false);
         AtomicResponse::new(Box::pin(
             async move {
                 let (kind, plan) = checked?;
                 check_grids(&driver, &plan).await?;
+                // The dry run's checks, every time: a start that one of them would refuse
+                // changes nothing.
+                let checks = crate::dry_run::run(&driver, cfg.mode, kind, &plan).await;
+                if checks.iter().any(|c| !c.ok) {
+                    return Err(StartError::Checks(checks));
+                }
                 let mut op = Op::new(op::new_id(), kind, plan);
                 op.plan.helper_app = op::helper_app_name(&op.id);
                 driver
@@ -137,22 +200,45 @@ impl Handler<StartOp> for Source {
             .map(|res: Result<Op, StartError>, act, ctx| {
                 let op = res?;
                 let id = op.id.clone();
-                ctx.spawn(provision(act.cfg.clone(), act.driver.clone(), op).into_actor(act));
+                act.provision(op, ctx);
                 Ok(Started { id })
             }),
         ))
     }
 }
 
+impl Handler<DryRun> for Source {
+    type Result = ResponseFuture<Result<Vec<Check>, StartError>>;
+
+    fn handle(&mut self, msg: DryRun, _ctx: &mut Context<Self>) -> Self::Result {
+        tracing::info!(message = "DryRun", from = "http", to = "source", kind = %msg.kind, target_grid = %msg.target_grid, "actor message");
+        let (cfg, driver) = (self.cfg.clone(), self.driver.clone());
+        let start = StartOp {
+            kind: msg.kind,
+            target_app: msg.target_app,
+            target_grid: msg.target_grid,
+            // Checks do not depend on the limit.
+            max_rate: None,
+        };
+        let checked = check_request(&cfg, &driver, &start, true);
+        Box::pin(async move {
+            let (kind, plan) = checked?;
+            Ok(crate::dry_run::run(&driver, cfg.mode, kind, &plan).await)
+        })
+    }
+}
+
 /// The checks that need no grid: kind, mode, names, grids, one at a time. A bad request is
-/// refused here, before any SSH connection.
+/// refused here, before any SSH connection. A dry run reports the mode as one of its checks, and
+/// runs while another operation does.
 fn check_request(
     cfg: &SourceConfig,
     driver: &Driver,
     msg: &StartOp,
+    dry_run: bool,
 ) -> Result<(Kind, Plan), StartError> {
     let kind: Kind = msg.kind.parse().map_err(StartError::Invalid)?;
-    if !cfg.mode.allows(kind.as_str()) {
+    if !dry_run && !cfg.mode.allows(kind.as_str()) {
         return Err(StartError::Forbidden(format!(
             "this MIG's mode does not allow {}",
             kind.as_str()
@@ -181,7 +267,7 @@ fn check_request(
             target.id
         )));
     }
-    if let Some(running) = driver.book.any_running() {
+    if let Some(running) = driver.book.any_running().filter(|_| !dry_run) {
         return Err(StartError::Busy { id: running.id });
     }
     let source = gi.get(own_id).expect("own grid is in grid.info");
@@ -244,7 +330,7 @@ async fn check_grids(driver: &Driver, plan: &Plan) -> Result<(), StartError> {
 
 /// "provisioning MigHelper on the target grid", then the handoff to MigHelper; on failure, the
 /// roll-back (MigHelper destroyed).
-async fn provision(cfg: Arc<SourceConfig>, driver: Driver, mut op: Op) {
+async fn provision(cfg: Arc<SourceConfig>, driver: Driver, gate: Gate, mut op: Op) {
     let span = crate::telemetry::op_span(Role::Source, &op);
     async move {
         let k_op = cfg.app_key.op_key(&op.id);
@@ -255,6 +341,7 @@ async fn provision(cfg: Arc<SourceConfig>, driver: Driver, mut op: Op) {
             private_key: cfg.private_key.clone(),
             known_hosts: cfg.known_hosts.clone(),
             otlp_endpoint: cfg.otlp_endpoint.clone(),
+            gui: cfg.gui.as_ref().map(|g| g.for_helper(&k_op)),
         };
         let plan = op.plan.clone();
         let provisioned = driver
@@ -272,6 +359,23 @@ async fn provision(cfg: Arc<SourceConfig>, driver: Driver, mut op: Op) {
                 Ok(())
             })
             .await;
+        // The point of no return here is the handoff: once it is sent, MigHelper may own the
+        // operation. A cancel that came first stops it.
+        let provisioned = match provisioned.map(|()| gate.pass()) {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(by)) => {
+                tracing::warn!(%by, "cancelled before the handoff to MigHelper; rolling back");
+                op.trace("step", by.to_string(), None, None);
+                op.cancelled = Some(by);
+                Err(())
+            }
+            Err(_) => {
+                // A cancel that won meanwhile still names the end state.
+                gate.rolling_back();
+                op.cancelled = gate.cancelled();
+                Err(())
+            }
+        };
         if provisioned.is_ok() {
             match driver.hand_off(&plan.helper_url, &k_op, &mut op, Role::Helper).await {
                 Ok(next) => {
@@ -306,14 +410,28 @@ async fn provision(cfg: Arc<SourceConfig>, driver: Driver, mut op: Op) {
                 }
             })
             .await;
-        op.roll_back_rest(&[]);
+        let reason = match op.cancelled.clone() {
+            Some(by) => {
+                let undone = (op.step(PROVISIONING_HELPER).state == crate::op::StepState::Done)
+                    .then_some(PROVISIONING_HELPER);
+                op.roll_back_rest(undone.as_slice());
+                by.to_string()
+            }
+            None => {
+                op.roll_back_rest(&[]);
+                format!("{PROVISIONING_HELPER} failed: {reason}")
+            }
+        };
         match cleanup {
-            Ok(()) => op.end(OpState::RolledBack, Some(format!("{PROVISIONING_HELPER} failed: {reason}"))),
+            Ok(()) => {
+                let state = op.undone_state();
+                op.end(state, Some(reason));
+            }
             Err(e) => {
                 op.leave(crate::driver::helper_leftover(&plan));
                 op.end(
                     OpState::Failed,
-                    Some(format!("{PROVISIONING_HELPER} failed: {reason}; MigHelper could not be destroyed: {e}")),
+                    Some(format!("{reason}; MigHelper could not be destroyed: {e}")),
                 );
             }
         }

@@ -28,8 +28,8 @@ use tokio::time::{sleep_until, timeout_at, Instant};
 use tracing::{debug, warn, Instrument};
 
 use crate::controller::{
-    commands, parse, AppInfo, AppSummary, GridController, GridError, GridFuture, MigrateOptions,
-    ProgressFn, VolumeChecksum,
+    commands, parse, AppInfo, AppSummary, GridController, GridError, GridFuture, GridSummary,
+    MigrateOptions, ProgressFn, VolumeChecksum,
 };
 
 /// Host key algorithms grouped by key type, tried in turn when the first key is not the pinned one.
@@ -742,6 +742,27 @@ impl GridController for SshGrid {
             let cmd = commands::checksum(name)?;
             let out = self.run_simple(Ok(cmd.clone())).await?;
             parse::checksum(&out.stdout).map_err(|r| self.parse_err(&cmd, r))
+        })
+    }
+
+    fn grid_summary(&self) -> GridFuture<'_, GridSummary> {
+        Box::pin(async move {
+            let cmd = commands::grid();
+            let out = self.run_simple(Ok(cmd.clone())).await?;
+            parse::grid(&out.stdout).map_err(|r| self.parse_err(&cmd, r))
+        })
+    }
+
+    fn check_import<'a>(
+        &'a self,
+        remote: &'a Controller,
+        app: &'a str,
+        new_name: &'a str,
+    ) -> GridFuture<'a, ()> {
+        Box::pin(async move {
+            self.run_simple(commands::check_import(remote, app, new_name))
+                .await
+                .map(|_| ())
         })
     }
 }

@@ -199,7 +199,8 @@ async fn clean_up(driver: Driver, mut op: Op) {
         }
         if left.is_empty() {
             if op.rolling_back {
-                op.end(OpState::RolledBack, None);
+                let state = op.undone_state();
+                op.end(state, None);
             } else {
                 op.end(OpState::Succeeded, None);
             }

@@ -262,6 +262,20 @@ pub enum Command {
     Checksum {
         name: AppName,
     },
+    /// The grid itself (gridctl's extension, for MIG's dry run): with `--batch`, `KEY\tVALUE`
+    /// lines: `free_bytes` (room for new volumes), one `template` per template, one `address`
+    /// per IP address an application's properties hold.
+    Grid {
+        batch: bool,
+    },
+    /// `app migrate REMOTE APP .name=NEW --import --check`: the pull's own trust tested without
+    /// copying: this grid reaches REMOTE with its own key and pinned host key, REMOTE lets it
+    /// export APP, and NEW is free here. Prints `KEY\tVALUE` lines (`app_state`, `app_bytes`).
+    MigrateCheck {
+        remote: Controller,
+        app: AppName,
+        new_name: AppName,
+    },
 }
 
 impl Command {
@@ -277,6 +291,8 @@ impl Command {
             Command::Config { .. } => "config",
             Command::Migrate { .. } => "migrate",
             Command::Checksum { .. } => "checksum",
+            Command::Grid { .. } => "grid",
+            Command::MigrateCheck { .. } => "migrate",
         }
     }
 
@@ -285,10 +301,21 @@ impl Command {
         let mut a = vec!["app".to_string(), self.verb().to_string()];
         let props = |a: &mut Vec<String>, p: &[Prop]| a.extend(p.iter().map(Prop::to_string));
         match self {
-            Command::List { batch } => {
+            Command::List { batch } | Command::Grid { batch } => {
                 if *batch {
                     a.push("--batch".into());
                 }
+            }
+            Command::MigrateCheck {
+                remote,
+                app,
+                new_name,
+            } => {
+                a.push(remote.to_string());
+                a.push(app.to_string());
+                a.push(format!(".name={new_name}"));
+                a.push("--import".into());
+                a.push("--check".into());
             }
             Command::Info { name, batch } => {
                 a.push(name.to_string());
@@ -465,6 +492,15 @@ fn parse_verb(verb: &str, rest: &[&str]) -> Result<Command, DialectError> {
         "checksum" => Ok(Command::Checksum {
             name: one_name("checksum", rest)?,
         }),
+        "grid" => {
+            let (flags, words) = split_flags("grid", rest, &["--batch"])?;
+            if !words.is_empty() {
+                return Err(usage("grid", "takes no arguments"));
+            }
+            Ok(Command::Grid {
+                batch: !flags.is_empty(),
+            })
+        }
         "config" => {
             let (_, words) = split_flags("config", rest, &[])?;
             match words.as_slice() {
@@ -483,6 +519,7 @@ fn parse_verb(verb: &str, rest: &[&str]) -> Result<Command, DialectError> {
                 "--progress_on_stdout",
                 "--stage",
                 "--delta",
+                "--check",
             ];
             // The one option with a value: taken out before the plain flags are checked.
             let mut max_rate = None;
@@ -528,6 +565,19 @@ fn parse_verb(verb: &str, rest: &[&str]) -> Result<Command, DialectError> {
             let new = new
                 .strip_prefix(".name=")
                 .ok_or_else(|| usage("migrate", "the third argument must be .name=NEW"))?;
+            if flags.contains(&"--check") {
+                if flags.len() != 2 || !flags.contains(&"--import") || !props.is_empty() {
+                    return Err(usage(
+                        "migrate",
+                        "--check goes with --import alone: REMOTE_GRID APP .name=NEW --import --check",
+                    ));
+                }
+                return Ok(Command::MigrateCheck {
+                    remote: remote.parse()?,
+                    app: AppName::new(app)?,
+                    new_name: AppName::new(new)?,
+                });
+            }
             Ok(Command::Migrate {
                 remote: remote.parse()?,
                 app: AppName::new(app)?,
@@ -700,6 +750,29 @@ mod tests {
         ] {
             let e = Command::parse(line).unwrap_err().to_string();
             assert!(e.contains(want), "{line}: {e}");
+        }
+    }
+
+    #[test]
+    fn the_dry_runs_forms_round_trip_and_check_takes_no_other_option() {
+        round_trip(Command::Grid { batch: true });
+        let check = Command::MigrateCheck {
+            remote: "root@127.0.1.1:2222".parse().unwrap(),
+            app: AppName::new("shop").unwrap(),
+            new_name: AppName::new("shop2").unwrap(),
+        };
+        assert_eq!(
+            check.to_command_line(),
+            "app migrate root@127.0.1.1:2222 shop '.name=shop2' --import --check"
+        );
+        round_trip(check);
+        for bad in [
+            "app migrate g1 shop .name=shop2 --check",
+            "app migrate g1 shop .name=shop2 --import --check --novols",
+            "app migrate g1 shop .name=shop2 --import --check in_ip=1.2.3.4",
+            "app grid extra",
+        ] {
+            assert!(Command::parse(bad).is_err(), "{bad}");
         }
     }
 

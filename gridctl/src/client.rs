@@ -96,7 +96,105 @@ pub fn main(state: &Path) -> i32 {
                 }
             }
         }
+        Command::MigrateCheck {
+            remote,
+            app,
+            new_name,
+        } => check_import(state, &remote, app.as_str(), new_name.as_str()),
         cmd => forward(state, &cmd.to_command_line()),
+    }
+}
+
+/// `app migrate REMOTE APP .name=NEW --import --check`: everything an import needs except the
+/// copy. This grid knows REMOTE's host key, NEW is free here, and REMOTE takes this grid's key and
+/// answers `peer check APP` (APP exists there; its state and size are printed).
+fn check_import(state: &Path, remote: &Controller, app: &str, new_name: &str) -> i32 {
+    let fail = |e: String| {
+        eprintln!("gridctl: app migrate --check: {e}");
+        FAILED
+    };
+    if !is_known_peer(state, remote) {
+        return fail(format!(
+            "{remote} is not a known peer grid (its host key is not in {}): add it there",
+            state.join("peer/known_hosts").display()
+        ));
+    }
+    let listed = connect(state).and_then(|mut c| {
+        c.call(&Request::Command {
+            line: "app list --batch".into(),
+        })
+        .map_err(|e| format!("talking to the grid daemon: {e}"))
+    });
+    match listed {
+        Ok(Reply::Done {
+            code: 0, stdout, ..
+        }) => {
+            if stdout
+                .lines()
+                .any(|l| l.split('\t').next() == Some(new_name))
+            {
+                return fail(format!("{new_name} already exists on this grid"));
+            }
+        }
+        Ok(other) => return fail(format!("unexpected reply from the daemon: {other:?}")),
+        Err(e) => return fail(e),
+    }
+    let out = peer_ssh(state, remote, &format!("peer check {app}"))
+        .stdin(Stdio::null())
+        .output();
+    match out {
+        Ok(o) if o.status.success() => {
+            print!("{}", String::from_utf8_lossy(&o.stdout));
+            OK
+        }
+        Ok(o) => fail(format!(
+            "{remote} could not be reached or refused this grid's key ({}): {}",
+            o.status,
+            read_bounded(&o.stderr[..], 4096).trim()
+        )),
+        Err(e) => fail(format!("cannot run ssh: {e}")),
+    }
+}
+
+/// `peer check APP`, on the source grid for another grid: APP's state and the bytes of its
+/// volumes, `KEY\tVALUE` lines. Nothing is held or sent.
+fn peer_check(state: &Path, app: &str) -> i32 {
+    let reply = connect(state).and_then(|mut c| {
+        c.call(&Request::Command {
+            line: format!("app info {app} --batch"),
+        })
+        .map_err(|e| format!("talking to the grid daemon: {e}"))
+    });
+    match reply {
+        Ok(Reply::Done {
+            code: 0, stdout, ..
+        }) => {
+            let mut app_state = "";
+            let mut bytes: u64 = 0;
+            for l in stdout.lines() {
+                match l.split_once('\t') {
+                    Some(("state", v)) => app_state = v,
+                    Some((k, v)) if k.starts_with("volume.") && !k.ends_with(".kind") => {
+                        bytes += v.parse::<u64>().unwrap_or(0)
+                    }
+                    _ => {}
+                }
+            }
+            println!("app_state\t{app_state}\napp_bytes\t{bytes}");
+            OK
+        }
+        Ok(Reply::Done { stderr, .. }) => {
+            eprintln!("gridctl: {stderr}");
+            FAILED
+        }
+        Ok(other) => {
+            eprintln!("gridctl: unexpected reply from the daemon: {other:?}");
+            FAILED
+        }
+        Err(e) => {
+            eprintln!("gridctl: {e}");
+            FAILED
+        }
     }
 }
 
@@ -180,6 +278,13 @@ fn peer(state: &Path, line: &str) -> i32 {
         }
     };
     let w: Vec<&str> = words.iter().map(String::as_str).collect();
+    if let ["peer", "check", app] = w.as_slice() {
+        if let Err(e) = dialect::AppName::new(app) {
+            eprintln!("gridctl: refused: {e}");
+            return REFUSED;
+        }
+        return peer_check(state, app);
+    }
     // A gridctl without staged copies refused these; the test hook makes this one do the same.
     let staging = !state
         .join("faults")

@@ -222,7 +222,8 @@ impl Daemon {
             Command::Destroy { name } => self.destroy(name.as_str()).await,
             Command::Config { name, props } => self.config(name.as_str(), &props),
             Command::Checksum { name } => self.checksum(name.as_str()).await,
-            Command::Migrate { .. } => {
+            Command::Grid { batch } => self.grid(batch),
+            Command::Migrate { .. } | Command::MigrateCheck { .. } => {
                 return Reply::fail(
                     2,
                     "refused: app migrate is run by gridctl ssh, not the daemon",
@@ -273,6 +274,55 @@ impl Daemon {
             }
         }
         s
+    }
+
+    /// `app grid`: what a new application needs of this grid, for MIG's dry run: the room for
+    /// volumes (free bytes of the state directory's file system), the templates, and the IP
+    /// addresses the applications' properties hold.
+    fn grid(&self, batch: bool) -> Res {
+        let st = nix::sys::statvfs::statvfs(&self.state).map_err(|e| {
+            format!(
+                "cannot read the free space of {}: {e}",
+                self.state.display()
+            )
+        })?;
+        #[allow(clippy::unnecessary_cast)] // the field types differ by platform
+        let free = st.blocks_available() as u64 * st.fragment_size() as u64;
+        let mut templates: Vec<String> = std::fs::read_dir(self.state.join("templates"))
+            .map(|d| {
+                d.flatten()
+                    .filter_map(|e| {
+                        let n = e.file_name().to_string_lossy().to_string();
+                        n.strip_suffix(".toml").map(str::to_string)
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        templates.sort();
+        let addresses: std::collections::BTreeSet<String> = {
+            let inner = self.inner.lock().unwrap();
+            inner
+                .apps
+                .values()
+                .flat_map(|e| e.rec.props.values())
+                .filter_map(|v| {
+                    let host = v.rsplit_once(':').map_or(v.as_str(), |(h, _)| h);
+                    host.parse::<std::net::IpAddr>()
+                        .ok()
+                        .map(|ip| ip.to_string())
+                })
+                .collect()
+        };
+        let mut out = String::new();
+        let sep = if batch { "\t" } else { ": " };
+        out.push_str(&format!("free_bytes{sep}{free}\n"));
+        for t in &templates {
+            out.push_str(&format!("template{sep}{t}\n"));
+        }
+        for a in &addresses {
+            out.push_str(&format!("address{sep}{a}\n"));
+        }
+        Ok(out)
     }
 
     fn reserve(&self, name: &str) -> Result<(), String> {

@@ -50,6 +50,13 @@
 //!   into it, and every dir volume; NEW becomes an ordinary stopped application. See [`stage`].
 //! * `peer export APP [--nocompress] [--novols | --stage | --delta]` is the source side of a pull,
 //!   for other grids' keys only (sshd's `ExposeAuthInfo` tells `gridctl ssh` which key logged in).
+//! * `migrate REMOTE APP .name=NEW --import --check` (MIG's dry run) tests the pull's own trust
+//!   without copying: REMOTE's host key is pinned here, NEW is free here, and REMOTE takes this
+//!   grid's key and answers `peer check APP` (APP's state and volume bytes, nothing held or sent).
+//!   Prints `app_state\tSTATE` and `app_bytes\tN`; exit 1 with the reason otherwise.
+//! * `grid [--batch]` (MIG's dry run): `free_bytes\tN` (free bytes of the state directory's file
+//!   system), one `template\tNAME` per template, one `address\tIP` per IP address an
+//!   application's properties hold.
 //!
 //! # Batch formats (`--batch`; stable, tab-separated, one record per line, no header)
 //!

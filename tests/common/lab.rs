@@ -2,7 +2,7 @@
 //! template installed, torn down on drop, and by a watchdog if the test process dies first.
 //!
 //! Address plan: grid n of a lab with base B is 127.0.(B+n).x. The `mig` package's tests own bases
-//! 200..=249 (gridctl's own tests use 100..=199), handed out per test binary by `BASES`.
+//! 200..=253 (gridctl's own tests use 100..=199), handed out per test binary by `BASES`.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -38,8 +38,9 @@ impl Lab {
     /// Brings up `grids` grids at the next free base of `bases` (a per-binary counter).
     pub fn up(grids: u8, bases: &AtomicU8) -> Lab {
         let base = bases.fetch_add(grids, Ordering::SeqCst);
+        // tests/controls.rs has 250..=253 (two labs of two grids; grid n is 127.0.(base+n)).
         assert!(
-            (200..250).contains(&base),
+            (200..=253).contains(&base) && u16::from(base) + u16::from(grids) <= 255,
             "out of lab addresses: base {base}"
         );
         let dir = tempfile::Builder::new()

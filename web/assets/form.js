@@ -16,6 +16,9 @@
   const formError = document.getElementById("form-error");
   const submitHint = document.getElementById("submit-hint");
   const maxRate = document.getElementById("max-rate");
+  const checkButton = document.getElementById("check");
+  const checksBox = document.getElementById("checks");
+  const checkList = document.getElementById("check-list");
 
   function nameProblem(value) {
     if (value.length === 0) return "Enter the name the application will have on the target grid.";
@@ -60,6 +63,57 @@
     if (maxRate && maxRate.value.trim()) r.max_rate = maxRate.value.trim();
     return r;
   }
+  // The dry run: every check the operation needs, run on the grids without changing anything,
+  // shown as a list before Submit.
+  checkButton.addEventListener("click", async function () {
+    formError.hidden = true;
+    if (!check(true)) {
+      name.focus();
+      return;
+    }
+    if (!grid.value) {
+      formError.textContent = "Choose a target grid.";
+      formError.hidden = false;
+      return;
+    }
+    checkButton.disabled = true;
+    submitHint.textContent = "Checking…";
+    checkList.replaceChildren();
+    try {
+      const resp = await fetch(location.origin + "/api/v1/ops", {
+        method: "POST",
+        credentials: "same-origin",
+        headers: { "Content-Type": "application/json", "X-Mig-Csrf": csrf },
+        body: JSON.stringify(Object.assign(request(), { dry_run: true })),
+      });
+      let body = null;
+      try { body = await resp.json(); } catch (_) { body = null; }
+      if (resp.status === 200 && body && Array.isArray(body.checks)) {
+        for (const c of body.checks) {
+          const li = document.createElement("li");
+          li.className = c.ok ? "ok" : "failed";
+          li.dataset.check = c.name;
+          const b = document.createElement("strong");
+          b.textContent = c.name;
+          li.append(b, document.createTextNode(": " + c.detail));
+          checkList.append(li);
+        }
+        const failed = body.checks.filter((c) => !c.ok).length;
+        submitHint.textContent = failed ? failed + " check(s) failed: fix them before you start." : "Every check passed.";
+        checksBox.hidden = false;
+      } else {
+        submitHint.textContent = "";
+        formError.textContent = "The checks did not run: " +
+          (body && body.error ? body.error : "MIG answered " + resp.status + " " + resp.statusText);
+        formError.hidden = false;
+      }
+    } catch (e) {
+      submitHint.textContent = "";
+      formError.textContent = "Could not reach MIG: " + e.message + ". Check the connection and try again.";
+      formError.hidden = false;
+    }
+    checkButton.disabled = false;
+  });
 
   form.addEventListener("submit", async function (ev) {
     ev.preventDefault();
@@ -97,6 +151,7 @@
         400: "MIG refused the request: ",
         403: "Not allowed: ",
         409: "Another operation is running: ",
+        412: "A check failed, so nothing was started: ",
       }[resp.status] || "The operation did not start: ";
       formError.textContent = lead + why;
     } catch (e) {

@@ -19,6 +19,9 @@
     following: document.getElementById("following"),
     outcome: document.getElementById("outcome"),
     monitors: document.getElementById("monitors"),
+    cancelBox: document.getElementById("cancel-box"),
+    cancel: document.getElementById("cancel"),
+    cancelHint: document.getElementById("cancel-hint"),
   };
 
   let best = null;       // the newest copy of the operation seen
@@ -33,6 +36,7 @@
     done: "done",
     failed: "failed",
     rolled_back: "rolled back",
+    cancelled: "cancelled",
   };
   const ROLE_NAME = { source: "the source MIG", helper: "MigHelper", target: "the final MIG" };
 
@@ -229,6 +233,7 @@
       return kind + " succeeded: " + p.target_app + " is on grid " + p.target_grid + ".";
     }
     if (op.state === "rolled_back") return kind + " failed and was rolled back.";
+    if (op.state === "cancelled") return kind + " cancelled and rolled back.";
     if (op.state === "failed") return kind + " failed.";
     const running = allSteps(op).find((s) => s.state === "running");
     if (op.rolling_back) return "Rolling back" + (running ? ": " + running.name : "") + "…";
@@ -271,9 +276,11 @@
     const steps = allSteps(op);
     const failed = steps.find((s) => s.state === "failed");
     const undone = steps.filter((s) => s.state === "rolled_back");
-    const title =
-      (failed ? "Failed at “" + failed.name + "”" : "The operation failed") +
-      (op.state === "rolled_back" ? " — rolled back" : "");
+    const undoneState = op.state === "rolled_back" || op.state === "cancelled";
+    const title = op.state === "cancelled"
+      ? "Cancelled — rolled back"
+      : (failed ? "Failed at “" + failed.name + "”" : "The operation failed") +
+        (op.state === "rolled_back" ? " — rolled back" : "");
     const reason = (failed && failed.detail) || op.error || "no reason was recorded";
     const parts = [
       node("h2", { id: "outcome-title" }, title),
@@ -295,7 +302,7 @@
       node(
         "p",
         { id: "end-state" },
-        op.state === "rolled_back"
+        undoneState
           ? p.source_app + " runs on grid " + p.source_grid + " as before; nothing of it was lost. " +
               (op.leftovers && op.leftovers.length
                 ? "Part of the attempt is left over: see below."
@@ -339,7 +346,9 @@
       succeeded: "Done",
       failed: "Failed",
       rolled_back: "Rolled back",
+      cancelled: "Cancelled",
     }[op.state] + " · MIG operation " + opId.slice(0, 8);
+    renderCancel(op);
     main.dataset.version = String(op.version);
     renderMonitors(op);
     renderTraceLink(op);
@@ -354,6 +363,70 @@
       outcomeShown = true;
     }
   }
+
+  // ---- cancel -------------------------------------------------------------------------------
+
+  // Offered while a cancel can still win: running, not rolling back, before the cut-over (the
+  // step that starts the target, or re-starts the source of a snapshot). The server decides;
+  // this only hides a button that would be refused.
+  function cancellable(op) {
+    if (op.state !== "running" || op.rolling_back || op.owner === "target") return false;
+    const cut = allSteps(op).find(
+      (s) => s.name === "starting the target application" || s.name === "re-starting the source application",
+    );
+    return !cut || cut.state === "pending";
+  }
+
+  function renderCancel(op) {
+    if (!el.cancelBox) return;
+    if (cancellable(op)) {
+      el.cancelBox.hidden = false;
+      return;
+    }
+    // Past the point where a cancel can win: no button, but an answer already shown stays.
+    el.cancel.disabled = true;
+    if (!el.cancelHint.textContent) el.cancelBox.hidden = true;
+  }
+
+  // Asked of this page's own instance (same origin, the credentials the browser holds, its CSRF
+  // token); it forwards the cancel to the instance that drives the operation.
+  async function cancelOp() {
+    const op = best;
+    if (!op) return;
+    const what = op.kind === "snapshot" ? "snapshot" : "migration";
+    if (!window.confirm("Cancel this " + what + "? It rolls back: " + op.plan.source_app +
+      " runs again on grid " + op.plan.source_grid + ".")) return;
+    el.cancel.disabled = true;
+    el.cancelHint.textContent = "Cancelling…";
+    try {
+      const t = await fetch(location.origin + "/api/v1/csrf", { credentials: "same-origin" });
+      if (!t.ok) throw new Error("this MIG answered " + t.status + " for its CSRF token");
+      const csrf = (await t.json()).csrf;
+      const resp = await fetch(location.origin + "/api/v1/ops/" + opId + "/cancel", {
+        method: "POST",
+        credentials: "same-origin",
+        headers: { "X-Mig-Csrf": csrf },
+      });
+      let body = null;
+      try { body = await resp.json(); } catch (_) { body = null; }
+      if (resp.status === 202 && body && body.cancelled) {
+        el.cancelHint.textContent = "Cancelled by " + body.cancelled.user + "; rolling back…";
+        return;
+      }
+      el.cancelHint.textContent = "Not cancelled: " +
+        (body && body.error ? body.error : "MIG answered " + resp.status);
+    } catch (e) {
+      // The source MIG stops with its application during the copy: say where to ask instead.
+      const owner = ownerUrl(op);
+      el.cancelHint.replaceChildren(
+        "This MIG did not answer (" + e.message + "). Cancel it on the instance that drives it now: ",
+        owner ? node("a", { id: "cancel-elsewhere", href: owner + "/ops/" + opId }, owner + "/ops/" + opId) : "",
+      );
+      el.cancel.disabled = false;
+    }
+  }
+
+  if (el.cancel) el.cancel.addEventListener("click", cancelOp);
 
   // ---- following the operation --------------------------------------------------------------
 

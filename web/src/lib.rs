@@ -227,8 +227,11 @@ pub fn index_page(ctx: &PageContext) -> String {
          with K, M or G (1024-based). Empty: this MIG's <code>max_rate</code> property.</p></div>\n",
     );
     out.push_str(&format!(
-        "<div class=\"actions\"><button type=\"submit\" id=\"submit\"{}>Start</button>\
+        "<div class=\"actions\"><button type=\"submit\" id=\"submit\"{0}>Start</button>\
+         <button type=\"button\" id=\"check\" class=\"secondary\"{0}>Check</button>\
          <span class=\"hint\" id=\"submit-hint\" aria-live=\"polite\"></span></div>\n\
+         <section id=\"checks\" aria-live=\"polite\" hidden><h2>Checks</h2>\
+         <ul id=\"check-list\" class=\"checks\"></ul></section>\n\
          <p class=\"notice error\" id=\"form-error\" role=\"alert\" hidden></p>\n</form>\n",
         if ctx.targets.is_empty() {
             " disabled"
@@ -388,6 +391,9 @@ pub fn monitor_page(op_id: &str) -> String {
          <p id=\"summary\" class=\"summary\" role=\"status\" aria-live=\"polite\">Connecting…</p>\n\
          <p id=\"following\" class=\"muted small\"></p>\n\
          <div id=\"outcome\"></div>\n\
+         <div class=\"actions\" id=\"cancel-box\" hidden><button type=\"button\" id=\"cancel\" \
+         class=\"danger\">Cancel the operation</button>\
+         <span class=\"hint\" id=\"cancel-hint\" aria-live=\"polite\"></span></div>\n\
          <div id=\"monitors\" class=\"monitors\"></div>\n\
          <noscript><p class=\"notice error\">This page needs JavaScript to follow the operation. \
          <a href=\"/api/v1/ops/{id}\">The operation as JSON</a> shows the same.</p></noscript>\n\
@@ -475,6 +481,20 @@ mod tests {
         assert!(html.contains("&lt;script&gt;boom") && !html.contains("<script>boom"));
         assert!(html.contains("1.500 s"));
         assert!(html.contains(&op.trace_id));
+    }
+
+    #[test]
+    fn the_form_offers_check_beside_start_and_the_monitor_a_cancel_button() {
+        let form = index_page(&ctx());
+        // After Start in keyboard order: the form's tab order stays kind, name, grid, Start.
+        let (check, start) = (
+            form.find("id=\"check\"").unwrap(),
+            form.find("id=\"submit\"").unwrap(),
+        );
+        assert!(start < check);
+        assert!(form.contains("id=\"check-list\""));
+        let monitor = monitor_page(&actors::op::new_id());
+        assert!(monitor.contains("id=\"cancel\"") && monitor.contains("id=\"cancel-box\" hidden"));
     }
 
     fn ctx() -> PageContext {

@@ -9,7 +9,7 @@
 //! with free text (step details, the error, the timeline) passed through [`Redactor`]. The full
 //! record stays behind the GUI credentials (`GET /api/v1/ops/{id}/record`).
 
-use actors::op::{Kind, Monitor, Op, OpState, Plan, Role, TraceEvent};
+use actors::op::{Cancelled, Kind, Monitor, Op, OpState, Plan, Role, TraceEvent};
 use serde::{Deserialize, Serialize};
 
 /// The longest free text (a step's detail, the error, a leftover) the public view carries, in
@@ -57,6 +57,9 @@ pub struct OpView {
     pub version: u64,
     /// Correlates the operation's spans; a random id, nothing else.
     pub trace_id: String,
+    /// Who cancelled the operation and when (the page says so, and hides its Cancel button).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cancelled: Option<Cancelled>,
 }
 
 /// An operation's timeline as the public routes serve it, every event redacted.
@@ -99,6 +102,7 @@ impl OpView {
             leftovers: op.leftovers.iter().map(|l| r.leftover(l)).collect(),
             version: op.version,
             trace_id: op.trace_id.clone(),
+            cancelled: op.cancelled.clone(),
         }
     }
 

@@ -694,6 +694,94 @@ async fn a_rolled_back_operation_shows_what_failed_and_what_was_undone() {
     browser.close().await;
 }
 
+/// The form's Check button shows the dry run's list before anything starts; the monitor offers
+/// Cancel while a cancel can win, sends it with the page's CSRF token, says who cancelled, and
+/// offers no button once the operation is past the cut-over.
+#[actix_web::test]
+async fn check_lists_the_dry_run_and_cancel_is_offered_only_before_the_cut_over() {
+    let _one = ONE_BROWSER.lock().await;
+    let trio = Trio::start().await;
+    let src = &trio.source;
+    src.set_page(page(Mode::Both));
+    let browser = Browser::start().await;
+    let c = &browser.client;
+    c.goto(&format!("{}/", src.url)).await.unwrap();
+    c.find(Locator::Id("target-app"))
+        .await
+        .unwrap()
+        .send_keys("shop2")
+        .await
+        .unwrap();
+    browser.click("check").await;
+    let list = browser
+        .wait_for(
+            "the checks",
+            Duration::from_secs(5),
+            "const b = document.getElementById('checks'); return !b.hidden && \
+             Array.from(document.querySelectorAll('#check-list li')).map(l => [l.className, l.dataset.check, l.textContent])",
+        )
+        .await;
+    assert_eq!(
+        list[0],
+        json!(["ok", "target name", "target name: shop2 is free on grid g2"])
+    );
+    assert_eq!(list[1][0], "failed");
+    assert!(
+        list[1][2].as_str().unwrap().contains("free space on it"),
+        "{list}"
+    );
+    assert_eq!(
+        (src.dry_runs(), src.started().len()),
+        (1, 0),
+        "checked, not started"
+    );
+
+    let mut op = Op::new(OP_ID.into(), Kind::Migrate, trio.plan());
+    op.start_step(op::PROVISIONING_HELPER);
+    src.set(&op);
+    c.goto(&format!("{}/ops/{OP_ID}", src.url)).await.unwrap();
+    browser
+        .wait_for(
+            "the Cancel button",
+            Duration::from_secs(5),
+            "return !document.getElementById('cancel-box').hidden",
+        )
+        .await;
+    browser.js("window.confirm = () => true; return true").await;
+    browser.click("cancel").await;
+    let hint = browser
+        .wait_for(
+            "the cancel's answer",
+            Duration::from_secs(5),
+            "const t = document.getElementById('cancel-hint').textContent; return t.startsWith('Cancelled') && t",
+        )
+        .await;
+    assert_eq!(hint, "Cancelled by anonymous; rolling back…");
+    assert_eq!(src.cancels(), 1);
+
+    // Another operation past the cut-over: no Cancel button.
+    let mut later = Op::new(OP_ID.into(), Kind::Migrate, trio.plan());
+    later.owner = Role::Helper;
+    later.start_step(op::STARTING_TARGET);
+    later.version = 1000;
+    src.set(&later);
+    c.goto(&format!("{}/ops/{OP_ID}", src.url)).await.unwrap();
+    browser
+        .wait_for(
+            "the page to show the cut-over",
+            Duration::from_secs(5),
+            "return document.getElementById('monitor').dataset.version === '1000'",
+        )
+        .await;
+    assert_eq!(
+        browser
+            .js("return document.getElementById('cancel-box').hidden")
+            .await,
+        true
+    );
+    browser.close().await;
+}
+
 #[actix_web::test]
 async fn the_form_refuses_bad_names_and_offers_what_mode_allows() {
     let _one = ONE_BROWSER.lock().await;

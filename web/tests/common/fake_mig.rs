@@ -50,6 +50,10 @@ struct State {
     auth: std::sync::atomic::AtomicBool,
     /// Requests refused for want of credentials.
     unauthorized: AtomicUsize,
+    /// `POST /api/v1/ops` with `"dry_run": true` that reached the server.
+    dry_runs: AtomicUsize,
+    /// `POST /api/v1/ops/{id}/cancel` with the right CSRF token.
+    cancels: AtomicUsize,
 }
 
 pub struct Instance {
@@ -76,6 +80,8 @@ impl Instance {
             next_id: Mutex::new(String::new()),
             auth: std::sync::atomic::AtomicBool::new(false),
             unauthorized: AtomicUsize::new(0),
+            dry_runs: AtomicUsize::new(0),
+            cancels: AtomicUsize::new(0),
         });
         let data = aw::Data::from(state.clone());
         let server = HttpServer::new(move || {
@@ -89,6 +95,8 @@ impl Instance {
                 .route("/", aw::get().to(index))
                 .route("/ops/{id}", aw::get().to(monitor))
                 .route("/api/v1/ops", aw::post().to(post_op))
+                .route("/api/v1/csrf", aw::get().to(csrf))
+                .route("/api/v1/ops/{id}/cancel", aw::post().to(cancel))
                 .route("/api/v1/ops/{id}", aw::get().to(get_op))
                 .route("/api/v1/ops/{id}/events", aw::get().to(events))
         })
@@ -127,6 +135,14 @@ impl Instance {
 
     pub fn posts(&self) -> usize {
         self.state.posts.load(Ordering::SeqCst)
+    }
+
+    pub fn dry_runs(&self) -> usize {
+        self.state.dry_runs.load(Ordering::SeqCst)
+    }
+
+    pub fn cancels(&self) -> usize {
+        self.state.cancels.load(Ordering::SeqCst)
     }
 
     pub fn started(&self) -> Vec<serde_json::Value> {
@@ -203,10 +219,38 @@ async fn post_op(
         return HttpResponse::BadRequest()
             .json(serde_json::json!({"error": format!("bad target_app {name:?}")}));
     }
+    if body["dry_run"] == true {
+        // Two checks, one of them failed, as the real dry run answers.
+        state.dry_runs.fetch_add(1, Ordering::SeqCst);
+        return HttpResponse::Ok().json(serde_json::json!({"checks": [
+            {"name": "target name", "ok": true, "detail": format!("{name} is free on grid g2")},
+            {"name": "room", "ok": false, "detail": "grid g2 has 10 bytes free, shop's volumes need 64: free space on it, or pick another grid"},
+        ]}));
+    }
     state.started.lock().unwrap().push(body.into_inner());
     let id = state.next_id.lock().unwrap().clone();
     HttpResponse::Accepted()
         .json(serde_json::json!({"id": id, "monitor_url": format!("/ops/{id}")}))
+}
+
+async fn csrf() -> HttpResponse {
+    HttpResponse::Ok().json(serde_json::json!({ "csrf": CSRF }))
+}
+
+async fn cancel(state: aw::Data<State>, req: HttpRequest, path: aw::Path<String>) -> HttpResponse {
+    let token = req
+        .headers()
+        .get(web::CSRF_HEADER)
+        .and_then(|v| v.to_str().ok());
+    if token != Some(CSRF) {
+        return HttpResponse::Forbidden()
+            .json(serde_json::json!({"error": "missing or wrong CSRF token"}));
+    }
+    state.cancels.fetch_add(1, Ordering::SeqCst);
+    HttpResponse::Accepted().json(serde_json::json!({
+        "id": path.into_inner(),
+        "cancelled": {"user": "anonymous", "from": "127.0.0.1", "at": "2026-01-01T00:00:00Z"},
+    }))
 }
 
 fn current(state: &State, id: &str) -> Option<Op> {
