@@ -305,6 +305,24 @@ fn a_cancel_before_the_cut_over_rolls_back_wherever_it_is_asked() {
     let (code, v) = cancel(&source, &id);
     assert_eq!(code, 409, "an ended operation: {v}");
     assert!(started.elapsed() < Duration::from_secs(10));
+    // Both cancels asked of the source MIG are in its audit log: the one it forwarded and won,
+    // and the late one it refused.
+    let cancels: Vec<_> = audited(&lab, "cancel")
+        .into_iter()
+        .filter(|e| e["op_id"] == id.as_str())
+        .collect();
+    assert!(
+        cancels
+            .iter()
+            .any(|e| result_of(e).starts_with("accepted: cancelled by")),
+        "{cancels:#?}"
+    );
+    assert!(
+        cancels
+            .iter()
+            .any(|e| result_of(e).starts_with("refused (409)")),
+        "{cancels:#?}"
+    );
 
     // Past the cut-over (the target MIG holds before its clean-up): refused everywhere, and the
     // migrate finishes as if nobody had asked.
@@ -335,6 +353,22 @@ fn a_cancel_before_the_cut_over_rolls_back_wherever_it_is_asked() {
     for (k, v) in &data {
         assert_eq!(get(&lab.data_url(2), k).as_deref(), Some(&v[..]), "{k}");
     }
+}
+
+/// The audit entries of `action` in the source MIG's audit log (in its state directory, which
+/// outlives a stopped application).
+fn audited(lab: &Lab, action: &str) -> Vec<serde_json::Value> {
+    let log = lab.state(1).join("mig-state/shop/audit.log");
+    std::fs::read_to_string(&log)
+        .unwrap_or_else(|e| panic!("{}: {e}", log.display()))
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|e| e["action"] == action)
+        .collect()
+}
+
+fn result_of(e: &serde_json::Value) -> &str {
+    e["result"].as_str().unwrap_or_default()
 }
 
 /// `mig KIND --url URL --to g2 --name shop2 --dry-run`: whether it exited 0, and its output.
@@ -532,4 +566,19 @@ fn every_dry_run_check_fails_once_with_what_to_fix_and_nothing_changes() {
     assert!(v["error"].as_str().unwrap().contains("room: "), "{v:#}");
     assert_eq!(v["checks"].as_array().unwrap().len(), 9, "{v:#}");
     unchanged();
+    // Each dry run is audited with how many checks failed, and the refused start with why.
+    let dry_runs = audited(&lab, "dry_run");
+    assert!(
+        dry_runs.len() >= 8
+            && dry_runs
+                .iter()
+                .all(|e| result_of(e).contains("checks failed")),
+        "{dry_runs:#?}"
+    );
+    assert!(
+        audited(&lab, "start")
+            .iter()
+            .any(|e| result_of(e).starts_with("refused (412)")),
+        "the refused start is audited"
+    );
 }
