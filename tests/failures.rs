@@ -1444,6 +1444,103 @@ fn operator_start_trial(kind: &str, point: &str, write: bool) -> Result<Outcome,
     })
 }
 
+/// `POST URL/api/v1/handoff` of `op`, signed with `key` for `seq` and the receiver `op`'s owner
+/// names, as the real sender signs it: the HTTP status.
+fn post_handoff(url: &str, key: &actors::auth::OpKey, op: &actors::op::Op, seq: u64) -> u16 {
+    let body = serde_json::to_vec(op).unwrap();
+    let signed = key.sign(&op.id, seq, &actors::handoff::audience(op), &body);
+    let f = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(f.path(), &body).unwrap();
+    let mut args = vec![
+        "-s".to_string(),
+        "-o".into(),
+        "/dev/null".into(),
+        "-w".into(),
+        "%{http_code}".into(),
+        "-X".into(),
+        "POST".into(),
+        "-H".into(),
+        "content-type: application/json".into(),
+    ];
+    for (k, v) in signed.headers() {
+        args.push("-H".into());
+        args.push(format!("{k}: {v}"));
+    }
+    args.push("--data-binary".into());
+    args.push(format!("@{}", f.path().display()));
+    args.push(format!("{url}/api/v1/handoff"));
+    let out = Command::new("curl").args(&args).output().unwrap();
+    String::from_utf8_lossy(&out.stdout).parse().unwrap_or(0)
+}
+
+/// The operation's full record at `url` (the lab's MIG instances have no GUI credentials).
+fn record_at(url: &str, id: &str) -> actors::op::Op {
+    let b = curl(&[&format!("{url}/api/v1/ops/{id}/record")]).expect("the record");
+    serde_json::from_slice(&b).unwrap()
+}
+
+/// Replays, with the application's own handoff key (what an attacker who captured a handoff has
+/// in effect): the source's handoff to MigHelper again while MigHelper copies; then, once the
+/// operation ended, the final handoff to the final MIG again, and a fresh one signed for the
+/// next sequence number (a handoff for an ended operation). Each must be refused and change
+/// nothing; the operation ends as it would have.
+fn replay_trial(kind: &str) -> Result<Outcome, Violation> {
+    let lab = trial_lab(false);
+    let faults = fault_points(&lab);
+    let (_, sum) = small_shop(&lab);
+    let secret = lab.state(1).join("apps/shop/vols/config/handoff.key");
+    on(&faults, "hold-copy");
+    let id = start_op(&lab.mig_url(1), kind, "g2", "shop2");
+    let helper = helper_url(&lab, 2);
+    wait_step(&lab, &helper, &id, MIGRATING, "running", 60);
+    let key = actors::auth::AppKey::load_or_create(&secret)
+        .unwrap()
+        .op_key(&id);
+    // MigHelper serves no record (it has no credentials to check): its journal is the record.
+    let journal = lab
+        .state(2)
+        .join(format!("apps/{}/vols/state/ops/{id}.json", helper_app(&id)));
+    let read_journal =
+        || -> actors::op::Op { serde_json::from_slice(&std::fs::read(&journal).unwrap()).unwrap() };
+    let at_helper = read_journal();
+    let code = post_handoff(&helper, &key, &at_helper, at_helper.seq);
+    if code == 200 {
+        return Err(Violation::new("MigHelper took its handoff a second time"));
+    }
+    let after = read_journal();
+    if after.seq != at_helper.seq || after.rolling_back {
+        return Err(Violation::new(format!(
+            "the replay to MigHelper ({code}) changed the operation: seq {} → {}, rolling back {}",
+            at_helper.seq, after.seq, after.rolling_back
+        )));
+    }
+    off(&faults, "hold-copy");
+    let healed = std::time::Instant::now();
+    let o = check_invariant(&lab, &id, kind, &sum, healed)?;
+    let final_mig = lab.mig_url(if kind == "snapshot" || o.state != "succeeded" {
+        1
+    } else {
+        2
+    });
+    let done = record_at(&final_mig, &id);
+    let again = post_handoff(&final_mig, &key, &done, done.seq);
+    let later = post_handoff(&final_mig, &key, &done, done.seq + 1);
+    if again == 200 || later == 200 {
+        return Err(Violation::new(format!(
+            "the final MIG took a handoff for an ended operation ({again}, {later})"
+        )));
+    }
+    // Nothing changed: the same end, the same grids.
+    let o2 = check_invariant(&lab, &id, kind, &sum, std::time::Instant::now())?;
+    if o2.state != o.state {
+        return Err(Violation::new(format!("{} became {}", o.state, o2.state)));
+    }
+    Ok(Outcome {
+        state: format!("{} (replays {code}, {again}, {later})", o.state),
+        took: o.took,
+    })
+}
+
 fn adversarial_trials() -> Vec<Trial> {
     let mut trials = Vec::new();
     for kind in ["migrate", "snapshot"] {
@@ -1458,6 +1555,10 @@ fn adversarial_trials() -> Vec<Trial> {
                 run: Box::new(move || operator_start_trial(kind, point, write)),
             });
         }
+        trials.push(Trial {
+            name: format!("{kind:<8} replayed handoffs, one for the ended operation"),
+            run: Box::new(move || replay_trial(kind)),
+        });
     }
     trials
 }
