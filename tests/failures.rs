@@ -1075,6 +1075,10 @@ fn check_invariant_with(
 /// The lab of one trial (two grids at base 230: trials run one at a time), its directory and
 /// namespaces noted for [`left_behind`].
 fn trial_lab(netns: bool) -> Lab {
+    trial_lab_of(2, netns)
+}
+
+fn trial_lab_of(grids: u8, netns: bool) -> Lab {
     // The sweep runs its trials one at a time, alone (scripts/fault-sweep): one base will do.
     // A trial kept as a test takes the next of this binary's bases.
     let sweep_base = AtomicU8::new(230);
@@ -1083,9 +1087,9 @@ fn trial_lab(netns: bool) -> Lab {
         (false, false) => &BASES,
         (false, true) => &NETNS_BASES,
     };
-    let lab = Lab::up_with(2, bases, netns);
+    let lab = Lab::up_with(grids, bases, netns);
     let names = if netns {
-        (0..=2).map(|n| netns_of(&lab, n)).collect()
+        (0..=grids).map(|n| netns_of(&lab, n)).collect()
     } else {
         Vec::new()
     };
@@ -1541,8 +1545,92 @@ fn replay_trial(kind: &str) -> Result<Outcome, Violation> {
     })
 }
 
+/// Two migrates race for one target name: `shop` from g1 and `shop3` from g3, both to g2 as
+/// `twin`, started together. At most one may make `twin`; each source either moved into it, with
+/// every byte, or runs where it was with its bytes; no MigHelper is left; and each operation's
+/// state says which.
+fn race_trial() -> Result<Outcome, Violation> {
+    let lab = trial_lab_of(3, false);
+    lab.provision_demo(1, "shop");
+    lab.provision_demo(3, "shop3");
+    put(&lab.data_url(1), "who", b"shop");
+    put(&lab.data_url(3), "who", b"shop3");
+    let sources = [
+        (1, "shop", lab.checksum(1, "shop")),
+        (3, "shop3", lab.checksum(3, "shop3")),
+    ];
+    let ids: Vec<String> = sources
+        .iter()
+        .map(|(g, _, _)| start_op(&lab.mig_url(*g), "migrate", "g2", "twin"))
+        .collect();
+    let started = std::time::Instant::now();
+    let deadline = started + BOUND;
+    let states = loop {
+        let states: Vec<Option<String>> = ids
+            .iter()
+            .zip(&sources)
+            .map(|(id, (g, _, _))| {
+                [lab.mig_url(*g), lab.mig_url(2), helper_url(&lab, 2)]
+                    .iter()
+                    .filter_map(|u| op_at(u, id))
+                    .find(|op| op["state"] != "running")
+                    .map(|op| op["state"].as_str().unwrap_or_default().to_string())
+            })
+            .collect();
+        let helpers = lab.apps(2).iter().any(|(n, _)| n.starts_with("mighelper-"));
+        if states.iter().all(Option::is_some) && !helpers {
+            break states.into_iter().flatten().collect::<Vec<_>>();
+        }
+        if std::time::Instant::now() > deadline {
+            return Err(Violation::new(format!(
+                "no final state within {BOUND:?}: {states:?}, g2 {:?}",
+                lab.apps(2)
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    };
+    let g2 = lab.apps(2);
+    let twins: Vec<&(String, String)> = g2.iter().filter(|(n, _)| n == "twin").collect();
+    let moved: Vec<usize> = (0..2).filter(|&i| states[i] == "succeeded").collect();
+    if moved.len() > 1 || twins.len() > 1 {
+        return Err(Violation::new(format!(
+            "both took the name: {states:?}, g2 {g2:?}"
+        )));
+    }
+    for (i, (g, app, sum)) in sources.iter().enumerate() {
+        let here = lab.apps(*g);
+        if moved.contains(&i) {
+            if !here.is_empty() || twins.first().map(|t| t.1.as_str()) != Some("running") {
+                return Err(Violation::new(format!(
+                    "{app} moved, but g{g} holds {here:?} and g2 {g2:?}"
+                )));
+            }
+            if lab.checksum(2, "twin") != *sum {
+                return Err(Violation::lost(format!("twin does not hold {app}'s bytes")));
+            }
+        } else if names(&here) != [(*app, "running")] || lab.checksum(*g, app) != *sum {
+            return Err(Violation::lost(format!(
+                "{app}'s operation {} but g{g} holds {here:?}",
+                states[i]
+            )));
+        }
+    }
+    if moved.is_empty() && !twins.is_empty() {
+        return Err(Violation::new(format!(
+            "neither moved, yet g2 holds {g2:?}"
+        )));
+    }
+    Ok(Outcome {
+        state: states.join(" + "),
+        took: started.elapsed(),
+    })
+}
+
 fn adversarial_trials() -> Vec<Trial> {
-    let mut trials = Vec::new();
+    let mut trials = vec![Trial {
+        name: "migrate  two operations race for one target name".into(),
+        run: Box::new(race_trial),
+    }];
     for kind in ["migrate", "snapshot"] {
         for (point, write) in [
             ("hold-export", true),
@@ -1801,17 +1889,12 @@ fn load_trial() {
     let id = start_migrate(&lab.mig_url(1), "g2", "shop2");
     // GUI and API latency on the source's MIG, until it stops answering (the source stopped).
     let (mut gui, mut api) = (Vec::new(), Vec::new());
-    loop {
-        match (
-            timed_get(&mig, "/"),
-            timed_get(&mig, &format!("/api/v1/ops/{id}")),
-        ) {
-            (Some(g), Some(a)) => {
-                gui.push(g);
-                api.push(a);
-            }
-            _ => break,
-        }
+    while let (Some(g), Some(a)) = (
+        timed_get(&mig, "/"),
+        timed_get(&mig, &format!("/api/v1/ops/{id}")),
+    ) {
+        gui.push(g);
+        api.push(a);
         std::thread::sleep(Duration::from_millis(20));
     }
     let op = wait_end(&lab, &lab.mig_url(2), &id, 240);
