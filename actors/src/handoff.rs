@@ -166,7 +166,7 @@ impl std::fmt::Display for SendError {
 
 /// Sends `op` (already carrying its new owner and a fresh sequence number, journalled by the
 /// caller) to `base_url`'s handoff route, signed for its receiver, retrying while the receiver
-/// cannot be reached. A refusal (4xx) is final.
+/// cannot be reached. A refusal (4xx but 408) is final.
 pub async fn send(
     http: &reqwest::Client,
     base_url: &str,
@@ -207,7 +207,9 @@ pub async fn send(
                 tracing::info!(to = %url, seq = op.seq, "handoff accepted");
                 return Ok(());
             }
-            Ok(r) if r.status().is_client_error() => {
+            // 408: the receiver's server gave up waiting for the request (a link that drops
+            // it), so nothing was taken: not a refusal, try again (issue 14's partition).
+            Ok(r) if r.status().is_client_error() && r.status() != 408 => {
                 let status = r.status();
                 let text = r.text().await.unwrap_or_default();
                 return Err(SendError::Refused(crate::op::bounded(&format!(

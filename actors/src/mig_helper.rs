@@ -571,6 +571,18 @@ async fn verify(
         None => tokio::join!(src.checksum(source_app), dst.checksum(target_app)),
     };
     let (mut a, mut b) = (a?, b?);
+    // The source's checksums stand for it only while it stays stopped. Read after them, so a
+    // start by hand (an operator, a script) before they were taken is seen: such a source may
+    // take writes the copy never gets, and starting the copy too would run two (issue 14).
+    match crate::driver::app_state(src, source_app).await? {
+        Some(dialect::AppState::Stopped) => {}
+        other => {
+            let now = other.map_or("gone".to_string(), |s| s.to_string());
+            return Err(StepError::permanent(format!(
+                "the source application {source_app} was started by someone during the copy (it is {now}); the copy will not be started"
+            )));
+        }
+    }
     a.sort_by(|x, y| x.volume.cmp(&y.volume));
     b.sort_by(|x, y| x.volume.cmp(&y.volume));
     if a != b {

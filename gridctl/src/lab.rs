@@ -25,6 +25,8 @@ pub struct Grid {
     /// The third octet of its addresses: base + n.
     pub net: u8,
     pub dir: PathBuf,
+    /// The network namespace it runs in (`--netns`), or none: the caller's.
+    pub netns: Option<String>,
 }
 
 impl Grid {
@@ -32,7 +34,12 @@ impl Grid {
         format!("g{}", self.n)
     }
     pub fn ip(&self, host: u8) -> Ipv4Addr {
-        Ipv4Addr::new(127, 0, self.net, host)
+        let [a, b] = if self.netns.is_some() {
+            NETNS_PREFIX
+        } else {
+            [127, 0]
+        };
+        Ipv4Addr::new(a, b, self.net, host)
     }
     pub fn state(&self) -> PathBuf {
         self.dir.join("state")
@@ -47,6 +54,187 @@ pub struct UpOpts {
     pub dir: PathBuf,
     pub base: u8,
     pub mig_bin: Option<PathBuf>,
+    /// Each grid in its own network namespace behind a router namespace (see [`Netns`]).
+    pub netns: bool,
+}
+
+/// With `--netns`, grid n's addresses are 198.18.(B+n).x (the benchmarking range of RFC 2544,
+/// so that they collide with no real network) instead of loopback ones.
+pub const NETNS_PREFIX: [u8; 2] = [198, 18];
+
+/// The network namespaces of a `--netns` lab, so that tests can cut, partition and slow the
+/// links between grids with nftables and tc, as real networks fail. Grid n's namespace holds its
+/// addresses on `eth0`, a veth link to the router namespace (`gN` there, 198.18.(B+n).254); the
+/// router forwards between the grids and to the caller's namespace over a second veth link
+/// (`uplink` in the router, 198.19.B.1; `glHASH` in the caller's, 198.19.B.2, with a route to each
+/// grid). Names are derived from the lab directory, so two labs never share one; they are listed
+/// in `DIR/netns` (`router NAME`, `gN NAME`) for `lab down` and for tests.
+pub struct Netns {
+    tag: String,
+    base: u8,
+}
+
+impl Netns {
+    fn new(dir: &Path, base: u8) -> Netns {
+        // FNV-1a of the directory: short, stable, and distinct for distinct labs.
+        let mut h: u32 = 0x811c_9dc5;
+        for b in dir.as_os_str().as_encoded_bytes() {
+            h = (h ^ u32::from(*b)).wrapping_mul(0x0100_0193);
+        }
+        Netns {
+            tag: format!("{h:08x}"),
+            base,
+        }
+    }
+
+    pub fn router(&self) -> String {
+        format!("gridlab-{}-r", self.tag)
+    }
+
+    pub fn grid(&self, n: u8) -> String {
+        format!("gridlab-{}-g{n}", self.tag)
+    }
+
+    /// The caller's end of the router's uplink.
+    fn uplink(&self) -> String {
+        format!("gl{}", self.tag)
+    }
+
+    fn exists(name: &str) -> bool {
+        Path::new("/run/netns").join(name).exists()
+    }
+
+    /// Makes the router and grid namespaces and their links, unless they are there already.
+    fn make(&self, grids: &[Grid]) -> Result<()> {
+        let r = self.router();
+        let b = self.base;
+        if !Netns::exists(&r) {
+            ip(&["netns", "add", &r])?;
+            ip(&["-n", &r, "link", "set", "lo", "up"])?;
+            let up = self.uplink();
+            ip(&[
+                "link", "add", "name", &up, "type", "veth", "peer", "name", "uplink", "netns", &r,
+            ])?;
+            ip(&["addr", "add", &format!("198.19.{b}.2/24"), "dev", &up])?;
+            ip(&["link", "set", &up, "up"])?;
+            ip(&[
+                "-n",
+                &r,
+                "addr",
+                "add",
+                &format!("198.19.{b}.1/24"),
+                "dev",
+                "uplink",
+            ])?;
+            ip(&["-n", &r, "link", "set", "uplink", "up"])?;
+            run(&[
+                "ip",
+                "netns",
+                "exec",
+                &r,
+                "sysctl",
+                "-qw",
+                "net.ipv4.ip_forward=1",
+            ])?;
+        }
+        for g in grids {
+            let ns = self.grid(g.n);
+            if Netns::exists(&ns) {
+                continue;
+            }
+            let dev = g.name();
+            ip(&["netns", "add", &ns])?;
+            ip(&["-n", &ns, "link", "set", "lo", "up"])?;
+            ip(&[
+                "-n", &r, "link", "add", "name", &dev, "type", "veth", "peer", "name", "eth0",
+                "netns", &ns,
+            ])?;
+            ip(&[
+                "-n",
+                &r,
+                "addr",
+                "add",
+                &format!("{}/24", g.ip(254)),
+                "dev",
+                &dev,
+            ])?;
+            ip(&["-n", &r, "link", "set", &dev, "up"])?;
+            for host in [1, 10, 11, 20, 21] {
+                ip(&[
+                    "-n",
+                    &ns,
+                    "addr",
+                    "add",
+                    &format!("{}/24", g.ip(host)),
+                    "dev",
+                    "eth0",
+                ])?;
+            }
+            ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
+            ip(&[
+                "-n",
+                &ns,
+                "route",
+                "add",
+                "default",
+                "via",
+                &g.ip(254).to_string(),
+            ])?;
+            let net = format!("{}/24", g.ip(0));
+            // `replace`: a route left by an earlier lab of the same base goes.
+            ip(&["route", "replace", &net, "via", &format!("198.19.{b}.1")])?;
+        }
+        Ok(())
+    }
+
+    /// `DIR/netns`: which namespace is which.
+    fn listing(&self, grids: &[Grid]) -> String {
+        let mut s = format!("router {}\n", self.router());
+        for g in grids {
+            s.push_str(&format!("{} {}\n", g.name(), self.grid(g.n)));
+        }
+        s
+    }
+}
+
+/// `ip ARGS`, failing with its stderr.
+fn ip(args: &[&str]) -> Result<()> {
+    let mut all = vec!["ip"];
+    all.extend_from_slice(args);
+    run(&all)
+}
+
+fn run(argv: &[&str]) -> Result<()> {
+    let out = Proc::new(argv[0])
+        .args(&argv[1..])
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| {
+            format!(
+                "running {} (is iproute2 installed? see scripts/setup)",
+                argv[0]
+            )
+        })?;
+    if !out.status.success() {
+        bail!(
+            "{} failed: {}",
+            argv.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// `exe` as a command, run in `netns` when there is one.
+fn command_in(netns: &Option<String>, exe: &Path) -> Proc {
+    match netns {
+        Some(ns) => {
+            let mut c = Proc::new("ip");
+            c.args(["netns", "exec", ns]).arg(exe);
+            c
+        }
+        None => Proc::new(exe),
+    }
 }
 
 fn q(p: &Path) -> String {
@@ -81,12 +269,13 @@ fn pubkey(path: &Path) -> Result<String> {
     Ok(w.join(" "))
 }
 
-fn grids_of(dir: &Path, n: u8, base: u8) -> Vec<Grid> {
+fn grids_of(dir: &Path, n: u8, base: u8, netns: Option<&Netns>) -> Vec<Grid> {
     (1..=n)
         .map(|i| Grid {
             n: i,
             net: base + i,
             dir: dir.join(format!("g{i}")),
+            netns: netns.map(|ns| ns.grid(i)),
         })
         .collect()
 }
@@ -110,7 +299,14 @@ pub fn up(o: &UpOpts) -> Result<()> {
     let mig = dir.join("mig");
     fs::create_dir_all(&mig)?;
     keygen(&mig.join("private.key"), "mig@lab")?;
-    let grids = grids_of(&dir, o.grids, o.base);
+    // A lab made with --netns stays one when `lab up` runs again to restart what is missing.
+    let netns = (o.netns || dir.join("netns").exists()).then(|| Netns::new(&dir, o.base));
+    let grids = grids_of(&dir, o.grids, o.base, netns.as_ref());
+    if let Some(ns) = &netns {
+        // Listed first, so that `lab down` finds them even if making them fails half-way.
+        write_atomic(&dir.join("netns"), ns.listing(&grids).as_bytes())?;
+        ns.make(&grids)?;
+    }
     for g in &grids {
         for d in ["templates", "apps", "peer", "faults"] {
             fs::create_dir_all(g.state().join(d))?;
@@ -262,8 +458,9 @@ fn start_daemon(g: &Grid, exe: &Path) -> Result<()> {
         .create(true)
         .append(true)
         .open(g.dir.join("daemon.log"))?;
-    // The daemon makes itself a session leader (setsid), so it outlives this command.
-    let child = Proc::new(exe)
+    // The daemon makes itself a session leader (setsid), so it outlives this command. `ip netns
+    // exec` execs it in place, so the pid is the daemon's.
+    let child = command_in(&g.netns, exe)
         .arg("daemon")
         .arg("--state")
         .arg(g.state())
@@ -313,7 +510,9 @@ fn start_sshd(g: &Grid, config_changed: bool) -> Result<()> {
         return Ok(());
     }
     let addr = g.controller();
+    // In its own namespace the grid's address is free by construction (and not bindable here).
     match TcpListener::bind(addr) {
+        _ if g.netns.is_some() => {}
         Ok(l) => drop(l),
         Err(e) => bail!(
             "{addr} is already in use by another process ({e}); grid {} cannot listen there \
@@ -324,7 +523,7 @@ fn start_sshd(g: &Grid, config_changed: bool) -> Result<()> {
     let log = g.dir.join("sshd.log");
     let run = || -> Result<Option<String>> {
         let before = fs::metadata(&log).map(|m| m.len()).unwrap_or(0);
-        let out = Proc::new("/usr/sbin/sshd")
+        let out = command_in(&g.netns, Path::new("/usr/sbin/sshd"))
             .arg("-f")
             .arg(g.dir.join("sshd_config"))
             .arg("-E")
@@ -443,6 +642,7 @@ pub fn down(dir: &Path) -> Result<()> {
                 n,
                 net: 0,
                 dir: e.path(),
+                netns: None,
             });
         }
     }
@@ -499,6 +699,17 @@ pub fn down(dir: &Path) -> Result<()> {
     for g in &grids {
         let _ = fs::remove_file(g.state().join("daemon.sock"));
         let _ = fs::remove_file(g.dir.join("daemon.pid"));
+    }
+    // A `--netns` lab's namespaces go once nothing runs in them; the veth links and routes go
+    // with them.
+    let listing = dir.join("netns");
+    if let Ok(t) = fs::read_to_string(&listing) {
+        for name in t.lines().filter_map(|l| l.split_whitespace().nth(1)) {
+            if Netns::exists(name) {
+                ip(&["netns", "del", name])?;
+            }
+        }
+        fs::remove_file(&listing)?;
     }
     println!(
         "lab down: {} grid(s) in {} stopped",

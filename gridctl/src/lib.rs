@@ -11,7 +11,7 @@
 //! gridctl daemon --state STATE              the supervisor; listens on STATE/daemon.sock
 //! gridctl ssh --state STATE                 sshd's ForceCommand; reads SSH_ORIGINAL_COMMAND
 //! gridctl kvstore --listen IP:PORT --data FILE   the built-in `kvstore` component
-//! gridctl lab up --grids N --dir DIR [--base B] [--mig-bin PATH]
+//! gridctl lab up --grids N --dir DIR [--base B] [--mig-bin PATH] [--netns]
 //! gridctl lab down --dir DIR
 //! ```
 //!
@@ -136,7 +136,10 @@
 //!
 //! # The lab (`gridctl lab up --grids N --dir DIR`)
 //!
-//! Grid `gn` (n = 1..N) listens on `127.0.(B+n).1:2222` (B = `--base`, default 0). Files:
+//! Grid `gn` (n = 1..N) listens on `127.0.(B+n).1:2222` (B = `--base`, default 0). With `--netns`
+//! (root only) each grid runs in its own network namespace with addresses `198.18.(B+n).x`, joined
+//! to a router namespace by veth links, so that tests can cut and slow the links between grids
+//! (nftables, tc); `DIR/netns` names the namespaces, and `lab down` removes them. Files:
 //!
 //! ```text
 //! DIR/ssh_config                  Host g1..gN: `ssh -F DIR/ssh_config g1 app list --batch`

@@ -58,6 +58,10 @@ enum LabCmd {
         /// The `mig` binary the MigHelper template runs (default: `mig` beside gridctl).
         #[arg(long)]
         mig_bin: Option<PathBuf>,
+        /// Each grid in its own network namespace (addresses 198.18.(BASE+n).x) behind a router
+        /// namespace, so links can be cut and slowed (root only; see DIR/netns).
+        #[arg(long)]
+        netns: bool,
     },
     /// Stops every grid of the lab; leaves no process behind.
     Down {
@@ -108,11 +112,13 @@ fn main() -> anyhow::Result<()> {
                     dir,
                     base,
                     mig_bin,
+                    netns,
                 } => lab::up(&lab::UpOpts {
                     grids,
                     dir,
                     base,
                     mig_bin,
+                    netns,
                 }),
                 LabCmd::Down { dir } => lab::down(&dir),
             }

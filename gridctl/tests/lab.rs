@@ -163,3 +163,75 @@ fn lab_up_from_another_binary_makes_the_running_sshd_use_it() {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// `--netns`: each grid in its own network namespace behind a router, reachable from here over
+/// veth links, the grids reaching each other only through the router (where tests cut links);
+/// `lab down` removes every namespace, link and route it made.
+#[test]
+fn a_netns_lab_runs_each_grid_in_its_own_namespace_and_down_removes_them() {
+    let lab = Lab::up_with(2, 160, &["--netns"]);
+    let dir = lab.dir();
+    let listing = std::fs::read_to_string(dir.join("netns")).unwrap();
+    let names: Vec<String> = listing
+        .lines()
+        .map(|l| l.split_whitespace().nth(1).unwrap().to_string())
+        .collect();
+    assert_eq!(names.len(), 3, "{listing}");
+    for n in &names {
+        assert!(std::path::Path::new("/run/netns").join(n).exists(), "{n}");
+    }
+    let info = std::fs::read_to_string(dir.join("mig/grid.info")).unwrap();
+    assert!(info.contains("controller = 198.18.162.1:2222"), "{info}");
+    // Reached over SSH from here, through the router.
+    assert_eq!(lab.ok(2, "app list --batch"), "");
+    lab.ok(1, "app provision kvstore kv in_ip=198.18.161.10");
+    // The application runs in g1's namespace: its address is not this namespace's.
+    assert!(std::net::TcpListener::bind("198.18.161.10:0").is_err());
+    let (code, _) = http("198.18.161.10:8000", "GET", "/kv/none", b"");
+    assert_eq!(code, 404);
+    // g2 reaches g1 through the router; a rule there cuts it off.
+    let g2 = names.iter().find(|n| n.ends_with("-g2")).unwrap();
+    let router = names.iter().find(|n| n.ends_with("-r")).unwrap();
+    let reach = || {
+        std::process::Command::new("ip")
+            .args(["netns", "exec", g2, "bash", "-c"])
+            .arg("exec 3<>/dev/tcp/198.18.161.10/8000")
+            .status()
+            .unwrap()
+            .success()
+    };
+    assert!(reach());
+    let nft = |rules: &str| {
+        let st = std::process::Command::new("ip")
+            .args(["netns", "exec", router, "nft", rules])
+            .status()
+            .unwrap();
+        assert!(st.success(), "nft {rules}");
+    };
+    nft(
+        "add table inet cut; add chain inet cut forward { type filter hook forward priority 0; }; \
+         add rule inet cut forward ip daddr 198.18.161.0/24 reject with tcp reset",
+    );
+    assert!(!reach(), "the cut holds");
+    nft("delete table inet cut");
+    assert!(reach(), "healed");
+    // `lab up` again changes nothing (and needs no --netns to know).
+    let r = lab.lab_up(&[]);
+    assert_eq!(r.code, 0, "{r:?}");
+    assert_eq!(lab.ok(1, "app list --batch"), "kv\trunning\tkvstore\n");
+
+    let r = gridctl(&["lab", "down", "--dir", &dir.display().to_string()]);
+    assert_eq!(r.code, 0, "{r:?}");
+    assert!(gridctl::lab::processes_mentioning(&dir).is_empty());
+    for n in &names {
+        assert!(
+            !std::path::Path::new("/run/netns").join(n).exists(),
+            "{n} left"
+        );
+    }
+    let routes = std::process::Command::new("ip")
+        .args(["route", "show", "198.18.161.0/24"])
+        .output()
+        .unwrap();
+    assert!(routes.stdout.is_empty(), "a route left behind");
+}

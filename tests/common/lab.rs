@@ -17,6 +17,8 @@ pub struct Lab {
     pub dir: tempfile::TempDir,
     pub base: u8,
     pub grids: u8,
+    /// Each grid in its own network namespace (`gridctl lab up --netns`): addresses 198.18.x.
+    pub netns: bool,
 }
 
 /// The `gridctl` binary beside `mig`, built on demand (it is another package's binary).
@@ -37,6 +39,11 @@ pub fn gridctl() -> PathBuf {
 impl Lab {
     /// Brings up `grids` grids at the next free base of `bases` (a per-binary counter).
     pub fn up(grids: u8, bases: &AtomicU8) -> Lab {
+        Lab::up_with(grids, bases, false)
+    }
+
+    /// Like [`Lab::up`], with `netns` as `gridctl lab up --netns`.
+    pub fn up_with(grids: u8, bases: &AtomicU8, netns: bool) -> Lab {
         let base = bases.fetch_add(grids, Ordering::SeqCst);
         // tests/controls.rs has 250..=253 (two labs of two grids; grid n is 127.0.(base+n)).
         assert!(
@@ -47,7 +54,12 @@ impl Lab {
             .prefix("mig-lab")
             .tempdir()
             .unwrap();
-        let lab = Lab { dir, base, grids };
+        let lab = Lab {
+            dir,
+            base,
+            grids,
+            netns,
+        };
         lab.run_lab_up("lab up");
         // A watchdog tears the lab down if this process dies without running Drop (a panic in
         // another thread aborting, a kill).
@@ -105,6 +117,7 @@ impl Lab {
             .arg(self.path())
             .arg("--mig-bin")
             .arg(env!("CARGO_BIN_EXE_mig"))
+            .args(self.netns.then_some("--netns"))
             .output()
             .unwrap();
         assert!(
@@ -122,9 +135,10 @@ impl Lab {
         self.path().join(format!("g{n}/state"))
     }
 
-    /// `127.0.(base+n).host`
+    /// `127.0.(base+n).host`, or `198.18.(base+n).host` in a `--netns` lab.
     pub fn ip(&self, n: u8, host: u8) -> String {
-        format!("127.0.{}.{host}", self.base + n)
+        let prefix = if self.netns { "198.18" } else { "127.0" };
+        format!("{prefix}.{}.{host}", self.base + n)
     }
 
     /// The MIG GUI of an application at grid n's MIG_ip.
