@@ -543,8 +543,12 @@ fn every_dry_run_check_fails_once_with_what_to_fix_and_nothing_changes() {
     );
 
     for (n, which) in [(1, "source controller"), (2, "target controller")] {
+        // A controller that is down: its sessions (MIG keeps one open per controller) and its
+        // listener.
+        let pid = sshd_pid(&lab, n);
+        let _ = Command::new("pkill").args(["-KILL", "-P", &pid]).status();
         assert!(Command::new("kill")
-            .args(["-KILL", &sshd_pid(&lab, n)])
+            .args(["-KILL", &pid])
             .status()
             .unwrap()
             .success());

@@ -215,7 +215,11 @@ fn a_limited_migrate_is_audited_announced_and_listed_and_a_dead_webhook_delays_n
         .as_array()
         .unwrap()
         .iter()
-        .find(|e| e["what"].as_str().unwrap().starts_with("app migrate "))
+        // The pull itself, not the dry run's `--check` that the start runs first.
+        .find(|e| {
+            let what = e["what"].as_str().unwrap();
+            what.starts_with("app migrate ") && !what.contains(" --check")
+        })
         .expect("the pull is in the timeline")
         .clone();
     assert!(

@@ -74,7 +74,11 @@ pub async fn run(driver: &Driver, mode: Mode, kind: Kind, plan: &Plan) -> Vec<Ch
             return out;
         }
     };
-    let (src_list, dst_list, dst_grid) = tokio::join!(src.list(), dst.list(), dst.grid_summary());
+    // One grid's commands one after the other: at the same time they would each take a session,
+    // and an instance logs in to a grid once for all its commands.
+    let (src_list, (dst_list, dst_grid)) = tokio::join!(src.list(), async {
+        (dst.list().await, dst.grid_summary().await)
+    });
     let controller = |role: &str, grid: &str, c: &str, r: &Result<Vec<AppSummary>, _>| {
         match r {
         Ok(_) => Ok(format!("{role} grid {grid}'s controller {c} answered with its pinned host key and took the application's key")),

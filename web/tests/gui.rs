@@ -360,7 +360,16 @@ async fn run_operation(kind: Kind, start: Start, screenshots: bool) {
         path.push(browser.focused().await);
         browser.keys(TAB).await;
         path.push(browser.focused().await);
-        let mut expected = vec!["kind-migrate", "target-app", "target-grid", "submit"];
+        // The bandwidth limit is optional: left empty, the MIG's own `max_rate` applies.
+        browser.keys(TAB).await;
+        path.push(browser.focused().await);
+        let mut expected = vec![
+            "kind-migrate",
+            "target-app",
+            "target-grid",
+            "max-rate",
+            "submit",
+        ];
         if kind == Kind::Snapshot {
             expected.insert(1, "kind-snapshot");
         }
