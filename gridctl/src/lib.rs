@@ -141,4 +141,5 @@ pub mod protocol;
 pub mod template;
 pub mod transfer;
 pub mod util;
+pub mod vm;
 pub mod volume;
