@@ -185,6 +185,9 @@ pub enum Boot {
 /// One VM, substituted and checked: everything the domain XML says.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Spec {
+    /// The component's name in the template.
+    pub component: String,
+    /// The libvirt domain's name.
     pub name: String,
     pub domain_type: &'static str,
     pub memory_kib: u64,
@@ -273,6 +276,7 @@ pub fn resolve(
         ports.push((addr, p.guest));
     }
     Ok(Spec {
+        component: c.name.clone(),
         name: domain_name(settings, &grid, &rec.name, &c.name),
         domain_type: settings.resolved_type(),
         memory_kib: memory / 1024,
@@ -588,6 +592,113 @@ pub fn vm_components<'a>(
 /// Where the domain XML of component `component` is written.
 pub fn xml_path(state: &Path, app: &str, component: &str) -> PathBuf {
     model::app_dir(state, app).join(format!("vm-{component}.xml"))
+}
+
+/// Does any of these components run as a VM? (Applications without one never call virsh.)
+pub fn has_vm(components: &[ComponentTemplate]) -> bool {
+    components.iter().any(|c| c.kind == ComponentKind::Vm)
+}
+
+/// The grid's settings and each VM of `rec`, substituted: done before anything of a start runs,
+/// so that a bad template or setting fails it cleanly. `None` for an application without VMs.
+pub fn prepare(state: &Path, rec: &AppRecord) -> Result<Option<(Settings, Vec<Spec>)>, String> {
+    if !has_vm(&rec.components) {
+        return Ok(None);
+    }
+    let settings = Settings::load(state)?;
+    let specs = rec
+        .components
+        .iter()
+        .filter(|c| c.kind == ComponentKind::Vm)
+        .map(|c| resolve(state, &settings, rec, c))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Some((settings, specs)))
+}
+
+/// Defines and starts every prepared VM of `app`, in order.
+pub fn start_all(
+    state: &Path,
+    app: &str,
+    settings: &Settings,
+    specs: &[Spec],
+) -> Result<(), String> {
+    let v = VirshCli::new(settings);
+    for spec in specs {
+        let c = &spec.component;
+        define_and_start(&v, spec, &xml_path(state, app, c)).map_err(|e| format!("vm {c}: {e}"))?;
+    }
+    Ok(())
+}
+
+/// Stops every VM of `app` (ACPI, bounded wait, forced); one line per VM that was running, saying
+/// how it stopped.
+pub fn stop_all(
+    state: &Path,
+    app: &str,
+    components: &[ComponentTemplate],
+) -> Result<String, String> {
+    let settings = Settings::load(state)?;
+    let v = VirshCli::new(&settings);
+    let mut out = String::new();
+    for (c, name) in vm_components(state, &settings, app, components) {
+        let t = Duration::from_secs(c.stop_timeout_secs);
+        match stop(&v, &name, t, Duration::from_millis(200))
+            .map_err(|e| format!("vm {}: {e}", c.name))?
+        {
+            Stopped::AlreadyOff => {}
+            Stopped::ShutDown => out.push_str(&format!("vm {} shut down\n", c.name)),
+            Stopped::Forced { reason } => {
+                out.push_str(&format!("vm {} forced off: {reason}\n", c.name))
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Forces every VM of `app` off (a run that failed, or a grid going down).
+pub fn halt_all(state: &Path, app: &str, components: &[ComponentTemplate]) -> Result<(), String> {
+    let settings = Settings::load(state)?;
+    let v = VirshCli::new(&settings);
+    for (c, name) in vm_components(state, &settings, app, components) {
+        halt(&v, &name).map_err(|e| format!("vm {}: {e}", c.name))?;
+    }
+    Ok(())
+}
+
+/// Forces every VM of `app` off and removes its definition (destroy).
+pub fn undefine_all(
+    state: &Path,
+    app: &str,
+    components: &[ComponentTemplate],
+) -> Result<(), String> {
+    let settings = Settings::load(state)?;
+    let v = VirshCli::new(&settings);
+    for (c, name) in vm_components(state, &settings, app, components) {
+        undefine(&v, &name).map_err(|e| format!("vm {}: {e}", c.name))?;
+    }
+    Ok(())
+}
+
+/// The first VM of `app` that is not running, with libvirt's word for its state.
+pub fn first_down(
+    state: &Path,
+    app: &str,
+    components: &[ComponentTemplate],
+) -> Result<Option<(String, String)>, String> {
+    let settings = Settings::load(state)?;
+    let v = VirshCli::new(&settings);
+    for (c, name) in vm_components(state, &settings, app, components) {
+        match domstate(&v, &name).map_err(|e| format!("vm {}: {e}", c.name))? {
+            Some(s) if s == "running" || s == "paused" || s == "in shutdown" => {}
+            other => {
+                return Ok(Some((
+                    c.name.clone(),
+                    other.unwrap_or_else(|| "not defined".into()),
+                )))
+            }
+        }
+    }
+    Ok(None)
 }
 
 #[cfg(test)]
