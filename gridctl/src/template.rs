@@ -546,4 +546,13 @@ mod tests {
         let back: ComponentTemplate = serde_json::from_str(&json).unwrap();
         assert_eq!(back, k.components[0]);
     }
+
+    #[test]
+    fn the_vmapp_demo_template_parses() {
+        let t = Template::parse(include_str!("../../conf/templates/vmapp.toml")).unwrap();
+        let web = &t.components[0];
+        assert_eq!(web.kind, ComponentKind::Vm);
+        assert_eq!(web.vm.as_ref().unwrap().disks, ["data"]);
+        assert_eq!(t.components[1].kind, ComponentKind::Process);
+    }
 }
