@@ -288,6 +288,26 @@ pub fn resolve(
     })
 }
 
+/// A UUID that is a function of the domain's name: libvirt refuses to redefine a domain under a
+/// new UUID, and gridctl redefines it at each start.
+pub fn domain_uuid(name: &str) -> String {
+    let h = blake3::hash(format!("gridctl vm domain {name}").as_bytes());
+    let mut b = [0u8; 16];
+    b.copy_from_slice(&h.as_bytes()[..16]);
+    // RFC 4122 version 4 and variant bits, as libvirt generates them.
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    format!(
+        "{}-{}-{}-{}-{}",
+        &hex[..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..]
+    )
+}
+
 /// `s` escaped for XML text and attribute values.
 fn esc(s: &str) -> String {
     let mut o = String::with_capacity(s.len());
@@ -314,6 +334,7 @@ pub fn domain_xml(spec: &Spec) -> String {
     let mut x = String::new();
     let _ = writeln!(x, "<domain type='{}'>", spec.domain_type);
     let _ = writeln!(x, "  <name>{}</name>", esc(&spec.name));
+    let _ = writeln!(x, "  <uuid>{}</uuid>", domain_uuid(&spec.name));
     let _ = writeln!(x, "  <memory unit='KiB'>{}</memory>", spec.memory_kib);
     let _ = writeln!(x, "  <vcpu>{}</vcpu>", spec.vcpus);
     x.push_str("  <os>\n    <type>hvm</type>\n");
@@ -760,6 +781,13 @@ ports = [{ host = "${web_ip}:8000", guest = 80 }, { host = "${web_ip}:2222", gue
         assert!(x.starts_with("<domain type='qemu'>\n"), "{x}");
         assert!(!x.contains("kvm"), "{x}");
         assert!(x.contains("<name>gridctl-g1-vm1-guest</name>"), "{x}");
+        // The same UUID at every definition (libvirt refuses a redefinition under a new one),
+        // a different one for another domain.
+        let uuid = domain_uuid("gridctl-g1-vm1-guest");
+        assert!(x.contains(&format!("<uuid>{uuid}</uuid>")), "{x}");
+        assert_eq!(uuid.len(), 36);
+        assert_eq!(&uuid[14..15], "4");
+        assert_ne!(uuid, domain_uuid("gridctl-g2-vm1-guest"));
         assert!(x.contains("<memory unit='KiB'>131072</memory>"), "{x}");
         assert!(x.contains("<vcpu>1</vcpu>"), "{x}");
         assert!(
