@@ -494,11 +494,16 @@ impl Virsh for VirshCli {
         if status.success() {
             Ok(out)
         } else {
-            let msg = err.trim();
+            // One line: the message ends up in `app info --batch`, one KEY\tVALUE per line.
+            let msg: Vec<&str> = err
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .collect();
             Err(fail(if msg.is_empty() {
                 status.to_string()
             } else {
-                msg.to_string()
+                msg.join("; ")
             }))
         }
     }
@@ -954,6 +959,45 @@ ports = [{ host = "${web_ip}:8000", guest = 80 }, { host = "${web_ip}:2222", gue
                 }),
             }
         }
+    }
+
+    fn fake_virsh(dir: &Path, script: &str, timeout: Duration) -> VirshCli {
+        use std::os::unix::fs::PermissionsExt;
+        let p = dir.join("virsh");
+        std::fs::write(&p, format!("#!/bin/sh\n{script}\n")).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+        VirshCli {
+            program: p.display().to_string(),
+            uri: "test:///default".into(),
+            timeout,
+        }
+    }
+
+    #[test]
+    fn the_virsh_cli_passes_argv_and_reports_on_one_line_within_its_timeout() {
+        let d = tempfile::tempdir().unwrap();
+        // Each argument arrives as one word, whatever it holds.
+        let v = fake_virsh(d.path(), r#"printf '%s|' "$@""#, Duration::from_secs(10));
+        assert_eq!(
+            v.run(&["define", "/a b/$(x);y.xml"]).unwrap(),
+            "--connect|test:///default|define|/a b/$(x);y.xml|"
+        );
+        let v = fake_virsh(
+            d.path(),
+            "echo 'error: Failed to start domain' >&2; echo >&2; echo 'error: internal error: x' >&2; exit 1",
+            Duration::from_secs(10),
+        );
+        let e = v.run(&["start", "d"]).unwrap_err();
+        assert_eq!(
+            e.message,
+            "error: Failed to start domain; error: internal error: x"
+        );
+        assert_eq!(e.to_string().lines().count(), 1);
+        let v = fake_virsh(d.path(), "exec sleep 5", Duration::from_millis(200));
+        let t = Instant::now();
+        let e = v.run(&["list"]).unwrap_err();
+        assert!(e.message.contains("no answer within"), "{e}");
+        assert!(t.elapsed() < Duration::from_secs(3));
     }
 
     const T: Duration = Duration::from_millis(30);
