@@ -20,7 +20,8 @@ const BOOT_SECS: u64 = 180;
 /// Installs vmapp on every grid, the guest's files as the grid variable `vmapp_dir` (or
 /// `vmapp_dir` for grid n if given), and domain names unique to this lab.
 fn prepare(lab: &Lab, bad_vmapp_dir_on: Option<u8>) {
-    let dir = std::env::var("MIG_VMAPP_DIR").expect("MIG_VMAPP_DIR: run this test with scripts/test-vm");
+    let dir =
+        std::env::var("MIG_VMAPP_DIR").expect("MIG_VMAPP_DIR: run this test with scripts/test-vm");
     let template =
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("conf/templates/vmapp.toml");
     for n in 1..=lab.grids {
@@ -56,7 +57,9 @@ fn provision_vmapp(lab: &Lab, n: u8, name: &str) {
 /// The guest's data through MIG's pass-through on grid n, once the guest answers.
 fn read_data(lab: &Lab, n: u8) -> Vec<u8> {
     let url = format!("{}/cgi-bin/data", lab.data_url(n));
-    wait_for(&format!("the guest's page on g{n}"), BOOT_SECS, || curl(&[&url]))
+    wait_for(&format!("the guest's page on g{n}"), BOOT_SECS, || {
+        curl(&[&url])
+    })
 }
 
 fn write_data(lab: &Lab, n: u8, data: &str) {
@@ -76,7 +79,11 @@ fn domains(prefix: &str) -> Vec<String> {
         .args(["--connect", "qemu:///system", "list", "--all", "--name"])
         .output()
         .unwrap();
-    assert!(out.status.success(), "virsh list: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "virsh list: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout)
         .lines()
         .filter(|l| l.starts_with(prefix))
@@ -128,7 +135,10 @@ fn a_vm_migrates_snapshots_and_rolls_back_with_its_disk() {
     // Roll-back: the target VM cannot start on g3; the source runs again with its disk intact.
     let before = disk_sum(&lab, 2, "vmshop2");
     let (ok, out) = run_cli("migrate", &lab.mig_url(2), "g3", "vmshop3");
-    assert!(!ok, "a migrate to a grid that cannot boot the VM succeeded:\n{out}");
+    assert!(
+        !ok,
+        "a migrate to a grid that cannot boot the VM succeeded:\n{out}"
+    );
     assert_eq!(names(&lab.apps(2)), [("vmshop2", "running")], "{out}");
     assert_eq!(names(&lab.apps(3)), [] as [(&str, &str); 0], "{out}");
     assert_eq!(read_data(&lab, 2), b"written in the guest on g1");
@@ -136,7 +146,11 @@ fn a_vm_migrates_snapshots_and_rolls_back_with_its_disk() {
     assert!(stop.status.success());
     assert_eq!(disk_sum(&lab, 2, "vmshop2"), before);
     let start = lab.app(2, &["start", "vmshop2"]);
-    assert!(start.status.success(), "{}", String::from_utf8_lossy(&start.stderr));
+    assert!(
+        start.status.success(),
+        "{}",
+        String::from_utf8_lossy(&start.stderr)
+    );
 
     // Snapshot g2 -> g3 (no start there): g3 holds a stopped copy of the same disk, and g2 runs
     // again. (g3 cannot boot it, which a snapshot does not need.)
@@ -148,7 +162,11 @@ fn a_vm_migrates_snapshots_and_rolls_back_with_its_disk() {
     assert_eq!(read_data(&lab, 2), b"written in the guest on g2");
     let stop = lab.app(2, &["stop", "vmshop2"]);
     let said = String::from_utf8_lossy(&stop.stdout).to_string();
-    assert!(stop.status.success(), "{}", String::from_utf8_lossy(&stop.stderr));
+    assert!(
+        stop.status.success(),
+        "{}",
+        String::from_utf8_lossy(&stop.stderr)
+    );
     // The guest runs busybox acpid: it powers off by ACPI, not by force.
     assert!(said.contains("vm web shut down"), "{said}");
     assert_eq!(disk_sum(&lab, 2, "vmshop2"), disk_sum(&lab, 3, "vmcopy"));
@@ -156,7 +174,11 @@ fn a_vm_migrates_snapshots_and_rolls_back_with_its_disk() {
     // Destroy undefines: nothing of this lab stays in libvirt.
     for (n, app) in [(2, "vmshop2"), (3, "vmcopy")] {
         let out = lab.app(n, &["destroy", app]);
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     assert_eq!(domains(&prefix), [] as [String; 0]);
 }
