@@ -1088,6 +1088,10 @@ fn trial_lab_of(grids: u8, netns: bool) -> Lab {
         (false, true) => &NETNS_BASES,
     };
     let lab = Lab::up_with(grids, bases, netns);
+    // `scripts/fault-sweep --precopy on`: the trials meet the default path, pre-copy and delta.
+    if IN_SWEEP.get() && std::env::var("FAULT_SWEEP_PRECOPY").as_deref() == Ok("on") {
+        lab.set_precopy(true);
+    }
     let names = if netns {
         (0..=grids).map(|n| netns_of(&lab, n)).collect()
     } else {
