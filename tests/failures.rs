@@ -955,6 +955,19 @@ fn check_invariant(
     check_invariant_with(lab, id, kind, sum, sum, healed)
 }
 
+/// The applications that run on g1 and g2 (grid, name), MigHelper aside.
+fn running_copies<'a>(
+    g1: &'a [(String, String)],
+    g2: &'a [(String, String)],
+) -> Vec<(u8, &'a str)> {
+    g1.iter()
+        .map(|a| (1, a))
+        .chain(g2.iter().map(|a| (2, a)))
+        .filter(|(_, (n, s))| s == "running" && !n.starts_with("mighelper-"))
+        .map(|(g, (n, _))| (g, n.as_str()))
+        .collect()
+}
+
 /// [`check_invariant`] where the source changed after the copy (someone started it and wrote):
 /// the running copy must hold `sum`, a snapshot's copy `copy_sum` (the source at the copy).
 fn check_invariant_with(
@@ -968,13 +981,7 @@ fn check_invariant_with(
     let deadline = healed + BOUND;
     loop {
         let (g1, g2) = (lab.apps(1), lab.apps(2));
-        let running: Vec<(u8, &str)> = g1
-            .iter()
-            .map(|a| (1, a))
-            .chain(g2.iter().map(|a| (2, a)))
-            .filter(|(_, (n, s))| s == "running" && !n.starts_with("mighelper-"))
-            .map(|(g, (n, _))| (g, n.as_str()))
-            .collect();
+        let running = running_copies(&g1, &g2);
         if running.len() > 1 {
             return Err(Violation::new(format!("two running copies: {running:?}")));
         }
@@ -987,6 +994,17 @@ fn check_invariant_with(
                 .map(|op| (url, op))
         });
         if let (Some((url, op)), false) = (&ended, helpers) {
+            // The grids again, now that the operation has ended: the lists above may predate its
+            // last steps (with one SSH session per grid, the clean-up can destroy the source,
+            // stop and destroy MigHelper between listing g1 and listing g2).
+            let (g1, g2) = (lab.apps(1), lab.apps(2));
+            let running = running_copies(&g1, &g2);
+            if running.len() != 1 {
+                return Err(Violation::new(format!(
+                    "the operation ended {} but the running copies are {running:?}",
+                    op["state"]
+                )));
+            }
             let (g, app) = running[0];
             if lab.checksum(g, app) != sum {
                 return Err(Violation::lost(format!(
@@ -1088,6 +1106,10 @@ fn trial_lab_of(grids: u8, netns: bool) -> Lab {
         (false, true) => &NETNS_BASES,
     };
     let lab = Lab::up_with(grids, bases, netns);
+    // `scripts/fault-sweep --precopy on`: the trials meet the default path, pre-copy and delta.
+    if IN_SWEEP.get() && std::env::var("FAULT_SWEEP_PRECOPY").as_deref() == Ok("on") {
+        lab.set_precopy(true);
+    }
     let names = if netns {
         (0..=grids).map(|n| netns_of(&lab, n)).collect()
     } else {

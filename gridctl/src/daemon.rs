@@ -25,8 +25,9 @@ use tokio::task::JoinSet;
 
 use crate::model::{self, AppRecord, State, Vars};
 use crate::protocol::{socket_path, Reply, Request};
-use crate::template::{Restart, Template, MAX_RESTARTS};
+use crate::template::{ComponentKind, ComponentTemplate, Restart, Template, MAX_RESTARTS};
 use crate::util;
+use crate::vm;
 use crate::volume;
 
 struct Entry {
@@ -429,6 +430,7 @@ impl Daemon {
             Err(reason) => {
                 let (pgid, _) = self.fail(name, generation, &reason);
                 terminate_group(pgid, Duration::from_secs(2)).await;
+                self.halt_vms(name, generation).await;
                 err(format!("{name} failed to start: {reason}"))
             }
         }
@@ -549,8 +551,12 @@ impl Daemon {
                     Duration::from_secs(c.ready_timeout_secs),
                 ));
             }
-            plans.push((c.name.clone(), argv, env));
+            // A VM is started below, through libvirt.
+            if c.kind == ComponentKind::Process {
+                plans.push((c.name.clone(), argv, env));
+            }
         }
+        let vms = vm::prepare(&self.state, rec)?;
         let mut pgid = 0;
         let mut pids = Vec::new();
         let mut children = JoinSet::new();
@@ -603,12 +609,20 @@ impl Daemon {
                     &format!("component {c} exited ({status})"),
                 );
                 terminate_group(pgid, Duration::from_secs(2)).await;
+                d.halt_vms(&name, generation).await;
                 if was_running {
                     tokio::spawn(d.clone().restart_on_failure(name.clone(), generation, c));
                 }
             }
             while children.join_next().await.is_some() {}
         });
+        if let Some((settings, specs)) = vms {
+            let (state, name) = (self.state.clone(), rec.name.clone());
+            tokio::task::spawn_blocking(move || vm::start_all(&state, &name, &settings, &specs))
+                .await
+                .map_err(|e| e.to_string())??;
+            tokio::spawn(self.clone().watch_vms(rec.name.clone(), generation));
+        }
         for (c, addr, timeout) in ready {
             let deadline = Instant::now() + timeout;
             let mut pause = Pause::new(Duration::from_millis(100));
@@ -697,16 +711,78 @@ impl Daemon {
         let Some((pgid, timeout, generation)) = r else {
             return Ok(format!("{name} is already stopped\n"));
         };
-        terminate_group(pgid, timeout).await;
+        let (_, vms) = tokio::join!(terminate_group(pgid, timeout), self.stop_vms(name));
         self.with_app(name, |e| {
             if e.generation == generation {
+                // A VM that libvirt could not be shown to stop may still use its disks: the
+                // application stays `failed` (no export) until a stop succeeds.
+                if let Err(reason) = &vms {
+                    e.rec.state = State::Failed;
+                    e.rec.error = format!("stopping: {reason}");
+                    self.persist(&e.rec);
+                    return err(format!("cannot stop {name}: {reason}"));
+                }
                 e.rec.state = State::Stopped;
                 e.rec.pids.clear();
                 e.rec.pgid = 0;
                 self.persist(&e.rec);
             }
-            Ok(format!("stopped {name}\n"))
+            Ok(format!("{}stopped {name}\n", vms.as_deref().unwrap_or("")))
         })
+    }
+
+    /// Stops the VMs of `name` (see [`vm::stop_all`]); nothing for an application without one.
+    async fn stop_vms(&self, name: &str) -> Result<String, String> {
+        let comps = self.with_app(name, |e| Ok(e.rec.components.clone()))?;
+        if !vm::has_vm(&comps) {
+            return Ok(String::new());
+        }
+        let (state, name) = (self.state.clone(), name.to_string());
+        tokio::task::spawn_blocking(move || vm::stop_all(&state, &name, &comps))
+            .await
+            .map_err(|e| e.to_string())?
+    }
+
+    /// Forces the VMs of run `generation` of `name` off: the run failed, so nothing of it may
+    /// keep running (a later run's VMs are left alone).
+    async fn halt_vms(&self, name: &str, generation: u64) {
+        let comps = self.with_app(name, |e| {
+            Ok((e.generation == generation).then(|| e.rec.components.clone()))
+        });
+        let Ok(Some(comps)) = comps else { return };
+        if !vm::has_vm(&comps) {
+            return;
+        }
+        let (state, app) = (self.state.clone(), name.to_string());
+        match tokio::task::spawn_blocking(move || vm::halt_all(&state, &app, &comps)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!(app = name, "cannot force its VMs off: {e}"),
+            Err(e) => tracing::error!(app = name, "cannot force its VMs off: {e}"),
+        }
+    }
+
+    /// A VM has no child process to wait for: polls libvirt while the run lasts, and fails the
+    /// application when a VM is no longer running (the guest powered off or crashed).
+    async fn watch_vms(self: Arc<Self>, name: String, generation: u64) {
+        loop {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            let comps = self.with_app(&name, |e| {
+                Ok((e.generation == generation
+                    && matches!(e.rec.state, State::Starting | State::Running))
+                .then(|| e.rec.components.clone()))
+            });
+            let Ok(Some(comps)) = comps else { return };
+            let (state, app) = (self.state.clone(), name.clone());
+            let down =
+                tokio::task::spawn_blocking(move || vm::first_down(&state, &app, &comps)).await;
+            let Ok(Ok(Some((c, st)))) = down else {
+                continue;
+            };
+            let (pgid, _) = self.fail(&name, generation, &format!("vm {c} is {st}"));
+            terminate_group(pgid, Duration::from_secs(2)).await;
+            self.halt_vms(&name, generation).await;
+            return;
+        }
     }
 
     async fn destroy(self: &Arc<Self>, name: &str) -> Res {
@@ -725,6 +801,7 @@ impl Daemon {
                 ));
             }
             let pgid = e.rec.pgid;
+            let comps = e.rec.components.clone();
             // Renamed away first so that a crash mid-delete never leaves a half application.
             let dir = model::app_dir(&self.state, name);
             let trash = model::apps_dir(&self.state)
@@ -734,9 +811,22 @@ impl Daemon {
             }
             inner.apps.remove(name);
             tokio::task::spawn_blocking(move || fs::remove_dir_all(trash));
-            pgid
+            (pgid, comps)
         };
+        let (pgid, comps) = pgid;
         terminate_group(pgid, Duration::from_secs(2)).await;
+        if vm::has_vm(&comps) {
+            let (state, app) = (self.state.clone(), name.to_string());
+            let r = tokio::task::spawn_blocking(move || vm::undefine_all(&state, &app, &comps))
+                .await
+                .map_err(|e| e.to_string())
+                .and_then(|r| r);
+            if let Err(e) = r {
+                return Ok(format!(
+                    "destroyed {name}, but its VM definition stays: {e}\n"
+                ));
+            }
+        }
         Ok(format!("destroyed {name}\n"))
     }
 
@@ -885,7 +975,7 @@ impl Daemon {
 
     /// `lab down`: every application's processes are ended and it is left `stopped`.
     async fn shutdown_apps(self: &Arc<Self>) -> Res {
-        let groups: Vec<(String, i32)> = {
+        let groups: Vec<(String, i32, Vec<ComponentTemplate>)> = {
             let mut inner = self.inner.lock().unwrap();
             inner
                 .apps
@@ -895,17 +985,26 @@ impl Daemon {
                     e.generation += 1;
                     e.rec.state = State::Stopping;
                     self.persist(&e.rec);
-                    (e.rec.name.clone(), e.rec.pgid)
+                    (e.rec.name.clone(), e.rec.pgid, e.rec.components.clone())
                 })
                 .collect()
         };
         let mut set = JoinSet::new();
-        for (_, pgid) in &groups {
+        for (name, pgid, comps) in &groups {
             set.spawn(terminate_group(*pgid, Duration::from_secs(3)));
+            if vm::has_vm(comps) {
+                let (state, app, comps) = (self.state.clone(), name.clone(), comps.clone());
+                set.spawn(async move {
+                    let r = tokio::task::spawn_blocking(move || vm::halt_all(&state, &app, &comps));
+                    if let Ok(Err(e)) = r.await {
+                        tracing::error!("cannot force VMs off: {e}");
+                    }
+                });
+            }
         }
         while set.join_next().await.is_some() {}
         let mut inner = self.inner.lock().unwrap();
-        for (name, _) in groups {
+        for (name, _, _) in groups {
             if let Some(e) = inner.apps.get_mut(&name) {
                 e.rec.state = State::Stopped;
                 e.rec.pids.clear();
@@ -943,7 +1042,25 @@ impl Daemon {
                     rec.secret = t.secret;
                 }
             }
-            let alive = rec.pgid > 0 && rec.pids.iter().all(|p| util::pid_alive(*p));
+            let procs = rec
+                .components
+                .iter()
+                .any(|c| c.kind == ComponentKind::Process);
+            let mut alive =
+                (!procs || rec.pgid > 0) && rec.pids.iter().all(|p| util::pid_alive(*p));
+            if vm::has_vm(&rec.components) && rec.state != State::Stopped {
+                let vms_up = matches!(
+                    vm::first_down(&self.state, &rec.name, &rec.components),
+                    Ok(None)
+                );
+                alive &= vms_up && rec.state == State::Running;
+                if !alive {
+                    // Whatever is left of a run that cannot be adopted is ended, VMs included.
+                    if let Err(e) = vm::halt_all(&self.state, &rec.name, &rec.components) {
+                        tracing::error!(app = %rec.name, "cannot force its VMs off: {e}");
+                    }
+                }
+            }
             match rec.state {
                 State::Running if alive => adopted.push(rec.name.clone()),
                 State::Stopped => {}
@@ -976,6 +1093,9 @@ impl Daemon {
         }
         for name in adopted {
             tracing::info!(app = %name, "adopted running application");
+            if self.with_app(&name, |e| Ok(vm::has_vm(&e.rec.components))) == Ok(true) {
+                tokio::spawn(self.clone().watch_vms(name.clone(), 0));
+            }
             let d = self.clone();
             tokio::spawn(async move { d.poll_adopted(name).await });
         }
@@ -992,9 +1112,18 @@ impl Daemon {
                     // The pids are in the components' order (see `launch`).
                     Some(e) if e.generation == 0 && e.rec.state == State::Running => (
                         e.generation,
-                        e.rec.pids.iter().zip(&e.rec.components).find_map(|(p, c)| {
-                            (!util::pid_alive(*p)).then(|| (*p, c.name.clone()))
-                        }),
+                        e.rec
+                            .pids
+                            .iter()
+                            .zip(
+                                e.rec
+                                    .components
+                                    .iter()
+                                    .filter(|c| c.kind == ComponentKind::Process),
+                            )
+                            .find_map(|(p, c)| {
+                                (!util::pid_alive(*p)).then(|| (*p, c.name.clone()))
+                            }),
                     ),
                     _ => return,
                 }

@@ -76,12 +76,15 @@
 //! # State directory layout
 //!
 //! ```text
-//! STATE/grid.toml                 optional: [vars] usable in templates as ${NAME} (lab, grid, mig_bin)
+//! STATE/grid.toml                 optional: [vars] usable in templates as ${NAME} (lab, grid, mig_bin);
+//!                                 [vm] the libvirt settings of VM components (see [`vm`])
 //! STATE/templates/NAME.toml       one template per file (format below)
 //! STATE/apps/NAME/app.json        the descriptor and state, written atomically (tmp, fsync, rename),
 //!                                 created 0600 (it holds the secret properties)
 //! STATE/apps/NAME/vols/VOL        a volume: a sparse file (kind file) or a directory (kind dir)
 //! STATE/apps/NAME/log             the components' stdout and stderr
+//! STATE/apps/NAME/vm-COMP.xml     a VM component's libvirt domain XML, as last defined
+//! STATE/apps/NAME/console-COMP.log  a VM component's serial console
 //! STATE/daemon.sock               the daemon's Unix socket (JSON lines, see [`protocol`])
 //! STATE/peer/id_ed25519           this grid's client key for pulling from other grids
 //! STATE/peer/known_hosts          the other grids' pinned host keys; a REMOTE must be listed here
@@ -119,6 +122,33 @@
 //! restart = "never"                  # or "on-failure": started again when it exits while running
 //! restart_delay_ms = 1000            # before the first restart; doubles with each, up to 30 s
 //! ```
+//!
+//! A component may instead be a libvirt virtual machine (see [`vm`]):
+//!
+//! ```toml
+//! [[components]]
+//! name = "web"
+//! kind = "vm"                        # default "process"; a vm has no command or env
+//! ready = "${web_ip}:8000"           # as for a process (passt accepts before the guest answers)
+//! stop_timeout_secs = 30             # the ACPI wait before the VM is forced off
+//! [components.vm]
+//! memory = "128M"                    # at least 16M; substituted
+//! vcpus = 1
+//! kernel = "${vmapp_dir}/vmlinuz"    # boot a kernel (absolute path after substitution)…
+//! initrd = "${vmapp_dir}/initrd.img"
+//! cmdline = "console=ttyS0"
+//! # image = "${vol:root}"            # …or a disk image (attached first), image_format = "raw"|"qcow2"
+//! disks = ["data"]                   # file volumes, attached in order as raw virtio disks
+//! ports = [{ host = "${web_ip}:8000", guest = 80 }]   # forwarded by passt (user networking)
+//! ```
+//!
+//! The domain is `<domain type='qemu'>` unless `STATE/grid.toml` `[vm] domain_type` says `kvm`
+//! (or `auto` finds KVM usable); it is defined (again) at each start, started after the
+//! processes, stopped by ACPI then forced off after `stop_timeout_secs` (`app stop` prints
+//! `vm NAME shut down` or `vm NAME forced off: WHY`), forced off when the application fails, and
+//! undefined on destroy. A VM that powers off while running makes the application `failed`
+//! (`restart = "on-failure"` is refused for VMs so far). A stop that libvirt cannot confirm
+//! leaves the application `failed`, so its disks are not exported while QEMU may write them.
 //!
 //! Substitutions (in `command`, `env`, `ready`, volume `size` and `init_from`): `${app}` the
 //! application's name, `${vol:NAME}` a volume's absolute path, `${gridctl}` this executable,
@@ -164,4 +194,5 @@ pub mod template;
 pub mod throttle;
 pub mod transfer;
 pub mod util;
+pub mod vm;
 pub mod volume;

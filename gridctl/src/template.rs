@@ -7,6 +7,8 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
+use crate::util;
+
 /// A volume's kind: a sparse file, or a directory (e.g. a configuration volume).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -66,13 +68,97 @@ pub enum Restart {
 /// The most automatic restarts in a row before an application is left `failed`.
 pub const MAX_RESTARTS: u32 = 5;
 
-/// One process of an application. Kept verbatim in the descriptor and substituted at each start,
-/// so a `config` change takes effect at the next start.
+/// What a component is: a process the daemon spawns, or a libvirt virtual machine (see
+/// [`crate::vm`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ComponentKind {
+    #[default]
+    Process,
+    Vm,
+}
+
+impl ComponentKind {
+    fn is_process(&self) -> bool {
+        *self == ComponentKind::Process
+    }
+}
+
+/// A VM disk image's format.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ImageFormat {
+    #[default]
+    Raw,
+    Qcow2,
+}
+
+impl ImageFormat {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ImageFormat::Raw => "raw",
+            ImageFormat::Qcow2 => "qcow2",
+        }
+    }
+}
+
+/// A TCP port of the guest forwarded from an address of the application.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PortForward {
+    /// `IP:PORT` on the host, substituted (e.g. `"${web_ip}:8000"`).
+    pub host: String,
+    /// The guest's port.
+    pub guest: u16,
+}
+
+fn default_vcpus() -> u32 {
+    1
+}
+
+/// The machine of a `kind = "vm"` component. Boots either a kernel (with an optional initrd and
+/// command line) or a disk image; its `disks` are the application's file volumes, attached as
+/// raw virtio disks in order, so they stay volumes that export and import move unchanged.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmTemplate {
+    /// Memory, e.g. `"128M"` (binary units, substituted).
+    pub memory: String,
+    #[serde(default = "default_vcpus")]
+    pub vcpus: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initrd: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cmdline: Option<String>,
+    /// A disk image to boot from (attached first); put it in a volume (`${vol:root}`) for it to
+    /// travel with the application.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    #[serde(default)]
+    pub image_format: ImageFormat,
+    /// Names of the application's `file` volumes attached as disks (`vda`, `vdb`, … after the image).
+    #[serde(default)]
+    pub disks: Vec<String>,
+    #[serde(default)]
+    pub ports: Vec<PortForward>,
+}
+
+/// The most disks a VM may attach (`vda` … `vdz`, the image included).
+pub const MAX_VM_DISKS: usize = 26;
+
+/// One component of an application: a process, or a VM (`kind = "vm"`). Kept verbatim in the
+/// descriptor and substituted at each start, so a `config` change takes effect at the next start.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ComponentTemplate {
     pub name: String,
-    /// The argument vector (never a shell line), each word substituted.
+    /// `process` (default) or `vm`.
+    #[serde(default, skip_serializing_if = "ComponentKind::is_process")]
+    pub kind: ComponentKind,
+    /// The argument vector (never a shell line), each word substituted; processes only.
+    #[serde(default)]
     pub command: Vec<String>,
     #[serde(default)]
     pub env: BTreeMap<String, String>,
@@ -81,7 +167,8 @@ pub struct ComponentTemplate {
     pub ready: Option<String>,
     #[serde(default = "default_ready_timeout")]
     pub ready_timeout_secs: u64,
-    /// How long `stop` waits after SIGTERM before SIGKILL.
+    /// How long `stop` waits after SIGTERM (a VM: after the ACPI shutdown request) before SIGKILL
+    /// (a VM: before it is forced off).
     #[serde(default = "default_stop_timeout")]
     pub stop_timeout_secs: u64,
     /// `never` (default) or `on-failure`.
@@ -90,6 +177,9 @@ pub struct ComponentTemplate {
     /// The delay before the first automatic restart; it doubles with each one, up to 30 s.
     #[serde(default = "default_restart_delay")]
     pub restart_delay_ms: u64,
+    /// The machine, for `kind = "vm"`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vm: Option<VmTemplate>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -172,13 +262,102 @@ impl Template {
             if !seen.insert(&c.name) {
                 return Err(format!("component {} declared twice", c.name));
             }
-            if c.command.is_empty() {
-                return Err(format!("component {}: empty command", c.name));
+            match c.kind {
+                ComponentKind::Process => {
+                    if c.vm.is_some() {
+                        return Err(format!(
+                            "component {}: a vm table needs kind = \"vm\"",
+                            c.name
+                        ));
+                    }
+                    if c.command.is_empty() {
+                        return Err(format!("component {}: empty command", c.name));
+                    }
+                }
+                ComponentKind::Vm => self
+                    .validate_vm(c)
+                    .map_err(|e| format!("component {}: {e}", c.name))?,
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks a `kind = "vm"` component; errors name the field (`vm.disks`, …).
+    fn validate_vm(&self, c: &ComponentTemplate) -> Result<(), String> {
+        let Some(vm) = &c.vm else {
+            return Err(
+                "kind = \"vm\" needs a [components.vm] table (memory, kernel or image)".into(),
+            );
+        };
+        if !c.command.is_empty() || !c.env.is_empty() {
+            return Err("command and env are for processes; a vm has none".into());
+        }
+        if c.restart != Restart::Never {
+            return Err("restart: only \"never\" is supported for a vm so far".into());
+        }
+        if vm.memory.is_empty() {
+            return Err("vm.memory: empty (e.g. \"128M\")".into());
+        }
+        if !vm.memory.contains("${") {
+            let m = util::parse_size(&vm.memory).map_err(|e| format!("vm.memory: {e}"))?;
+            if m < MIN_VM_MEMORY {
+                return Err(format!("vm.memory: {} is less than 16M", vm.memory));
+            }
+        }
+        if !(1..=64).contains(&vm.vcpus) {
+            return Err(format!("vm.vcpus: {} is not between 1 and 64", vm.vcpus));
+        }
+        match (&vm.kernel, &vm.image) {
+            (Some(_), Some(_)) => {
+                return Err("vm.kernel and vm.image: boot one or the other, not both".into())
+            }
+            (None, None) => return Err("vm: needs a kernel or an image to boot".into()),
+            (None, Some(_)) if vm.initrd.is_some() || vm.cmdline.is_some() => {
+                return Err("vm.initrd and vm.cmdline go with vm.kernel, not vm.image".into())
+            }
+            _ => {}
+        }
+        for (k, v) in [
+            ("kernel", &vm.kernel),
+            ("initrd", &vm.initrd),
+            ("image", &vm.image),
+        ] {
+            if v.as_ref().is_some_and(|p| p.is_empty()) {
+                return Err(format!("vm.{k}: empty path"));
+            }
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for d in &vm.disks {
+            match self.volumes.iter().find(|v| &v.name == d) {
+                None => return Err(format!("vm.disks: no volume named {d}")),
+                Some(v) if v.kind != VolumeKind::File => {
+                    return Err(format!(
+                        "vm.disks: volume {d} is a dir; a disk is a file volume"
+                    ))
+                }
+                _ => {}
+            }
+            if !seen.insert(d) {
+                return Err(format!("vm.disks: {d} attached twice"));
+            }
+        }
+        if vm.disks.len() + usize::from(vm.image.is_some()) > MAX_VM_DISKS {
+            return Err(format!("vm.disks: more than {MAX_VM_DISKS} disks"));
+        }
+        for (i, p) in vm.ports.iter().enumerate() {
+            if p.host.is_empty() {
+                return Err(format!("vm.ports[{i}].host: empty (IP:PORT)"));
+            }
+            if p.guest == 0 {
+                return Err(format!("vm.ports[{i}].guest: 0 is not a port"));
             }
         }
         Ok(())
     }
 }
+
+/// The least memory a VM may have: less does not boot a Linux kernel.
+const MIN_VM_MEMORY: u64 = 16 << 20;
 
 /// The built-in `kvstore` template: a small HTTP key-value store on its `data` volume.
 pub const KVSTORE: &str = r#"description = "A small HTTP key-value store (PUT/GET /kv/KEY) on its data volume"
@@ -261,5 +440,119 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.contains("always") && e.contains("on-failure"), "{e}");
+    }
+
+    #[test]
+    fn bad_vm_components_name_the_field() {
+        let base = "[[volumes]]\nname = \"data\"\nsize = \"1G\"\n[[volumes]]\nname = \"cfg\"\nkind = \"dir\"\n\
+                    [[components]]\nname = \"guest\"\nkind = \"vm\"\n";
+        let vm = |extra: &str, table: &str| format!("{base}{extra}[components.vm]\n{table}");
+        let ok = "memory = \"128M\"\nkernel = \"/k\"\ninitrd = \"/i\"\ndisks = [\"data\"]\n\
+                  ports = [{ host = \"${x}:80\", guest = 80 }]\n";
+        let t = Template::parse(&vm("", ok)).unwrap();
+        assert_eq!(t.components[0].kind, ComponentKind::Vm);
+        assert_eq!(t.components[0].vm.as_ref().unwrap().vcpus, 1);
+        for (text, want) in [
+            (base.to_string(), "needs a [components.vm] table"),
+            (
+                vm("command = [\"x\"]\n", ok),
+                "command and env are for processes",
+            ),
+            (vm("restart = \"on-failure\"\n", ok), "restart"),
+            (vm("", "memory = \"lots\"\nkernel = \"/k\"\n"), "vm.memory"),
+            (
+                vm("", "memory = \"1M\"\nkernel = \"/k\"\n"),
+                "vm.memory: 1M is less than 16M",
+            ),
+            (
+                vm("", "memory = \"\"\nkernel = \"/k\"\n"),
+                "vm.memory: empty",
+            ),
+            (
+                vm("", "memory = \"128M\"\nvcpus = 0\nkernel = \"/k\"\n"),
+                "vm.vcpus",
+            ),
+            (vm("", "memory = \"128M\"\n"), "needs a kernel or an image"),
+            (
+                vm("", "memory = \"128M\"\nkernel = \"/k\"\nimage = \"/i\"\n"),
+                "not both",
+            ),
+            (
+                vm("", "memory = \"128M\"\nimage = \"/i\"\ncmdline = \"x\"\n"),
+                "go with vm.kernel",
+            ),
+            (
+                vm("", "memory = \"128M\"\nkernel = \"\"\n"),
+                "vm.kernel: empty path",
+            ),
+            (
+                vm(
+                    "",
+                    "memory = \"128M\"\nkernel = \"/k\"\ndisks = [\"nope\"]\n",
+                ),
+                "vm.disks: no volume named nope",
+            ),
+            (
+                vm(
+                    "",
+                    "memory = \"128M\"\nkernel = \"/k\"\ndisks = [\"cfg\"]\n",
+                ),
+                "vm.disks: volume cfg is a dir",
+            ),
+            (
+                vm(
+                    "",
+                    "memory = \"128M\"\nkernel = \"/k\"\ndisks = [\"data\", \"data\"]\n",
+                ),
+                "attached twice",
+            ),
+            (
+                vm(
+                    "",
+                    "memory = \"128M\"\nkernel = \"/k\"\nports = [{ host = \"\", guest = 80 }]\n",
+                ),
+                "vm.ports[0].host",
+            ),
+            (
+                vm(
+                    "",
+                    "memory = \"128M\"\nkernel = \"/k\"\nports = [{ host = \"a:1\", guest = 0 }]\n",
+                ),
+                "vm.ports[0].guest",
+            ),
+            (
+                vm("", "memory = \"128M\"\nkernel = \"/k\"\nbogus = 1\n"),
+                "bogus",
+            ),
+            (
+                format!("[[components]]\nname = \"p\"\ncommand = [\"x\"]\n[components.vm]\n{ok}"),
+                "needs kind = \"vm\"",
+            ),
+        ] {
+            let e = Template::parse(&text).unwrap_err();
+            assert!(e.contains(want), "{text}\n=> {e}");
+            if !want.contains("bogus") && !want.contains("kind") {
+                assert!(e.contains("component guest: "), "{e}");
+            }
+        }
+    }
+
+    #[test]
+    fn process_components_serialize_as_before() {
+        // Descriptors written before VMs existed must read back, and a process keeps its shape.
+        let k = Template::parse(KVSTORE).unwrap();
+        let json = serde_json::to_string(&k.components[0]).unwrap();
+        assert!(!json.contains("kind") && !json.contains("\"vm\""), "{json}");
+        let back: ComponentTemplate = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, k.components[0]);
+    }
+
+    #[test]
+    fn the_vmapp_demo_template_parses() {
+        let t = Template::parse(include_str!("../../conf/templates/vmapp.toml")).unwrap();
+        let web = &t.components[0];
+        assert_eq!(web.kind, ComponentKind::Vm);
+        assert_eq!(web.vm.as_ref().unwrap().disks, ["data"]);
+        assert_eq!(t.components[1].kind, ComponentKind::Process);
     }
 }
