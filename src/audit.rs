@@ -200,6 +200,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let a = Audit::open(dir.path());
         a.record(ip(), Some("ops"), action::START, Some("ab"), "accepted");
+        // Times are kept to the millisecond: two entries in one would both be `since` the second.
+        std::thread::sleep(std::time::Duration::from_millis(5));
         a.record(None, None, action::WEBHOOK, None, "delivered");
         let text = fs::read_to_string(dir.path().join(FILE_NAME)).unwrap();
         assert_eq!(text.lines().count(), 2);
