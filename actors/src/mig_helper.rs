@@ -252,6 +252,26 @@ fn interrupted(driver: &Driver, op: &mut Op, by: Cancelled) -> StepError {
     StepError::permanent(by.to_string())
 }
 
+/// Ends `step` with what its work returned and journals it; an error fails the step and is
+/// returned, so the caller rolls back.
+fn conclude(
+    driver: &Driver,
+    op: &mut Op,
+    step: StepId,
+    result: Result<String, StepError>,
+) -> Result<(), StepError> {
+    match result {
+        Ok(detail) => op.finish_step(step, Some(detail)),
+        Err(e) => {
+            op.fail_step(step, &e.message);
+            driver.commit(op)?;
+            return Err(e);
+        }
+    }
+    driver.commit(op)?;
+    Ok(())
+}
+
 /// The monitor's steps, skipping those the journal says are done. A cancel stops them between
 /// steps and during the copy; the cut-over passes the gate first.
 async fn steps(driver: &Driver, gate: &Gate, op: &mut Op) -> Result<(), StepError> {
@@ -263,15 +283,8 @@ async fn steps(driver: &Driver, gate: &Gate, op: &mut Op) -> Result<(), StepErro
     if op.has_step(PRECOPYING) && todo(op, PRECOPYING) {
         op.start_step(PRECOPYING);
         driver.commit(op)?;
-        match precopy(driver, op, dst.as_ref(), &plan).await {
-            Ok(detail) => op.finish_step(PRECOPYING, Some(detail)),
-            Err(e) => {
-                op.fail_step(PRECOPYING, &e.message);
-                driver.commit(op)?;
-                return Err(e);
-            }
-        }
-        driver.commit(op)?;
+        let result = precopy(driver, op, dst.as_ref(), &plan).await;
+        conclude(driver, op, PRECOPYING, result)?;
     }
     if op.has_step(PRECOPYING) && todo(op, STOPPING_SOURCE) {
         driver.faults.hold(faults::HOLD_PRECOPIED).await;
@@ -329,15 +342,7 @@ async fn steps(driver: &Driver, gate: &Gate, op: &mut Op) -> Result<(), StepErro
                 break;
             }
         }
-        match copied {
-            Ok(detail) => op.finish_step(MIGRATING, Some(detail)),
-            Err(e) => {
-                op.fail_step(MIGRATING, &e.message);
-                driver.commit(op)?;
-                return Err(e);
-            }
-        }
-        driver.commit(op)?;
+        conclude(driver, op, MIGRATING, copied)?;
     }
     let last = last_step(op.kind);
     // The cut-over: from here no cancel can win, and a cancel that came first stops it.

@@ -470,6 +470,27 @@ pub(crate) fn check_peer(state: &Path, remote: &Controller) -> Result<(), String
 }
 
 fn import_app(state: &Path, o: &ImportOpts) -> Result<(), String> {
+    import_with(state, o, |app_dir| pull(state, o, app_dir))
+}
+
+/// The daemon's answer to a request that only succeeds or fails, as this command's result.
+pub(crate) fn done(reply: Result<Reply, impl std::fmt::Display>) -> Result<(), String> {
+    match reply {
+        Ok(Reply::Done { code: 0, .. }) => Ok(()),
+        Ok(Reply::Done { stderr, .. }) => Err(stderr),
+        Ok(other) => Err(format!("unexpected reply from the daemon: {other:?}")),
+        Err(e) => Err(format!("talking to the grid daemon: {e}")),
+    }
+}
+
+/// An import as the daemon sees it: begin (the daemon reserves the name and a directory), pull
+/// into that directory, then commit the record, or abort when anything failed. Every kind of pull
+/// (whole, staged, delta) goes through it.
+pub(crate) fn import_with(
+    state: &Path,
+    o: &ImportOpts,
+    pull: impl FnOnce(&Path) -> Result<crate::model::AppRecord, String>,
+) -> Result<(), String> {
     check_peer(state, o.remote)?;
     let mut conn = connect(state)?;
     let app_dir = match conn.call(&Request::ImportBegin {
@@ -480,15 +501,7 @@ fn import_app(state: &Path, o: &ImportOpts) -> Result<(), String> {
         Ok(other) => return Err(format!("unexpected reply from the daemon: {other:?}")),
         Err(e) => return Err(format!("talking to the grid daemon: {e}")),
     };
-    let r = pull(state, o, &app_dir);
-    let r = r.and_then(
-        |rec| match conn.call(&Request::ImportCommit { record: rec }) {
-            Ok(Reply::Done { code: 0, .. }) => Ok(()),
-            Ok(Reply::Done { stderr, .. }) => Err(stderr),
-            Ok(other) => Err(format!("unexpected reply from the daemon: {other:?}")),
-            Err(e) => Err(format!("talking to the grid daemon: {e}")),
-        },
-    );
+    let r = pull(&app_dir).and_then(|rec| done(conn.call(&Request::ImportCommit { record: rec })));
     if r.is_err() {
         // Wait for the partial copy to be gone before saying so.
         let _ = conn.call(&Request::ImportAbort);

@@ -717,31 +717,11 @@ fn pull<T>(
 
 /// `app migrate REMOTE APP .name=NEW --import --stage`: the pre-copy into a staged copy.
 pub fn import_staged(state: &Path, o: &ImportOpts) -> Result<(), String> {
-    client::check_peer(state, o.remote)?;
-    let mut conn = client::connect(state)?;
-    let app_dir = match conn.call(&Request::ImportBegin {
-        name: o.new_name.to_string(),
-    }) {
-        Ok(Reply::Import { app_dir }) => app_dir,
-        Ok(Reply::Done { stderr, .. }) => return Err(stderr),
-        Ok(other) => return Err(format!("unexpected reply from the daemon: {other:?}")),
-        Err(e) => return Err(format!("talking to the grid daemon: {e}")),
-    };
-    let r = pull(state, o, "--stage", None, |r, p| {
-        receive_stage(r, state, o.app, o.new_name, o.props, &app_dir, p)
-    });
-    let r = r.and_then(
-        |rec| match conn.call(&Request::ImportCommit { record: rec }) {
-            Ok(Reply::Done { code: 0, .. }) => Ok(()),
-            Ok(Reply::Done { stderr, .. }) => Err(stderr),
-            Ok(other) => Err(format!("unexpected reply from the daemon: {other:?}")),
-            Err(e) => Err(format!("talking to the grid daemon: {e}")),
-        },
-    );
-    if r.is_err() {
-        let _ = conn.call(&Request::ImportAbort);
-    }
-    r
+    client::import_with(state, o, |app_dir| {
+        pull(state, o, "--stage", None, |r, p| {
+            receive_stage(r, state, o.app, o.new_name, o.props, app_dir, p)
+        })
+    })
 }
 
 /// `app migrate REMOTE APP .name=NEW --import --delta`: the final pull into the staged copy NEW.
@@ -764,12 +744,7 @@ pub fn import_delta(state: &Path, o: &ImportOpts) -> Result<(), String> {
     })?;
     // Stale from here on: a later delta must not trust them.
     let _ = fs::remove_dir_all(app_dir.join("stage"));
-    match conn.call(&Request::StageCommit { record: rec }) {
-        Ok(Reply::Done { code: 0, .. }) => Ok(()),
-        Ok(Reply::Done { stderr, .. }) => Err(stderr),
-        Ok(other) => Err(format!("unexpected reply from the daemon: {other:?}")),
-        Err(e) => Err(format!("talking to the grid daemon: {e}")),
-    }
+    client::done(conn.call(&Request::StageCommit { record: rec }))
 }
 
 #[cfg(test)]

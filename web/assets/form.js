@@ -63,19 +63,25 @@
     if (maxRate && maxRate.value.trim()) r.max_rate = maxRate.value.trim();
     return r;
   }
-  // The dry run: every check the operation needs, run on the grids without changing anything,
-  // shown as a list before Submit.
-  checkButton.addEventListener("click", async function () {
+  // Whether the form names a valid target and a grid; if not, says what to fix and where.
+  function ready() {
     formError.hidden = true;
     if (!check(true)) {
       name.focus();
-      return;
+      return false;
     }
     if (!grid.value) {
       formError.textContent = "Choose a target grid.";
       formError.hidden = false;
-      return;
+      return false;
     }
+    return true;
+  }
+
+  // The dry run: every check the operation needs, run on the grids without changing anything,
+  // shown as a list before Submit.
+  checkButton.addEventListener("click", async function () {
+    if (!ready()) return;
     checkButton.disabled = true;
     submitHint.textContent = "Checking…";
     checkList.replaceChildren();
@@ -117,16 +123,7 @@
 
   form.addEventListener("submit", async function (ev) {
     ev.preventDefault();
-    formError.hidden = true;
-    if (!check(true)) {
-      name.focus();
-      return;
-    }
-    if (!grid.value) {
-      formError.textContent = "Choose a target grid.";
-      formError.hidden = false;
-      return;
-    }
+    if (!ready()) return;
     submit.disabled = true;
     submitHint.textContent = "Starting…";
     try {
