@@ -322,9 +322,16 @@ impl AppRecord {
 
     /// `app info --batch` lines (format in the crate docs).
     pub fn info_batch(&self) -> String {
+        // One line per field: an error that spans lines (a component's or a tool's message)
+        // would otherwise break every reader of this format.
+        let error: String = self
+            .error
+            .chars()
+            .map(|c| if c.is_control() { ' ' } else { c })
+            .collect();
         let mut s = format!(
-            "name\t{}\nstate\t{}\ntemplate\t{}\nerror\t{}\n",
-            self.name, self.state, self.template, self.error
+            "name\t{}\nstate\t{}\ntemplate\t{}\nerror\t{error}\n",
+            self.name, self.state, self.template
         );
         for (k, v) in &self.props {
             s.push_str(&format!("prop.{k}\t{}\n", self.shown(k, v)));
@@ -409,6 +416,14 @@ mod tests {
         assert!(b.starts_with("name\tkv1\nstate\tstopped\ntemplate\tkvstore\nerror\t\n"));
         assert!(b.contains("prop.in_ip\t1.2.3.4\n"));
         assert!(b.contains("volume.data\t67108864\nvolume.data.kind\tfile\n"));
+        let mut r = r;
+        r.error = "virsh failed:\nline two\tand a tab".into();
+        let b = r.info_batch();
+        assert!(
+            b.contains("error\tvirsh failed: line two and a tab\nprop."),
+            "{b}"
+        );
+        assert!(b.lines().all(|l| l.split('\t').count() == 2), "{b}");
     }
 
     #[test]
