@@ -13,15 +13,13 @@ use std::process::{Command, Stdio};
 use std::sync::atomic::AtomicU8;
 use std::time::{Duration, Instant};
 
-use common::lab::{curl, get, put, random_bytes, wait_for, Lab};
+use common::lab::{curl, fault_points, get, off, on, put, small_shop, wait_for, Data, Lab};
 
 /// This binary's lab addresses: bases 250..=253, two labs of two grids.
 static BASES: AtomicU8 = AtomicU8::new(250);
 
 const MIGRATING: &str =
     "migrating the source application to the target grid as the target application";
-
-type Data = Vec<(String, Vec<u8>)>;
 
 fn names(apps: &[(String, String)]) -> Vec<(&str, &str)> {
     apps.iter().map(|(n, s)| (n.as_str(), s.as_str())).collect()
@@ -115,47 +113,6 @@ fn wait_end(url: &str, id: &str) -> serde_json::Value {
     wait_op(url, id, "the end of the operation", 120, |op| {
         op["state"] != "running"
     })
-}
-
-/// Switches the lab's MIG instances (the demo application's and MigHelper's) to fault points
-/// under the returned directory; call it before the applications are provisioned.
-fn fault_points(lab: &Lab) -> std::path::PathBuf {
-    let dir = lab.path().join("mig-faults");
-    std::fs::create_dir_all(&dir).unwrap();
-    for n in 1..=lab.grids {
-        for (file, anchor) in [
-            ("demoapp.toml", r#""--set", "app_name=${app}""#),
-            ("MigHelper.toml", r#""--set", "state_dir=${vol:state}""#),
-        ] {
-            let p = lab.state(n).join("templates").join(file);
-            let t = std::fs::read_to_string(&p).unwrap();
-            assert!(t.contains(anchor), "{anchor} not in {}", p.display());
-            let with = format!(r#"{anchor}, "--set", "fault_dir={}""#, dir.display());
-            std::fs::write(&p, t.replacen(anchor, &with, 1)).unwrap();
-        }
-    }
-    dir
-}
-
-fn on(dir: &std::path::Path, point: &str) {
-    std::fs::write(dir.join(point), "").unwrap();
-}
-
-fn off(dir: &std::path::Path, point: &str) {
-    std::fs::remove_file(dir.join(point)).unwrap();
-}
-
-/// `shop` on g1 with a little data; returns it and the checksum of its volumes.
-fn small_shop(lab: &Lab) -> (Data, String) {
-    lab.provision_demo(1, "shop");
-    let data: Data = vec![
-        ("greeting".into(), b"hello".to_vec()),
-        ("blob".into(), random_bytes(1 << 20, 7)),
-    ];
-    for (k, v) in &data {
-        put(&lab.data_url(1), k, v);
-    }
-    (data, lab.checksum(1, "shop"))
 }
 
 /// `shop` runs on g1 with its data, g2 holds nothing (no partial target, no MigHelper).

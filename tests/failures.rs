@@ -25,7 +25,9 @@ use std::process::Command;
 use std::sync::atomic::AtomicU8;
 use std::time::Duration;
 
-use common::lab::{curl, get, put, random_bytes, wait_for, Lab};
+use common::lab::{
+    curl, fault_points, get, off, on, put, random_bytes, small_shop, wait_for, Data, Lab,
+};
 
 /// This binary's lab addresses: bases 230..=249, two grids a test, ten tests (tests/migrate.rs
 /// holds 200..230, tests/gui.rs 240..).
@@ -301,11 +303,9 @@ fn wait_end(lab: &Lab, url: &str, id: &str, secs: u64) -> serde_json::Value {
     wait_op(lab, url, id, "the end", secs, |op| op["state"] != "running")
 }
 
-/// What `shop` holds: three values of 15 MiB of random bytes and a short one. 45 MiB take long
-/// enough to move that the test sees the copy's `ssh` before it ends.
-type Data = Vec<(String, Vec<u8>)>;
-
-/// Demo application `shop` on g1 with [`Data`]; returns the data and the checksum of its volumes.
+/// Demo application `shop` on g1 holding three values of 15 MiB of random bytes and a short one
+/// (45 MiB take long enough to move that the test sees the copy's `ssh` before it ends); returns
+/// the data and the checksum of its volumes.
 fn shop_with_data(lab: &Lab) -> (Data, String) {
     lab.provision_demo(1, "shop");
     let mut data: Data = (0..3)
@@ -623,53 +623,11 @@ fn a_mighelper_that_forgot_its_final_handoff_does_not_undo_the_cut_over() {
     assert_moved(&lab, &op, &data, &sum);
 }
 
-/// Switches the lab's MIG instances (the demo application's and MigHelper's) to the fault points
-/// under the returned directory (property `fault_dir`); a point is on while its file exists.
-/// Call it before the applications are provisioned.
-fn fault_points(lab: &Lab) -> std::path::PathBuf {
-    let dir = lab.path().join("mig-faults");
-    std::fs::create_dir_all(&dir).unwrap();
-    for n in 1..=lab.grids {
-        for (file, anchor) in [
-            ("demoapp.toml", r#""--set", "app_name=${app}""#),
-            ("MigHelper.toml", r#""--set", "state_dir=${vol:state}""#),
-        ] {
-            let p = lab.state(n).join("templates").join(file);
-            let t = std::fs::read_to_string(&p).unwrap();
-            assert!(t.contains(anchor), "{anchor} not in {}", p.display());
-            let with = format!(r#"{anchor}, "--set", "fault_dir={}""#, dir.display());
-            std::fs::write(&p, t.replacen(anchor, &with, 1)).unwrap();
-        }
-    }
-    dir
-}
-
 /// Waits until g2 holds the imported copy `shop2` (MigHelper holds at `hold-verify` after it).
 fn wait_imported(lab: &Lab, helper: &str, id: &str) {
     wait_op(lab, helper, id, "the copy to be imported", 60, |_| {
         lab.apps(2).iter().any(|(n, _)| n == "shop2")
     });
-}
-
-fn on(dir: &std::path::Path, point: &str) {
-    std::fs::write(dir.join(point), "").unwrap();
-}
-
-fn off(dir: &std::path::Path, point: &str) {
-    std::fs::remove_file(dir.join(point)).unwrap();
-}
-
-/// `shop` on g1 with a little data (the copy's size does not matter to these paths).
-fn small_shop(lab: &Lab) -> (Data, String) {
-    lab.provision_demo(1, "shop");
-    let data: Data = vec![
-        ("greeting".into(), b"hello".to_vec()),
-        ("blob".into(), random_bytes(1 << 20, 7)),
-    ];
-    for (k, v) in &data {
-        put(&lab.data_url(1), k, v);
-    }
-    (data, lab.checksum(1, "shop"))
 }
 
 /// Issue 13, item 1: the target MIG takes the cut-over handoff, but its 200 is lost, MigHelper's

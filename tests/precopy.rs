@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::lab::{curl, get, put, random_bytes, wait_for, Lab};
+use common::lab::{curl, fault_points, get, put, random_bytes, wait_for, Lab};
 
 static BASES: AtomicU8 = AtomicU8::new(220);
 
@@ -85,19 +85,6 @@ fn helper_steps(op: &serde_json::Value) -> Vec<String> {
         .iter()
         .map(|s| s["name"].as_str().unwrap().to_string())
         .collect()
-}
-
-/// Switches MigHelper's fault points (property `fault_dir`) to the returned directory.
-fn fault_points(lab: &Lab) -> std::path::PathBuf {
-    let dir = lab.path().join("mig-faults");
-    std::fs::create_dir_all(&dir).unwrap();
-    let anchor = r#""--set", "state_dir=${vol:state}""#;
-    let p = lab.state(2).join("templates/MigHelper.toml");
-    let t = std::fs::read_to_string(&p).unwrap();
-    assert!(t.contains(anchor), "{anchor} not in {}", p.display());
-    let with = format!(r#"{anchor}, "--set", "fault_dir={}""#, dir.display());
-    std::fs::write(&p, t.replacen(anchor, &with, 1)).unwrap();
-    dir
 }
 
 /// A lab of two grids with `shop` (a few MiB of data) on g1, `precopy` as asked.

@@ -282,3 +282,48 @@ pub fn random_bytes(n: usize, seed: u64) -> Vec<u8> {
         })
         .collect()
 }
+
+/// An application's data as written: (key, value) pairs.
+pub type Data = Vec<(String, Vec<u8>)>;
+
+/// Switches the lab's MIG instances (the demo application's and MigHelper's) to the fault points
+/// under the returned directory (property `fault_dir`); a point is on while its file exists.
+/// Call it before the applications are provisioned.
+pub fn fault_points(lab: &Lab) -> std::path::PathBuf {
+    let dir = lab.path().join("mig-faults");
+    std::fs::create_dir_all(&dir).unwrap();
+    for n in 1..=lab.grids {
+        for (file, anchor) in [
+            ("demoapp.toml", r#""--set", "app_name=${app}""#),
+            ("MigHelper.toml", r#""--set", "state_dir=${vol:state}""#),
+        ] {
+            let p = lab.state(n).join("templates").join(file);
+            let t = std::fs::read_to_string(&p).unwrap();
+            assert!(t.contains(anchor), "{anchor} not in {}", p.display());
+            let with = format!(r#"{anchor}, "--set", "fault_dir={}""#, dir.display());
+            std::fs::write(&p, t.replacen(anchor, &with, 1)).unwrap();
+        }
+    }
+    dir
+}
+
+pub fn on(dir: &std::path::Path, point: &str) {
+    std::fs::write(dir.join(point), "").unwrap();
+}
+
+pub fn off(dir: &std::path::Path, point: &str) {
+    std::fs::remove_file(dir.join(point)).unwrap();
+}
+
+/// `shop` on g1 with a little data (the copy's size does not matter to the paths that use it).
+pub fn small_shop(lab: &Lab) -> (Data, String) {
+    lab.provision_demo(1, "shop");
+    let data: Data = vec![
+        ("greeting".into(), b"hello".to_vec()),
+        ("blob".into(), random_bytes(1 << 20, 7)),
+    ];
+    for (k, v) in &data {
+        put(&lab.data_url(1), k, v);
+    }
+    (data, lab.checksum(1, "shop"))
+}
