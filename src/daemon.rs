@@ -198,7 +198,7 @@ pub async fn serve(props: Properties) -> Result<(), Fatal> {
     } else {
         tracing::warn!("operations are not offered: the private key is not usable (see mig check)");
     }
-    let mut shared = Shared::new(Some(site), book, vec![Role::Source, Role::Target]);
+    let mut shared = Shared::new(Some(site), book, actors::api::SERVE_ROLES.to_vec());
     shared.handoff = handoff;
     shared.status = status;
     shared.source = source;
@@ -258,7 +258,7 @@ pub async fn helper(mut props: Properties, env: Option<String>) -> Result<(), Fa
         vec![(Role::Helper, actors::op::helper_app_name(&env.op_id))],
     );
     canceller.helper = Some(helper.clone().recipient());
-    let mut shared = Shared::new(None, book, vec![Role::Helper]);
+    let mut shared = Shared::new(None, book, actors::api::HELPER_ROLES.to_vec());
     shared.canceller = Some(Arc::new(canceller));
     // The source MIG's GUI credentials (the password as a MAC): a cancel here needs them too.
     shared.credentials = env

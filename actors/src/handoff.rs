@@ -186,7 +186,7 @@ pub async fn send(
     );
     op.trace = sent.trace;
     let body = serde_json::to_vec(op).expect("an Op always serializes");
-    let url = format!("{base_url}{}", crate::api::HANDOFF);
+    let url = format!("{base_url}{}", crate::api::HANDOFF.path);
     let deadline = tokio::time::Instant::now() + SEND_PATIENCE;
     let mut last_err = String::new();
     while tokio::time::Instant::now() < deadline {

@@ -9,6 +9,9 @@
   const form = document.getElementById("op-form");
   if (!form) return; // operations are unavailable: the page says why and offers nothing
   const csrf = document.querySelector('meta[name="mig-csrf"]').content;
+  // The HTTP contract the page was served with (actors::api): paths by name, the CSRF header.
+  const API = JSON.parse(document.querySelector('meta[name="mig-api"]').content);
+  const route = (name) => API.routes[name];
   const name = document.getElementById("target-app");
   const nameError = document.getElementById("target-app-error");
   const grid = document.getElementById("target-grid");
@@ -86,10 +89,10 @@
     submitHint.textContent = "Checking…";
     checkList.replaceChildren();
     try {
-      const resp = await fetch(location.origin + "/api/v1/ops", {
+      const resp = await fetch(location.origin + route("start"), {
         method: "POST",
         credentials: "same-origin",
-        headers: { "Content-Type": "application/json", "X-Mig-Csrf": csrf },
+        headers: { "Content-Type": "application/json", [API.csrf_header]: csrf },
         body: JSON.stringify(Object.assign(request(), { dry_run: true })),
       });
       let body = null;
@@ -130,10 +133,10 @@
       // From the origin, not relative: a page opened as http://user:pass@host/ would otherwise
       // build a URL with credentials, which fetch refuses. The browser still sends the
       // credentials it holds for this origin.
-      const resp = await fetch(location.origin + "/api/v1/ops", {
+      const resp = await fetch(location.origin + route("start"), {
         method: "POST",
         credentials: "same-origin",
-        headers: { "Content-Type": "application/json", "X-Mig-Csrf": csrf },
+        headers: { "Content-Type": "application/json", [API.csrf_header]: csrf },
         body: JSON.stringify(request()),
       });
       let body = null;

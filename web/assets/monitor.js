@@ -1,6 +1,6 @@
 // The operation monitor: shows the three monitors of one operation and follows it live from
 // whichever instance owns it (source MIG, then MigHelper, then the final MIG), by server-sent
-// events, with polling of GET /api/v1/ops/{id} as the fallback. The page keeps the copy with the
+// events, with polling of the operation's public view as the fallback. The page keeps the copy with the
 // highest `version` and never goes back to an older one.
 "use strict";
 
@@ -13,6 +13,10 @@
 
   const main = document.getElementById("monitor");
   const opId = main.dataset.opId;
+  // The HTTP contract the page was served with (actors::api): paths by name, the CSRF header and
+  // the stream's event name. Every instance of the operation runs the same MIG, so its paths.
+  const API = JSON.parse(document.querySelector('meta[name="mig-api"]').content);
+  const route = (name, id) => API.routes[name].replace("{id}", id);
   const el = {
     plan: document.getElementById("plan"),
     summary: document.getElementById("summary"),
@@ -399,13 +403,13 @@
     el.cancel.disabled = true;
     el.cancelHint.textContent = "Cancelling…";
     try {
-      const t = await fetch(location.origin + "/api/v1/csrf", { credentials: "same-origin" });
+      const t = await fetch(location.origin + route("csrf"), { credentials: "same-origin" });
       if (!t.ok) throw new Error("this MIG answered " + t.status + " for its CSRF token");
       const csrf = (await t.json()).csrf;
-      const resp = await fetch(location.origin + "/api/v1/ops/" + opId + "/cancel", {
+      const resp = await fetch(location.origin + route("cancel", opId), {
         method: "POST",
         credentials: "same-origin",
-        headers: { "X-Mig-Csrf": csrf },
+        headers: { [API.csrf_header]: csrf },
       });
       let body = null;
       try { body = await resp.json(); } catch (_) { body = null; }
@@ -420,7 +424,7 @@
       const owner = ownerUrl(op);
       el.cancelHint.replaceChildren(
         "This MIG did not answer (" + e.message + "). Cancel it on the instance that drives it now: ",
-        owner ? node("a", { id: "cancel-elsewhere", href: owner + "/ops/" + opId }, owner + "/ops/" + opId) : "",
+        owner ? node("a", { id: "cancel-elsewhere", href: owner + route("monitor_page", opId) }, owner + route("monitor_page", opId)) : "",
       );
       el.cancel.disabled = false;
     }
@@ -466,7 +470,7 @@
       a = node("a", { id: "trace-link", class: "small" }, "Timeline of this operation");
       el.following.after(a);
     }
-    a.setAttribute("href", base + "/ops/" + opId + "/trace");
+    a.setAttribute("href", base + route("trace_page", opId));
   }
 
   function norm(url) {
@@ -493,7 +497,7 @@
     const ctl = new AbortController();
     const timer = setTimeout(() => ctl.abort(), FETCH_TIMEOUT_MS);
     try {
-      const resp = await fetch(base + "/api/v1/ops/" + opId, { signal: ctl.signal, cache: "no-store" });
+      const resp = await fetch(base + route("op", opId), { signal: ctl.signal, cache: "no-store" });
       if (!resp.ok) return null;
       return await resp.json();
     } catch (_) {
@@ -507,12 +511,12 @@
   function stream(base) {
     return new Promise((resolve) => {
       let count = 0;
-      const es = new EventSource(base + "/api/v1/ops/" + opId + "/events");
+      const es = new EventSource(base + route("events", opId));
       const onOp = (ev) => {
         count++;
         try { accept(JSON.parse(ev.data)); } catch (_) { /* a bad event is skipped */ }
       };
-      es.addEventListener("op", onOp);
+      es.addEventListener(API.event, onOp);
       es.onmessage = onOp;
       es.onopen = () => {
         el.following.textContent = "Live from " + describe(base) + ".";

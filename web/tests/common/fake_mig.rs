@@ -1,34 +1,28 @@
 //! Scripted stand-ins for the three instances an operation visits: the source MIG, MigHelper and
-//! the final MIG, each an actix-web server on its own loopback address (127.0.60.1/2/3) serving
-//! `web`'s pages and assets and the operation routes the real server has (serving the public
-//! [`web::OpView`], as the real server does to a reader without credentials). A test plays a
-//! script of operation states (built with the real `actors::op` model) into them, and kills an
-//! instance the way an application stop would: its listener closes and its streams end.
+//! the final MIG, each an actix-web server on its own loopback address (127.0.60.1/2/3). What the
+//! page follows is served by the REAL handlers (`web::ops`: the public view, its live stream, the
+//! timeline, the monitor page) over a real op book, with the roles the real instances play and the
+//! real rule for which routes need credentials (`actors::api::is_public`), so the page's script is
+//! tested against the stream production sends. Only the form's side (its page, starting, the dry
+//! run, cancelling) is scripted here. A test plays a script of operation states (built with the
+//! real `actors::op` model) into them, and kills an instance the way an application stop would:
+//! its listener closes and its connections drop.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use actix_web::body::{BoxBody, MessageBody};
 use actix_web::dev::{ServerHandle, ServiceRequest, ServiceResponse};
 use actix_web::http::header;
-use actix_web::middleware::DefaultHeaders;
 use actix_web::middleware::{from_fn, Next};
 use actix_web::{web as aw, App, HttpRequest, HttpResponse, HttpServer};
+use actors::api;
+use actors::book::OpBook;
+use actors::journal::Journal;
 use actors::op::{Op, Role};
-use bytes::Bytes;
-use tokio::sync::watch;
-use web::PageContext;
-
-/// What one instance knows of the operation.
-#[derive(Clone, Debug)]
-pub enum Copy {
-    Nothing,
-    Op(Box<Op>),
-    /// The instance is gone (its application stopped).
-    Dead,
-}
+use web::ops::on;
+use web::{OpsFeed, PageContext};
 
 pub const CSRF: &str = "csrf-6f1d2a";
 /// The GUI credentials when an instance asks for them (`username` set): admin / s3cret.
@@ -36,9 +30,8 @@ pub const USER: &str = "admin";
 pub const PASSWORD: &str = "s3cret";
 const BASIC: &str = "Basic YWRtaW46czNjcmV0";
 
+/// The scripted side of one instance: the form page and what was posted to it.
 struct State {
-    role: Role,
-    copy: watch::Sender<Copy>,
     page: Mutex<Option<PageContext>>,
     /// Every `POST /api/v1/ops` that reached the server, valid or not.
     posts: AtomicUsize,
@@ -46,8 +39,8 @@ struct State {
     started: Mutex<Vec<serde_json::Value>>,
     /// The id `POST /api/v1/ops` hands out.
     next_id: Mutex<String>,
-    /// Whether every route but the operation status ones needs [`USER`] and [`PASSWORD`].
-    auth: std::sync::atomic::AtomicBool,
+    /// Whether the routes that are not public need [`USER`] and [`PASSWORD`].
+    auth: AtomicBool,
     /// Requests refused for want of credentials.
     unauthorized: AtomicUsize,
     /// `POST /api/v1/ops` with `"dry_run": true` that reached the server.
@@ -59,7 +52,19 @@ struct State {
 pub struct Instance {
     pub url: String,
     state: Arc<State>,
+    /// The op book the real handlers read; [`Instance::set`] publishes into it.
+    book: OpBook,
     handle: ServerHandle,
+    _journal: tempfile::TempDir,
+}
+
+/// The roles the real instance in `role`'s place plays: the source and the final MIG are each a
+/// `mig serve` (source of what it starts, final MIG of what it is handed).
+pub fn roles_of(role: Role) -> &'static [Role] {
+    match role {
+        Role::Source | Role::Target => api::SERVE_ROLES,
+        Role::Helper => api::HELPER_ROLES,
+    }
 }
 
 impl Instance {
@@ -70,40 +75,45 @@ impl Instance {
             Role::Helper => 2,
             Role::Target => 3,
         };
-        let (copy, _) = watch::channel(Copy::Nothing);
-        let state = Arc::new(State {
+        Instance::start_at(
+            SocketAddr::new(IpAddr::V4(Ipv4Addr::new(127, 0, 60, n)), 0),
             role,
-            copy,
+        )
+        .await
+    }
+
+    /// Starts an instance in `role` listening on `addr`.
+    pub async fn start_at(addr: SocketAddr, role: Role) -> Instance {
+        let dir = tempfile::tempdir().expect("a journal directory");
+        let book = OpBook::open(Journal::open(dir.path()).expect("a journal")).expect("an op book");
+        let state = Arc::new(State {
             page: Mutex::new(None),
             posts: AtomicUsize::new(0),
             started: Mutex::new(Vec::new()),
             next_id: Mutex::new(String::new()),
-            auth: std::sync::atomic::AtomicBool::new(false),
+            auth: AtomicBool::new(false),
             unauthorized: AtomicUsize::new(0),
             dry_runs: AtomicUsize::new(0),
             cancels: AtomicUsize::new(0),
         });
         let data = aw::Data::from(state.clone());
+        let feed = aw::Data::new(OpsFeed::new(book.clone(), roles_of(role)));
         let server = HttpServer::new(move || {
             App::new()
                 .app_data(data.clone())
-                // The status routes are readable from any origin (docs/architecture.md); the test serves
-                // everything with it, which only makes the page's own origin checks weaker.
+                .app_data(feed.clone())
                 .wrap(from_fn(require_credentials))
-                .wrap(DefaultHeaders::new().add((header::ACCESS_CONTROL_ALLOW_ORIGIN, "*")))
+                .configure(web::configure_ops)
                 .configure(web::configure_assets)
-                .route("/", aw::get().to(index))
-                .route("/ops/{id}", aw::get().to(monitor))
-                .route("/api/v1/ops", aw::post().to(post_op))
-                .route("/api/v1/csrf", aw::get().to(csrf))
-                .route("/api/v1/ops/{id}/cancel", aw::post().to(cancel))
-                .route("/api/v1/ops/{id}", aw::get().to(get_op))
-                .route("/api/v1/ops/{id}/events", aw::get().to(events))
+                .route(api::INDEX.path, on(api::INDEX).to(index))
+                .route(api::START.path, on(api::START).to(post_op))
+                .route(api::CSRF.path, on(api::CSRF).to(csrf))
+                .route(api::CANCEL.path, on(api::CANCEL).to(cancel))
         })
         .workers(1)
         .disable_signals()
         .shutdown_timeout(0)
-        .bind(SocketAddr::new(IpAddr::V4(Ipv4Addr::new(127, 0, 60, n)), 0))
+        .bind(addr)
         .expect("binding a 127.0.60.N address");
         let addr = server.addrs()[0];
         let server = server.run();
@@ -112,7 +122,9 @@ impl Instance {
         Instance {
             url: format!("http://{addr}"),
             state,
+            book,
             handle,
+            _journal: dir,
         }
     }
 
@@ -124,7 +136,7 @@ impl Instance {
         *self.state.next_id.lock().unwrap() = id.to_string();
     }
 
-    /// Asks for HTTP basic auth on every route except the operation status routes.
+    /// Asks for HTTP basic auth on every route that is not public.
     pub fn require_auth(&self) {
         self.state.auth.store(true, Ordering::SeqCst);
     }
@@ -149,28 +161,31 @@ impl Instance {
         self.state.started.lock().unwrap().clone()
     }
 
-    /// This instance's copy of the operation becomes `op`; its live streams send it.
+    /// This instance's copy of the operation becomes `op` (as a real instance's book takes it:
+    /// never an older `version`); its live streams send it.
     pub fn set(&self, op: &Op) {
-        self.state.copy.send_replace(Copy::Op(Box::new(op.clone())));
+        self.book.publish(op.clone());
     }
 
-    /// The instance goes away: streams end, the listener closes, connections are refused.
+    /// The instance goes away: the listener closes, its connections (and streams) drop.
     pub async fn kill(&self) {
-        self.state.copy.send_replace(Copy::Dead);
         self.handle.stop(false).await;
     }
 }
 
-/// Basic auth as the real server does it: everything but `GET /api/v1/ops/{id}[/events]`, which
-/// the page reads across grids with only the operation id.
+/// Basic auth where the real server asks for it: on every route the route table does not make
+/// public.
 async fn require_credentials(
     req: ServiceRequest,
     next: Next<impl MessageBody + 'static>,
 ) -> Result<ServiceResponse<BoxBody>, actix_web::Error> {
     let state = req.app_data::<aw::Data<State>>().expect("State").clone();
-    let status_route =
-        req.method() == actix_web::http::Method::GET && req.path().starts_with("/api/v1/ops/");
-    if state.auth.load(Ordering::SeqCst) && !status_route {
+    let public = api::is_public(
+        req.method().as_str(),
+        req.path(),
+        req.headers().contains_key(actors::auth::H_SIGNATURE),
+    );
+    if state.auth.load(Ordering::SeqCst) && !public {
         let given = req.headers().get(header::AUTHORIZATION);
         if given.and_then(|v| v.to_str().ok()) != Some(BASIC) {
             state.unauthorized.fetch_add(1, Ordering::SeqCst);
@@ -185,19 +200,11 @@ async fn require_credentials(
         .map(ServiceResponse::map_into_boxed_body)
 }
 
-fn html(body: String) -> HttpResponse {
-    web::html_response(body)
-}
-
 async fn index(state: aw::Data<State>) -> HttpResponse {
     match &*state.page.lock().unwrap() {
-        Some(ctx) => html(web::index_page(ctx)),
+        Some(ctx) => web::html_response(web::index_page(ctx)),
         None => HttpResponse::NotFound().body("this instance serves no form"),
     }
-}
-
-async fn monitor(path: aw::Path<String>) -> HttpResponse {
-    html(web::monitor_page(&path))
 }
 
 async fn post_op(
@@ -230,7 +237,7 @@ async fn post_op(
     state.started.lock().unwrap().push(body.into_inner());
     let id = state.next_id.lock().unwrap().clone();
     HttpResponse::Accepted()
-        .json(serde_json::json!({"id": id, "monitor_url": format!("/ops/{id}")}))
+        .json(serde_json::json!({"id": id, "monitor_url": api::MONITOR_PAGE.for_op(&id)}))
 }
 
 async fn csrf() -> HttpResponse {
@@ -251,73 +258,6 @@ async fn cancel(state: aw::Data<State>, req: HttpRequest, path: aw::Path<String>
         "id": path.into_inner(),
         "cancelled": {"user": "anonymous", "from": "127.0.0.1", "at": "2026-01-01T00:00:00Z"},
     }))
-}
-
-fn current(state: &State, id: &str) -> Option<Op> {
-    match &*state.copy.borrow() {
-        Copy::Op(op) if op.id == id => Some((**op).clone()),
-        _ => None,
-    }
-}
-
-async fn get_op(state: aw::Data<State>, path: aw::Path<String>) -> HttpResponse {
-    match current(&state, &path) {
-        Some(op) => HttpResponse::Ok().json(web::OpView::of(&op)),
-        None => HttpResponse::NotFound().json(serde_json::json!({"error": "no such operation"})),
-    }
-}
-
-/// `GET /api/v1/ops/{id}/events`: the instance's copy now and on every change, as `event: op`;
-/// the stream ends once the copy is final or owned by another instance, or the instance dies.
-async fn events(state: aw::Data<State>, path: aw::Path<String>) -> HttpResponse {
-    let id = path.into_inner();
-    if current(&state, &id).is_none() {
-        return HttpResponse::NotFound().json(serde_json::json!({"error": "no such operation"}));
-    }
-    let rx = state.copy.subscribe();
-    let role = state.role;
-    let stream = futures_util::stream::unfold((rx, true, false), move |(mut rx, first, ended)| {
-        let id = id.clone();
-        async move {
-            if ended {
-                return None;
-            }
-            let mut first = first;
-            loop {
-                if !first {
-                    // A short keep-alive: a dead instance's stream must end even if no change comes.
-                    match tokio::time::timeout(Duration::from_secs(5), rx.changed()).await {
-                        Ok(Ok(())) => {}
-                        Ok(Err(_)) => return None,
-                        Err(_) => {
-                            return Some((
-                                Ok::<_, actix_web::Error>(Bytes::from_static(b": ka\n\n")),
-                                (rx, false, false),
-                            ))
-                        }
-                    }
-                }
-                first = false;
-                let copy = rx.borrow_and_update().clone();
-                match copy {
-                    Copy::Dead => return None,
-                    Copy::Nothing => continue,
-                    Copy::Op(op) if op.id != id => continue,
-                    Copy::Op(op) => {
-                        let end = op.state.is_final() || op.owner != role;
-                        let json = serde_json::to_string(&web::OpView::of(&op))
-                            .expect("an OpView serialises");
-                        let event = Bytes::from(format!("event: op\ndata: {json}\n\n"));
-                        return Some((Ok(event), (rx, false, end)));
-                    }
-                }
-            }
-        }
-    });
-    HttpResponse::Ok()
-        .content_type("text/event-stream")
-        .insert_header((header::CACHE_CONTROL, "no-cache"))
-        .streaming(stream)
 }
 
 /// The three instances of one operation.

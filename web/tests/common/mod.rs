@@ -6,4 +6,5 @@
 pub mod browser;
 pub mod fake_mig;
 
+#[allow(unused_imports)] // the stream tests use no browser
 pub use browser::*;

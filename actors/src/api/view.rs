@@ -5,11 +5,14 @@
 //! grid's `app_config` and MigHelper's properties, the commands that clear leftovers, and the
 //! controllers' own error output. None of that is needed to follow the operation, and MigHelper,
 //! which has no credentials, serves its operation to anyone with the id. So the public routes
-//! serve [`OpView`]: exactly what the monitor page (`assets/monitor.js`) and the CLI follower use,
+//! serve [`OpView`]: exactly what the monitor page (`web/assets/monitor.js`) and the CLI follower use,
 //! with free text (step details, the error, the timeline) passed through [`Redactor`]. The full
 //! record stays behind the GUI credentials (`GET /api/v1/ops/{id}/record`).
+//!
+//! It lives beside the route table ([`super`]) so the server, the CLI client and the test fake
+//! read and write one wire format (the `web` crate re-exports it as `web::view`).
 
-use actors::op::{Cancelled, Kind, Monitor, Op, OpState, Plan, Role, TraceEvent};
+use crate::op::{Cancelled, Kind, Monitor, Op, OpState, Plan, Role, TraceEvent};
 use serde::{Deserialize, Serialize};
 
 /// The longest free text (a step's detail, the error, a leftover) the public view carries, in
@@ -198,7 +201,7 @@ impl OpSummary {
         };
         let bytes = steps
             .clone()
-            .find(|s| s.name == actors::op::MIGRATING)
+            .find(|s| s.name == crate::op::MIGRATING)
             .and_then(|s| s.bytes_done);
         let r = Redactor::new(&op.plan);
         let p = &op.plan;
@@ -216,8 +219,8 @@ impl OpSummary {
             bytes,
             max_rate: p.max_rate,
             error: op.error.as_deref().map(|e| r.text(e)),
-            monitor_url: format!("/ops/{}", op.id),
-            trace_url: format!("/ops/{}/trace", op.id),
+            monitor_url: super::MONITOR_PAGE.for_op(&op.id),
+            trace_url: super::TRACE_PAGE.for_op(&op.id),
         }
     }
 
@@ -384,7 +387,7 @@ fn bound(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use actors::op::{new_id, Op, StepState};
+    use crate::op::{new_id, Op, StepState};
 
     fn plan() -> Plan {
         Plan {
@@ -415,7 +418,7 @@ mod tests {
         p.max_rate = Some(8 << 20);
         let mut op = Op::new(new_id(), Kind::Migrate, p);
         assert_eq!(OpView::of(&op).plan.max_rate, Some(8 << 20));
-        op.start_step(actors::op::PROVISIONING_HELPER);
+        op.start_step(crate::op::PROVISIONING_HELPER);
         op.end(
             OpState::Failed,
             Some("db_password=hunter2-xyz refused".into()),
@@ -473,10 +476,10 @@ mod tests {
 
     #[test]
     fn the_view_has_what_the_page_follows_and_nothing_of_the_plan_else() {
-        let mut op = Op::new(new_id(), actors::op::Kind::Migrate, plan());
-        op.start_step(actors::op::MIGRATING);
+        let mut op = Op::new(new_id(), crate::op::Kind::Migrate, plan());
+        op.start_step(crate::op::MIGRATING);
         op.fail_step(
-            actors::op::MIGRATING,
+            crate::op::MIGRATING,
             "grid controller 127.0.2.1:2222: `app migrate` exited with code 3: secret stderr",
         );
         op.leftovers.push(
@@ -536,7 +539,7 @@ mod tests {
 
     #[test]
     fn the_owner_during_a_roll_back_after_the_handoff_is_the_source() {
-        let mut op = Op::new(new_id(), actors::op::Kind::Migrate, plan());
+        let mut op = Op::new(new_id(), crate::op::Kind::Migrate, plan());
         op.owner = Role::Target;
         assert_eq!(OpView::of(&op).owner_url(), "http://127.0.2.10:8080");
         op.rolling_back = true;
