@@ -4,6 +4,7 @@
 
 use std::time::{Duration, Instant};
 
+use actors::api;
 use actors::op::{Op, StepState, MIGRATING};
 use anyhow::{bail, Context};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -48,32 +49,20 @@ pub async fn start(
 ) -> anyhow::Result<String> {
     let http = reqwest::Client::new();
     let url = url.trim_end_matches('/');
-    let r = with_auth(http.get(format!("{url}/api/v1/csrf")), creds)
-        .send()
-        .await
-        .with_context(|| format!("cannot reach MIG at {url}"))?;
-    if !r.status().is_success() {
-        bail!("MIG at {url} refused: {}", error_text(r).await);
-    }
-    let token: serde_json::Value = r.json().await.context("reading the CSRF token")?;
-    let token = token["csrf"].as_str().unwrap_or_default().to_string();
     let mut body = serde_json::json!({"kind": kind, "target_app": name, "target_grid": to});
     if let Some(r) = max_rate {
         body["max_rate"] = r.into();
     }
-    let r = with_auth(http.post(format!("{url}/api/v1/ops")), creds)
-        .header(crate::server::CSRF_HEADER, token)
-        .json(&body)
-        .send()
-        .await
-        .with_context(|| format!("cannot reach MIG at {url}"))?;
-    if r.status() != reqwest::StatusCode::ACCEPTED {
-        bail!(
-            "MIG at {url} did not start the {kind}: {}",
-            error_text(r).await
-        );
-    }
-    let v: serde_json::Value = r.json().await.context("reading the answer")?;
+    let v = post_with_csrf(
+        &http,
+        url,
+        api::START.path,
+        Some(&body),
+        creds,
+        |s| s == reqwest::StatusCode::ACCEPTED,
+        &format!("MIG at {url} did not start the {kind}"),
+    )
+    .await?;
     v["id"]
         .as_str()
         .map(str::to_string)
@@ -85,7 +74,7 @@ pub async fn fetch(http: &reqwest::Client, url: &str, id: &str) -> anyhow::Resul
     get_json(
         http,
         url,
-        &format!("/api/v1/ops/{id}"),
+        &api::OP.for_op(id),
         &Credentials::default(),
         "an operation",
     )
@@ -100,7 +89,7 @@ pub async fn fetch_record(
     id: &str,
     creds: &Credentials,
 ) -> anyhow::Result<Op> {
-    let path = format!("/api/v1/ops/{id}/record");
+    let path = api::RECORD.for_op(id);
     get_json(http, url, &path, creds, "an operation record").await
 }
 
@@ -276,7 +265,7 @@ async fn csrf_token(
     url: &str,
     creds: &Credentials,
 ) -> anyhow::Result<String> {
-    let r = with_auth(http.get(format!("{url}/api/v1/csrf")), creds)
+    let r = with_auth(http.get(format!("{url}{}", api::CSRF.path)), creds)
         .send()
         .await
         .with_context(|| format!("cannot reach MIG at {url}"))?;
@@ -287,27 +276,48 @@ async fn csrf_token(
     Ok(token["csrf"].as_str().unwrap_or_default().to_string())
 }
 
+/// `POST url+path` (with `body` as JSON, if any) carrying this MIG's CSRF token, read first with
+/// the credentials: the answer's JSON when `ok(status)`, else an error that starts with `failed`.
+async fn post_with_csrf(
+    http: &reqwest::Client,
+    url: &str,
+    path: &str,
+    body: Option<&serde_json::Value>,
+    creds: &Credentials,
+    ok: fn(reqwest::StatusCode) -> bool,
+    failed: &str,
+) -> anyhow::Result<serde_json::Value> {
+    let token = csrf_token(http, url, creds).await?;
+    let mut req =
+        with_auth(http.post(format!("{url}{path}")), creds).header(api::CSRF_HEADER, token);
+    if let Some(body) = body {
+        req = req.json(body);
+    }
+    let r = req
+        .send()
+        .await
+        .with_context(|| format!("cannot reach MIG at {url}"))?;
+    if !ok(r.status()) {
+        bail!("{failed}: {}", error_text(r).await);
+    }
+    r.json().await.context("reading the answer")
+}
+
 /// `POST /api/v1/ops/{id}/cancel` on the instance at `url` (it forwards to the one that drives
 /// the operation); returns who cancelled it and when, as the owner recorded it.
 pub async fn cancel(url: &str, id: &str, creds: &Credentials) -> anyhow::Result<serde_json::Value> {
     let http = reqwest::Client::new();
     let url = url.trim_end_matches('/');
-    let token = csrf_token(&http, url, creds).await?;
-    let r = with_auth(
-        http.post(format!("{url}{}", actors::api::cancel(id))),
+    let v = post_with_csrf(
+        &http,
+        url,
+        &api::CANCEL.for_op(id),
+        None,
         creds,
+        |s| s == reqwest::StatusCode::ACCEPTED,
+        &format!("{url} did not cancel operation {id}"),
     )
-    .header(crate::server::CSRF_HEADER, token)
-    .send()
-    .await
-    .with_context(|| format!("cannot reach MIG at {url}"))?;
-    if r.status() != reqwest::StatusCode::ACCEPTED {
-        bail!(
-            "{url} did not cancel operation {id}: {}",
-            error_text(r).await
-        );
-    }
-    let v: serde_json::Value = r.json().await.context("reading the answer")?;
+    .await?;
     Ok(v["cancelled"].clone())
 }
 
@@ -331,22 +341,19 @@ pub async fn dry_run(
 ) -> anyhow::Result<Vec<actors::dry_run::Check>> {
     let http = reqwest::Client::new();
     let url = url.trim_end_matches('/');
-    let token = csrf_token(&http, url, creds).await?;
-    let r = with_auth(http.post(format!("{url}/api/v1/ops")), creds)
-        .header(crate::server::CSRF_HEADER, token)
-        .json(&serde_json::json!({
-            "kind": kind, "target_app": name, "target_grid": to, "dry_run": true
-        }))
-        .send()
-        .await
-        .with_context(|| format!("cannot reach MIG at {url}"))?;
-    if !r.status().is_success() {
-        bail!(
-            "MIG at {url} did not run the checks: {}",
-            error_text(r).await
-        );
-    }
-    let v: serde_json::Value = r.json().await.context("reading the answer")?;
+    let body = serde_json::json!({
+        "kind": kind, "target_app": name, "target_grid": to, "dry_run": true
+    });
+    let v = post_with_csrf(
+        &http,
+        url,
+        api::START.path,
+        Some(&body),
+        creds,
+        |s| s.is_success(),
+        &format!("MIG at {url} did not run the checks"),
+    )
+    .await?;
     serde_json::from_value(v["checks"].clone()).context("the answer has no list of checks")
 }
 
