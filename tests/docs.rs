@@ -114,3 +114,23 @@ fn the_properties_table_lists_every_property_and_no_other() {
         "README's properties table"
     );
 }
+
+/// The route table in README names every route the server has (`actors::api::ROUTES`), each as
+/// `` `METHOD PATH `` at the start of a row (or in a row's text, for the timeline page).
+#[test]
+fn the_routes_table_lists_every_route_the_server_has() {
+    let readme = read("README.md");
+    let table: Vec<&str> = readme
+        .lines()
+        .skip_while(|l| !l.starts_with("| route | what |"))
+        .skip(2)
+        .take_while(|l| l.starts_with('|'))
+        .collect();
+    for r in actors::api::ROUTES {
+        let named = format!("`{} {}", r.method.as_str(), r.path);
+        assert!(
+            table.iter().any(|row| row.contains(&named)),
+            "README's routes table does not name {named}`"
+        );
+    }
+}
