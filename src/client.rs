@@ -326,8 +326,9 @@ pub async fn cancel(url: &str, id: &str, creds: &Credentials) -> anyhow::Result<
 /// stopped with its application), where a cancel can reach it.
 pub fn detached(kind: &str, url: &str, owner: &str, id: &str) -> String {
     let owner = if owner.is_empty() { url } else { owner };
+    let page = api::MONITOR_PAGE.for_op(id);
     format!(
-        "stopped following; the {kind} {id} goes on.\n  follow it again: {url}/ops/{id} (or mig status --url {owner} {id})\n  cancel it (before the cut-over): mig cancel --url {owner} {id}"
+        "stopped following; the {kind} {id} goes on.\n  follow it again: {url}{page} (or mig status --url {owner} {id})\n  cancel it (before the cut-over): mig cancel --url {owner} {id}"
     )
 }
 

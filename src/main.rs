@@ -256,8 +256,9 @@ async fn operate(kind: &str, a: OpArgs) -> Result<ExitCode, ExitCode> {
         .await
         .map_err(fail)?;
     println!(
-        "{kind} {id} started; follow it at {}/ops/{id}",
-        a.url.trim_end_matches('/')
+        "{kind} {id} started; follow it at {}{}",
+        a.url.trim_end_matches('/'),
+        actors::api::MONITOR_PAGE.for_op(&id)
     );
     // Ctrl-C stops following, not the operation: say how to follow it again and how to cancel it.
     let url = a.url.trim_end_matches('/');
