@@ -1,7 +1,7 @@
 //! The HTTP side of `mig serve` and `mig helper`: the GUI port (`/api/v1`) and the `mon` port.
-//! This file holds the state and the wiring; the handlers are split by concern: [`auth`] (Host
-//! check, credentials, CSRF, audit), [`ops`] (the GUI's own API), [`peers`] (what other instances
-//! call) and [`mon`]; the public operation routes are `web::ops`. Paths come from `actors::api`.
+//! This file holds the state and the wiring; the handlers are split by concern: `auth` (Host
+//! check, credentials, CSRF, audit), `ops` (the GUI's own API), `peers` (what other instances
+//! call) and `mon`; the public operation routes are `web::ops`. Paths come from `actors::api`.
 //!
 //! [`run`] takes listeners that are already bound, so a test binds port 0 and talks to the real
 //! server over real sockets, and `main` can report a port that cannot be bound before anything starts.
