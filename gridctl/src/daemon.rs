@@ -778,9 +778,13 @@ impl Daemon {
             let Ok(Ok(Some((c, st)))) = down else {
                 continue;
             };
-            let (pgid, _) = self.fail(&name, generation, &format!("vm {c} is {st}"));
+            let (pgid, was_running) = self.fail(&name, generation, &format!("vm {c} is {st}"));
             terminate_group(pgid, Duration::from_secs(2)).await;
             self.halt_vms(&name, generation).await;
+            // A VM that died (its guest crashed, its qemu was killed) is restarted like a process.
+            if was_running {
+                self.restart_on_failure(name, generation, c).await;
+            }
             return;
         }
     }
