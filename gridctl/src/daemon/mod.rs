@@ -129,9 +129,9 @@ fn err<T>(msg: impl Into<String>) -> Result<T, String> {
 }
 
 impl Daemon {
-    /// The applications' state. A request that panicked while holding it left nothing half
-    /// written that the next one cannot read (every change is a field assignment), so the lock
-    /// is taken even when poisoned rather than failing every later request.
+    /// The applications' state, behind the one lock every request takes. A request that
+    /// panicked while holding it (a bug) must not make every later request panic too, so a
+    /// poisoned lock is taken all the same.
     fn lock(&self) -> MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(PoisonError::into_inner)
     }
