@@ -1,27 +1,170 @@
 //! A real VM moved by MIG: the `vmapp` demo (a busybox guest with its data on its disk) on grids
-//! that drive libvirt. Ignored by `cargo test` and scripts/test: it needs libvirtd, QEMU, passt and
-//! the guest's files. Run it with scripts/test-vm, which sets all of that up (MIG_VMAPP_DIR names
-//! the directory holding vmlinuz and initrd.img from scripts/build-vmapp).
+//! that drive libvirt. Needs root, libvirtd, QEMU and passt (scripts/setup installs them); the test
+//! builds the guest (scripts/build-vmapp, or MIG_VMAPP_DIR names a directory holding vmlinuz and
+//! initrd.img) and runs its own libvirtd (scripts/vm-libvirtd: its own socket and directories, no
+//! /dev/kvm), so it meets neither the host's libvirtd nor another run's. scripts/test-vm runs it
+//! alone, in a network namespace of its own.
 
 mod common;
 
-use std::process::Command;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
 use std::sync::atomic::AtomicU8;
 
 use common::lab::{curl, wait_for, Lab};
 use common::mig;
 
-// The last addresses of the mig package's range: this binary runs alone, in scripts/test-vm.
+// The last addresses of the mig package's range (tests/controls.rs has 250..=253).
 static BASES: AtomicU8 = AtomicU8::new(246);
 
 /// Software emulation on a busy machine: a guest may take a minute to serve its page.
 const BOOT_SECS: u64 = 180;
 
-/// Installs vmapp on every grid, the guest's files as the grid variable `vmapp_dir` (or
-/// `vmapp_dir` for grid n if given), and domain names unique to this lab.
-fn prepare(lab: &Lab, bad_vmapp_dir_on: Option<u8>) {
-    let dir =
-        std::env::var("MIG_VMAPP_DIR").expect("MIG_VMAPP_DIR: run this test with scripts/test-vm");
+fn script(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("scripts")
+        .join(name)
+}
+
+fn run(what: &str, cmd: &mut Command) -> String {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("{what}: cannot run: {e}"));
+    assert!(
+        out.status.success(),
+        "{what} failed ({}):\n{}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+/// The guest's files: MIG_VMAPP_DIR, else built into target/vmapp (a no-op once built).
+fn vmapp_dir() -> String {
+    if let Ok(d) = std::env::var("MIG_VMAPP_DIR") {
+        return d;
+    }
+    // target/debug/mig -> target/vmapp
+    let target = Path::new(env!("CARGO_BIN_EXE_mig"))
+        .parent()
+        .and_then(Path::parent)
+        .unwrap()
+        .join("vmapp");
+    run(
+        "scripts/build-vmapp",
+        Command::new(script("build-vmapp")).arg(&target),
+    );
+    target.display().to_string()
+}
+
+/// passt copies the guest's address and route from an interface with a default route. A network
+/// namespace made for tests has only `lo`: it gets a veth pair (a dummy link needs a module that
+/// containers may lack) and a default route through it, by which nothing leaves (the guests are
+/// reached through their forwarded ports only).
+fn ensure_default_route() {
+    let routes = run(
+        "ip route",
+        Command::new("ip").args(["route", "show", "default"]),
+    );
+    if !routes.trim().is_empty() {
+        return;
+    }
+    let links = run("ip link", Command::new("ip").args(["-o", "link", "show"]));
+    let others: Vec<&str> = links
+        .lines()
+        .filter(|l| !l.contains(": lo:") && !l.contains(": migvm"))
+        .collect();
+    assert!(
+        others.is_empty(),
+        "no default route here, so passt cannot give a guest an address; add one \
+         (interfaces: {others:?})"
+    );
+    if !links.contains(": migvm0@") {
+        run(
+            "ip link add migvm0",
+            Command::new("ip").args([
+                "link", "add", "migvm0", "type", "veth", "peer", "name", "migvm1",
+            ]),
+        );
+        run(
+            "ip addr add",
+            Command::new("ip").args(["addr", "add", "10.254.0.2/24", "dev", "migvm0"]),
+        );
+    }
+    for link in ["migvm0", "migvm1"] {
+        run(
+            "ip link set up",
+            Command::new("ip").args(["link", "set", link, "up"]),
+        );
+    }
+    run(
+        "ip route add default",
+        Command::new("ip").args([
+            "route",
+            "replace",
+            "default",
+            "via",
+            "10.254.0.1",
+            "dev",
+            "migvm0",
+        ]),
+    );
+}
+
+/// This test's own libvirtd (scripts/vm-libvirtd), stopped on drop, or by a watchdog if the test
+/// process dies first. Declared before the lab, so that it outlives the lab's `lab down`.
+struct Libvirtd {
+    dir: tempfile::TempDir,
+    uri: String,
+}
+
+impl Libvirtd {
+    fn start() -> Libvirtd {
+        ensure_default_route();
+        let dir = tempfile::Builder::new()
+            .prefix("mig-virt")
+            .tempdir()
+            .unwrap();
+        let vm_libvirtd = script("vm-libvirtd");
+        run(
+            "scripts/vm-libvirtd start",
+            Command::new(&vm_libvirtd).arg("start").arg(dir.path()),
+        );
+        let _ = Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "while kill -0 {} 2>/dev/null; do sleep 1; done; '{}' stop '{}' >/dev/null 2>&1",
+                std::process::id(),
+                vm_libvirtd.display(),
+                dir.path().display()
+            ))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn();
+        let uri = std::fs::read_to_string(dir.path().join("uri"))
+            .unwrap()
+            .trim()
+            .to_string();
+        Libvirtd { dir, uri }
+    }
+}
+
+impl Drop for Libvirtd {
+    fn drop(&mut self) {
+        let _ = Command::new(script("vm-libvirtd"))
+            .arg("stop")
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
+/// Installs vmapp on every grid, the guest's files as the grid variable `vmapp_dir` (a missing
+/// directory on grid `bad_vmapp_dir_on`), this test's libvirt URI, and domain names unique to
+/// this lab.
+fn prepare(lab: &Lab, virt: &Libvirtd, bad_vmapp_dir_on: Option<u8>) {
+    let dir = vmapp_dir();
     let template =
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("conf/templates/vmapp.toml");
     for n in 1..=lab.grids {
@@ -36,8 +179,8 @@ fn prepare(lab: &Lab, bad_vmapp_dir_on: Option<u8>) {
         let mut toml = std::fs::read_to_string(state.join("grid.toml")).unwrap();
         assert!(toml.trim_start().starts_with("[vars]") && toml.matches('[').count() == 1);
         toml.push_str(&format!(
-            "vmapp_dir = \"{vmapp_dir}\"\n\n[vm]\nname_prefix = \"miglab{}-g{n}-\"\n",
-            lab.base
+            "vmapp_dir = \"{vmapp_dir}\"\n\n[vm]\nuri = \"{}\"\nname_prefix = \"miglab{}-g{n}-\"\n",
+            virt.uri, lab.base
         ));
         std::fs::write(state.join("grid.toml"), toml).unwrap();
     }
@@ -73,10 +216,10 @@ fn names(apps: &[(String, String)]) -> Vec<(&str, &str)> {
     apps.iter().map(|(n, s)| (n.as_str(), s.as_str())).collect()
 }
 
-/// libvirt's domains whose names start with `prefix`, with their states.
-fn domains(prefix: &str) -> Vec<String> {
+/// libvirt's domains whose names start with `prefix`.
+fn domains(virt: &Libvirtd, prefix: &str) -> Vec<String> {
     let out = Command::new("virsh")
-        .args(["--connect", "qemu:///system", "list", "--all", "--name"])
+        .args(["--connect", &virt.uri, "list", "--all", "--name"])
         .output()
         .unwrap();
     assert!(
@@ -113,11 +256,11 @@ fn disk_sum(lab: &Lab, n: u8, app: &str) -> String {
 }
 
 #[test]
-#[ignore = "needs libvirtd, QEMU and the vmapp guest: run scripts/test-vm"]
 fn a_vm_migrates_snapshots_and_rolls_back_with_its_disk() {
+    let virt = Libvirtd::start();
     let lab = Lab::up(3, &BASES);
     // g3's guest files are missing: a VM imported there cannot start.
-    prepare(&lab, Some(3));
+    prepare(&lab, &virt, Some(3));
     let prefix = format!("miglab{}-", lab.base);
     provision_vmapp(&lab, 1, "vmshop");
     write_data(&lab, 1, "written in the guest on g1");
@@ -130,7 +273,7 @@ fn a_vm_migrates_snapshots_and_rolls_back_with_its_disk() {
     assert_eq!(names(&lab.apps(1)), [] as [(&str, &str); 0]);
     assert_eq!(names(&lab.apps(2)), [("vmshop2", "running")]);
     assert_eq!(read_data(&lab, 2), b"written in the guest on g1");
-    assert_eq!(domains(&prefix), [format!("{prefix}g2-vmshop2-web")]);
+    assert_eq!(domains(&virt, &prefix), [format!("{prefix}g2-vmshop2-web")]);
 
     // Roll-back: the target VM cannot start on g3; the source runs again with its disk intact.
     let before = disk_sum(&lab, 2, "vmshop2");
@@ -180,5 +323,5 @@ fn a_vm_migrates_snapshots_and_rolls_back_with_its_disk() {
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    assert_eq!(domains(&prefix), [] as [String; 0]);
+    assert_eq!(domains(&virt, &prefix), [] as [String; 0]);
 }

@@ -292,9 +292,6 @@ impl Template {
         if !c.command.is_empty() || !c.env.is_empty() {
             return Err("command and env are for processes; a vm has none".into());
         }
-        if c.restart != Restart::Never {
-            return Err("restart: only \"never\" is supported for a vm so far".into());
-        }
         if vm.memory.is_empty() {
             return Err("vm.memory: empty (e.g. \"128M\")".into());
         }
@@ -452,13 +449,15 @@ mod tests {
         let t = Template::parse(&vm("", ok)).unwrap();
         assert_eq!(t.components[0].kind, ComponentKind::Vm);
         assert_eq!(t.components[0].vm.as_ref().unwrap().vcpus, 1);
+        // The daemon restarts a VM that died, as it restarts a process.
+        let r = Template::parse(&vm("restart = \"on-failure\"\n", ok)).unwrap();
+        assert_eq!(r.components[0].restart, Restart::OnFailure);
         for (text, want) in [
             (base.to_string(), "needs a [components.vm] table"),
             (
                 vm("command = [\"x\"]\n", ok),
                 "command and env are for processes",
             ),
-            (vm("restart = \"on-failure\"\n", ok), "restart"),
             (vm("", "memory = \"lots\"\nkernel = \"/k\"\n"), "vm.memory"),
             (
                 vm("", "memory = \"1M\"\nkernel = \"/k\"\n"),

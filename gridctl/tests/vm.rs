@@ -196,3 +196,56 @@ fn a_process_only_application_never_calls_virsh() {
     assert_eq!(cmd(&s, "app destroy i").0, 0);
     assert_eq!(calls(&fake), [] as [String; 0]);
 }
+
+#[test]
+fn a_vm_that_dies_is_restarted_when_its_component_asks_for_it() {
+    let (d, fake) = setup();
+    let s = d.path().join("state");
+    let box_toml = std::fs::read_to_string(s.join("templates/box.toml")).unwrap();
+    std::fs::write(
+        s.join("templates/sturdy.toml"),
+        box_toml.replace(
+            "stop_timeout_secs = 1\n",
+            "stop_timeout_secs = 1\nrestart = \"on-failure\"\nrestart_delay_ms = 100\n",
+        ),
+    )
+    .unwrap();
+    let _daemon = Daemon::start(&s);
+    let dom = "gridctl-s1-guest";
+    assert_eq!(cmd(&s, "app provision sturdy s1").0, 0);
+    let starts = || {
+        calls(&fake)
+            .iter()
+            .filter(|c| *c == &format!("start {dom}"))
+            .count()
+    };
+    assert_eq!(starts(), 1);
+
+    // Its qemu is killed: libvirt says the domain is shut off. The daemon sees it, fails the
+    // application and starts it again, as it would restart a process that exited.
+    std::fs::write(fake.join(format!("state-{dom}")), "shut off\n").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while starts() < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "the VM was not restarted: {:?}",
+            calls(&fake)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while info(&s, "s1", "state") != "running" {
+        assert!(Instant::now() < deadline, "not running again");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(
+        std::fs::read_to_string(fake.join(format!("state-{dom}"))).unwrap(),
+        "running\n"
+    );
+
+    // A stop someone asked for is not a failure: nothing restarts it.
+    assert_eq!(cmd(&s, "app stop s1").0, 0);
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(info(&s, "s1", "state"), "stopped");
+    assert_eq!(starts(), 2);
+}
