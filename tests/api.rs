@@ -198,23 +198,11 @@ async fn with_a_username_starting_an_operation_needs_it_but_status_does_not() {
 }
 
 fn plan() -> Plan {
-    Plan {
-        source_grid: "g1".into(),
-        target_grid: "g2".into(),
-        source_app: "shop".into(),
-        target_app: "shop2".into(),
-        source_controller: "127.0.1.1:2222".into(),
-        target_controller: "root@127.0.2.1:2222".into(),
-        source_mig_url: "http://127.0.1.10:8080".into(),
-        helper_url: "http://127.0.2.20:8080".into(),
-        final_mig_url: "http://127.0.2.10:8080".into(),
-        helper_app: "mighelper-x".into(),
-        helper_config: vec![],
-        target_app_config: vec![],
-        max_rate: None,
-
-        precopy: false,
-    }
+    let mut p = testkit::sample_plan();
+    p.target_controller = "root@127.0.2.1:2222".into();
+    p.helper_app = "mighelper-x".into();
+    p.helper_config = vec![];
+    p
 }
 
 /// An operation as MigHelper hands it to the target MIG: everything before the clean-up done.

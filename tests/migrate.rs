@@ -60,13 +60,7 @@ fn migrate_then_snapshot_keep_every_byte_and_leave_nothing_behind() {
     put(&lab.data_url(1), "greeting", b"hello");
 
     // Logins with MIG's key on grid n so far (sshd logs each with the key's fingerprint).
-    let keygen = std::process::Command::new("ssh-keygen")
-        .arg("-lf")
-        .arg(lab.path().join("mig/private.key.pub"))
-        .output()
-        .unwrap();
-    let mig_key = String::from_utf8(keygen.stdout).unwrap();
-    let mig_key = mig_key.split_whitespace().nth(1).unwrap().to_string();
+    let mig_key = testkit::fingerprint(&lab.path().join("mig/private.key.pub"));
     let mig_logins = |n: u8| {
         let log = std::fs::read_to_string(lab.path().join(format!("g{n}/sshd.log"))).unwrap();
         log.lines()

@@ -5,7 +5,7 @@
 
 use std::fs;
 use std::io::Read;
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -72,41 +72,11 @@ pub struct FakeGrid {
     child: Child,
 }
 
-pub fn keygen(path: &Path) {
-    keygen_type(path, "ed25519")
-}
-
-pub fn keygen_type(path: &Path, kind: &str) {
-    let st = Command::new("ssh-keygen")
-        .args(["-q", "-t", kind, "-N", "", "-C", "mig-test", "-f"])
-        .arg(path)
-        .stdin(Stdio::null())
-        .status()
-        .expect("run ssh-keygen");
-    assert!(st.success(), "ssh-keygen failed for {}", path.display());
-}
-
-/// `SHA256:…` of a public key file, as `ssh-keygen -l` prints it.
-pub fn fingerprint(pub_file: &Path) -> String {
-    let out = Command::new("ssh-keygen")
-        .arg("-lf")
-        .arg(pub_file)
-        .output()
-        .expect("run ssh-keygen -l");
-    let text = String::from_utf8(out.stdout).unwrap();
-    text.split_whitespace()
-        .nth(1)
-        .expect("fingerprint field")
-        .to_string()
-}
+pub use testkit::{fingerprint, keygen, keygen_type};
 
 /// A port free on [`HOST`] right now.
 pub fn free_port() -> u16 {
-    TcpListener::bind((HOST, 0))
-        .expect("bind a probe socket on 127.0.90.1")
-        .local_addr()
-        .unwrap()
-        .port()
+    testkit::free_port_on(HOST.parse::<std::net::Ipv4Addr>().unwrap())
 }
 
 impl FakeGrid {

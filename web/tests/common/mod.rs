@@ -3,7 +3,7 @@
 
 #![allow(dead_code)] // each test binary uses a part of the harness
 
-pub mod browser;
 pub mod fake_mig;
 
-pub use browser::*;
+// The browser lives in the test kit; `common::Browser` stays.
+pub use testkit::browser::*;
