@@ -6,7 +6,7 @@ mod common;
 use std::sync::atomic::AtomicU8;
 use std::time::Duration;
 
-use common::lab::{get, put, random_bytes, wait_for, Lab};
+use common::lab::{get, names, put, random_bytes, wait_for, Lab};
 use common::mig;
 
 static BASES: AtomicU8 = AtomicU8::new(200);
@@ -25,10 +25,6 @@ fn metric(text: &str, key: &str) -> Option<f64> {
     text.lines()
         .filter(|l| !l.starts_with('#'))
         .find_map(|l| l.strip_prefix(key)?.strip_prefix(' ')?.trim().parse().ok())
-}
-
-fn names(apps: &[(String, String)]) -> Vec<(&str, &str)> {
-    apps.iter().map(|(n, s)| (n.as_str(), s.as_str())).collect()
 }
 
 /// Runs `mig migrate|snapshot` and returns (exit ok, stdout).

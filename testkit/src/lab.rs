@@ -383,6 +383,11 @@ impl Drop for Lab {
     }
 }
 
+/// An application list as (name, state) pairs of `&str`, to compare with a literal.
+pub fn names(apps: &[(String, String)]) -> Vec<(&str, &str)> {
+    apps.iter().map(|(n, s)| (n.as_str(), s.as_str())).collect()
+}
+
 /// The value of `key` in `app info --batch` output.
 pub fn info_field(info: &str, key: &str) -> Option<String> {
     info.lines()

@@ -14,6 +14,8 @@ pub mod data;
 pub mod keys;
 pub mod lab;
 pub mod net;
+#[cfg(feature = "mig")]
+pub mod ops;
 pub mod wait;
 
 #[cfg(feature = "browser")]

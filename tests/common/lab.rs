@@ -7,7 +7,8 @@
 #![allow(unused_imports, dead_code)]
 
 pub use testkit::data::{curl, fault_points, get, off, on, put, random_bytes, small_shop, Data};
-pub use testkit::lab::Lab;
+pub use testkit::lab::{names, Lab};
+pub use testkit::ops::{op_at, start_op, step};
 pub use testkit::wait_for;
 
 /// The `gridctl` binary beside `mig`, built on demand (it is another package's binary).

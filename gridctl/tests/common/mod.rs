@@ -7,6 +7,6 @@
 
 pub use testkit::data::{allocated, http};
 pub use testkit::lab::{gridctl, info_field, Lab, Run};
-pub use testkit::wait_for;
+pub use testkit::wait::{wait_for, wait_for_every};
 
 pub const GRIDCTL: &str = env!("CARGO_BIN_EXE_gridctl");
