@@ -79,6 +79,18 @@ pub fn free_port() -> u16 {
     testkit::free_port_on(HOST.parse::<std::net::Ipv4Addr>().unwrap())
 }
 
+/// `sshd -D -e -f CONF` in the foreground, its log (stdout and stderr) to `log`.
+fn sshd(conf: &Path, log: fs::File) -> Child {
+    Command::new("/usr/sbin/sshd")
+        .args(["-D", "-e", "-f"])
+        .arg(conf)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .expect("start /usr/sbin/sshd")
+}
+
 impl FakeGrid {
     pub fn start() -> FakeGrid {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -136,15 +148,7 @@ impl FakeGrid {
         let host_pub = fs::read_to_string(d.join("host_key.pub")).unwrap();
         fs::write(&known_hosts, format!("[{HOST}]:{port} {host_pub}")).unwrap();
 
-        let log = fs::File::create(d.join("sshd.log")).unwrap();
-        let child = Command::new("/usr/sbin/sshd")
-            .args(["-D", "-e", "-f"])
-            .arg(&conf)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("start /usr/sbin/sshd");
+        let child = sshd(&conf, fs::File::create(d.join("sshd.log")).unwrap());
         let mut grid = FakeGrid {
             port,
             client_key,
@@ -195,11 +199,12 @@ impl FakeGrid {
                 .status();
         }
         // Until they are gone, a new command could still land on a dying one.
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while !children_of(listener).is_empty() {
-            assert!(Instant::now() < deadline, "sshd connections did not go");
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        testkit::wait::wait_for_every(
+            "sshd's connections to go",
+            Duration::from_secs(5),
+            Duration::from_millis(10),
+            || children_of(listener).is_empty().then_some(()),
+        );
     }
 
     /// Restarts the controller's sshd on the same port with another ed25519 host key (the
@@ -222,14 +227,7 @@ impl FakeGrid {
             .append(true)
             .open(self.path("sshd.log"))
             .unwrap();
-        self.child = Command::new("/usr/sbin/sshd")
-            .args(["-D", "-e", "-f"])
-            .arg(&conf)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("start /usr/sbin/sshd");
+        self.child = sshd(&conf, log);
         self.wait_ready();
     }
 
