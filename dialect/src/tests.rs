@@ -1,4 +1,3 @@
-
 use super::*;
 
 fn round_trip(c: Command) {

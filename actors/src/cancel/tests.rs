@@ -1,4 +1,3 @@
-
 use super::*;
 
 fn by(user: &str) -> Cancelled {

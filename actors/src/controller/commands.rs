@@ -1,4 +1,3 @@
-
 use super::*;
 
 pub fn list() -> Command {

@@ -1,4 +1,3 @@
-
 use super::*;
 
 fn fields<'a>(line: &'a str, n: usize, what: &str) -> Result<Vec<&'a str>, String> {

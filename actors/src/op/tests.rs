@@ -1,4 +1,3 @@
-
 use super::*;
 
 pub fn sample_op() -> Op {

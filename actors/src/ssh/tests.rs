@@ -1,4 +1,3 @@
-
 use super::*;
 use dialect::{AppName, Prop};
 

@@ -1,4 +1,3 @@
-
 use super::*;
 
 fn diags(src: &str) -> Vec<String> {
