@@ -55,15 +55,7 @@ fn start_in(app: &str, mode: &str, sets: &[&str]) -> Api {
     all.extend(sets.iter().map(|s| s.to_string()));
     let props = properties::load(dir.path(), std::iter::empty(), &all).unwrap();
     let site = Site::inspect(props.clone());
-    let lab = MemoryLab::new();
-    lab.grid("127.0.1.1:2222").put_app(
-        "shop",
-        "demoapp",
-        AppState::Running,
-        &[],
-        &[("data", b"bytes")],
-    );
-    lab.grid("root@127.0.2.1:2222");
+    let lab = testkit::shop_lab("root@127.0.2.1:2222", b"bytes");
     let book = OpBook::open(Journal::open(&props.state_dir).unwrap()).unwrap();
     let driver = Driver::new(book.clone(), Arc::new(lab.clone()));
     let app_key = AppKey::from_secret_bytes(KEY);

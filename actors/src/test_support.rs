@@ -1,6 +1,9 @@
 //! Values the tests of several crates share (feature `test-support`, re-exported by the
 //! `testkit` crate; the unit tests in this crate call it directly).
 
+use dialect::AppState;
+
+use crate::memory_lab::MemoryLab;
 use crate::op::Plan;
 
 /// A migration of `shop` on g1 to `shop2` on g2, at the addresses of a two-grid lab of base 0.
@@ -22,4 +25,19 @@ pub fn sample_plan() -> Plan {
         max_rate: None,
         precopy: false,
     }
+}
+
+/// In-memory grids for [`sample_plan`]: `shop` (demoapp) running on g1 with `data` in its volume
+/// `data`, and g2 at `target_controller`, empty.
+pub fn shop_lab(target_controller: &str, data: &[u8]) -> MemoryLab {
+    let lab = MemoryLab::new();
+    lab.grid("127.0.1.1:2222").put_app(
+        "shop",
+        "demoapp",
+        AppState::Running,
+        &[],
+        &[("data", data)],
+    );
+    lab.grid(target_controller);
+    lab
 }

@@ -24,7 +24,7 @@ pub mod browser;
 #[cfg(feature = "mig")]
 pub use actors::memory_lab::MemoryLab;
 #[cfg(feature = "mig")]
-pub use actors::test_support::sample_plan;
+pub use actors::test_support::{sample_plan, shop_lab};
 
 pub use keys::{fingerprint, keygen, keygen_type};
 pub use net::{free_port, free_port_on};
