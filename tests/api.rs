@@ -55,15 +55,7 @@ fn start_in(app: &str, mode: &str, sets: &[&str]) -> Api {
     all.extend(sets.iter().map(|s| s.to_string()));
     let props = properties::load(dir.path(), std::iter::empty(), &all).unwrap();
     let site = Site::inspect(props.clone());
-    let lab = MemoryLab::new();
-    lab.grid("127.0.1.1:2222").put_app(
-        "shop",
-        "demoapp",
-        AppState::Running,
-        &[],
-        &[("data", b"bytes")],
-    );
-    lab.grid("root@127.0.2.1:2222");
+    let lab = testkit::shop_lab("root@127.0.2.1:2222", b"bytes");
     let book = OpBook::open(Journal::open(&props.state_dir).unwrap()).unwrap();
     let driver = Driver::new(book.clone(), Arc::new(lab.clone()));
     let app_key = AppKey::from_secret_bytes(KEY);
@@ -198,23 +190,11 @@ async fn with_a_username_starting_an_operation_needs_it_but_status_does_not() {
 }
 
 fn plan() -> Plan {
-    Plan {
-        source_grid: "g1".into(),
-        target_grid: "g2".into(),
-        source_app: "shop".into(),
-        target_app: "shop2".into(),
-        source_controller: "127.0.1.1:2222".into(),
-        target_controller: "root@127.0.2.1:2222".into(),
-        source_mig_url: "http://127.0.1.10:8080".into(),
-        helper_url: "http://127.0.2.20:8080".into(),
-        final_mig_url: "http://127.0.2.10:8080".into(),
-        helper_app: "mighelper-x".into(),
-        helper_config: vec![],
-        target_app_config: vec![],
-        max_rate: None,
-
-        precopy: false,
-    }
+    let mut p = testkit::sample_plan();
+    p.target_controller = "root@127.0.2.1:2222".into();
+    p.helper_app = "mighelper-x".into();
+    p.helper_config = vec![];
+    p
 }
 
 /// An operation as MigHelper hands it to the target MIG: everything before the clean-up done.

@@ -13,17 +13,15 @@ use std::process::{Command, Stdio};
 use std::sync::atomic::AtomicU8;
 use std::time::{Duration, Instant};
 
-use common::lab::{curl, fault_points, get, off, on, put, small_shop, wait_for, Data, Lab};
+use common::lab::{
+    curl, fault_points, get, names, off, on, op_at, put, small_shop, step, wait_for, Data, Lab,
+};
 
 /// This binary's lab addresses: bases 250..=253, two labs of two grids.
 static BASES: AtomicU8 = AtomicU8::new(250);
 
 const MIGRATING: &str =
     "migrating the source application to the target grid as the target application";
-
-fn names(apps: &[(String, String)]) -> Vec<(&str, &str)> {
-    apps.iter().map(|(n, s)| (n.as_str(), s.as_str())).collect()
-}
 
 fn helper_url(lab: &Lab, n: u8) -> String {
     format!("http://{}:8080", lab.ip(n, 20))
@@ -83,20 +81,6 @@ fn cancel(url: &str, id: &str) -> (u16, serde_json::Value) {
         &format!("x-mig-csrf: {}", csrf(url)),
         &format!("{url}/api/v1/ops/{id}/cancel"),
     ])
-}
-
-fn op_at(url: &str, id: &str) -> Option<serde_json::Value> {
-    curl(&[&format!("{url}/api/v1/ops/{id}")]).and_then(|b| serde_json::from_slice(&b).ok())
-}
-
-fn step<'a>(op: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
-    op["monitors"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .flat_map(|m| m["steps"].as_array().unwrap())
-        .find(|s| s["name"] == name)
-        .unwrap_or_else(|| panic!("no step {name} in {op}"))
 }
 
 fn wait_op(

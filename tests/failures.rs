@@ -26,7 +26,8 @@ use std::sync::atomic::AtomicU8;
 use std::time::Duration;
 
 use common::lab::{
-    curl, fault_points, get, off, on, put, random_bytes, small_shop, wait_for, Data, Lab,
+    curl, fault_points, get, names, off, on, op_at, put, random_bytes, small_shop, start_op, step,
+    wait_for, Data, Lab,
 };
 
 /// This binary's lab addresses: bases 230..=249, two grids a test, ten tests (tests/migrate.rs
@@ -37,52 +38,9 @@ const MIGRATING: &str =
     "migrating the source application to the target grid as the target application";
 const DESTROYING_SOURCE: &str = "destroying the source application";
 
-fn names(apps: &[(String, String)]) -> Vec<(&str, &str)> {
-    apps.iter().map(|(n, s)| (n.as_str(), s.as_str())).collect()
-}
-
 /// Starts a migrate through the API (as the page does) and returns the operation id.
 fn start_migrate(mig_url: &str, target_grid: &str, target_app: &str) -> String {
     start_op(mig_url, "migrate", target_grid, target_app)
-}
-
-/// Starts an operation of `kind` through the API and returns its id.
-fn start_op(mig_url: &str, kind: &str, target_grid: &str, target_app: &str) -> String {
-    let csrf: serde_json::Value =
-        serde_json::from_slice(&curl(&[&format!("{mig_url}/api/v1/csrf")]).unwrap()).unwrap();
-    let body =
-        serde_json::json!({"kind": kind, "target_app": target_app, "target_grid": target_grid});
-    let out = curl(&[
-        "--max-time",
-        "30",
-        "-X",
-        "POST",
-        "-H",
-        "content-type: application/json",
-        "-H",
-        &format!("x-mig-csrf: {}", csrf["csrf"].as_str().unwrap()),
-        "--data",
-        &body.to_string(),
-        &format!("{mig_url}/api/v1/ops"),
-    ])
-    .expect("POST /api/v1/ops");
-    let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
-    v["id"].as_str().unwrap().to_string()
-}
-
-/// The operation as the instance at `url` knows it, if it answers.
-fn op_at(url: &str, id: &str) -> Option<serde_json::Value> {
-    curl(&[&format!("{url}/api/v1/ops/{id}")]).and_then(|b| serde_json::from_slice(&b).ok())
-}
-
-fn step<'a>(op: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
-    op["monitors"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .flat_map(|m| m["steps"].as_array().unwrap())
-        .find(|s| s["name"] == name)
-        .unwrap_or_else(|| panic!("no step {name} in {op}"))
 }
 
 /// Every step of the operation, as (name, state).

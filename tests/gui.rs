@@ -4,16 +4,13 @@
 
 mod common;
 
-#[path = "../web/tests/common/browser.rs"]
-mod browser;
-
 use std::sync::atomic::AtomicU8;
 use std::time::{Duration, Instant};
 
-use browser::Browser;
 use common::lab::Lab;
 use fantoccini::Locator;
 use serde_json::Value;
+use testkit::browser::Browser;
 
 /// This binary's labs: 240..=249 (tests/migrate.rs and tests/failures.rs hold 200..=239).
 static BASES: AtomicU8 = AtomicU8::new(240);

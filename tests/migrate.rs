@@ -6,7 +6,7 @@ mod common;
 use std::sync::atomic::AtomicU8;
 use std::time::Duration;
 
-use common::lab::{get, put, random_bytes, wait_for, Lab};
+use common::lab::{get, names, put, random_bytes, wait_for, Lab};
 use common::mig;
 
 static BASES: AtomicU8 = AtomicU8::new(200);
@@ -25,10 +25,6 @@ fn metric(text: &str, key: &str) -> Option<f64> {
     text.lines()
         .filter(|l| !l.starts_with('#'))
         .find_map(|l| l.strip_prefix(key)?.strip_prefix(' ')?.trim().parse().ok())
-}
-
-fn names(apps: &[(String, String)]) -> Vec<(&str, &str)> {
-    apps.iter().map(|(n, s)| (n.as_str(), s.as_str())).collect()
 }
 
 /// Runs `mig migrate|snapshot` and returns (exit ok, stdout).
@@ -60,13 +56,7 @@ fn migrate_then_snapshot_keep_every_byte_and_leave_nothing_behind() {
     put(&lab.data_url(1), "greeting", b"hello");
 
     // Logins with MIG's key on grid n so far (sshd logs each with the key's fingerprint).
-    let keygen = std::process::Command::new("ssh-keygen")
-        .arg("-lf")
-        .arg(lab.path().join("mig/private.key.pub"))
-        .output()
-        .unwrap();
-    let mig_key = String::from_utf8(keygen.stdout).unwrap();
-    let mig_key = mig_key.split_whitespace().nth(1).unwrap().to_string();
+    let mig_key = testkit::fingerprint(&lab.path().join("mig/private.key.pub"));
     let mig_logins = |n: u8| {
         let log = std::fs::read_to_string(lab.path().join(format!("g{n}/sshd.log"))).unwrap();
         log.lines()

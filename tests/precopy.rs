@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::lab::{curl, fault_points, get, put, random_bytes, wait_for, Lab};
+use common::lab::{fault_points, get, op_at, put, random_bytes, step, wait_for, Lab};
 
 static BASES: AtomicU8 = AtomicU8::new(220);
 
@@ -22,30 +22,7 @@ const STARTING_TARGET: &str = "starting the target application";
 
 /// Starts an operation of `kind` through the API, as the page does; returns its id.
 fn start_op(lab: &Lab, kind: &str) -> String {
-    let mig = lab.mig_url(1);
-    let csrf: serde_json::Value =
-        serde_json::from_slice(&curl(&[&format!("{mig}/api/v1/csrf")]).unwrap()).unwrap();
-    let body = serde_json::json!({"kind": kind, "target_app": "shop2", "target_grid": "g2"});
-    let out = curl(&[
-        "--max-time",
-        "30",
-        "-X",
-        "POST",
-        "-H",
-        "content-type: application/json",
-        "-H",
-        &format!("x-mig-csrf: {}", csrf["csrf"].as_str().unwrap()),
-        "--data",
-        &body.to_string(),
-        &format!("{mig}/api/v1/ops"),
-    ])
-    .expect("POST /api/v1/ops");
-    let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
-    v["id"].as_str().unwrap().to_string()
-}
-
-fn op_at(url: &str, id: &str) -> Option<serde_json::Value> {
-    curl(&[&format!("{url}/api/v1/ops/{id}")]).and_then(|b| serde_json::from_slice(&b).ok())
+    common::lab::start_op(&lab.mig_url(1), kind, "g2", "shop2")
 }
 
 fn helper_url(lab: &Lab) -> String {
@@ -66,16 +43,6 @@ fn wait_op(
 
 fn wait_end(url: &str, id: &str) -> serde_json::Value {
     wait_op(url, id, 120, |op| op["state"] != "running")
-}
-
-fn step<'a>(op: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
-    op["monitors"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .flat_map(|m| m["steps"].as_array().unwrap())
-        .find(|s| s["name"] == name)
-        .unwrap_or_else(|| panic!("no step {name} in {op:#}"))
 }
 
 fn helper_steps(op: &serde_json::Value) -> Vec<String> {

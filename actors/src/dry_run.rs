@@ -289,6 +289,7 @@ mod tests {
 
     use crate::book::OpBook;
     use crate::memory_lab::MemoryLab;
+    use crate::test_support::shop_lab;
     use dialect::AppState;
 
     fn plan() -> Plan {
@@ -313,15 +314,7 @@ mod tests {
     #[tokio::test]
     async fn every_check_passes_when_nothing_is_wrong_and_nothing_changes() {
         let dir = tempfile::tempdir().unwrap();
-        let lab = MemoryLab::new();
-        lab.grid("127.0.1.1:2222").put_app(
-            "shop",
-            "demoapp",
-            AppState::Running,
-            &[],
-            &[("data", b"abc")],
-        );
-        lab.grid("127.0.2.1:2222");
+        let lab = shop_lab("127.0.2.1:2222", b"abc");
         let d = driver(dir.path(), &lab);
         let checks = run(&d, Mode::Both, Kind::Migrate, &plan()).await;
         assert_eq!(failed(&checks), [] as [&str; 0], "{checks:#?}");
@@ -349,14 +342,7 @@ mod tests {
     #[tokio::test]
     async fn each_failure_is_named_with_what_to_fix() {
         let dir = tempfile::tempdir().unwrap();
-        let lab = MemoryLab::new();
-        lab.grid("127.0.1.1:2222").put_app(
-            "shop",
-            "demoapp",
-            AppState::Running,
-            &[],
-            &[("data", b"abc")],
-        );
+        let lab = shop_lab("127.0.2.1:2222", b"abc");
         lab.grid("127.0.2.1:2222").put_app(
             "shop2",
             "demoapp",

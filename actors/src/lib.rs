@@ -26,3 +26,5 @@ pub mod source;
 pub mod ssh;
 pub mod target;
 pub mod telemetry;
+#[cfg(any(test, feature = "test-support"))]
+pub mod test_support;

@@ -140,28 +140,14 @@ fn lab_up_from_another_binary_makes_the_running_sshd_use_it() {
     );
     // Without that binary, logins fail: proof that sshd re-read its config.
     std::fs::remove_file(&other).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let r = lab.ssh(1, "app list --batch");
-        if r.code == 127 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "sshd still runs the old command: {r:?}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_for("sshd to stop running the old command", 10, || {
+        (lab.ssh(1, "app list --batch").code == 127).then_some(())
+    });
     // And back.
     assert_eq!(lab.lab_up(&[]).code, 0);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while lab.ssh(1, "app list --batch").code != 0 {
-        assert!(
-            Instant::now() < deadline,
-            "sshd did not come back to gridctl"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_for("sshd to come back to gridctl", 10, || {
+        (lab.ssh(1, "app list --batch").code == 0).then_some(())
+    });
 }
 
 /// `--netns`: each grid in its own network namespace behind a router, reachable from here over

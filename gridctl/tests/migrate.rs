@@ -2,6 +2,8 @@
 
 mod common;
 
+use std::time::Duration;
+
 use common::*;
 
 fn provision_with_data(lab: &Lab, app: &str, size: &str) -> String {
@@ -213,11 +215,12 @@ fn a_changed_host_key_or_a_dead_source_controller_fails_with_ssh_s_reason() {
         nix::sys::signal::Signal::SIGTERM,
     )
     .unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    while std::net::TcpStream::connect(&ctl).is_ok() {
-        assert!(std::time::Instant::now() < deadline, "sshd did not stop");
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    wait_for_every(
+        "sshd to stop",
+        Duration::from_secs(5),
+        Duration::from_millis(50),
+        || std::net::TcpStream::connect(&ctl).is_err().then_some(()),
+    );
     let t = std::time::Instant::now();
     let r = lab.ssh(2, &format!("app migrate {ctl} shop .name=shop2 --import"));
     assert_eq!(r.code, 1, "{r:?}");
@@ -270,14 +273,9 @@ fn an_import_whose_client_went_away_leaves_nothing() {
     client.kill().unwrap();
     client.wait().unwrap();
     // The import notices at its next progress line and removes its partial copy.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while lab.app_dir(2, "b2").exists() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "partial import left behind"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
+    wait_for("the partial import to be removed", 30, || {
+        (!lab.app_dir(2, "b2").exists()).then_some(())
+    });
     std::thread::sleep(std::time::Duration::from_millis(500));
     assert_eq!(lab.ok(2, "app list --batch"), "");
     // The source is released: it starts again.
@@ -334,17 +332,12 @@ fn an_import_whose_requester_goes_away_while_the_source_stalls_ends_at_once() {
         .spawn()
         .unwrap();
     // Hold the source's side still, so the import writes no progress while the requester dies.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    let export = loop {
-        if let Some(pid) = export_pid(&lab, 1, "shop") {
-            break pid;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the export never started"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    };
+    let export = wait_for_every(
+        "the export to start",
+        Duration::from_secs(20),
+        Duration::from_millis(20),
+        || export_pid(&lab, 1, "shop"),
+    );
     let signal = |sig: &str, pid: i32| {
         std::process::Command::new("kill")
             .args([sig, &pid.to_string()])
@@ -436,11 +429,12 @@ fn an_import_runs_this_grid_s_template_strips_setuid_and_keeps_its_mig_op_tag() 
     // What runs is g2's template, not the source's.
     lab.ok(2, "app start t2");
     let ran_by = lab.app_dir(2, "t2").join("ran-by");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while !ran_by.exists() {
-        assert!(std::time::Instant::now() < deadline, "t2 never ran");
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    wait_for_every(
+        "t2 to run",
+        Duration::from_secs(10),
+        Duration::from_millis(50),
+        || ran_by.exists().then_some(()),
+    );
     std::thread::sleep(std::time::Duration::from_millis(200));
     assert_eq!(std::fs::read_to_string(&ran_by).unwrap(), "local\n");
     lab.ok(2, "app stop t2");

@@ -440,8 +440,8 @@ async fn time_to_reset(addr: SocketAddr) -> Duration {
 }
 
 fn free_port() -> SocketAddr {
-    let l = std::net::TcpListener::bind((LOCALHOST, 0)).unwrap();
-    l.local_addr().unwrap()
+    let ip: std::net::IpAddr = LOCALHOST.parse().unwrap();
+    (ip, testkit::free_port_on(ip)).into()
 }
 
 #[actix_rt::test]

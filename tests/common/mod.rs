@@ -28,12 +28,7 @@ grid g2: {
 pub fn config_dir() -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("grid.info"), GRID_INFO).unwrap();
-    let status = Command::new("ssh-keygen")
-        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
-        .arg(dir.path().join("private.key"))
-        .status()
-        .unwrap();
-    assert!(status.success());
+    testkit::keygen(&dir.path().join("private.key"));
     std::fs::write(dir.path().join("known_hosts"), "").unwrap();
     // Journal inside the temp dir, never in the system's /var/lib/mig.
     std::fs::write(

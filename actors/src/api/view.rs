@@ -390,26 +390,11 @@ mod tests {
     use crate::op::{new_id, Op, StepState};
 
     fn plan() -> Plan {
-        Plan {
-            source_grid: "g1".into(),
-            target_grid: "g2".into(),
-            source_app: "shop".into(),
-            target_app: "shop2".into(),
-            source_controller: "admin@127.0.1.1:2222".into(),
-            target_controller: "127.0.2.1:2222".into(),
-            source_mig_url: "http://127.0.1.10:8080".into(),
-            helper_url: "http://127.0.2.20:8080".into(),
-            final_mig_url: "http://127.0.2.10:8080".into(),
-            helper_app: "mighelper-01234567".into(),
-            helper_config: vec![
-                ("in_ip".into(), "127.0.2.20".into()),
-                ("gateway".into(), "10.77.0.1".into()),
-            ],
-            target_app_config: vec![("db_password".into(), "hunter2-xyz".into())],
-            max_rate: None,
-
-            precopy: false,
-        }
+        let mut p = crate::test_support::sample_plan();
+        p.source_controller = "admin@127.0.1.1:2222".into();
+        p.helper_config.push(("gateway".into(), "10.77.0.1".into()));
+        p.target_app_config = vec![("db_password".into(), "hunter2-xyz".into())];
+        p
     }
 
     #[test]

@@ -5,7 +5,7 @@
 
 use std::fs;
 use std::io::Read;
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -72,41 +72,23 @@ pub struct FakeGrid {
     child: Child,
 }
 
-pub fn keygen(path: &Path) {
-    keygen_type(path, "ed25519")
-}
-
-pub fn keygen_type(path: &Path, kind: &str) {
-    let st = Command::new("ssh-keygen")
-        .args(["-q", "-t", kind, "-N", "", "-C", "mig-test", "-f"])
-        .arg(path)
-        .stdin(Stdio::null())
-        .status()
-        .expect("run ssh-keygen");
-    assert!(st.success(), "ssh-keygen failed for {}", path.display());
-}
-
-/// `SHA256:…` of a public key file, as `ssh-keygen -l` prints it.
-pub fn fingerprint(pub_file: &Path) -> String {
-    let out = Command::new("ssh-keygen")
-        .arg("-lf")
-        .arg(pub_file)
-        .output()
-        .expect("run ssh-keygen -l");
-    let text = String::from_utf8(out.stdout).unwrap();
-    text.split_whitespace()
-        .nth(1)
-        .expect("fingerprint field")
-        .to_string()
-}
+pub use testkit::{fingerprint, keygen, keygen_type};
 
 /// A port free on [`HOST`] right now.
 pub fn free_port() -> u16 {
-    TcpListener::bind((HOST, 0))
-        .expect("bind a probe socket on 127.0.90.1")
-        .local_addr()
-        .unwrap()
-        .port()
+    testkit::free_port_on(HOST.parse::<std::net::Ipv4Addr>().unwrap())
+}
+
+/// `sshd -D -e -f CONF` in the foreground, its log (stdout and stderr) to `log`.
+fn sshd(conf: &Path, log: fs::File) -> Child {
+    Command::new("/usr/sbin/sshd")
+        .args(["-D", "-e", "-f"])
+        .arg(conf)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .expect("start /usr/sbin/sshd")
 }
 
 impl FakeGrid {
@@ -166,15 +148,7 @@ impl FakeGrid {
         let host_pub = fs::read_to_string(d.join("host_key.pub")).unwrap();
         fs::write(&known_hosts, format!("[{HOST}]:{port} {host_pub}")).unwrap();
 
-        let log = fs::File::create(d.join("sshd.log")).unwrap();
-        let child = Command::new("/usr/sbin/sshd")
-            .args(["-D", "-e", "-f"])
-            .arg(&conf)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("start /usr/sbin/sshd");
+        let child = sshd(&conf, fs::File::create(d.join("sshd.log")).unwrap());
         let mut grid = FakeGrid {
             port,
             client_key,
@@ -225,11 +199,12 @@ impl FakeGrid {
                 .status();
         }
         // Until they are gone, a new command could still land on a dying one.
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while !children_of(listener).is_empty() {
-            assert!(Instant::now() < deadline, "sshd connections did not go");
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        testkit::wait::wait_for_every(
+            "sshd's connections to go",
+            Duration::from_secs(5),
+            Duration::from_millis(10),
+            || children_of(listener).is_empty().then_some(()),
+        );
     }
 
     /// Restarts the controller's sshd on the same port with another ed25519 host key (the
@@ -252,14 +227,7 @@ impl FakeGrid {
             .append(true)
             .open(self.path("sshd.log"))
             .unwrap();
-        self.child = Command::new("/usr/sbin/sshd")
-            .args(["-D", "-e", "-f"])
-            .arg(&conf)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("start /usr/sbin/sshd");
+        self.child = sshd(&conf, log);
         self.wait_ready();
     }
 

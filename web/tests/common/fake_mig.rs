@@ -280,22 +280,13 @@ impl Trio {
     /// either way, since the stand-in source is gone by then.
     pub fn plan(&self) -> actors::op::Plan {
         let final_url = self.target.url.clone();
-        actors::op::Plan {
-            source_grid: "g1".into(),
-            target_grid: "g2".into(),
-            source_app: "shop".into(),
-            target_app: "shop-eu".into(),
-            source_controller: "127.0.1.1:2222".into(),
-            target_controller: "127.0.2.1:2222".into(),
-            source_mig_url: self.source.url.clone(),
-            helper_url: self.helper.url.clone(),
-            final_mig_url: final_url,
-            helper_app: "mighelper-0a1b2c3d".into(),
-            helper_config: vec![],
-            target_app_config: vec![],
-            max_rate: None,
-
-            precopy: false,
-        }
+        let mut p = testkit::sample_plan();
+        p.target_app = "shop-eu".into();
+        p.source_mig_url = self.source.url.clone();
+        p.helper_url = self.helper.url.clone();
+        p.final_mig_url = final_url;
+        p.helper_app = "mighelper-0a1b2c3d".into();
+        p.helper_config = vec![];
+        p
     }
 }

@@ -3,8 +3,8 @@
 
 #![allow(dead_code)] // each test binary uses a part of the harness
 
-pub mod browser;
 pub mod fake_mig;
 
+// The browser lives in the test kit; `common::Browser` stays.
 #[allow(unused_imports)] // the stream tests use no browser
-pub use browser::*;
+pub use testkit::browser::*;

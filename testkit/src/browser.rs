@@ -1,9 +1,7 @@
-//! A real headless Chromium driven over WebDriver, killed with its driver on drop. Shared by the
-//! `web` crate's tests and the root package's lab tests (which include this file by path).
+//! A real headless Chromium driven over WebDriver, killed with its driver on drop: the `web`
+//! crate's GUI tests and the root package's lab tests use it.
 
-#![allow(dead_code)]
-
-use std::net::{Ipv4Addr, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, TcpStream};
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -13,6 +11,8 @@ use fantoccini::{Client, ClientBuilder};
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
 use serde_json::json;
+
+use crate::net::free_port;
 
 const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
 /// The real binary: /usr/bin/chromium is a shell wrapper that adds flags of its own.
@@ -216,12 +216,4 @@ fn kill_group(child: &mut Child) {
         let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
     }
     let _ = child.wait();
-}
-
-/// A loopback port nobody listens on right now.
-pub fn free_port() -> u16 {
-    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-        .and_then(|l| l.local_addr())
-        .expect("a free loopback port")
-        .port()
 }
