@@ -8,7 +8,7 @@ use actors::api;
 use actors::op::{Op, StepState, MIGRATING};
 use anyhow::{bail, Context};
 use indicatif::{ProgressBar, ProgressStyle};
-use web::OpView;
+use mig_web::OpView;
 
 /// How often the follower asks for news.
 const POLL: Duration = Duration::from_millis(200);

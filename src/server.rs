@@ -1,7 +1,7 @@
 //! The HTTP side of `mig serve` and `mig helper`: the GUI port (`/api/v1`) and the `mon` port.
 //! This file holds the state and the wiring; the handlers are split by concern: `auth` (Host
 //! check, credentials, CSRF, audit), `ops` (the GUI's own API), `peers` (what other instances
-//! call) and `mon`; the public operation routes are `web::ops`. Paths come from `actors::api`.
+//! call) and `mon`; the public operation routes are `mig_web::ops`. Paths come from `actors::api`.
 //!
 //! [`run`] takes listeners that are already bound, so a test binds port 0 and talks to the real
 //! server over real sockets, and `main` can report a port that cannot be bound before anything starts.
@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use actix::{Addr, Recipient};
 use actix_web::middleware::from_fn;
-use actix_web::{web as aw, App, HttpServer};
+use actix_web::{web, App, HttpServer};
 use actors::api;
 use actors::auth::GuiCredentials;
 use actors::book::OpBook;
@@ -21,9 +21,9 @@ use actors::faults::Faults;
 use actors::handoff::{Handoff, StatusQuery};
 use actors::op::Role;
 use actors::source::Source;
+use mig_web::ops::on;
 use proxy::ProxyStats;
 use tokio_util::sync::CancellationToken;
-use web::ops::on;
 
 use crate::audit::Audit;
 use crate::host_check::{HostCheck, LocalAddr};
@@ -42,13 +42,13 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// The header a state-changing GUI request carries: a token only a page (or client) that could
 /// read this MIG's own responses knows, so a cross-site form cannot start an operation. One
 /// constant, the page's, so the page and the server cannot disagree.
-pub use web::CSRF_HEADER;
+pub use mig_web::CSRF_HEADER;
 
 /// Largest handoff body accepted (an operation with its steps is a few KiB).
 const MAX_HANDOFF: usize = 256 * 1024;
 
-/// Live event streams one client address may hold open at once (the streams are `web::ops`').
-pub use web::MAX_STREAMS_PER_CLIENT;
+/// Live event streams one client address may hold open at once (the streams are `mig_web::ops`').
+pub use mig_web::MAX_STREAMS_PER_CLIENT;
 
 /// State shared by every request handler.
 pub struct Shared {
@@ -129,25 +129,25 @@ pub async fn run(
 ) -> std::io::Result<()> {
     // Before anything records: a metric recorded before the recorder exists is lost.
     crate::metrics::install();
-    let feed = aw::Data::new(web::OpsFeed::new(shared.book.clone(), &shared.roles));
-    let shared = aw::Data::new(shared);
+    let feed = web::Data::new(mig_web::OpsFeed::new(shared.book.clone(), &shared.roles));
+    let shared = web::Data::new(shared);
 
     let gui_shared = shared.clone();
     let gui_server = HttpServer::new(move || {
         App::new()
             .app_data(gui_shared.clone())
             .app_data(feed.clone())
-            .app_data(aw::PayloadConfig::new(MAX_HANDOFF))
-            .app_data(aw::JsonConfig::default().limit(16 * 1024))
+            .app_data(web::PayloadConfig::new(MAX_HANDOFF))
+            .app_data(web::JsonConfig::default().limit(16 * 1024))
             .wrap(from_fn(auth::require_credentials))
             // Outermost: a request for another host is refused before anything else looks at it.
             .wrap(from_fn(auth::check_host))
             // Every path and method from the route table (`actors::api`), which also says which
             // routes skip the credentials; the public operation routes are the page's own
-            // (`web::ops`), which the browser tests' fake MIG serves too.
+            // (`mig_web::ops`), which the browser tests' fake MIG serves too.
             .route(api::INDEX.path, on(api::INDEX).to(ops::index))
-            .configure(web::configure_ops)
-            .configure(web::configure_assets)
+            .configure(mig_web::configure_ops)
+            .configure(mig_web::configure_assets)
             .route(api::GRIDS.path, on(api::GRIDS).to(ops::grids))
             .route(api::CSRF.path, on(api::CSRF).to(ops::csrf))
             .route(api::START.path, on(api::START).to(ops::start_op))
@@ -176,9 +176,9 @@ pub async fn run(
     let mon_server = HttpServer::new(move || {
         App::new()
             .app_data(mon_shared.clone())
-            .route("/healthz", aw::get().to(mon::healthz))
-            .route("/readyz", aw::get().to(mon::readyz))
-            .route("/metrics", aw::get().to(mon::metrics))
+            .route("/healthz", web::get().to(mon::healthz))
+            .route("/readyz", web::get().to(mon::readyz))
+            .route("/metrics", web::get().to(mon::metrics))
     })
     .workers(1)
     .disable_signals()

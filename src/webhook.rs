@@ -75,7 +75,7 @@ pub fn target(url: &str) -> String {
 
 /// The body of one POST: the event and the operation's summary.
 pub fn payload(event: LifecycleEvent, op: &Op) -> serde_json::Value {
-    let s = web::OpSummary::of(op);
+    let s = mig_web::OpSummary::of(op);
     serde_json::json!({
         "event": event.as_str(),
         "id": s.id,

@@ -8,9 +8,9 @@ use actix_web::body::MessageBody;
 use actix_web::dev::{ServiceRequest, ServiceResponse};
 use actix_web::http::header;
 use actix_web::middleware::Next;
-use actix_web::{web as aw, HttpRequest, HttpResponse};
+use actix_web::{web, HttpRequest, HttpResponse};
+use mig_web::ops::error;
 use subtle::ConstantTimeEq;
-use web::ops::error;
 
 use super::{Shared, CSRF_HEADER};
 use crate::audit::action;
@@ -34,7 +34,7 @@ pub(super) async fn check_host(
     next: Next<impl MessageBody + 'static>,
 ) -> Result<ServiceResponse<actix_web::body::BoxBody>, actix_web::Error> {
     let shared = req
-        .app_data::<aw::Data<Shared>>()
+        .app_data::<web::Data<Shared>>()
         .expect("Shared is registered")
         .clone();
     let host = req
@@ -61,7 +61,7 @@ pub(super) async fn require_credentials(
     next: Next<impl MessageBody + 'static>,
 ) -> Result<ServiceResponse<actix_web::body::BoxBody>, actix_web::Error> {
     let shared = req
-        .app_data::<aw::Data<Shared>>()
+        .app_data::<web::Data<Shared>>()
         .expect("Shared is registered")
         .clone();
     if let (Some(creds), false) = (&shared.credentials, is_public(&req)) {

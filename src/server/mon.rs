@@ -1,6 +1,6 @@
 //! The `mon` port: liveness, readiness and Prometheus metrics.
 
-use actix_web::{web as aw, HttpResponse};
+use actix_web::{web, HttpResponse};
 
 use super::Shared;
 
@@ -11,7 +11,7 @@ pub(super) async fn healthz() -> HttpResponse {
 
 /// `GET /readyz` on mon: 200 when this instance can do its job (configuration loaded, its grid
 /// known, GUI bound, journal writable), else 503 with what is wrong.
-pub(super) async fn readyz(shared: aw::Data<Shared>) -> HttpResponse {
+pub(super) async fn readyz(shared: web::Data<Shared>) -> HttpResponse {
     let mut problems = Vec::new();
     if let Some(site) = &shared.site {
         if let Some(why) = site.operations_unavailable() {
@@ -30,7 +30,7 @@ pub(super) async fn readyz(shared: aw::Data<Shared>) -> HttpResponse {
 }
 
 /// `GET /metrics` on mon: Prometheus text.
-pub(super) async fn metrics(shared: aw::Data<Shared>) -> HttpResponse {
+pub(super) async fn metrics(shared: web::Data<Shared>) -> HttpResponse {
     HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4")
         .body(crate::metrics::render(shared.proxy_stats.as_deref()))

@@ -1,13 +1,13 @@
 //! The GUI's own API: the form page, the grids, starting an operation (or its dry run), cancelling
 //! one, the history, the audit log and the full record. The public operation routes (view, live
-//! stream, timeline, monitor page) are `web::ops`, shared with the browser tests' fake MIG.
+//! stream, timeline, monitor page) are `mig_web::ops`, shared with the browser tests' fake MIG.
 
 use actix_web::http::StatusCode;
-use actix_web::{web as aw, HttpRequest, HttpResponse};
+use actix_web::{web, HttpRequest, HttpResponse};
 use actors::cancel::{CancelError, SignedCancel};
 use actors::source::{DryRun, StartError, StartOp};
+use mig_web::ops::error;
 use serde::{Deserialize, Serialize};
-use web::ops::error;
 
 use super::auth::{audit_request, csrf_refusal};
 use super::{Shared, CSRF_HEADER};
@@ -34,7 +34,7 @@ struct GridsView<'a> {
 }
 
 /// `GET /api/v1/grids`: the grids of grid.info, with the one MIG runs on marked.
-pub(super) async fn grids(shared: aw::Data<Shared>) -> HttpResponse {
+pub(super) async fn grids(shared: web::Data<Shared>) -> HttpResponse {
     let Some(site) = &shared.site else {
         return error(404, "MigHelper has no grids");
     };
@@ -60,12 +60,12 @@ pub(super) async fn grids(shared: aw::Data<Shared>) -> HttpResponse {
 
 /// `GET /`: the form (or, in MigHelper, a page that says what it is and names no operation: its
 /// id is what lets a reader see the operation).
-pub(super) async fn index(shared: aw::Data<Shared>) -> HttpResponse {
+pub(super) async fn index(shared: web::Data<Shared>) -> HttpResponse {
     let Some(site) = &shared.site else {
-        return web::html_response(web::helper_page());
+        return mig_web::html_response(mig_web::helper_page());
     };
     let own = site.own();
-    let ctx = web::PageContext {
+    let ctx = mig_web::PageContext {
         app_name: site.props.app_name.clone(),
         own_grid: own.map(|g| (g.id.clone(), g.location.clone())),
         unavailable: match (&shared.source, site.operations_unavailable()) {
@@ -85,14 +85,14 @@ pub(super) async fn index(shared: aw::Data<Shared>) -> HttpResponse {
             .collect(),
         csrf_token: shared.csrf_token.clone(),
         open: shared.credentials.is_none(),
-        history: web::OpSummary::history(&shared.book.all(), HISTORY),
+        history: mig_web::OpSummary::history(&shared.book.all(), HISTORY),
     };
-    web::html_response(web::index_page(&ctx))
+    mig_web::html_response(mig_web::index_page(&ctx))
 }
 
 /// `GET /api/v1/csrf`: the token for state-changing requests (behind the GUI credentials, and not
 /// readable cross-origin).
-pub(super) async fn csrf(shared: aw::Data<Shared>) -> HttpResponse {
+pub(super) async fn csrf(shared: web::Data<Shared>) -> HttpResponse {
     HttpResponse::Ok().json(serde_json::json!({"csrf": shared.csrf_token}))
 }
 
@@ -132,9 +132,9 @@ pub(super) fn requested_rate(
 /// and the CSRF token. From another instance: signed for this one ([`actors::cancel`]).
 pub(super) async fn cancel_op(
     req: HttpRequest,
-    shared: aw::Data<Shared>,
-    id: aw::Path<String>,
-    body: aw::Bytes,
+    shared: web::Data<Shared>,
+    id: web::Path<String>,
+    body: web::Bytes,
 ) -> HttpResponse {
     let id = id.into_inner();
     if !actors::op::valid_id(&id) {
@@ -208,8 +208,8 @@ pub(super) async fn cancel_op(
 /// `POST /api/v1/ops`: 202 `{id, monitor_url}`, or 400/403/409/503/502 with `{error}`.
 pub(super) async fn start_op(
     req: HttpRequest,
-    shared: aw::Data<Shared>,
-    body: aw::Json<StartBody>,
+    shared: web::Data<Shared>,
+    body: web::Json<StartBody>,
 ) -> HttpResponse {
     let refuse = |status: u16, msg: String| {
         audit_request(
@@ -327,9 +327,9 @@ const HISTORY: usize = 50;
 
 /// `GET /api/v1/ops`: this instance's recent operations, newest first, from its journal (the
 /// same list the form page shows).
-pub(super) async fn list_ops(shared: aw::Data<Shared>) -> HttpResponse {
+pub(super) async fn list_ops(shared: web::Data<Shared>) -> HttpResponse {
     HttpResponse::Ok().json(serde_json::json!({
-        "ops": web::OpSummary::history(&shared.book.all(), HISTORY),
+        "ops": mig_web::OpSummary::history(&shared.book.all(), HISTORY),
     }))
 }
 
@@ -340,7 +340,10 @@ pub(super) struct AuditParams {
 
 /// `GET /api/v1/audit?since=RFC3339`: the audit log's entries at or after `since` (all without
 /// it), oldest first, behind the GUI credentials.
-pub(super) async fn audit_log(shared: aw::Data<Shared>, q: aw::Query<AuditParams>) -> HttpResponse {
+pub(super) async fn audit_log(
+    shared: web::Data<Shared>,
+    q: web::Query<AuditParams>,
+) -> HttpResponse {
     if shared.site.is_none() {
         return error(
             403,
@@ -365,7 +368,7 @@ pub(super) async fn audit_log(shared: aw::Data<Shared>, q: aw::Query<AuditParams
 /// `GET /api/v1/ops/{id}/record`: the operation's full record (plan, leftovers with the commands
 /// that clear them, the controllers' own words), behind the GUI credentials and not readable
 /// cross-origin. MigHelper has no credentials to check, so it serves no record.
-pub(super) async fn get_record(shared: aw::Data<Shared>, id: aw::Path<String>) -> HttpResponse {
+pub(super) async fn get_record(shared: web::Data<Shared>, id: web::Path<String>) -> HttpResponse {
     if shared.site.is_none() {
         return error(
             403,

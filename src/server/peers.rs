@@ -1,12 +1,12 @@
 //! The routes other instances call: the signed handoff of an operation, and the signed status a
 //! sender asks for before it undoes anything.
 
-use actix_web::{web as aw, HttpRequest, HttpResponse};
+use actix_web::{web, HttpRequest, HttpResponse};
 use actors::auth::Signed;
 use actors::faults;
 use actors::handoff::{self, Handoff, StatusQuery};
+use mig_web::ops::{cors, error};
 use tracing::Instrument;
-use web::ops::{cors, error};
 
 use super::auth::audit_request;
 use super::Shared;
@@ -15,8 +15,8 @@ use crate::audit::action;
 /// `POST /api/v1/handoff`: a signed operation from the previous actor.
 pub(super) async fn handoff(
     req: HttpRequest,
-    shared: aw::Data<Shared>,
-    body: aw::Bytes,
+    shared: web::Data<Shared>,
+    body: web::Bytes,
 ) -> HttpResponse {
     let Some(recipient) = &shared.handoff else {
         audit_request(
@@ -103,9 +103,9 @@ pub(super) struct StatusParams {
 /// which handoff, signed with the operation's key over the asker's nonce. A sender whose handoff
 /// went unanswered trusts only this before it undoes anything.
 pub(super) async fn op_status(
-    shared: aw::Data<Shared>,
-    id: aw::Path<String>,
-    q: aw::Query<StatusParams>,
+    shared: web::Data<Shared>,
+    id: web::Path<String>,
+    q: web::Query<StatusParams>,
 ) -> HttpResponse {
     if !actors::op::valid_id(&id) || !handoff::valid_nonce(&q.nonce) {
         return error(

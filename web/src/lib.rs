@@ -1,5 +1,6 @@
 //! MIG's GUI: the page where a person starts a migrate or a snapshot, and the page that follows the
 //! operation live across the three instances that run it (source MIG, MigHelper, final MIG).
+//! The package is `mig-web` (`mig_web::` in code) so that it never shadows `actix_web::web`.
 //!
 //! - [`pages`]: the pages, rendered by pure functions from plain data.
 //! - [`assets`]: the embedded script and style, and the headers pages are served with
@@ -18,8 +19,8 @@
 //!   target_grid}` to the contract's `start` route with the browser's credentials, expects
 //!   202 `{id, monitor_url}` and goes to `monitor_url` (e.g. `/ops/{id}`); on 400/403/409 it
 //!   shows the body's `error` to the user, so write it for a person.
-//! - `App::configure(web::configure_ops)` with an [`OpsFeed`] as app data serves the public
-//!   operation routes, `App::configure(web::configure_assets)` serves `/static/*` (they reveal
+//! - `App::configure(mig_web::configure_ops)` with an [`OpsFeed`] as app data serves the public
+//!   operation routes, `App::configure(mig_web::configure_assets)` serves `/static/*` (they reveal
 //!   nothing, so they may skip authentication: `actors::api::is_public` says which may).
 //! - The monitor reads the public view and its live stream on every instance of the plan,
 //!   cross-origin and without credentials; the page keeps the copy with the highest `version`

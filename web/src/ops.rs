@@ -10,7 +10,7 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 
 use actix_web::http::{header, StatusCode};
-use actix_web::{web as aw, HttpRequest, HttpResponse};
+use actix_web::{web, HttpRequest, HttpResponse};
 use actors::api;
 use actors::book::OpBook;
 use actors::op::Role;
@@ -42,14 +42,14 @@ impl OpsFeed {
 /// An actix-web route guarded by `r`'s method, for `.route(r.path, on(r).to(handler))`.
 pub fn on(r: api::Route) -> actix_web::Route {
     match r.method {
-        api::Method::Get => aw::get(),
-        api::Method::Post => aw::post(),
+        api::Method::Get => web::get(),
+        api::Method::Post => web::post(),
     }
 }
 
 /// Registers the public operation routes, for an actix-web `App::configure`; the app needs
-/// `aw::Data<OpsFeed>`.
-pub fn configure_ops(cfg: &mut aw::ServiceConfig) {
+/// `web::Data<OpsFeed>`.
+pub fn configure_ops(cfg: &mut web::ServiceConfig) {
     cfg.route(api::MONITOR_PAGE.path, on(api::MONITOR_PAGE).to(monitor))
         .route(api::TRACE_PAGE.path, on(api::TRACE_PAGE).to(trace_html))
         .route(api::OP.path, on(api::OP).to(get_op))
@@ -74,7 +74,7 @@ pub fn cors(mut resp: HttpResponse) -> HttpResponse {
 }
 
 /// `GET /ops/{id}`: the monitor page, which follows the operation wherever it runs.
-async fn monitor(id: aw::Path<String>) -> HttpResponse {
+async fn monitor(id: web::Path<String>) -> HttpResponse {
     if !actors::op::valid_id(&id) {
         return error(404, "not an operation id");
     }
@@ -82,7 +82,7 @@ async fn monitor(id: aw::Path<String>) -> HttpResponse {
 }
 
 /// `GET /ops/{id}/trace`: the operation's timeline as a page.
-async fn trace_html(feed: aw::Data<OpsFeed>, id: aw::Path<String>) -> HttpResponse {
+async fn trace_html(feed: web::Data<OpsFeed>, id: web::Path<String>) -> HttpResponse {
     match feed.book.get(&id) {
         Some(op) => html_response(trace_page(&TraceView::of(&op))),
         None => error(
@@ -94,7 +94,7 @@ async fn trace_html(feed: aw::Data<OpsFeed>, id: aw::Path<String>) -> HttpRespon
 
 /// `GET /api/v1/ops/{id}`: the operation as far as this instance knows it, as its public view
 /// ([`OpView`]: no controller addresses, configuration values or controller output).
-async fn get_op(feed: aw::Data<OpsFeed>, id: aw::Path<String>) -> HttpResponse {
+async fn get_op(feed: web::Data<OpsFeed>, id: web::Path<String>) -> HttpResponse {
     match feed.book.get(&id) {
         Some(op) => cors(HttpResponse::Ok().json(OpView::of(&op))),
         None => cors(error(404, format!("no operation {id} here"))),
@@ -103,7 +103,7 @@ async fn get_op(feed: aw::Data<OpsFeed>, id: aw::Path<String>) -> HttpResponse {
 
 /// `GET /api/v1/ops/{id}/trace`: the operation's timeline across every instance that ran it, as
 /// far as this instance knows it (the last one knows all of it).
-async fn op_trace(feed: aw::Data<OpsFeed>, id: aw::Path<String>) -> HttpResponse {
+async fn op_trace(feed: web::Data<OpsFeed>, id: web::Path<String>) -> HttpResponse {
     match feed.book.get(&id) {
         Some(op) => cors(HttpResponse::Ok().json(TraceView::of(&op))),
         None => cors(error(404, format!("no operation {id} here"))),
@@ -150,8 +150,8 @@ impl Drop for StreamSlot {
 /// address holds at most [`MAX_STREAMS_PER_CLIENT`] streams (429 beyond; the page then polls).
 async fn op_events(
     req: HttpRequest,
-    feed: aw::Data<OpsFeed>,
-    id: aw::Path<String>,
+    feed: web::Data<OpsFeed>,
+    id: web::Path<String>,
 ) -> HttpResponse {
     let Some(mut rx) = feed.book.watch(&id) else {
         return cors(error(404, format!("no operation {id} here")));
@@ -174,14 +174,14 @@ async fn op_events(
         let _slot = slot;
         loop {
             let op = rx.borrow_and_update().clone();
-            yield Ok::<_, actix_web::Error>(aw::Bytes::from(api::event(&OpView::of(&op))));
+            yield Ok::<_, actix_web::Error>(web::Bytes::from(api::event(&OpView::of(&op))));
             if api::stream_ends(&op, &roles) {
                 break;
             }
             tokio::select! {
                 changed = rx.changed() => if changed.is_err() { break },
                 () = tokio::time::sleep(api::KEEP_ALIVE) => {
-                    yield Ok(aw::Bytes::from_static(api::KEEP_ALIVE_COMMENT.as_bytes()));
+                    yield Ok(web::Bytes::from_static(api::KEEP_ALIVE_COMMENT.as_bytes()));
                 }
             }
         }

@@ -552,10 +552,10 @@ mod tests {
 
     #[actix_web::test]
     async fn pages_and_assets_are_served_with_their_headers() {
-        use actix_web::{test, web as aw, App};
+        use actix_web::{test, web, App};
         let app = test::init_service(App::new().configure(configure_assets).route(
             "/",
-            aw::get().to(|| async { html_response(index_page(&ctx())) }),
+            web::get().to(|| async { html_response(index_page(&ctx())) }),
         ))
         .await;
         let resp = test::call_service(&app, test::TestRequest::get().uri("/").to_request()).await;

@@ -10,8 +10,8 @@ use actors::properties::Mode;
 use common::fake_mig::{Instance, Trio, CSRF, PASSWORD, USER};
 use common::Browser;
 use fantoccini::Locator;
+use mig_web::PageContext;
 use serde_json::{json, Value};
-use web::PageContext;
 
 /// One browser at a time: the machine has two cores, and the timings below are about the page,
 /// not about how busy the scheduler is.

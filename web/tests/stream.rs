@@ -1,5 +1,5 @@
 //! The live stream the monitor page follows, as the browser tests' fake MIG serves it, which is as
-//! production serves it: the fake wires the real handlers (`web::ops`), so these pin production's
+//! production serves it: the fake wires the real handlers (`mig_web::ops`), so these pin production's
 //! stream (its end condition, the roles an instance follows, its keep-alive and its CORS header)
 //! for the page's tests too.
 
@@ -144,7 +144,7 @@ async fn the_stream_ends_once_the_operation_ends_or_leaves_every_role_here() {
     let mut g = Get::open(&tgt.url, &api::EVENTS.for_op(OP_ID)).await;
     assert_eq!(
         g.chunk().await.unwrap(),
-        api::event(&web::OpView::of(&op)),
+        api::event(&mig_web::OpView::of(&op)),
         "the contract's framing of the public view"
     );
     assert!(g.chunk_within(QUIET).await.is_err(), "owned here: open");

@@ -10,7 +10,7 @@
 //! record stays behind the GUI credentials (`GET /api/v1/ops/{id}/record`).
 //!
 //! It lives beside the route table ([`super`]) so the server, the CLI client and the test fake
-//! read and write one wire format (the `web` crate re-exports it as `web::view`).
+//! read and write one wire format (the `mig-web` crate re-exports it as `mig_web::view`).
 
 use crate::op::{Cancelled, Kind, Monitor, Op, OpState, Plan, Role, TraceEvent};
 use serde::{Deserialize, Serialize};

@@ -1,6 +1,6 @@
 //! Scripted stand-ins for the three instances an operation visits: the source MIG, MigHelper and
 //! the final MIG, each an actix-web server on its own loopback address (127.0.60.1/2/3). What the
-//! page follows is served by the REAL handlers (`web::ops`: the public view, its live stream, the
+//! page follows is served by the REAL handlers (`mig_web::ops`: the public view, its live stream, the
 //! timeline, the monitor page) over a real op book, with the roles the real instances play and the
 //! real rule for which routes need credentials (`actors::api::is_public`), so the page's script is
 //! tested against the stream production sends. Only the form's side (its page, starting, the dry
@@ -16,13 +16,13 @@ use actix_web::body::{BoxBody, MessageBody};
 use actix_web::dev::{ServerHandle, ServiceRequest, ServiceResponse};
 use actix_web::http::header;
 use actix_web::middleware::{from_fn, Next};
-use actix_web::{web as aw, App, HttpRequest, HttpResponse, HttpServer};
+use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
 use actors::api;
 use actors::book::OpBook;
 use actors::journal::Journal;
 use actors::op::{Op, Role};
-use web::ops::on;
-use web::{OpsFeed, PageContext};
+use mig_web::ops::on;
+use mig_web::{OpsFeed, PageContext};
 
 pub const CSRF: &str = "csrf-6f1d2a";
 /// The GUI credentials when an instance asks for them (`username` set): admin / s3cret.
@@ -96,15 +96,15 @@ impl Instance {
             dry_runs: AtomicUsize::new(0),
             cancels: AtomicUsize::new(0),
         });
-        let data = aw::Data::from(state.clone());
-        let feed = aw::Data::new(OpsFeed::new(book.clone(), roles_of(role)));
+        let data = web::Data::from(state.clone());
+        let feed = web::Data::new(OpsFeed::new(book.clone(), roles_of(role)));
         let server = HttpServer::new(move || {
             App::new()
                 .app_data(data.clone())
                 .app_data(feed.clone())
                 .wrap(from_fn(require_credentials))
-                .configure(web::configure_ops)
-                .configure(web::configure_assets)
+                .configure(mig_web::configure_ops)
+                .configure(mig_web::configure_assets)
                 .route(api::INDEX.path, on(api::INDEX).to(index))
                 .route(api::START.path, on(api::START).to(post_op))
                 .route(api::CSRF.path, on(api::CSRF).to(csrf))
@@ -179,7 +179,7 @@ async fn require_credentials(
     req: ServiceRequest,
     next: Next<impl MessageBody + 'static>,
 ) -> Result<ServiceResponse<BoxBody>, actix_web::Error> {
-    let state = req.app_data::<aw::Data<State>>().expect("State").clone();
+    let state = req.app_data::<web::Data<State>>().expect("State").clone();
     let public = api::is_public(
         req.method().as_str(),
         req.path(),
@@ -200,22 +200,22 @@ async fn require_credentials(
         .map(ServiceResponse::map_into_boxed_body)
 }
 
-async fn index(state: aw::Data<State>) -> HttpResponse {
+async fn index(state: web::Data<State>) -> HttpResponse {
     match &*state.page.lock().unwrap() {
-        Some(ctx) => web::html_response(web::index_page(ctx)),
+        Some(ctx) => mig_web::html_response(mig_web::index_page(ctx)),
         None => HttpResponse::NotFound().body("this instance serves no form"),
     }
 }
 
 async fn post_op(
-    state: aw::Data<State>,
+    state: web::Data<State>,
     req: HttpRequest,
-    body: aw::Json<serde_json::Value>,
+    body: web::Json<serde_json::Value>,
 ) -> HttpResponse {
     state.posts.fetch_add(1, Ordering::SeqCst);
     let token = req
         .headers()
-        .get(web::CSRF_HEADER)
+        .get(mig_web::CSRF_HEADER)
         .and_then(|v| v.to_str().ok());
     if token != Some(CSRF) {
         return HttpResponse::Forbidden()
@@ -244,10 +244,14 @@ async fn csrf() -> HttpResponse {
     HttpResponse::Ok().json(serde_json::json!({ "csrf": CSRF }))
 }
 
-async fn cancel(state: aw::Data<State>, req: HttpRequest, path: aw::Path<String>) -> HttpResponse {
+async fn cancel(
+    state: web::Data<State>,
+    req: HttpRequest,
+    path: web::Path<String>,
+) -> HttpResponse {
     let token = req
         .headers()
-        .get(web::CSRF_HEADER)
+        .get(mig_web::CSRF_HEADER)
         .and_then(|v| v.to_str().ok());
     if token != Some(CSRF) {
         return HttpResponse::Forbidden()
