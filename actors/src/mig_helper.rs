@@ -17,7 +17,7 @@ use tracing::Instrument;
 
 use crate::auth::OpKey;
 use crate::cancel::{self, Cancel, CancelError, Gate, GateState};
-use crate::controller::{GridController, GridError, MigrateOptions, VolumeChecksum};
+use crate::controller::{GridController, MigrateOptions};
 use crate::driver::{
     destroy_if_ours, ensure_running, ensure_stopped, helper_leftover, manual_command, Driver,
     StepError, BACKOFF, MARK,
@@ -532,15 +532,10 @@ async fn copy(
         opts,
         &mut progress,
     );
-    // The source is stopped already: after a pre-copy its checksum for the verify is taken while
-    // the delta moves, which keeps one whole-volume pass out of the stopped time.
-    let (imported, source_sums) = if delta {
-        let (i, s) = tokio::join!(import, src.checksum(&plan.source_app));
-        (i, Some(s))
-    } else {
-        (import.await, None)
-    };
-    imported.map_err(|e| {
+    // The checksums for the verify come after the copy: after a delta both grids' gridctl answer
+    // them from the BLAKE3 the delta computed as it read (source) and wrote (target), while the
+    // volumes stay as it left them, instead of reading every volume whole once more.
+    import.await.map_err(|e| {
         delta
             .then(|| staging_refused(&e, plan))
             .flatten()
@@ -549,7 +544,7 @@ async fn copy(
             })
     })?;
     driver.faults.hold(faults::HOLD_VERIFY).await;
-    let verified = verify(src, &plan.source_app, source_sums, dst, &plan.target_app).await?;
+    let verified = verify(src, &plan.source_app, dst, &plan.target_app).await?;
     if !delta {
         return Ok(verified);
     }
@@ -567,14 +562,10 @@ async fn copy(
 async fn verify(
     src: &dyn GridController,
     source_app: &str,
-    source_sums: Option<Result<Vec<VolumeChecksum>, GridError>>,
     dst: &dyn GridController,
     target_app: &str,
 ) -> Result<String, StepError> {
-    let (a, b) = match source_sums {
-        Some(a) => (a, dst.checksum(target_app).await),
-        None => tokio::join!(src.checksum(source_app), dst.checksum(target_app)),
-    };
+    let (a, b) = tokio::join!(src.checksum(source_app), dst.checksum(target_app));
     let (mut a, mut b) = (a?, b?);
     // The source's checksums stand for it only while it stays stopped. Read after them, so a
     // start by hand (an operator, a script) before they were taken is seen: such a source may

@@ -16,18 +16,21 @@
 //!
 //! ```text
 //! target → source, delta only, on ssh's stdin:
-//!   {"format":3,"volumes":[{"name":N,"blocks":B}]}\n  then B × 32 bytes per volume
+//!   {"format":3,"digest":"blake3-cv","volumes":[{"name":N,"blocks":B}]}\n
+//!   then B × 32 bytes per volume: each block's BLAKE3 chaining value (see blocktree)
 //! source → target: one JSON Header line, then per volume of the record:
 //!   stage, file volume   transfer's D frames and E (its extent digest)
 //!   stage, dir volume    nothing (the delta carries it)
 //!   delta, file volume   D frames (one whole block each, raw), H offset:u64 len:u64 (a hole),
-//!                        E blake3 of (every block's blake3, then the size)
+//!                        E the volume's BLAKE3 (from every block's chaining value)
 //!   delta, dir volume    transfer's K/F/L frames and E
 //!   Z
 //! ```
-//! The delta's `E` covers the whole volume, not only what moved: the target computes it from its
-//! own block digests and the blocks it received, and a hole's digest is that of zeros, so a hole
-//! and zeros agree as `app checksum` sees them.
+//! The delta's `E` covers the whole volume, not only what moved: it is the volume's plain BLAKE3,
+//! which the target computes from its own block digests and the blocks it received (BLAKE3's
+//! tree, see [`crate::blocktree`]), and a hole's digest is that of zeros, so a hole and zeros
+//! agree as `app checksum` sees them. Both sides cache that BLAKE3 for `app checksum` (see
+//! [`crate::blocktree`]): the verify after a delta then reads neither volume again.
 
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
@@ -40,6 +43,7 @@ use std::sync::mpsc::sync_channel;
 
 use serde::{Deserialize, Serialize};
 
+use crate::blocktree::{self, block_cv, block_len, blocks, zero_cv, Stamp};
 use crate::chunk::{Chunk, Pool};
 use crate::client::{self, ImportOpts};
 use crate::model::{self, AppRecord};
@@ -50,8 +54,12 @@ use crate::volume::{self, DirEntry};
 
 /// The version of the staged and delta streams (the full import's is [`transfer::FORMAT`]).
 pub const FORMAT: u32 = 3;
-/// The unit the delta compares: a changed byte moves its whole block.
-pub const BLOCK: usize = CHUNK;
+/// The unit the delta compares: a changed byte moves its whole block. A whole subtree of
+/// BLAKE3's tree, so that the blocks' digests make the volume's BLAKE3.
+pub const BLOCK: usize = blocktree::BLOCK;
+const _: () = assert!(BLOCK == CHUNK);
+/// What the block digests are; a target that asks with other digests is refused by name.
+const DIGEST: &str = "blake3-cv";
 /// The most block digests a request may carry (64 TiB of volumes in 1 MiB blocks).
 const MAX_BLOCKS: u64 = 64 << 20;
 /// A test hook: `peer export` refuses `--stage` and `--delta` as a gridctl without staging does.
@@ -76,6 +84,9 @@ pub struct Header {
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 struct Wanted {
     format: u32,
+    /// [`DIGEST`]; empty from a gridctl whose digests were each block's own BLAKE3.
+    #[serde(default)]
+    digest: String,
     volumes: Vec<WantedVolume>,
 }
 
@@ -85,30 +96,8 @@ struct WantedVolume {
     blocks: u64,
 }
 
-type Digest = [u8; 32];
-
-/// The digest of `len` zero bytes (a hole), computed once per length.
-struct Zeros(BTreeMap<usize, Digest>);
-
-impl Zeros {
-    fn new() -> Zeros {
-        Zeros(BTreeMap::new())
-    }
-    fn get(&mut self, len: usize) -> Digest {
-        *self
-            .0
-            .entry(len)
-            .or_insert_with(|| *blake3::hash(&vec![0u8; len]).as_bytes())
-    }
-}
-
-fn block_len(size: u64, i: u64) -> usize {
-    (size - i * BLOCK as u64).min(BLOCK as u64) as usize
-}
-
-fn blocks(size: u64) -> u64 {
-    size.div_ceil(BLOCK as u64)
-}
+/// A block's BLAKE3 chaining value at its offset (see [`crate::blocktree`]).
+type Digest = blake3::hazmat::ChainingValue;
 
 /// Whether block `[off, off+len)` holds data, walking `extents` (sorted) with the cursor `at`.
 fn has_data(extents: &[(u64, u64)], at: &mut usize, off: u64, len: u64) -> bool {
@@ -118,14 +107,13 @@ fn has_data(extents: &[(u64, u64)], at: &mut usize, off: u64, len: u64) -> bool 
     *at < extents.len() && extents[*at].0 < off + len
 }
 
-/// The whole-volume digest of the delta: every block's digest, then the size.
-fn whole(digests: &[Digest], size: u64) -> blake3::Hash {
-    let mut h = blake3::Hasher::new();
-    for d in digests {
-        h.update(d);
+/// The whole-volume digest of the delta: the plain BLAKE3 of the file at `path`, from its blocks'
+/// digests (a file of one block or less is hashed whole: it is at most a block).
+fn whole(path: &Path, digests: &[Digest], size: u64) -> io::Result<blake3::Hash> {
+    match blocktree::root(digests, size) {
+        Some(h) => Ok(h),
+        None => Ok(volume::file_digest(path)?.1),
     }
-    h.update(&size.to_le_bytes());
-    h.finalize()
 }
 
 /// The digest of each block of the file at `path` (holes hashed as zeros, never read).
@@ -134,7 +122,6 @@ pub fn block_digests(path: &Path, size: u64) -> io::Result<Vec<Digest>> {
     let extents = volume::data_extents(&f, size)?;
     let mut direct = transfer::open_direct(path, false);
     let pool = Pool::new(BLOCK, 2);
-    let mut zeros = Zeros::new();
     let mut at = 0;
     let mut out = Vec::with_capacity(blocks(size) as usize);
     for i in 0..blocks(size) {
@@ -143,9 +130,9 @@ pub fn block_digests(path: &Path, size: u64) -> io::Result<Vec<Digest>> {
         if has_data(&extents, &mut at, off, len as u64) {
             let mut buf = pool.get(len);
             transfer::read_chunk(&f, &mut direct, off, &mut buf)?;
-            out.push(*blake3::hash(&buf).as_bytes());
+            out.push(block_cv(i, &buf));
         } else {
-            out.push(zeros.get(len));
+            out.push(zero_cv(i, len));
         }
     }
     Ok(out)
@@ -153,6 +140,11 @@ pub fn block_digests(path: &Path, size: u64) -> io::Result<Vec<Digest>> {
 
 fn digest_file(app_dir: &Path, vol: &str) -> PathBuf {
     app_dir.join("stage").join(vol)
+}
+
+/// The stamp of the staged volume its digests were computed for (see [`staged_digests`]).
+fn stamp_file(app_dir: &Path, vol: &str) -> PathBuf {
+    app_dir.join("stage").join(format!("{vol}.stamp"))
 }
 
 fn write_header(out: &mut dyn Write, h: &Header) -> io::Result<()> {
@@ -234,6 +226,17 @@ fn read_wanted(r: &mut dyn BufRead) -> io::Result<BTreeMap<String, Vec<Digest>>>
             w.format
         )));
     }
+    if w.digest != DIGEST {
+        return Err(bad(format!(
+            "the target grid compares blocks by {:?}, this grid by {DIGEST:?}: run the same \
+             gridctl version on both grids",
+            if w.digest.is_empty() {
+                "blake3"
+            } else {
+                &w.digest
+            }
+        )));
+    }
     let mut out = BTreeMap::new();
     let mut total = 0u64;
     for v in w.volumes {
@@ -296,14 +299,16 @@ fn send_changed(
     out: &mut dyn Write,
 ) -> io::Result<()> {
     let f = File::open(path)?;
+    // Taken before the read: the whole-volume BLAKE3 this pass makes is cached for the verify's
+    // `app checksum` only if the (stopped) volume did not change meanwhile.
+    let stamp = Stamp::of(path)?;
     let extents = volume::data_extents(&f, size)?;
     let mut direct = transfer::open_direct(path, false);
     let theirs: Option<Vec<Digest>> = theirs.map(<[Digest]>::to_vec);
     // Reading and hashing on their own thread (the cost of a delta), sending on this one.
     let (tx, rx) = sync_channel::<io::Result<Changed>>(8);
-    let reader = std::thread::spawn(move || -> Option<blake3::Hash> {
+    let reader = std::thread::spawn(move || -> Option<Vec<Digest>> {
         let pool = Pool::new(BLOCK, transfer::POOL_KEEP);
-        let mut zeros = Zeros::new();
         let mut mine = Vec::with_capacity(blocks(size) as usize);
         let mut at = 0;
         for i in 0..blocks(size) {
@@ -315,9 +320,9 @@ fn send_changed(
                     let _ = tx.send(Err(e));
                     return None;
                 }
-                (*blake3::hash(&buf).as_bytes(), Some(buf))
+                (block_cv(i, &buf), Some(buf))
             } else {
-                (zeros.get(len), None)
+                (zero_cv(i, len), None)
             };
             mine.push(d);
             if theirs.as_ref().is_some_and(|t| t[i as usize] == d) {
@@ -327,7 +332,7 @@ fn send_changed(
                 return None;
             }
         }
-        Some(whole(&mine, size))
+        Some(mine)
     });
     for item in rx.iter() {
         let (off, len, data) = item?;
@@ -345,10 +350,12 @@ fn send_changed(
             }
         }
     }
-    let hash = reader
+    let mine = reader
         .join()
         .map_err(|_| io::Error::other("reader thread panicked"))?
         .ok_or_else(|| io::Error::other("the reader thread stopped"))?;
+    let hash = whole(path, &mine, size)?;
+    blocktree::remember(path, &stamp, &hash);
     out.write_all(b"E")?;
     out.write_all(hash.as_bytes())
 }
@@ -441,8 +448,14 @@ pub fn receive_stage(
                         got.to_hex()
                     ));
                 }
+                let stamp = Stamp::of(&p).map_err(io)?;
                 let d = block_digests(&p, v.size).map_err(io)?;
                 fs::write(digest_file(app_dir, &v.name), d.concat()).map_err(io)?;
+                // Without a stamp (the file moved while it was hashed) the delta hashes again.
+                if stamp.holds(&p) {
+                    let s = serde_json::to_vec(&stamp).map_err(|e| e.to_string())?;
+                    fs::write(stamp_file(app_dir, &v.name), s).map_err(io)?;
+                }
             }
         }
     }
@@ -452,19 +465,28 @@ pub fn receive_stage(
     }
 }
 
-/// The block digests of the staged copy's file volumes, from the pre-copy (computed again when
-/// missing or stale, e.g. after an interrupted delta).
+/// The block digests of the staged copy's file volumes, from the pre-copy: trusted only while the
+/// volume has the stamp it had when they were computed (no write since), since the copy's
+/// checksum for the verify is built from them; computed again when missing or stale (e.g. after
+/// an interrupted delta, which wrote some blocks).
 fn staged_digests(app_dir: &Path, rec: &AppRecord) -> io::Result<BTreeMap<String, Vec<Digest>>> {
     let mut out = BTreeMap::new();
     for v in rec.volumes.iter().filter(|v| v.kind == VolumeKind::File) {
         let n = blocks(v.size) as usize;
-        let stored = fs::read(digest_file(app_dir, &v.name)).ok();
+        let path = model::volume_path(app_dir, &v.name);
+        let fresh = fs::read(stamp_file(app_dir, &v.name))
+            .ok()
+            .and_then(|b| serde_json::from_slice::<Stamp>(&b).ok())
+            .is_some_and(|s| s.holds(&path));
+        let stored = fs::read(digest_file(app_dir, &v.name))
+            .ok()
+            .filter(|_| fresh);
         let d: Vec<Digest> = match stored.filter(|b| b.len() == n * 32) {
             Some(b) => b
                 .chunks_exact(32)
                 .map(|c| c.try_into().expect("32 bytes"))
                 .collect(),
-            None => block_digests(&model::volume_path(app_dir, &v.name), v.size)?,
+            None => block_digests(&path, v.size)?,
         };
         out.insert(v.name.clone(), d);
     }
@@ -474,6 +496,7 @@ fn staged_digests(app_dir: &Path, rec: &AppRecord) -> io::Result<BTreeMap<String
 fn write_wanted(w: &mut dyn Write, d: &BTreeMap<String, Vec<Digest>>) -> io::Result<()> {
     let req = Wanted {
         format: FORMAT,
+        digest: DIGEST.to_string(),
         volumes: d
             .iter()
             .map(|(name, b)| WantedVolume {
@@ -530,6 +553,9 @@ pub fn receive_delta(
         let mismatch = match v.kind {
             VolumeKind::File => {
                 let mine = digests.remove(&v.name).unwrap_or_default();
+                // Its blocks change from here on: a delta that stops half-way leaves digests
+                // that the next one must not trust.
+                let _ = fs::remove_file(stamp_file(app_dir, &v.name));
                 apply_file(r, &p, v.size, mine, progress).map_err(io)?
             }
             VolumeKind::Dir => {
@@ -583,8 +609,9 @@ fn apply_file(
             path.display()
         )));
     }
+    // The blocks change from here on: a checksum cached for the staged copy is stale.
+    blocktree::forget(path);
     let f = OpenOptions::new().write(true).open(path)?;
-    let mut zeros = Zeros::new();
     let mut next = 0u64;
     let mut buf = vec![0u8; BLOCK];
     let check = |off: u64, len: u64, next: u64| -> io::Result<u64> {
@@ -612,7 +639,7 @@ fn apply_file(
                 let data = &mut buf[..raw as usize];
                 r.read_exact(data)?;
                 f.write_all_at(data, off)?;
-                mine[i as usize] = *blake3::hash(data).as_bytes();
+                mine[i as usize] = block_cv(i, data);
                 progress.add(raw)?;
                 next = off + raw;
             }
@@ -621,13 +648,21 @@ fn apply_file(
                 let len = transfer::read_u64(r)?;
                 let i = check(off, len, next)?;
                 punch_hole(&f, off, len)?;
-                mine[i as usize] = zeros.get(len as usize);
+                mine[i as usize] = zero_cv(i, len as usize);
                 next = off + len;
             }
             b'E' => {
                 let sent = transfer::read_hash(r)?;
                 f.sync_all()?;
-                let got = whole(&mine, size);
+                // The copy's BLAKE3 without reading it: the staged blocks' digests (checked
+                // against the stamp of the file they were computed from) and those just written.
+                // Cached for the verify's `app checksum` only when it equals the source's: the
+                // staged copy never starts, and its daemon lease keeps other pulls out.
+                let stamp = Stamp::of(path)?;
+                let got = whole(path, &mine, size)?;
+                if sent == got {
+                    blocktree::remember(path, &stamp, &got);
+                }
                 return Ok((sent != got).then_some((sent, got)));
             }
             t => return Err(bad(format!("unexpected frame {t:#x} in a delta"))),
@@ -847,6 +882,13 @@ mod tests {
         Ok(p.done)
     }
 
+    /// `app checksum` of the data volume, read whole (no cache).
+    fn read_sum(d: &Path, app: &str) -> blake3::Hash {
+        volume::file_digest(&d.join(app).join("vols/data"))
+            .unwrap()
+            .1
+    }
+
     fn sums(d: &Path, app: &str) -> Vec<String> {
         [("data", VolumeKind::File), ("conf", VolumeKind::Dir)]
             .iter()
@@ -883,9 +925,83 @@ mod tests {
         // Three data blocks (the tail is 1000 bytes) and the 2-byte file.
         assert_eq!(moved, (2 << 20) + 1000 + 2);
         assert_eq!(sums(d.path(), "src"), sums(d.path(), "dst"));
+        // The checksums both sides cached are the volumes' plain BLAKE3, as a read finds it.
+        let src_vol = d.path().join("src/vols/data");
+        let dst_vol = d.path().join("dst/vols/data");
+        assert_eq!(
+            blocktree::recall(&src_vol).unwrap().1,
+            read_sum(d.path(), "src")
+        );
+        assert_eq!(
+            blocktree::recall(&dst_vol).unwrap().1,
+            read_sum(d.path(), "dst")
+        );
         // Nothing changed: a second delta moves only the dir volume.
         let moved = delta(d.path(), &rec, &staged, |_| {}).unwrap();
         assert_eq!(moved, 2);
+    }
+
+    #[test]
+    fn the_checksum_after_a_delta_is_cached_until_a_volume_changes() {
+        let size = 5 << 20;
+        let (d, rec) = setup(size);
+        write_at(d.path(), 0, &vec![3u8; 3 << 20]);
+        let staged = stage(d.path(), &rec);
+        write_at(d.path(), 2 << 20, b"changed");
+        delta(d.path(), &rec, &staged, |_| {}).unwrap();
+        let dst_vol = d.path().join("dst/vols/data");
+        let cached = blocktree::recall(&dst_vol).unwrap();
+        assert_eq!(cached, (size, read_sum(d.path(), "dst")));
+        assert_eq!(sums(d.path(), "src"), sums(d.path(), "dst"));
+        // A write to the copy after the delta: `app checksum` reads it and sees the change.
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let f = OpenOptions::new().write(true).open(&dst_vol).unwrap();
+        f.write_all_at(b"X", 4 << 20).unwrap();
+        assert!(blocktree::recall(&dst_vol).is_none());
+        assert_ne!(sums(d.path(), "src"), sums(d.path(), "dst"));
+    }
+
+    #[test]
+    fn staged_digests_are_not_trusted_after_the_staged_copy_changed() {
+        let size = 4 << 20;
+        let (d, rec) = setup(size);
+        write_at(d.path(), 0, &vec![5u8; size as usize]);
+        let staged = stage(d.path(), &rec);
+        // Someone writes into the staged copy behind the pre-copy's back: its stored digests
+        // no longer describe it, and a delta built on them would leave that write in place
+        // while the copy's cached checksum claimed the source's.
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let f = OpenOptions::new()
+            .write(true)
+            .open(d.path().join("dst/vols/data"))
+            .unwrap();
+        f.write_all_at(b"stray", 1 << 20).unwrap();
+        let moved = delta(d.path(), &rec, &staged, |_| {}).unwrap();
+        // The block hashed again, found different, and moved.
+        assert_eq!(moved, (1 << 20) + 2);
+        assert_eq!(read_sum(d.path(), "src"), read_sum(d.path(), "dst"));
+        assert_eq!(sums(d.path(), "src"), sums(d.path(), "dst"));
+    }
+
+    #[test]
+    fn a_volume_of_one_block_or_less_gets_its_whole_volume_digest_too() {
+        for size in [0u64, 1, 4096, 1 << 20] {
+            let (d, rec) = setup(size);
+            if size > 0 {
+                write_at(d.path(), 0, b"a");
+            }
+            let staged = stage(d.path(), &rec);
+            if size > 1 {
+                write_at(d.path(), size - 1, b"z");
+            }
+            delta(d.path(), &rec, &staged, |_| {}).unwrap();
+            assert_eq!(
+                read_sum(d.path(), "src"),
+                read_sum(d.path(), "dst"),
+                "size {size}"
+            );
+            assert_eq!(sums(d.path(), "src"), sums(d.path(), "dst"), "size {size}");
+        }
     }
 
     #[test]
@@ -927,6 +1043,14 @@ mod tests {
         );
         let e = read_wanted(&mut &b"{\"format\":2,\"volumes\":[]}\n"[..]).unwrap_err();
         assert!(e.to_string().contains("a delta of format 2"), "{e}");
+        // A target whose block digests are each block's own BLAKE3 (no "digest" field).
+        let e = read_wanted(&mut &b"{\"format\":3,\"volumes\":[]}\n"[..]).unwrap_err();
+        assert!(
+            e.to_string().contains(
+                "the target grid compares blocks by \"blake3\", this grid by \"blake3-cv\""
+            ),
+            "{e}"
+        );
     }
 
     #[test]
