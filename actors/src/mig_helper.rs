@@ -283,7 +283,7 @@ async fn steps(driver: &Driver, gate: &Gate, op: &mut Op) -> Result<(), StepErro
     if op.has_step(PRECOPYING) && todo(op, PRECOPYING) {
         op.start_step(PRECOPYING);
         driver.commit(op)?;
-        let result = precopy(driver, op, dst.as_ref(), &plan).await;
+        let result = precopy_tried(driver, gate, op, dst.as_ref(), &plan).await;
         conclude(driver, op, PRECOPYING, result)?;
     }
     if op.has_step(PRECOPYING) && todo(op, STOPPING_SOURCE) {
@@ -390,6 +390,54 @@ pub fn human_bytes(n: u64) -> String {
         format!("{v:.2} {}", UNITS[u])
     } else {
         format!("{v:.0} {}", UNITS[u])
+    }
+}
+
+/// How often the pre-copy is tried before the operation rolls back. An interrupted pre-copy (a
+/// cut link, a restarted grid daemon) costs only time, since the source still runs, so it is
+/// tried again; but boundedly: a link that fails three pre-copies in a row would fail the copy
+/// in the stopped phase too, and the operator learns sooner with the source untouched.
+const PRECOPY_TRIES: u32 = 3;
+/// The pause before the next try, for a daemon or link to come back.
+const PRECOPY_PAUSE: Duration = Duration::from_secs(2);
+
+/// [`precopy`], tried again after a failure that may pass (not a permanent one, not a cancel),
+/// up to [`PRECOPY_TRIES`] times; each try starts over from a fresh staged copy.
+async fn precopy_tried(
+    driver: &Driver,
+    gate: &Gate,
+    op: &mut Op,
+    dst: &dyn GridController,
+    plan: &crate::op::Plan,
+) -> Result<String, StepError> {
+    let mut failed: Vec<String> = Vec::new();
+    loop {
+        let e = match precopy(driver, op, dst, plan).await {
+            Ok(detail) if failed.is_empty() => return Ok(detail),
+            Ok(detail) => {
+                return Ok(format!(
+                    "{detail}, after {} interrupted attempt{} (last: {})",
+                    failed.len(),
+                    if failed.len() == 1 { "" } else { "s" },
+                    failed.last().expect("one failed")
+                ))
+            }
+            Err(e) => e,
+        };
+        failed.push(e.message.clone());
+        let tries = failed.len() as u32;
+        if e.permanent || tries >= PRECOPY_TRIES || gate.cancelled().is_some() {
+            return Err(e);
+        }
+        tracing::warn!(attempt = tries, error = %e, "the pre-copy failed; trying again");
+        op.trace(
+            "step",
+            format!("pre-copy attempt {tries} of {PRECOPY_TRIES} failed, trying again: {e}"),
+            None,
+            None,
+        );
+        driver.book.publish(op.clone());
+        tokio::time::sleep(PRECOPY_PAUSE).await;
     }
 }
 

@@ -188,6 +188,7 @@ pub fn export_stage(
     app_dir: &Path,
     record: &AppRecord,
     compress: bool,
+    fault: Option<u64>,
     out: &mut dyn Write,
 ) -> io::Result<()> {
     let header = Header {
@@ -197,8 +198,9 @@ pub fn export_stage(
         volumes: wire_volumes(app_dir, record, false)?,
     };
     write_header(out, &header)?;
+    // The test hook `corrupt-export-after` applies here too: a pre-copy that fails on the way.
     let mut fault = transfer::Fault {
-        after: None,
+        after: fault,
         sent: 0,
     };
     for v in &record.volumes {
@@ -714,6 +716,11 @@ fn pull<T>(
     });
     let stdout_pipe = child.stdout.take().expect("piped");
     transfer::grow_pipe(&stdout_pipe);
+    // `--max_rate` holds for the pre-copy and the delta as for a full pull: on the link's bytes.
+    let stdout_pipe: Box<dyn Read + Send> = match o.max_rate {
+        Some(rate) => Box::new(crate::throttle::Throttled::new(stdout_pipe, rate)),
+        None => Box::new(stdout_pipe),
+    };
     let mut r = BufReader::with_capacity(64 << 10, stdout_pipe);
     let stdout = io::stdout();
     let mut print = |done: u64, total: u64| -> io::Result<()> {
@@ -841,7 +848,7 @@ mod tests {
 
     fn stage(d: &Path, rec: &AppRecord) -> AppRecord {
         let mut wire = Vec::new();
-        export_stage(&d.join("src"), rec, true, &mut wire).unwrap();
+        export_stage(&d.join("src"), rec, true, None, &mut wire).unwrap();
         receive_stage(
             &mut &wire[..],
             d,
@@ -1026,7 +1033,7 @@ mod tests {
     fn streams_of_another_format_or_mode_are_refused_by_name() {
         let (d, rec) = setup(1 << 20);
         let mut wire = Vec::new();
-        export_stage(&d.path().join("src"), &rec, false, &mut wire).unwrap();
+        export_stage(&d.path().join("src"), &rec, false, None, &mut wire).unwrap();
         let e = read_header(&mut &wire[..], Mode::Delta).unwrap_err();
         assert!(
             e.to_string().contains("a Stage stream where a Delta"),
