@@ -54,6 +54,66 @@ pub fn zero_cv(i: u64, len: usize) -> ChainingValue {
     block_cv(i, &ZEROS[..len])
 }
 
+/// The CVs of whole blocks of zeros by index, for the holes of an application's volumes: a hole's
+/// CV depends on its offset, so without them a delta would hash as many zeros as the volumes
+/// have holes while the source is stopped. Remembered in `APP/zero-cvs` (32 bytes a block, at
+/// most [`ZeroCvs::MAX`] blocks), filled by the pre-copy while the source still runs. A zero CV
+/// is a pure function of its index: one entry is checked again at each load, and a file that
+/// fails the check is computed anew (a wrong one could only fail a delta, never pass a bad one:
+/// the target hashes its own zeros).
+pub struct ZeroCvs(Vec<ChainingValue>);
+
+impl ZeroCvs {
+    /// 256 GiB of volume: an 8 MiB file. Blocks past it are hashed when needed.
+    pub const MAX: u64 = 1 << 18;
+
+    fn path(app_dir: &Path) -> PathBuf {
+        app_dir.join("zero-cvs")
+    }
+
+    /// The remembered CVs of `app_dir`, extended to cover `n` blocks (computing and saving
+    /// those missing) when `fill`; else only what is there.
+    pub fn load(app_dir: &Path, n: u64, fill: bool) -> ZeroCvs {
+        let p = Self::path(app_dir);
+        let mut cvs: Vec<ChainingValue> = fs::read(&p)
+            .unwrap_or_default()
+            .chunks_exact(32)
+            .map(|c| c.try_into().expect("32 bytes"))
+            .collect();
+        // The last entry, hashed again: a torn or foreign file is dropped.
+        if let Some(last) = cvs.last() {
+            let i = cvs.len() as u64 - 1;
+            if *last != zero_cv(i, BLOCK) {
+                tracing::warn!(
+                    "{} is not what it should be: computing it again",
+                    p.display()
+                );
+                cvs.clear();
+            }
+        }
+        let want = n.min(Self::MAX) as usize;
+        if fill && cvs.len() < want {
+            for i in cvs.len()..want {
+                cvs.push(zero_cv(i as u64, BLOCK));
+            }
+            let tmp = p.with_extension("tmp");
+            let res = fs::write(&tmp, cvs.concat()).and_then(|_| fs::rename(&tmp, &p));
+            if let Err(e) = res {
+                tracing::debug!("not remembering zero CVs in {}: {e}", p.display());
+            }
+        }
+        ZeroCvs(cvs)
+    }
+
+    /// The CV of block `i` of zeros, `len` bytes long.
+    pub fn get(&self, i: u64, len: usize) -> ChainingValue {
+        match self.0.get(i as usize) {
+            Some(cv) if len == BLOCK => *cv,
+            _ => zero_cv(i, len),
+        }
+    }
+}
+
 /// The CV of the subtree of `len` bytes made of `cvs` (each a whole block but maybe the last).
 fn subtree(cvs: &[ChainingValue], len: u64) -> ChainingValue {
     if cvs.len() == 1 {
@@ -222,6 +282,24 @@ mod tests {
             let want = blake3::hash(&fs::read(&p).unwrap());
             assert_eq!(root(&cvs_of(&p), size), Some(want), "size {size}");
         }
+    }
+
+    #[test]
+    fn remembered_zero_cvs_are_those_of_zeros_and_a_bad_file_is_redone() {
+        let d = tempfile::tempdir().unwrap();
+        let z = ZeroCvs::load(d.path(), 5, true);
+        for i in 0..7 {
+            assert_eq!(z.get(i, BLOCK), zero_cv(i, BLOCK), "block {i}");
+        }
+        assert_eq!(z.get(2, 100), zero_cv(2, 100));
+        assert_eq!(fs::read(d.path().join("zero-cvs")).unwrap().len(), 5 * 32);
+        // A file whose last entry is wrong is not used.
+        let mut b = fs::read(d.path().join("zero-cvs")).unwrap();
+        b[4 * 32] ^= 1;
+        fs::write(d.path().join("zero-cvs"), &b).unwrap();
+        let z = ZeroCvs::load(d.path(), 5, false);
+        assert_eq!(z.0.len(), 0);
+        assert_eq!(z.get(4, BLOCK), zero_cv(4, BLOCK));
     }
 
     #[test]

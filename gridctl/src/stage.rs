@@ -43,7 +43,7 @@ use std::sync::mpsc::sync_channel;
 
 use serde::{Deserialize, Serialize};
 
-use crate::blocktree::{self, block_cv, block_len, blocks, zero_cv, Stamp};
+use crate::blocktree::{self, block_cv, block_len, blocks, zero_cv, Stamp, ZeroCvs};
 use crate::chunk::{Chunk, Pool};
 use crate::client::{self, ImportOpts};
 use crate::model::{self, AppRecord};
@@ -210,7 +210,22 @@ pub fn export_stage(
         }
     }
     out.write_all(b"Z")?;
-    out.flush()
+    out.flush()?;
+    // While the source still runs (and the target hashes its copy), the CVs of zero blocks the
+    // delta will need for the holes, so that it does not hash them while the source is stopped.
+    ZeroCvs::load(app_dir, most_blocks(record), true);
+    Ok(())
+}
+
+/// The block count of the largest file volume of `record`.
+fn most_blocks(record: &AppRecord) -> u64 {
+    record
+        .volumes
+        .iter()
+        .filter(|v| v.kind == VolumeKind::File)
+        .map(|v| blocks(v.size))
+        .max()
+        .unwrap_or(0)
 }
 
 /// Reads the target's block digests (see the module doc), refusing another format.
@@ -275,6 +290,7 @@ pub fn export_delta(
         after: None,
         sent: 0,
     };
+    let zeros = std::sync::Arc::new(ZeroCvs::load(app_dir, most_blocks(record), false));
     for v in &record.volumes {
         let p = model::volume_path(app_dir, &v.name);
         match v.kind {
@@ -282,7 +298,7 @@ pub fn export_delta(
                 let theirs = wanted
                     .get(&v.name)
                     .filter(|d| d.len() as u64 == blocks(v.size));
-                send_changed(&p, v.size, theirs.map(Vec::as_slice), out)?
+                send_changed(&p, v.size, theirs.map(Vec::as_slice), &zeros, out)?
             }
             VolumeKind::Dir => transfer::export_dir(&p, &mut fault, out)?,
         }
@@ -298,8 +314,10 @@ fn send_changed(
     path: &Path,
     size: u64,
     theirs: Option<&[Digest]>,
+    zeros: &std::sync::Arc<ZeroCvs>,
     out: &mut dyn Write,
 ) -> io::Result<()> {
+    let zeros = zeros.clone();
     let f = File::open(path)?;
     // Taken before the read: the whole-volume BLAKE3 this pass makes is cached for the verify's
     // `app checksum` only if the (stopped) volume did not change meanwhile.
@@ -324,7 +342,7 @@ fn send_changed(
                 }
                 (block_cv(i, &buf), Some(buf))
             } else {
-                (zero_cv(i, len), None)
+                (zeros.get(i, len), None)
             };
             mine.push(d);
             if theirs.as_ref().is_some_and(|t| t[i as usize] == d) {
