@@ -323,7 +323,10 @@ fn send_changed(
     // `app checksum` only if the (stopped) volume did not change meanwhile.
     let stamp = Stamp::of(path)?;
     let extents = volume::data_extents(&f, size)?;
-    let mut direct = transfer::open_direct(path, false);
+    // Through the page cache, unlike a full export: a source stopped a moment ago has its
+    // volume there, hot from running, and `O_DIRECT` would read it from the disk again, in the
+    // stopped time (1 GiB: 2.5 s direct against 0.4 s cached on this machine's disk).
+    let mut direct: Option<File> = None;
     let theirs: Option<Vec<Digest>> = theirs.map(<[Digest]>::to_vec);
     // Reading and hashing on their own thread (the cost of a delta), sending on this one.
     let (tx, rx) = sync_channel::<io::Result<Changed>>(8);
