@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant};
 
 use actors::api;
-use actors::op::{Op, StepState, MIGRATING};
+use actors::op::{Op, StepId, StepState, MIGRATING, PRECOPYING};
 use anyhow::{bail, Context};
 use indicatif::{ProgressBar, ProgressStyle};
 use mig_web::OpView;
@@ -148,6 +148,7 @@ pub async fn follow_noting_owner(
     );
     let mut last_seen = Instant::now();
     let mut printed: Vec<(actors::op::StepId, StepState)> = Vec::new();
+    let mut moving: Option<Moving> = None;
     loop {
         for m in &op.monitors {
             for s in &m.steps {
@@ -166,10 +167,23 @@ pub async fn follow_noting_owner(
                         s.name
                     ));
                 }
-                if s.name == MIGRATING {
-                    if let (Some(d), Some(t)) = (s.bytes_done, s.bytes_total) {
-                        bar.set_length(t);
-                        bar.set_position(d);
+                // The bar follows the step that moves bytes now: the pre-copy, then the copy.
+                let (Some(d), Some(t)) = (s.bytes_done, s.bytes_total) else {
+                    continue;
+                };
+                if !matches!(s.name, PRECOPYING | MIGRATING) || s.state != StepState::Running {
+                    continue;
+                }
+                if moving.as_ref().is_none_or(|m| m.step != s.name) {
+                    bar.reset();
+                    moving = Some(Moving::new(s.name, d));
+                }
+                bar.set_length(t);
+                bar.set_position(d);
+                // Without a terminal the bar is not drawn: a plain line now and then instead.
+                if bar.is_hidden() && !quiet {
+                    if let Some(line) = moving.as_mut().and_then(|m| m.line(d, t)) {
+                        eprintln!("{line}");
                     }
                 }
             }
@@ -212,6 +226,52 @@ pub async fn follow_noting_owner(
                 owner_url(&op)
             );
         }
+    }
+}
+
+/// The step whose bytes the follower shows, for the plain progress lines written where the bar
+/// cannot be drawn (stderr not a terminal: a log, a CI job, a test).
+struct Moving {
+    step: StepId,
+    since: Instant,
+    from: u64,
+    last_line: Instant,
+}
+
+impl Moving {
+    /// How often a plain progress line is written.
+    const EVERY: Duration = Duration::from_secs(1);
+
+    /// The first line comes [`Moving::EVERY`] after the step was first seen, with a rate.
+    fn new(step: StepId, done: u64) -> Moving {
+        Moving {
+            step,
+            since: Instant::now(),
+            from: done,
+            last_line: Instant::now(),
+        }
+    }
+
+    /// `  STEP: DONE of TOTAL, RATE/s, eta N s`, at most every [`Moving::EVERY`].
+    fn line(&mut self, done: u64, total: u64) -> Option<String> {
+        if self.last_line.elapsed() < Self::EVERY {
+            return None;
+        }
+        self.last_line = Instant::now();
+        let secs = self.since.elapsed().as_secs_f64();
+        let rate = (done.saturating_sub(self.from) as f64 / secs.max(0.001)) as u64;
+        let eta = if rate > 0 {
+            format!("{} s", total.saturating_sub(done).div_ceil(rate))
+        } else {
+            "unknown".to_string()
+        };
+        Some(format!(
+            "  {}: {} of {}, {}/s, eta {eta}",
+            self.step,
+            actors::mig_helper::human_bytes(done),
+            actors::mig_helper::human_bytes(total),
+            actors::mig_helper::human_bytes(rate)
+        ))
     }
 }
 

@@ -17,7 +17,7 @@ use tracing::Instrument;
 
 use crate::auth::OpKey;
 use crate::cancel::{self, Cancel, CancelError, Gate, GateState};
-use crate::controller::{GridController, GridError, MigrateOptions, VolumeChecksum};
+use crate::controller::{GridController, MigrateOptions};
 use crate::driver::{
     destroy_if_ours, ensure_running, ensure_stopped, helper_leftover, manual_command, Driver,
     StepError, BACKOFF, MARK,
@@ -283,7 +283,7 @@ async fn steps(driver: &Driver, gate: &Gate, op: &mut Op) -> Result<(), StepErro
     if op.has_step(PRECOPYING) && todo(op, PRECOPYING) {
         op.start_step(PRECOPYING);
         driver.commit(op)?;
-        let result = precopy(driver, op, dst.as_ref(), &plan).await;
+        let result = precopy_tried(driver, gate, op, dst.as_ref(), &plan).await;
         conclude(driver, op, PRECOPYING, result)?;
     }
     if op.has_step(PRECOPYING) && todo(op, STOPPING_SOURCE) {
@@ -390,6 +390,54 @@ pub fn human_bytes(n: u64) -> String {
         format!("{v:.2} {}", UNITS[u])
     } else {
         format!("{v:.0} {}", UNITS[u])
+    }
+}
+
+/// How often the pre-copy is tried before the operation rolls back. An interrupted pre-copy (a
+/// cut link, a restarted grid daemon) costs only time, since the source still runs, so it is
+/// tried again; but boundedly: a link that fails three pre-copies in a row would fail the copy
+/// in the stopped phase too, and the operator learns sooner with the source untouched.
+const PRECOPY_TRIES: u32 = 3;
+/// The pause before the next try, for a daemon or link to come back.
+const PRECOPY_PAUSE: Duration = Duration::from_secs(2);
+
+/// [`precopy`], tried again after a failure that may pass (not a permanent one, not a cancel),
+/// up to [`PRECOPY_TRIES`] times; each try starts over from a fresh staged copy.
+async fn precopy_tried(
+    driver: &Driver,
+    gate: &Gate,
+    op: &mut Op,
+    dst: &dyn GridController,
+    plan: &crate::op::Plan,
+) -> Result<String, StepError> {
+    let mut failed: Vec<String> = Vec::new();
+    loop {
+        let e = match precopy(driver, op, dst, plan).await {
+            Ok(detail) if failed.is_empty() => return Ok(detail),
+            Ok(detail) => {
+                return Ok(format!(
+                    "{detail}, after {} interrupted attempt{} (last: {})",
+                    failed.len(),
+                    if failed.len() == 1 { "" } else { "s" },
+                    failed.last().expect("one failed")
+                ))
+            }
+            Err(e) => e,
+        };
+        failed.push(e.message.clone());
+        let tries = failed.len() as u32;
+        if e.permanent || tries >= PRECOPY_TRIES || gate.cancelled().is_some() {
+            return Err(e);
+        }
+        tracing::warn!(attempt = tries, error = %e, "the pre-copy failed; trying again");
+        op.trace(
+            "step",
+            format!("pre-copy attempt {tries} of {PRECOPY_TRIES} failed, trying again: {e}"),
+            None,
+            None,
+        );
+        driver.book.publish(op.clone());
+        tokio::time::sleep(PRECOPY_PAUSE).await;
     }
 }
 
@@ -532,15 +580,10 @@ async fn copy(
         opts,
         &mut progress,
     );
-    // The source is stopped already: after a pre-copy its checksum for the verify is taken while
-    // the delta moves, which keeps one whole-volume pass out of the stopped time.
-    let (imported, source_sums) = if delta {
-        let (i, s) = tokio::join!(import, src.checksum(&plan.source_app));
-        (i, Some(s))
-    } else {
-        (import.await, None)
-    };
-    imported.map_err(|e| {
+    // The checksums for the verify come after the copy: after a delta both grids' gridctl answer
+    // them from the BLAKE3 the delta computed as it read (source) and wrote (target), while the
+    // volumes stay as it left them, instead of reading every volume whole once more.
+    import.await.map_err(|e| {
         delta
             .then(|| staging_refused(&e, plan))
             .flatten()
@@ -549,7 +592,7 @@ async fn copy(
             })
     })?;
     driver.faults.hold(faults::HOLD_VERIFY).await;
-    let verified = verify(src, &plan.source_app, source_sums, dst, &plan.target_app).await?;
+    let verified = verify(src, &plan.source_app, dst, &plan.target_app).await?;
     if !delta {
         return Ok(verified);
     }
@@ -567,14 +610,10 @@ async fn copy(
 async fn verify(
     src: &dyn GridController,
     source_app: &str,
-    source_sums: Option<Result<Vec<VolumeChecksum>, GridError>>,
     dst: &dyn GridController,
     target_app: &str,
 ) -> Result<String, StepError> {
-    let (a, b) = match source_sums {
-        Some(a) => (a, dst.checksum(target_app).await),
-        None => tokio::join!(src.checksum(source_app), dst.checksum(target_app)),
-    };
+    let (a, b) = tokio::join!(src.checksum(source_app), dst.checksum(target_app));
     let (mut a, mut b) = (a?, b?);
     // The source's checksums stand for it only while it stays stopped. Read after them, so a
     // start by hand (an operator, a script) before they were taken is seen: such a source may

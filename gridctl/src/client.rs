@@ -356,7 +356,7 @@ fn peer(state: &Path, line: &str) -> i32 {
     let mut out = io::BufWriter::with_capacity(64 << 10, raw);
     let compress = !flags.contains(&"--nocompress");
     let r = if stage {
-        crate::stage::export_stage(&app_dir, &record, compress, &mut out)
+        crate::stage::export_stage(&app_dir, &record, compress, fault, &mut out)
     } else if delta {
         crate::stage::export_delta(&app_dir, &record, &mut io::stdin().lock(), &mut out)
     } else {

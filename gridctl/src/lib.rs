@@ -182,6 +182,7 @@
 //! ```
 #![forbid(unsafe_code)]
 
+pub mod blocktree;
 pub mod chunk;
 pub mod client;
 pub mod daemon;

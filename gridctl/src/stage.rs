@@ -11,47 +11,63 @@
 //!   has data), then every dir volume whole. NEW becomes a stopped application, its record
 //!   built as for a full import. A failed delta leaves NEW staged; a later delta repairs it.
 //!
+//! The source's side is in `stage/export.rs`, the target's (and the pulls) in `stage/import.rs`.
+//!
 //! Both streams are format [`FORMAT`]; a gridctl without staging refuses the flags (the target
 //! names that), and a stream of another format is refused by name.
 //!
 //! ```text
 //! target → source, delta only, on ssh's stdin:
-//!   {"format":3,"volumes":[{"name":N,"blocks":B}]}\n  then B × 32 bytes per volume
+//!   {"format":3,"digest":"blake3-cv","volumes":[{"name":N,"blocks":B}]}\n
+//!   then B × 32 bytes per volume: each block's BLAKE3 chaining value (see blocktree)
 //! source → target: one JSON Header line, then per volume of the record:
 //!   stage, file volume   transfer's D frames and E (its extent digest)
 //!   stage, dir volume    nothing (the delta carries it)
 //!   delta, file volume   D frames (one whole block each, raw), H offset:u64 len:u64 (a hole),
-//!                        E blake3 of (every block's blake3, then the size)
+//!                        E the volume's BLAKE3 (from every block's chaining value)
 //!   delta, dir volume    transfer's K/F/L frames and E
 //!   Z
 //! ```
-//! The delta's `E` covers the whole volume, not only what moved: the target computes it from its
-//! own block digests and the blocks it received, and a hole's digest is that of zeros, so a hole
-//! and zeros agree as `app checksum` sees them.
+//! The delta's `E` covers the whole volume, not only what moved: it is the volume's plain BLAKE3,
+//! which the target computes from its own block digests and the blocks it received (BLAKE3's
+//! tree, see [`crate::blocktree`]), and a hole's digest is that of zeros, so a hole and zeros
+//! agree as `app checksum` sees them. Both sides cache that BLAKE3 for `app checksum` (see
+//! [`crate::blocktree`]): the verify after a delta then reads neither volume again.
 
-use std::collections::BTreeMap;
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, BufRead, BufReader, Read, Write};
-use std::os::fd::AsRawFd;
-use std::os::unix::fs::FileExt;
+use std::fs::File;
+use std::io::{self, BufRead, Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
-use std::sync::mpsc::sync_channel;
 
 use serde::{Deserialize, Serialize};
 
-use crate::chunk::{Chunk, Pool};
-use crate::client::{self, ImportOpts};
+use crate::blocktree::{self, block_cv, block_len, blocks, zero_cv};
+use crate::chunk::Pool;
 use crate::model::{self, AppRecord};
-use crate::protocol::{Reply, Request};
 use crate::template::VolumeKind;
-use crate::transfer::{self, bad, Progress, WireVolume, CHUNK};
+use crate::transfer::{self, bad, WireVolume, CHUNK};
 use crate::volume::{self, DirEntry};
+
+mod export;
+mod import;
+#[cfg(test)]
+mod tests;
+
+pub use export::{export_delta, export_stage};
+pub use import::{import_delta, import_staged, receive_delta, receive_stage};
+#[cfg(test)]
+use {
+    export::{read_wanted, RUN},
+    import::{old_source, punch_hole, staged_digests, write_wanted},
+};
 
 /// The version of the staged and delta streams (the full import's is [`transfer::FORMAT`]).
 pub const FORMAT: u32 = 3;
-/// The unit the delta compares: a changed byte moves its whole block.
-pub const BLOCK: usize = CHUNK;
+/// The unit the delta compares: a changed byte moves its whole block. A whole subtree of
+/// BLAKE3's tree, so that the blocks' digests make the volume's BLAKE3.
+pub const BLOCK: usize = blocktree::BLOCK;
+const _: () = assert!(BLOCK == CHUNK);
+/// What the block digests are; a target that asks with other digests is refused by name.
+const DIGEST: &str = "blake3-cv";
 /// The most block digests a request may carry (64 TiB of volumes in 1 MiB blocks).
 const MAX_BLOCKS: u64 = 64 << 20;
 /// A test hook: `peer export` refuses `--stage` and `--delta` as a gridctl without staging does.
@@ -76,6 +92,9 @@ pub struct Header {
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 struct Wanted {
     format: u32,
+    /// [`DIGEST`]; empty from a gridctl whose digests were each block's own BLAKE3.
+    #[serde(default)]
+    digest: String,
     volumes: Vec<WantedVolume>,
 }
 
@@ -85,30 +104,8 @@ struct WantedVolume {
     blocks: u64,
 }
 
-type Digest = [u8; 32];
-
-/// The digest of `len` zero bytes (a hole), computed once per length.
-struct Zeros(BTreeMap<usize, Digest>);
-
-impl Zeros {
-    fn new() -> Zeros {
-        Zeros(BTreeMap::new())
-    }
-    fn get(&mut self, len: usize) -> Digest {
-        *self
-            .0
-            .entry(len)
-            .or_insert_with(|| *blake3::hash(&vec![0u8; len]).as_bytes())
-    }
-}
-
-fn block_len(size: u64, i: u64) -> usize {
-    (size - i * BLOCK as u64).min(BLOCK as u64) as usize
-}
-
-fn blocks(size: u64) -> u64 {
-    size.div_ceil(BLOCK as u64)
-}
+/// A block's BLAKE3 chaining value at its offset (see [`crate::blocktree`]).
+type Digest = blake3::hazmat::ChainingValue;
 
 /// Whether block `[off, off+len)` holds data, walking `extents` (sorted) with the cursor `at`.
 fn has_data(extents: &[(u64, u64)], at: &mut usize, off: u64, len: u64) -> bool {
@@ -118,14 +115,13 @@ fn has_data(extents: &[(u64, u64)], at: &mut usize, off: u64, len: u64) -> bool 
     *at < extents.len() && extents[*at].0 < off + len
 }
 
-/// The whole-volume digest of the delta: every block's digest, then the size.
-fn whole(digests: &[Digest], size: u64) -> blake3::Hash {
-    let mut h = blake3::Hasher::new();
-    for d in digests {
-        h.update(d);
+/// The whole-volume digest of the delta: the plain BLAKE3 of the file at `path`, from its blocks'
+/// digests (a file of one block or less is hashed whole: it is at most a block).
+fn whole(path: &Path, digests: &[Digest], size: u64) -> io::Result<blake3::Hash> {
+    match blocktree::root(digests, size) {
+        Some(h) => Ok(h),
+        None => Ok(volume::file_digest(path)?.1),
     }
-    h.update(&size.to_le_bytes());
-    h.finalize()
 }
 
 /// The digest of each block of the file at `path` (holes hashed as zeros, never read).
@@ -134,7 +130,6 @@ pub fn block_digests(path: &Path, size: u64) -> io::Result<Vec<Digest>> {
     let extents = volume::data_extents(&f, size)?;
     let mut direct = transfer::open_direct(path, false);
     let pool = Pool::new(BLOCK, 2);
-    let mut zeros = Zeros::new();
     let mut at = 0;
     let mut out = Vec::with_capacity(blocks(size) as usize);
     for i in 0..blocks(size) {
@@ -143,9 +138,9 @@ pub fn block_digests(path: &Path, size: u64) -> io::Result<Vec<Digest>> {
         if has_data(&extents, &mut at, off, len as u64) {
             let mut buf = pool.get(len);
             transfer::read_chunk(&f, &mut direct, off, &mut buf)?;
-            out.push(*blake3::hash(&buf).as_bytes());
+            out.push(block_cv(i, &buf));
         } else {
-            out.push(zeros.get(len));
+            out.push(zero_cv(i, len));
         }
     }
     Ok(out)
@@ -153,6 +148,11 @@ pub fn block_digests(path: &Path, size: u64) -> io::Result<Vec<Digest>> {
 
 fn digest_file(app_dir: &Path, vol: &str) -> PathBuf {
     app_dir.join("stage").join(vol)
+}
+
+/// The stamp of the staged volume its digests were computed for (see [`staged_digests`]).
+fn stamp_file(app_dir: &Path, vol: &str) -> PathBuf {
+    app_dir.join("stage").join(format!("{vol}.stamp"))
 }
 
 fn write_header(out: &mut dyn Write, h: &Header) -> io::Result<()> {
@@ -187,170 +187,6 @@ fn wire_volumes(app_dir: &Path, rec: &AppRecord, dirs: bool) -> io::Result<Vec<W
         });
     }
     Ok(v)
-}
-
-/// The source of a pre-copy: every file volume of a (possibly running) application, as a full
-/// import sends it; dir volumes wait for the delta (a running application may change them
-/// between their listing and their reading).
-pub fn export_stage(
-    app_dir: &Path,
-    record: &AppRecord,
-    compress: bool,
-    out: &mut dyn Write,
-) -> io::Result<()> {
-    let header = Header {
-        format: FORMAT,
-        mode: Mode::Stage,
-        record: record.clone(),
-        volumes: wire_volumes(app_dir, record, false)?,
-    };
-    write_header(out, &header)?;
-    let mut fault = transfer::Fault {
-        after: None,
-        sent: 0,
-    };
-    for v in &record.volumes {
-        if v.kind == VolumeKind::File {
-            let p = model::volume_path(app_dir, &v.name);
-            transfer::export_file(&p, v.size, compress, &mut fault, out)?;
-        }
-    }
-    out.write_all(b"Z")?;
-    out.flush()
-}
-
-/// Reads the target's block digests (see the module doc), refusing another format.
-fn read_wanted(r: &mut dyn BufRead) -> io::Result<BTreeMap<String, Vec<Digest>>> {
-    let mut line = Vec::new();
-    (&mut *r)
-        .take(transfer::MAX_HEADER)
-        .read_until(b'\n', &mut line)?;
-    let w: Wanted =
-        serde_json::from_slice(&line).map_err(|e| bad(format!("bad block digest request: {e}")))?;
-    if w.format != FORMAT {
-        return Err(bad(format!(
-            "the target grid asks for a delta of format {}, this grid sends format {FORMAT}: \
-             run the same gridctl version on both grids",
-            w.format
-        )));
-    }
-    let mut out = BTreeMap::new();
-    let mut total = 0u64;
-    for v in w.volumes {
-        total = total.saturating_add(v.blocks);
-        if total > MAX_BLOCKS {
-            return Err(bad("the block digest request is too large"));
-        }
-        let mut d = vec![[0u8; 32]; v.blocks as usize];
-        for x in &mut d {
-            r.read_exact(x)?;
-        }
-        out.insert(v.name, d);
-    }
-    Ok(out)
-}
-
-/// The source of a final pull: reads the target's block digests from `input`, then sends each
-/// file volume's changed blocks and every dir volume whole. The application is stopped.
-pub fn export_delta(
-    app_dir: &Path,
-    record: &AppRecord,
-    input: &mut dyn BufRead,
-    out: &mut dyn Write,
-) -> io::Result<()> {
-    let wanted = read_wanted(input)?;
-    let header = Header {
-        format: FORMAT,
-        mode: Mode::Delta,
-        record: record.clone(),
-        volumes: wire_volumes(app_dir, record, true)?,
-    };
-    write_header(out, &header)?;
-    let mut fault = transfer::Fault {
-        after: None,
-        sent: 0,
-    };
-    for v in &record.volumes {
-        let p = model::volume_path(app_dir, &v.name);
-        match v.kind {
-            VolumeKind::File => {
-                let theirs = wanted
-                    .get(&v.name)
-                    .filter(|d| d.len() as u64 == blocks(v.size));
-                send_changed(&p, v.size, theirs.map(Vec::as_slice), out)?
-            }
-            VolumeKind::Dir => transfer::export_dir(&p, &mut fault, out)?,
-        }
-    }
-    out.write_all(b"Z")?;
-    out.flush()
-}
-
-/// One block the reader found changed: its data, or `None` for a hole.
-type Changed = (u64, usize, Option<Chunk>);
-
-fn send_changed(
-    path: &Path,
-    size: u64,
-    theirs: Option<&[Digest]>,
-    out: &mut dyn Write,
-) -> io::Result<()> {
-    let f = File::open(path)?;
-    let extents = volume::data_extents(&f, size)?;
-    let mut direct = transfer::open_direct(path, false);
-    let theirs: Option<Vec<Digest>> = theirs.map(<[Digest]>::to_vec);
-    // Reading and hashing on their own thread (the cost of a delta), sending on this one.
-    let (tx, rx) = sync_channel::<io::Result<Changed>>(8);
-    let reader = std::thread::spawn(move || -> Option<blake3::Hash> {
-        let pool = Pool::new(BLOCK, transfer::POOL_KEEP);
-        let mut zeros = Zeros::new();
-        let mut mine = Vec::with_capacity(blocks(size) as usize);
-        let mut at = 0;
-        for i in 0..blocks(size) {
-            let off = i * BLOCK as u64;
-            let len = block_len(size, i);
-            let (d, data) = if has_data(&extents, &mut at, off, len as u64) {
-                let mut buf = pool.get(len);
-                if let Err(e) = transfer::read_chunk(&f, &mut direct, off, &mut buf) {
-                    let _ = tx.send(Err(e));
-                    return None;
-                }
-                (*blake3::hash(&buf).as_bytes(), Some(buf))
-            } else {
-                (zeros.get(len), None)
-            };
-            mine.push(d);
-            if theirs.as_ref().is_some_and(|t| t[i as usize] == d) {
-                continue;
-            }
-            if tx.send(Ok((off, len, data))).is_err() {
-                return None;
-            }
-        }
-        Some(whole(&mine, size))
-    });
-    for item in rx.iter() {
-        let (off, len, data) = item?;
-        match data {
-            Some(mut c) => {
-                c.set_head(&transfer::d_head(off, len, len, 0));
-                out.write_all(c.frame())?;
-            }
-            None => {
-                let mut h = [0u8; 17];
-                h[0] = b'H';
-                h[1..9].copy_from_slice(&off.to_le_bytes());
-                h[9..17].copy_from_slice(&(len as u64).to_le_bytes());
-                out.write_all(&h)?;
-            }
-        }
-    }
-    let hash = reader
-        .join()
-        .map_err(|_| io::Error::other("reader thread panicked"))?
-        .ok_or_else(|| io::Error::other("the reader thread stopped"))?;
-    out.write_all(b"E")?;
-    out.write_all(hash.as_bytes())
 }
 
 /// Reads the header of a staged or delta stream, refusing another format or mode by name.
@@ -395,546 +231,5 @@ fn as_full(h: &Header) -> transfer::Header {
         volumes: h.volumes.clone(),
         with_data: true,
         format: transfer::FORMAT,
-    }
-}
-
-/// Receives a pre-copy into `app_dir` (created by the daemon) and hashes its blocks; returns the
-/// staged copy's record.
-pub fn receive_stage(
-    r: &mut dyn BufRead,
-    state: &Path,
-    app: &str,
-    new_name: &str,
-    overrides: &[dialect::Prop],
-    app_dir: &Path,
-    progress: &mut Progress,
-) -> Result<AppRecord, String> {
-    let h = read_header(r, Mode::Stage).map_err(|e| e.to_string())?;
-    if h.record.name != app {
-        return Err(format!("the source sent {} instead", h.record.name));
-    }
-    let local = transfer::local_template(state, app, &h.record.template)?;
-    let mut rec = transfer::imported_record(&as_full(&h), &local, new_name, overrides)?;
-    rec.staged = true;
-    let io = |e: io::Error| e.to_string();
-    progress.total = h
-        .volumes
-        .iter()
-        .filter(|v| v.kind == VolumeKind::File)
-        .map(|v| v.data_bytes)
-        .try_fold(0u64, u64::checked_add)
-        .ok_or("the volumes' announced sizes add up past 2^64 bytes")?;
-    progress.emit().map_err(io)?;
-    fs::create_dir_all(app_dir.join("stage")).map_err(io)?;
-    for v in &h.volumes {
-        let p = model::volume_path(app_dir, &v.name);
-        match v.kind {
-            VolumeKind::Dir => volume::create(&p, v.kind, 0, None).map_err(io)?,
-            VolumeKind::File => {
-                if let Some((sent, got)) =
-                    transfer::import_file(r, &p, v.size, progress).map_err(io)?
-                {
-                    return Err(format!(
-                        "volume {}: BLAKE3 mismatch (source {}, received {}): the stream was corrupted",
-                        v.name,
-                        sent.to_hex(),
-                        got.to_hex()
-                    ));
-                }
-                let d = block_digests(&p, v.size).map_err(io)?;
-                fs::write(digest_file(app_dir, &v.name), d.concat()).map_err(io)?;
-            }
-        }
-    }
-    match transfer::read_u8(r).map_err(io)? {
-        b'Z' => Ok(rec),
-        t => Err(format!("unexpected frame {t:#x} at the end of the stream")),
-    }
-}
-
-/// The block digests of the staged copy's file volumes, from the pre-copy (computed again when
-/// missing or stale, e.g. after an interrupted delta).
-fn staged_digests(app_dir: &Path, rec: &AppRecord) -> io::Result<BTreeMap<String, Vec<Digest>>> {
-    let mut out = BTreeMap::new();
-    for v in rec.volumes.iter().filter(|v| v.kind == VolumeKind::File) {
-        let n = blocks(v.size) as usize;
-        let stored = fs::read(digest_file(app_dir, &v.name)).ok();
-        let d: Vec<Digest> = match stored.filter(|b| b.len() == n * 32) {
-            Some(b) => b
-                .chunks_exact(32)
-                .map(|c| c.try_into().expect("32 bytes"))
-                .collect(),
-            None => block_digests(&model::volume_path(app_dir, &v.name), v.size)?,
-        };
-        out.insert(v.name.clone(), d);
-    }
-    Ok(out)
-}
-
-fn write_wanted(w: &mut dyn Write, d: &BTreeMap<String, Vec<Digest>>) -> io::Result<()> {
-    let req = Wanted {
-        format: FORMAT,
-        volumes: d
-            .iter()
-            .map(|(name, b)| WantedVolume {
-                name: name.clone(),
-                blocks: b.len() as u64,
-            })
-            .collect(),
-    };
-    let mut line = serde_json::to_vec(&req)?;
-    line.push(b'\n');
-    w.write_all(&line)?;
-    for b in d.values() {
-        w.write_all(&b.concat())?;
-    }
-    w.flush()
-}
-
-/// Applies a delta to the staged copy in `app_dir` whose record is `staged`; returns the record
-/// it becomes. Progress counts the bytes that moved.
-pub fn receive_delta(
-    r: &mut dyn BufRead,
-    state: &Path,
-    staged: &AppRecord,
-    mut digests: BTreeMap<String, Vec<Digest>>,
-    overrides: &[dialect::Prop],
-    app_dir: &Path,
-    progress: &mut Progress,
-) -> Result<AppRecord, String> {
-    let io = |e: io::Error| e.to_string();
-    let h = read_header(r, Mode::Delta).map_err(io)?;
-    let same = h.record.volumes.len() == staged.volumes.len()
-        && h.record
-            .volumes
-            .iter()
-            .zip(&staged.volumes)
-            .all(|(a, b)| a.name == b.name && a.kind == b.kind && a.size == b.size);
-    if !same {
-        return Err(format!(
-            "the source's volumes changed since the pre-copy of {}: pull it again from scratch",
-            staged.name
-        ));
-    }
-    let local = transfer::local_template(state, &h.record.name, &h.record.template)?;
-    let rec = transfer::imported_record(&as_full(&h), &local, &staged.name, overrides)?;
-    progress.total = h
-        .volumes
-        .iter()
-        .map(|v| v.data_bytes)
-        .try_fold(0u64, u64::checked_add)
-        .ok_or("the volumes' announced sizes add up past 2^64 bytes")?;
-    progress.emit().map_err(io)?;
-    for v in &h.volumes {
-        let p = model::volume_path(app_dir, &v.name);
-        let mismatch = match v.kind {
-            VolumeKind::File => {
-                let mine = digests.remove(&v.name).unwrap_or_default();
-                apply_file(r, &p, v.size, mine, progress).map_err(io)?
-            }
-            VolumeKind::Dir => {
-                if p.exists() {
-                    fs::remove_dir_all(&p).map_err(io)?;
-                }
-                transfer::import_dir(r, &p, v.data_bytes, progress).map_err(io)?
-            }
-        };
-        if let Some((sent, got)) = mismatch {
-            return Err(format!(
-                "volume {}: BLAKE3 mismatch after the delta (source {}, copy {}): the copy is \
-                 not the source's volume",
-                v.name,
-                sent.to_hex(),
-                got.to_hex()
-            ));
-        }
-    }
-    match transfer::read_u8(r).map_err(io)? {
-        b'Z' => {}
-        t => return Err(format!("unexpected frame {t:#x} at the end of the stream")),
-    }
-    // What moved is the whole of it now: the last progress line says so.
-    progress.total = progress.done;
-    Ok(rec)
-}
-
-fn punch_hole(f: &File, off: u64, len: u64) -> io::Result<()> {
-    use nix::fcntl::{fallocate, FallocateFlags};
-    let flags = FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE;
-    if fallocate(f.as_raw_fd(), flags, off as i64, len as i64).is_err() {
-        // A file system without holes: zeros read the same.
-        f.write_all_at(&vec![0u8; len as usize], off)?;
-    }
-    Ok(())
-}
-
-/// Applies one file volume's changed blocks to the staged file; the whole-volume digest is
-/// computed from `mine` (the staged blocks' digests) and what arrived.
-fn apply_file(
-    r: &mut dyn Read,
-    path: &Path,
-    size: u64,
-    mut mine: Vec<Digest>,
-    progress: &mut Progress,
-) -> io::Result<transfer::Mismatch> {
-    if mine.len() as u64 != blocks(size) {
-        return Err(bad(format!(
-            "the staged volume {} has no block digests",
-            path.display()
-        )));
-    }
-    let f = OpenOptions::new().write(true).open(path)?;
-    let mut zeros = Zeros::new();
-    let mut next = 0u64;
-    let mut buf = vec![0u8; BLOCK];
-    let check = |off: u64, len: u64, next: u64| -> io::Result<u64> {
-        let i = off / BLOCK as u64;
-        if !off.is_multiple_of(BLOCK as u64)
-            || off < next
-            || i >= blocks(size)
-            || len != block_len(size, i) as u64
-        {
-            return Err(bad(format!("bad delta frame at offset {off}")));
-        }
-        Ok(i)
-    };
-    loop {
-        match transfer::read_u8(r)? {
-            b'D' => {
-                let off = transfer::read_u64(r)?;
-                let raw = transfer::read_u32(r)? as u64;
-                let enc = transfer::read_u32(r)? as u64;
-                let codec = transfer::read_u8(r)?;
-                let i = check(off, raw, next)?;
-                if codec != 0 || enc != raw {
-                    return Err(bad(format!("bad delta frame at offset {off}")));
-                }
-                let data = &mut buf[..raw as usize];
-                r.read_exact(data)?;
-                f.write_all_at(data, off)?;
-                mine[i as usize] = *blake3::hash(data).as_bytes();
-                progress.add(raw)?;
-                next = off + raw;
-            }
-            b'H' => {
-                let off = transfer::read_u64(r)?;
-                let len = transfer::read_u64(r)?;
-                let i = check(off, len, next)?;
-                punch_hole(&f, off, len)?;
-                mine[i as usize] = zeros.get(len as usize);
-                next = off + len;
-            }
-            b'E' => {
-                let sent = transfer::read_hash(r)?;
-                f.sync_all()?;
-                let got = whole(&mine, size);
-                return Ok((sent != got).then_some((sent, got)));
-            }
-            t => return Err(bad(format!("unexpected frame {t:#x} in a delta"))),
-        }
-    }
-}
-
-/// The message for a source whose gridctl refused `peer export --stage/--delta`: it has no
-/// staged copies.
-fn old_source(remote: &str, stderr: &str) -> String {
-    format!(
-        "the source grid {remote} runs a gridctl without staged copies (stream format {FORMAT}): \
-         it refused the pre-copy ({stderr}); run the same gridctl version on both grids, or \
-         migrate with precopy = off"
-    )
-}
-
-/// Runs `peer export APP FLAGS` on the remote grid; `feed` writes what the source reads first
-/// (the delta's block digests); `receive` reads the stream. Returns what `receive` returned.
-fn pull<T>(
-    state: &Path,
-    o: &ImportOpts,
-    flag: &str,
-    feed: Option<Vec<u8>>,
-    receive: impl FnOnce(&mut dyn BufRead, &mut Progress) -> Result<T, String>,
-) -> Result<T, String> {
-    let mut remote_cmd = vec!["peer", "export", o.app, flag];
-    if o.nocompress {
-        remote_cmd.push("--nocompress");
-    }
-    let mut child = client::peer_ssh(state, o.remote, &shell_words::join(remote_cmd))
-        .stdin(if feed.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("running ssh: {e}"))?;
-    let err_pipe = child.stderr.take().expect("piped");
-    let err_reader =
-        std::thread::spawn(move || client::read_bounded(err_pipe, client::MAX_REMOTE_ERR));
-    // On its own thread: a source that refuses the request stops reading, and must not stall us.
-    let feeder = child.stdin.take().zip(feed).map(|(mut w, bytes)| {
-        std::thread::spawn(move || {
-            let _ = w.write_all(&bytes);
-        })
-    });
-    let stdout_pipe = child.stdout.take().expect("piped");
-    transfer::grow_pipe(&stdout_pipe);
-    let mut r = BufReader::with_capacity(64 << 10, stdout_pipe);
-    let stdout = io::stdout();
-    let mut print = |done: u64, total: u64| -> io::Result<()> {
-        let mut out = stdout.lock();
-        writeln!(out, "progress {done} {total}")?;
-        out.flush()
-    };
-    let mut progress = Progress::new(
-        o.progress_on_stdout
-            .then_some(&mut print as transfer::ProgressSink),
-    );
-    let res = receive(&mut r, &mut progress);
-    // A source that sent nothing has ended (a refusal, say): its exit code tells why, so it is
-    // waited for; one that stopped mid-stream is killed.
-    if res.as_ref().is_err_and(|e| !e.contains("sent nothing")) {
-        let _ = child.kill();
-    }
-    let status = child.wait().map_err(|e| e.to_string())?;
-    if let Some(t) = feeder {
-        let _ = t.join();
-    }
-    let remote_err = err_reader.join().unwrap_or_default();
-    let remote_err = remote_err.trim().trim_start_matches("gridctl: ");
-    let refused = status.code() == Some(client::REFUSED) && remote_err.contains("peer export");
-    match res {
-        _ if refused => Err(old_source(&o.remote.to_string(), remote_err)),
-        Ok(v) if status.success() => {
-            progress.emit().map_err(|e| e.to_string())?;
-            Ok(v)
-        }
-        Ok(_) => Err(format!("the source grid failed: {remote_err}")),
-        Err(_) if !status.success() && !remote_err.is_empty() => Err(remote_err.to_string()),
-        Err(e) => Err(e),
-    }
-}
-
-/// `app migrate REMOTE APP .name=NEW --import --stage`: the pre-copy into a staged copy.
-pub fn import_staged(state: &Path, o: &ImportOpts) -> Result<(), String> {
-    client::import_with(state, o, |app_dir| {
-        pull(state, o, "--stage", None, |r, p| {
-            receive_stage(r, state, o.app, o.new_name, o.props, app_dir, p)
-        })
-    })
-}
-
-/// `app migrate REMOTE APP .name=NEW --import --delta`: the final pull into the staged copy NEW.
-pub fn import_delta(state: &Path, o: &ImportOpts) -> Result<(), String> {
-    client::check_peer(state, o.remote)?;
-    let mut conn = client::connect(state)?;
-    let (staged, app_dir) = match conn.call(&Request::StageBegin {
-        name: o.new_name.to_string(),
-    }) {
-        Ok(Reply::Export { record, app_dir }) => (record, app_dir),
-        Ok(Reply::Done { stderr, .. }) => return Err(stderr),
-        Ok(other) => return Err(format!("unexpected reply from the daemon: {other:?}")),
-        Err(e) => return Err(format!("talking to the grid daemon: {e}")),
-    };
-    let digests = staged_digests(&app_dir, &staged).map_err(|e| e.to_string())?;
-    let mut feed = Vec::new();
-    write_wanted(&mut feed, &digests).map_err(|e| e.to_string())?;
-    let rec = pull(state, o, "--delta", Some(feed), |r, p| {
-        receive_delta(r, state, &staged, digests, o.props, &app_dir, p)
-    })?;
-    // Stale from here on: a later delta must not trust them.
-    let _ = fs::remove_dir_all(app_dir.join("stage"));
-    client::done(conn.call(&Request::StageCommit { record: rec }))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::model::{State, Volume};
-
-    fn record(size: u64) -> AppRecord {
-        AppRecord {
-            name: "src".into(),
-            template: "t".into(),
-            state: State::Stopped,
-            error: String::new(),
-            props: BTreeMap::new(),
-            required: vec![],
-            secret: vec![],
-            volumes: vec![
-                Volume {
-                    name: "data".into(),
-                    kind: VolumeKind::File,
-                    size,
-                },
-                Volume {
-                    name: "conf".into(),
-                    kind: VolumeKind::Dir,
-                    size: 0,
-                },
-            ],
-            components: vec![],
-            pids: vec![],
-            pgid: 0,
-            staged: false,
-        }
-    }
-
-    const T: &str = "[[volumes]]\nname = \"data\"\nsize = \"1M\"\n[[volumes]]\nname = \"conf\"\nkind = \"dir\"\n";
-
-    /// A grid state dir with template `t`, the source app `src` (a sparse file volume of
-    /// `size` bytes and a dir volume) and the target's app dir `dst`.
-    fn setup(size: u64) -> (tempfile::TempDir, AppRecord) {
-        let d = tempfile::tempdir().unwrap();
-        fs::create_dir_all(d.path().join("templates")).unwrap();
-        fs::write(d.path().join("templates/t.toml"), T).unwrap();
-        let src = d.path().join("src");
-        fs::create_dir_all(src.join("vols/conf")).unwrap();
-        fs::write(src.join("vols/conf/k"), "v1").unwrap();
-        volume::create(&src.join("vols/data"), VolumeKind::File, size, None).unwrap();
-        fs::create_dir_all(d.path().join("dst/vols")).unwrap();
-        (d, record(size))
-    }
-
-    fn write_at(d: &Path, off: u64, data: &[u8]) {
-        let f = OpenOptions::new()
-            .write(true)
-            .open(d.join("src/vols/data"))
-            .unwrap();
-        f.write_all_at(data, off).unwrap();
-    }
-
-    fn stage(d: &Path, rec: &AppRecord) -> AppRecord {
-        let mut wire = Vec::new();
-        export_stage(&d.join("src"), rec, true, &mut wire).unwrap();
-        receive_stage(
-            &mut &wire[..],
-            d,
-            "src",
-            "dst",
-            &[],
-            &d.join("dst"),
-            &mut Progress::new(None),
-        )
-        .unwrap()
-    }
-
-    /// A delta from `src` into the staged `dst`; the bytes that moved, or the error.
-    fn delta(
-        d: &Path,
-        rec: &AppRecord,
-        staged: &AppRecord,
-        tamper: impl FnOnce(&mut Vec<u8>),
-    ) -> Result<u64, String> {
-        let digests = staged_digests(&d.join("dst"), staged).unwrap();
-        let mut req = Vec::new();
-        write_wanted(&mut req, &digests).unwrap();
-        let mut wire = Vec::new();
-        export_delta(&d.join("src"), rec, &mut &req[..], &mut wire).unwrap();
-        tamper(&mut wire);
-        let mut p = Progress::new(None);
-        receive_delta(
-            &mut &wire[..],
-            d,
-            staged,
-            digests,
-            &[],
-            &d.join("dst"),
-            &mut p,
-        )?;
-        // As `import_delta` does: the pre-copy's digests are stale now.
-        let _ = fs::remove_dir_all(d.join("dst/stage"));
-        Ok(p.done)
-    }
-
-    fn sums(d: &Path, app: &str) -> Vec<String> {
-        [("data", VolumeKind::File), ("conf", VolumeKind::Dir)]
-            .iter()
-            .map(|(v, k)| volume::checksum_line(v, *k, &d.join(app).join("vols").join(v)).unwrap())
-            .collect()
-    }
-
-    #[test]
-    fn a_delta_moves_only_the_changed_blocks_and_the_copy_ends_equal() {
-        let size = (32 << 20) + 1000;
-        let (d, rec) = setup(size);
-        for i in 0..10u64 {
-            write_at(d.path(), i * (3 << 20), &vec![i as u8 + 1; 1 << 20]);
-        }
-        write_at(d.path(), size - 10, b"tail-bytes");
-        let staged = stage(d.path(), &rec);
-        assert!(staged.staged);
-        assert!(fs::read_dir(d.path().join("dst/vols/conf"))
-            .unwrap()
-            .next()
-            .is_none());
-        // While "running": one block changed, one block punched to a hole, one new block in a
-        // hole, the tail changed, and the dir volume changed.
-        write_at(d.path(), 3 << 20, b"changed");
-        let f = OpenOptions::new()
-            .write(true)
-            .open(d.path().join("src/vols/data"))
-            .unwrap();
-        punch_hole(&f, 6 << 20, 1 << 20).unwrap();
-        write_at(d.path(), 20 << 20, b"new data in a hole");
-        write_at(d.path(), size - 3, b"xyz");
-        fs::write(d.path().join("src/vols/conf/k"), "v2").unwrap();
-        let moved = delta(d.path(), &rec, &staged, |_| {}).unwrap();
-        // Three data blocks (the tail is 1000 bytes) and the 2-byte file.
-        assert_eq!(moved, (2 << 20) + 1000 + 2);
-        assert_eq!(sums(d.path(), "src"), sums(d.path(), "dst"));
-        // Nothing changed: a second delta moves only the dir volume.
-        let moved = delta(d.path(), &rec, &staged, |_| {}).unwrap();
-        assert_eq!(moved, 2);
-    }
-
-    #[test]
-    fn a_corrupted_delta_is_detected_by_the_whole_volume_digest() {
-        let (d, rec) = setup(8 << 20);
-        write_at(d.path(), 0, &vec![1u8; 4 << 20]);
-        let staged = stage(d.path(), &rec);
-        write_at(d.path(), 1 << 20, b"changed");
-        let e = delta(d.path(), &rec, &staged, |w| {
-            let nl = w.iter().position(|&b| b == b'\n').unwrap();
-            assert_eq!(w[nl + 1], b'D');
-            w[nl + 1 + transfer::D_HEAD + 5] ^= 1;
-        })
-        .unwrap_err();
-        assert!(
-            e.contains("volume data: BLAKE3 mismatch after the delta"),
-            "{e}"
-        );
-    }
-
-    #[test]
-    fn streams_of_another_format_or_mode_are_refused_by_name() {
-        let (d, rec) = setup(1 << 20);
-        let mut wire = Vec::new();
-        export_stage(&d.path().join("src"), &rec, false, &mut wire).unwrap();
-        let e = read_header(&mut &wire[..], Mode::Delta).unwrap_err();
-        assert!(
-            e.to_string().contains("a Stage stream where a Delta"),
-            "{e}"
-        );
-        // A full import's stream (format 2), as a gridctl without staging sends it.
-        let mut full = Vec::new();
-        transfer::export(&d.path().join("src"), &rec, false, false, None, &mut full).unwrap();
-        let e = read_header(&mut &full[..], Mode::Stage).unwrap_err();
-        assert!(
-            e.to_string()
-                .contains("sends stream format 2, and a staged copy needs format 3"),
-            "{e}"
-        );
-        let e = read_wanted(&mut &b"{\"format\":2,\"volumes\":[]}\n"[..]).unwrap_err();
-        assert!(e.to_string().contains("a delta of format 2"), "{e}");
-    }
-
-    #[test]
-    fn the_refusal_of_an_old_source_names_the_way_out() {
-        let m = old_source("127.0.1.1:2222", "refused: expected `peer export APP`");
-        assert!(
-            m.contains("without staged copies") && m.contains("precopy = off"),
-            "{m}"
-        );
     }
 }

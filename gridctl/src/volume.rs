@@ -203,10 +203,15 @@ pub fn dir_digest(root: &Path) -> io::Result<(u64, blake3::Hash)> {
     Ok((total, h.finalize()))
 }
 
-/// The `app checksum` line of a volume: `VOLUME\tSIZE\tblake3:HEX`.
+/// The `app checksum` line of a volume: `VOLUME\tSIZE\tblake3:HEX`. A file volume's BLAKE3 comes
+/// from the cache a delta left for it while the file is unchanged since (see
+/// [`crate::blocktree`]), else from reading it.
 pub fn checksum_line(name: &str, kind: VolumeKind, path: &Path) -> io::Result<String> {
     let (size, hash) = match kind {
-        VolumeKind::File => file_digest(path)?,
+        VolumeKind::File => match crate::blocktree::recall(path) {
+            Some(cached) => cached,
+            None => file_digest(path)?,
+        },
         VolumeKind::Dir => dir_digest(path)?,
     };
     Ok(format!("{name}\t{size}\tblake3:{}", hash.to_hex()))
