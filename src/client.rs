@@ -10,8 +10,9 @@ use anyhow::{bail, Context};
 use indicatif::{ProgressBar, ProgressStyle};
 use mig_web::OpView;
 
-/// How often the follower asks for news.
-const POLL: Duration = Duration::from_millis(200);
+/// How often the follower asks for news: the end of an operation reached the CLI up to this late
+/// (measured: 0.18 s of a 2.3 s demo migrate at 200 ms); a GET of one operation costs little.
+const POLL: Duration = Duration::from_millis(50);
 /// How long every instance may be unreachable before the follower gives up.
 const LOST_AFTER: Duration = Duration::from_secs(300);
 

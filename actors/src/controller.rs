@@ -9,6 +9,7 @@
 use std::future::Future;
 use std::path::PathBuf;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 use dialect::{AppName, AppState, Command, Controller, DialectError, Prop};
@@ -106,6 +107,12 @@ pub trait GridController: Send + Sync {
         app: &'a str,
         new_name: &'a str,
     ) -> GridFuture<'a, ()>;
+    /// Gets ready for commands without sending one (over SSH: logs in and keeps the session), so a
+    /// step's first command later does not wait for the login. A command sent after this call
+    /// uses what it prepares rather than preparing its own. Nothing to do by default.
+    fn warm_up(self: Arc<Self>) -> GridFuture<'static, ()> {
+        Box::pin(async { Ok(()) })
+    }
 }
 
 /// `app grid --batch`, parsed.
@@ -135,7 +142,7 @@ pub struct MigrateOptions {
 
 /// What went wrong talking to a grid controller. Every variant names the controller; command
 /// failures carry the remote exit code and stderr.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum GridError {
     #[error("cannot connect to grid controller {addr}: {reason}")]
     Connect { addr: String, reason: String },

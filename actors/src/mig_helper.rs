@@ -278,6 +278,8 @@ async fn steps(driver: &Driver, gate: &Gate, op: &mut Op) -> Result<(), StepErro
     let plan = op.plan.clone();
     let src = driver.grid(&plan.source_controller)?;
     let dst = driver.grid(&plan.target_controller)?;
+    // The source grid's first command comes after the pre-copy: log in to it meanwhile.
+    driver.warm_up([plan.source_controller.as_str()]);
     let todo = |op: &Op, s: StepId| op.step(s).state != StepState::Done;
 
     if op.has_step(PRECOPYING) && todo(op, PRECOPYING) {

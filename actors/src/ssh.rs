@@ -16,6 +16,10 @@
 //!
 //! Opening a session (handshake, host key check, login) is in `ssh/login.rs`; this file keeps the
 //! pool and the commands.
+//!
+//! An actor that knows it will need a grid later logs in ahead ([`GridController::warm_up`]) while
+//! it works elsewhere; a command that finds no idle session while that login is under way waits
+//! for it rather than logging in a second time.
 
 use std::io::ErrorKind;
 use std::net::SocketAddr;
@@ -61,6 +65,8 @@ pub struct SshGrid {
 #[derive(Default)]
 struct Pool {
     state: Mutex<PoolState>,
+    /// Held while a session is opened ahead of the commands; holds why the last one failed.
+    opening: Arc<tokio::sync::Mutex<Option<GridError>>>,
 }
 
 #[derive(Default)]
@@ -88,6 +94,26 @@ impl Pool {
             }
         }
         None
+    }
+
+    /// Waits for a session being opened ahead, if one is: `Some` is why that failed, which is
+    /// then this command's error too (trying again at once would wait as long again).
+    async fn wait_opening(&self) -> Option<GridError> {
+        match self.opening.try_lock() {
+            // Nothing under way: an older failure says nothing about now.
+            Ok(mut failed) => {
+                *failed = None;
+                None
+            }
+            Err(_) => self.opening.lock().await.clone(),
+        }
+    }
+
+    fn has_idle(&self, idle_timeout: Duration) -> bool {
+        let st = self.state.lock().expect("pool lock");
+        st.idle
+            .iter()
+            .any(|(_, since)| since.elapsed() < idle_timeout)
     }
 
     /// Keeps `session` for the next command, and makes sure something closes it when no command
@@ -217,6 +243,36 @@ impl SshGrid {
         }
     }
 
+    /// Logs in and keeps the session for the next command, unless one is kept already. A command
+    /// sent after this call, even before the returned future first runs, waits for this login
+    /// instead of making its own: the login is claimed here, at the call.
+    pub fn open_ahead(
+        self: Arc<Self>,
+    ) -> impl std::future::Future<Output = Result<(), GridError>> + Send + 'static {
+        let claimed = self.pool.opening.clone().try_lock_owned().ok();
+        async move {
+            let mut failed = match claimed {
+                Some(g) => g,
+                None => self.pool.opening.clone().lock_owned().await,
+            };
+            *failed = None;
+            if self.pool.has_idle(self.idle_timeout) {
+                return Ok(());
+            }
+            match self.open().await {
+                Ok(session) => {
+                    debug!(controller = %self.addr(), "logged in ahead of the commands");
+                    self.pool.put_back(session, self.idle_timeout);
+                    Ok(())
+                }
+                Err(e) => {
+                    *failed = Some(e.clone());
+                    Err(e)
+                }
+            }
+        }
+    }
+
     /// Runs one command on its own channel of a pooled session (or a new one). `on_line` sees
     /// each stdout line as it arrives.
     async fn run(
@@ -258,20 +314,28 @@ impl SshGrid {
         let budget = match limit {
             Limit::Total(d) | Limit::Idle(d) => d,
         };
-        while let Some(session) = self.pool.take(self.idle_timeout) {
-            let started = Instant::now();
-            // A live session answers at once; one whose peer vanished may never answer, so it
-            // gets the connect timeout, not the command's.
-            let wait = started + budget.min(self.connect_timeout);
-            match timeout_at(wait, session.channel_session()).await {
-                Ok(Ok(channel)) => {
-                    debug!("reusing the SSH session");
-                    return Ok((session, channel, started));
+        // The pool, then (once) a login under way for the commands, then the pool again.
+        for waited in [false, true] {
+            while let Some(session) = self.pool.take(self.idle_timeout) {
+                let started = Instant::now();
+                // A live session answers at once; one whose peer vanished may never answer, so
+                // it gets the connect timeout, not the command's.
+                let wait = started + budget.min(self.connect_timeout);
+                match timeout_at(wait, session.channel_session()).await {
+                    Ok(Ok(channel)) => {
+                        debug!("reusing the SSH session");
+                        return Ok((session, channel, started));
+                    }
+                    Ok(Err(e)) => {
+                        debug!(error = %describe(&e), "the idle SSH session broke; reconnecting")
+                    }
+                    Err(_) => debug!("the idle SSH session does not answer; reconnecting"),
                 }
-                Ok(Err(e)) => {
-                    debug!(error = %describe(&e), "the idle SSH session broke; reconnecting")
+            }
+            if !waited {
+                if let Some(e) = self.pool.wait_opening().await {
+                    return Err(e);
                 }
-                Err(_) => debug!("the idle SSH session does not answer; reconnecting"),
             }
         }
         let session = self.open().await?;
@@ -524,6 +588,10 @@ impl GridController for SshGrid {
                 .await
                 .map(|_| ())
         })
+    }
+
+    fn warm_up(self: Arc<Self>) -> GridFuture<'static, ()> {
+        Box::pin(self.open_ahead())
     }
 }
 

@@ -163,6 +163,19 @@ async fn clean_up(driver: Driver, mut op: Op) {
             app: &plan.helper_app,
         });
 
+        // Every grid the clean-up will touch, logged in to at once: the second grid's login then
+        // overlaps the first grid's steps instead of following them.
+        let mut grids: Vec<&str> = Vec::new();
+        for c in steps
+            .iter()
+            .filter(|c| op.step(c.step).state != StepState::Done)
+        {
+            if !grids.contains(&c.controller) {
+                grids.push(c.controller);
+            }
+        }
+        driver.warm_up(grids);
+
         for c in steps {
             if op.step(c.step).state == StepState::Done {
                 continue;

@@ -707,3 +707,59 @@ async fn an_idle_session_is_closed() {
     c.list().await.unwrap();
     assert_eq!(g.logins(), 2);
 }
+
+#[tokio::test]
+async fn a_login_ahead_serves_the_next_commands_even_one_that_comes_while_it_runs() {
+    let g = FakeGrid::start();
+    let c = g.client();
+    // A command that starts while the login ahead is under way waits for it: one login.
+    // The login is claimed at the call: the command, sent before the login's future first
+    // runs (as when an actor spawns it), still waits for it.
+    let warming = Arc::new(c.clone()).warm_up();
+    let (listed, warmed) = tokio::join!(c.list(), warming);
+    warmed.unwrap();
+    listed.unwrap();
+    assert_eq!(g.logins(), 1, "{}", g.sshd_log());
+    c.stop("shop").await.unwrap();
+    // Logging in ahead again with a session kept is nothing more.
+    Arc::new(c.clone()).warm_up().await.unwrap();
+    assert_eq!(g.logged(), ["app list --batch", "app stop shop"]);
+    assert_eq!(g.logins(), 1, "{}", g.sshd_log());
+}
+
+#[tokio::test]
+async fn a_command_waiting_for_a_failed_login_ahead_gets_its_error_without_trying_again() {
+    // Accepts connections and holds them open without a word, counting them.
+    let listener = tokio::net::TcpListener::bind((HOST, 0)).await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let accepted = Arc::new(Mutex::new(0usize));
+    let count = accepted.clone();
+    let hold = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = listener.accept().await {
+            *count.lock().unwrap() += 1;
+            held.push(s);
+        }
+    });
+    let c = SshGrid::new(
+        format!("{HOST}:{port}").parse().unwrap(),
+        "/nonexistent/key",
+        "/nonexistent/known_hosts",
+    )
+    .with_timeouts(Duration::from_millis(500), Duration::from_secs(10));
+    let warming = Arc::new(c.clone()).warm_up();
+    let (listed, warmed) = tokio::join!(c.list(), warming);
+    for e in [warmed.unwrap_err(), listed.unwrap_err()] {
+        match &e {
+            GridError::Connect { reason, .. } => {
+                assert!(reason.contains("no SSH handshake within 0.5s"), "{reason}")
+            }
+            other => panic!("expected Connect, got {other:?}"),
+        }
+    }
+    assert_eq!(*accepted.lock().unwrap(), 1, "the command connected again");
+    // A later command tries for itself.
+    c.list().await.unwrap_err();
+    assert_eq!(*accepted.lock().unwrap(), 2);
+    hold.abort();
+}
