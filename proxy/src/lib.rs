@@ -199,9 +199,18 @@ impl Proxy {
 /// Resolves `proxy_path`: `auto` takes sockmap where the BPF program loads and splice otherwise;
 /// a forced `sockmap` that cannot work is an error naming the property and the reason.
 fn choose_path(config: &ProxyConfig) -> io::Result<(ProxyPath, Option<Arc<Sockmap>>)> {
-    let path = match config.path {
-        ProxyPath::Splice | ProxyPath::Copy => (config.path, None),
-        ProxyPath::Sockmap => match Sockmap::load(config.max_connections, config.ports.len()) {
+    choose_path_with(config.path, || {
+        Sockmap::load(config.max_connections, config.ports.len())
+    })
+}
+
+fn choose_path_with(
+    asked: ProxyPath,
+    load: impl FnOnce() -> Result<Sockmap, String>,
+) -> io::Result<(ProxyPath, Option<Arc<Sockmap>>)> {
+    let chosen = match asked {
+        ProxyPath::Splice | ProxyPath::Copy => (asked, None),
+        ProxyPath::Sockmap => match load() {
             Ok(s) => (ProxyPath::Sockmap, Some(Arc::new(s))),
             Err(why) => {
                 return Err(io::Error::new(
@@ -210,7 +219,7 @@ fn choose_path(config: &ProxyConfig) -> io::Result<(ProxyPath, Option<Arc<Sockma
                 ))
             }
         },
-        ProxyPath::Auto => match Sockmap::load(config.max_connections, config.ports.len()) {
+        ProxyPath::Auto => match load() {
             Ok(s) => (ProxyPath::Sockmap, Some(Arc::new(s))),
             Err(why) => {
                 tracing::info!(reason = %why, "pass-through: the sockmap path is unavailable; using splice");
@@ -218,8 +227,8 @@ fn choose_path(config: &ProxyConfig) -> io::Result<(ProxyPath, Option<Arc<Sockma
             }
         },
     };
-    tracing::info!(path = %path.0, requested = %config.path, "pass-through path");
-    Ok(path)
+    tracing::info!(path = %chosen.0, requested = %asked, "pass-through path");
+    Ok(chosen)
 }
 
 impl Actor for Proxy {
@@ -282,5 +291,37 @@ impl Handler<Shutdown> for Proxy {
             }
             tracing::info!("pass-through stopped");
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refused() -> Result<Sockmap, String> {
+        Err("loading the BPF maps failed (Operation not permitted)".into())
+    }
+
+    #[test]
+    fn a_forced_sockmap_that_cannot_work_is_an_error_naming_the_property_and_why() {
+        let e =
+            choose_path_with(ProxyPath::Sockmap, refused).expect_err("forced sockmap without BPF");
+        assert_eq!(
+            e.to_string(),
+            "proxy_path = sockmap cannot be used here: loading the BPF maps failed (Operation \
+             not permitted)"
+        );
+    }
+
+    #[test]
+    fn auto_falls_back_to_splice_where_sockmap_cannot_work() {
+        let (path, sockmap) = choose_path_with(ProxyPath::Auto, refused).unwrap();
+        assert_eq!(path, ProxyPath::Splice);
+        assert!(sockmap.is_none());
+        // Forced splice and copy never try BPF.
+        for p in [ProxyPath::Splice, ProxyPath::Copy] {
+            let never = || -> Result<Sockmap, String> { panic!("{p} loaded BPF") };
+            assert_eq!(choose_path_with(p, never).unwrap().0, p);
+        }
     }
 }

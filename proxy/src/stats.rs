@@ -96,6 +96,18 @@ impl ProxyStats {
         *self.path.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// The `mig_proxy_path{path}` gauge: 1 for the path that runs, 0 for the others; empty until
+    /// the proxy is bound.
+    pub fn path_gauge(&self) -> Vec<(&'static str, f64)> {
+        let Some(active) = self.path() else {
+            return Vec::new();
+        };
+        [ProxyPath::Sockmap, ProxyPath::Splice, ProxyPath::Copy]
+            .into_iter()
+            .map(|p| (p.as_str(), if p == active { 1.0 } else { 0.0 }))
+            .collect()
+    }
+
     pub(crate) fn set_path(&self, path: ProxyPath, sockmap: Option<Arc<Sockmap>>) {
         *self.path.lock().unwrap_or_else(|e| e.into_inner()) = Some(path);
         *self.sockmap.lock().unwrap_or_else(|e| e.into_inner()) = sockmap;

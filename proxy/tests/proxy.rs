@@ -1047,6 +1047,10 @@ on_paths!(client_resets, aux_resets);
 #[actix_rt::test]
 async fn sockmap_runs_when_asked_and_auto_picks_it() {
     let upstream = spawn_echo(LOCALHOST);
+    assert!(
+        ProxyStats::new().path_gauge().is_empty(),
+        "no path before bind"
+    );
     for (asked, runs) in [
         (ProxyPath::Sockmap, ProxyPath::Sockmap),
         (ProxyPath::Auto, ProxyPath::Sockmap),
@@ -1059,6 +1063,16 @@ async fn sockmap_runs_when_asked_and_auto_picks_it() {
             .unwrap_or_else(|e| panic!("proxy_path = {asked}: {e}"));
         assert_eq!(proxy.path(), runs, "proxy_path = {asked}");
         assert_eq!(stats.path(), Some(runs), "the metric's path for {asked}");
+        // mig_proxy_path{path}: 1 for the path that runs, 0 for the others.
+        let gauge = stats.path_gauge();
+        assert_eq!(gauge.len(), 3, "{gauge:?}");
+        for (path, value) in gauge {
+            assert_eq!(
+                value,
+                f64::from(u8::from(path == runs.as_str())),
+                "{path} on {runs}"
+            );
+        }
         let local = proxy.local_addrs()[0];
         let _addr = proxy.start();
         assert_eq!(send_and_read_all(local, b"path".to_vec()).await, b"path");
