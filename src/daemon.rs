@@ -112,6 +112,7 @@ async fn start_proxy(
     cfg.connect_timeout = props.connect_timeout;
     cfg.idle_timeout = props.idle_timeout;
     cfg.drain = props.drain_timeout;
+    cfg.path = props.proxy_path;
     // On an arbiter (thread) of its own, so bulk traffic cannot delay the GUI or the actors.
     let arbiter = actix::Arbiter::new();
     let (proxy, _addrs) = Proxy::start_on(&arbiter.handle(), cfg, stats)

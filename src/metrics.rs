@@ -59,6 +59,10 @@ pub fn install() -> &'static PrometheusHandle {
             "Times a pass-through port stopped accepting because max_connections were live \
              (new connections then wait in the backlog)."
         );
+        metrics::describe_gauge!(
+            "mig_proxy_path",
+            "1 for the path pass-through bytes take (sockmap, splice or copy; property proxy_path), 0 for the others."
+        );
         metrics::describe_counter!(
             "mig_webhook_attempts_total",
             "Webhook delivery attempts, by result: delivered (2xx) or failed (retried with back-off)."
@@ -91,6 +95,9 @@ pub fn render(proxy: Option<&ProxyStats>) -> String {
                 .absolute(p.bytes_in);
             metrics::counter!("mig_proxy_bytes_total", "port" => port, "direction" => "out")
                 .absolute(p.bytes_out);
+        }
+        for (path, value) in stats.path_gauge() {
+            metrics::gauge!("mig_proxy_path", "path" => path).set(value);
         }
     }
     let me = process_stats();

@@ -55,6 +55,7 @@ pub const NAMES: &[&str] = &[
     "webhook_url",
     "webhook_secret",
     "precopy",
+    "proxy_path",
 ];
 
 /// Properties whose values are never shown, not even a bad one.
@@ -140,6 +141,9 @@ pub struct Properties {
     pub allowed_hosts: Vec<AllowedHost>,
     /// `precopy = on`: copy the data while the source runs, stop it only to move what changed.
     pub precopy: bool,
+    /// How the pass-through moves bytes: `auto` (sockmap where BPF works, else splice), or forced
+    /// `sockmap`, `splice` or `copy`.
+    pub proxy_path: proxy::ProxyPath,
     /// The most bytes per second an operation's copy may move, unless the request names its own;
     /// `None`: no limit.
     pub max_rate: Option<u64>,
@@ -629,6 +633,9 @@ impl<'a> Typed<'a> {
             "off" => Ok(false),
             _ => Err("must be on or off".into()),
         });
+        let proxy_path = self.get("proxy_path", proxy::ProxyPath::Auto, |s| {
+            s.parse::<proxy::ProxyPath>()
+        });
 
         // Cross-property rules: the GUI and mon ports are never passed through.
         if port_no != 0 && passthrough.contains(&port_no) {
@@ -680,6 +687,7 @@ impl<'a> Typed<'a> {
             webhook_secret,
 
             precopy,
+            proxy_path,
         }
     }
 }
@@ -1018,6 +1026,24 @@ mod tests {
         assert_eq!(
             one_error(dir.path(), &[], &["precopy=yes"]),
             r#"precopy = "yes" (from --set): must be on or off"#
+        );
+    }
+
+    #[test]
+    fn proxy_path_is_auto_by_default_and_one_of_four() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = load_with(dir.path(), &[], &[]).unwrap();
+        assert_eq!(p.proxy_path, proxy::ProxyPath::Auto);
+        for (set, want) in [
+            ("proxy_path=sockmap", proxy::ProxyPath::Sockmap),
+            ("proxy_path=splice", proxy::ProxyPath::Splice),
+            ("proxy_path=copy", proxy::ProxyPath::Copy),
+        ] {
+            assert_eq!(load_with(dir.path(), &[], &[set]).unwrap().proxy_path, want);
+        }
+        assert_eq!(
+            one_error(dir.path(), &[], &["proxy_path=fast"]),
+            r#"proxy_path = "fast" (from --set): 'fast' is not a pass-through path (use auto, sockmap, splice or copy)"#
         );
     }
 

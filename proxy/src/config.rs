@@ -37,8 +37,58 @@ pub struct ProxyConfig {
     pub idle_timeout: Option<Duration>,
     /// On [`Shutdown`], how long live connections may go on before they are cut.
     pub drain: Duration,
-    /// `splice(2)` fast path; false forces the copy loop.
-    pub splice: bool,
+    /// How bytes move (the `proxy_path` property): `Auto` takes the sockmap path where BPF works
+    /// and splice elsewhere.
+    pub path: ProxyPath,
+}
+
+/// How the pass-through moves bytes: the `proxy_path` property.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ProxyPath {
+    /// The sockmap path where it can be used (root, a kernel with sockmap, the BPF program
+    /// built and accepted), splice otherwise.
+    #[default]
+    Auto,
+    /// Bytes redirected inside the kernel by a BPF program; an error where that cannot work.
+    Sockmap,
+    /// `splice(2)` through a pipe.
+    Splice,
+    /// A plain read/write copy loop.
+    Copy,
+}
+
+impl ProxyPath {
+    /// The property's and the metric's spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProxyPath::Auto => "auto",
+            ProxyPath::Sockmap => "sockmap",
+            ProxyPath::Splice => "splice",
+            ProxyPath::Copy => "copy",
+        }
+    }
+}
+
+impl std::fmt::Display for ProxyPath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for ProxyPath {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(ProxyPath::Auto),
+            "sockmap" => Ok(ProxyPath::Sockmap),
+            "splice" => Ok(ProxyPath::Splice),
+            "copy" => Ok(ProxyPath::Copy),
+            _ => Err(format!(
+                "'{s}' is not a pass-through path (use auto, sockmap, splice or copy)"
+            )),
+        }
+    }
 }
 
 impl ProxyConfig {
@@ -54,7 +104,7 @@ impl ProxyConfig {
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             idle_timeout: None,
             drain: DEFAULT_DRAIN,
-            splice: true,
+            path: ProxyPath::Auto,
         }
     }
 }
@@ -119,6 +169,23 @@ mod tests {
     use super::*;
 
     #[test]
+    fn proxy_path_names() {
+        for p in [
+            ProxyPath::Auto,
+            ProxyPath::Sockmap,
+            ProxyPath::Splice,
+            ProxyPath::Copy,
+        ] {
+            assert_eq!(p.as_str().parse::<ProxyPath>(), Ok(p));
+        }
+        let e = "fast".parse::<ProxyPath>().unwrap_err();
+        assert!(
+            e.contains("'fast'") && e.contains("auto, sockmap, splice or copy"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn passthrough_lists_and_ranges() {
         assert_eq!(
             parse_passthrough("80,443,5000-5003").unwrap(),
@@ -162,7 +229,7 @@ mod tests {
         assert_eq!(c.connect_timeout, Duration::from_secs(5));
         assert_eq!(c.idle_timeout, None);
         assert_eq!(c.drain, Duration::from_secs(5));
-        assert!(c.splice);
+        assert_eq!(c.path, ProxyPath::Auto);
         assert_eq!(c.upstream_port, None);
     }
 }

@@ -32,13 +32,16 @@
 //! Connections run as tasks on the thread of the actor's arbiter; [`Proxy::start_on`] puts the
 //! proxy on an arbiter of its own.
 
-#![forbid(unsafe_code)]
+// `deny`, not `forbid`: src/sys.rs alone allows `unsafe` for two socket options (see there).
+#![deny(unsafe_code)]
 
 mod config;
 mod listener;
 mod relay;
+mod sockmap;
 mod splice;
 mod stats;
+mod sys;
 
 use std::io;
 use std::net::SocketAddr;
@@ -51,14 +54,16 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub use config::{
-    parse_passthrough, ProxyConfig, DEFAULT_CONNECT_TIMEOUT, DEFAULT_DRAIN,
+    parse_passthrough, ProxyConfig, ProxyPath, DEFAULT_CONNECT_TIMEOUT, DEFAULT_DRAIN,
     DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_CONNECTIONS_PER_CLIENT,
 };
 pub use listener::raise_fd_limit;
+pub use sockmap::bytes_read_by_sockmap_userspace_on_this_thread;
 pub use splice::{bytes_spliced_on_this_thread, pipes_held_on_this_thread};
 pub use stats::{PortStats, ProxyStats};
 
 use listener::{accept_loop, listen, warn_if_fd_limit_is_low, Clients, ConnSettings, Listener};
+use sockmap::Sockmap;
 
 /// Begins a graceful stop: the listeners close first, live connections get the configured drain
 /// period, then whatever is left is cut. The reply comes when every connection has ended.
@@ -129,6 +134,8 @@ impl Proxy {
             local_addrs.push(local);
             listeners.push(Listener { listener, counters });
         }
+        let (path, sockmap) = choose_path(&config)?;
+        stats.set_path(path, sockmap.clone());
         Ok(Proxy {
             listeners,
             local_addrs,
@@ -136,7 +143,8 @@ impl Proxy {
                 aux: config.aux,
                 connect_timeout: config.connect_timeout,
                 idle_timeout: config.idle_timeout,
-                splice: config.splice,
+                splice: path != ProxyPath::Copy,
+                sockmap,
             }),
             limit: Arc::new(Semaphore::new(config.max_connections)),
             clients: Arc::new(Clients::new(config.max_connections_per_client)),
@@ -146,6 +154,17 @@ impl Proxy {
             accepting: TaskTracker::new(),
             connections: TaskTracker::new(),
         })
+    }
+
+    /// The path connections take: never `Auto` (that chooses one).
+    pub fn path(&self) -> ProxyPath {
+        if self.conn.sockmap.is_some() {
+            ProxyPath::Sockmap
+        } else if self.conn.splice {
+            ProxyPath::Splice
+        } else {
+            ProxyPath::Copy
+        }
     }
 
     /// The bound addresses, one per port in the order of [`ProxyConfig::ports`].
@@ -175,6 +194,41 @@ impl Proxy {
         rx.await
             .map_err(|_| io::Error::other("the proxy's arbiter stopped while binding"))?
     }
+}
+
+/// Resolves `proxy_path`: `auto` takes sockmap where the BPF program loads and splice otherwise;
+/// a forced `sockmap` that cannot work is an error naming the property and the reason.
+fn choose_path(config: &ProxyConfig) -> io::Result<(ProxyPath, Option<Arc<Sockmap>>)> {
+    choose_path_with(config.path, || {
+        Sockmap::load(config.max_connections, config.ports.len())
+    })
+}
+
+fn choose_path_with(
+    asked: ProxyPath,
+    load: impl FnOnce() -> Result<Sockmap, String>,
+) -> io::Result<(ProxyPath, Option<Arc<Sockmap>>)> {
+    let chosen = match asked {
+        ProxyPath::Splice | ProxyPath::Copy => (asked, None),
+        ProxyPath::Sockmap => match load() {
+            Ok(s) => (ProxyPath::Sockmap, Some(Arc::new(s))),
+            Err(why) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::Unsupported,
+                    format!("proxy_path = sockmap cannot be used here: {why}"),
+                ))
+            }
+        },
+        ProxyPath::Auto => match load() {
+            Ok(s) => (ProxyPath::Sockmap, Some(Arc::new(s))),
+            Err(why) => {
+                tracing::info!(reason = %why, "pass-through: the sockmap path is unavailable; using splice");
+                (ProxyPath::Splice, None)
+            }
+        },
+    };
+    tracing::info!(path = %chosen.0, requested = %asked, "pass-through path");
+    Ok(chosen)
 }
 
 impl Actor for Proxy {
@@ -237,5 +291,37 @@ impl Handler<Shutdown> for Proxy {
             }
             tracing::info!("pass-through stopped");
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refused() -> Result<Sockmap, String> {
+        Err("loading the BPF maps failed (Operation not permitted)".into())
+    }
+
+    #[test]
+    fn a_forced_sockmap_that_cannot_work_is_an_error_naming_the_property_and_why() {
+        let e =
+            choose_path_with(ProxyPath::Sockmap, refused).expect_err("forced sockmap without BPF");
+        assert_eq!(
+            e.to_string(),
+            "proxy_path = sockmap cannot be used here: loading the BPF maps failed (Operation \
+             not permitted)"
+        );
+    }
+
+    #[test]
+    fn auto_falls_back_to_splice_where_sockmap_cannot_work() {
+        let (path, sockmap) = choose_path_with(ProxyPath::Auto, refused).unwrap();
+        assert_eq!(path, ProxyPath::Splice);
+        assert!(sockmap.is_none());
+        // Forced splice and copy never try BPF.
+        for p in [ProxyPath::Splice, ProxyPath::Copy] {
+            let never = || -> Result<Sockmap, String> { panic!("{p} loaded BPF") };
+            assert_eq!(choose_path_with(p, never).unwrap().0, p);
+        }
     }
 }

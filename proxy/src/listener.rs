@@ -17,6 +17,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::relay::relay;
+use crate::sockmap::{self, Sockmap};
+
 use crate::stats::PortCounters;
 
 const LISTEN_BACKLOG: i32 = 4096;
@@ -35,6 +37,8 @@ pub(crate) struct ConnSettings {
     pub(crate) connect_timeout: Duration,
     pub(crate) idle_timeout: Option<Duration>,
     pub(crate) splice: bool,
+    /// The sockmap path, when it runs; it takes precedence over `splice`.
+    pub(crate) sockmap: Option<Arc<Sockmap>>,
 }
 
 /// Raises this process's soft limit on open files to its hard limit and returns the new limit.
@@ -278,20 +282,53 @@ async fn serve_connection(
     let mut client = client;
     let mut upstream = upstream;
     let last_activity = Cell::new(Instant::now());
-    let relay = relay(
-        &mut client,
-        &mut upstream,
-        conn.splice,
-        &counters,
-        &last_activity,
-    );
+    // On the sockmap path bytes move without us: the idle check asks the BPF counters.
+    let moved = Cell::new(0u64);
+    let cookies = conn.sockmap.as_ref().map(|_| {
+        let cookie = |s: &TcpStream| socket2::SockRef::from(s).cookie().unwrap_or(0);
+        (cookie(&client), cookie(&upstream))
+    });
+    let refresh = || {
+        if let (Some(sm), Some((c, u))) = (&conn.sockmap, cookies) {
+            let now = sm.moved(c) + sm.moved(u);
+            if now != moved.get() {
+                moved.set(now);
+                last_activity.set(Instant::now());
+            }
+        }
+    };
+    let relay = async {
+        let pair = match &conn.sockmap {
+            Some(sm) => match sm.enter(&client, &upstream, counters.index) {
+                Ok(pair) => Some(pair),
+                Err(e) => {
+                    tracing::debug!(port, %peer, error = %e, "not on the sockmap path; this connection goes by splice");
+                    None
+                }
+            },
+            None => None,
+        };
+        match pair {
+            Some(pair) => sockmap::relay(pair, &client, &upstream, &counters, &last_activity).await,
+            None => {
+                relay(
+                    &mut client,
+                    &mut upstream,
+                    conn.splice,
+                    &counters,
+                    &last_activity,
+                )
+                .await
+            }
+        }
+    };
     tokio::select! {
         r = relay => match r {
             Ok(()) => tracing::debug!(port, %peer, "pass-through connection closed"),
             Err(e) => tracing::debug!(port, %peer, error = %e, "pass-through connection ended"),
         },
         _ = cut.cancelled() => tracing::info!(port, %peer, "pass-through connection cut at shutdown"),
-        _ = idle(conn.idle_timeout, &last_activity) => {
+        _ = idle(conn.idle_timeout, &last_activity, &refresh) => {
             tracing::info!(port, %peer, "pass-through connection idle too long; cut");
         }
     }
@@ -306,11 +343,13 @@ fn refuse(client: TcpStream) {
 }
 
 /// Resolves once nothing has moved for `timeout`; never when there is no timeout.
-async fn idle(timeout: Option<Duration>, last_activity: &Cell<Instant>) {
+/// `refresh` brings `last_activity` up to date where bytes move without us (sockmap).
+async fn idle(timeout: Option<Duration>, last_activity: &Cell<Instant>, refresh: &dyn Fn()) {
     let Some(timeout) = timeout else {
         return std::future::pending().await;
     };
     loop {
+        refresh();
         // Sleep to the deadline as it stood, then look again: cheaper than resetting a timer on
         // every chunk.
         let deadline = last_activity.get() + timeout;

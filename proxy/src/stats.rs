@@ -5,11 +5,18 @@ use std::sync::{Arc, Mutex};
 
 use serde::Serialize;
 
+use crate::config::ProxyPath;
+use crate::sockmap::Sockmap;
+
 /// Live counters of the proxy, per listening port, shared with whoever exports them (the mon
 /// terminal). Updated with relaxed atomics on the data path; read with [`ProxyStats::snapshot`].
 #[derive(Debug, Default)]
 pub struct ProxyStats {
     ports: Mutex<Vec<Arc<PortCounters>>>,
+    /// The path connections take, once the proxy is bound (never `Auto`).
+    path: Mutex<Option<ProxyPath>>,
+    /// On the sockmap path most bytes are counted by the BPF program, read at snapshot time.
+    sockmap: Mutex<Option<Arc<Sockmap>>>,
 }
 
 /// One port's counters, as plain data.
@@ -36,6 +43,8 @@ pub struct PortStats {
 #[derive(Debug)]
 pub(crate) struct PortCounters {
     pub(crate) port: u16,
+    /// The listener's place among the proxy's ports: its slots in the BPF byte counters.
+    pub(crate) index: u32,
     pub(crate) upstream_port: u16,
     pub(crate) active: AtomicU64,
     pub(crate) total: AtomicU64,
@@ -53,26 +62,62 @@ impl ProxyStats {
 
     /// The counters of every port, in the order the ports were bound.
     pub fn snapshot(&self) -> Vec<PortStats> {
+        let sockmap = self
+            .sockmap
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         let ports = self.ports.lock().unwrap_or_else(|e| e.into_inner());
         ports
             .iter()
-            .map(|c| PortStats {
-                port: c.port,
-                upstream_port: c.upstream_port,
-                active: c.active.load(Ordering::Relaxed),
-                total: c.total.load(Ordering::Relaxed),
-                refused: c.refused.load(Ordering::Relaxed),
-                refused_per_client: c.refused_per_client.load(Ordering::Relaxed),
-                limit_reached: c.limit_reached.load(Ordering::Relaxed),
-                bytes_in: c.bytes_in.load(Ordering::Relaxed),
-                bytes_out: c.bytes_out.load(Ordering::Relaxed),
+            .map(|c| {
+                let (bpf_in, bpf_out) = sockmap
+                    .as_ref()
+                    .map(|s| s.port_bytes(c.index))
+                    .unwrap_or((0, 0));
+                PortStats {
+                    port: c.port,
+                    upstream_port: c.upstream_port,
+                    active: c.active.load(Ordering::Relaxed),
+                    total: c.total.load(Ordering::Relaxed),
+                    refused: c.refused.load(Ordering::Relaxed),
+                    refused_per_client: c.refused_per_client.load(Ordering::Relaxed),
+                    limit_reached: c.limit_reached.load(Ordering::Relaxed),
+                    bytes_in: c.bytes_in.load(Ordering::Relaxed) + bpf_in,
+                    bytes_out: c.bytes_out.load(Ordering::Relaxed) + bpf_out,
+                }
             })
             .collect()
     }
 
+    /// The path the proxy's connections take (`sockmap`, `splice` or `copy`), once it is bound:
+    /// what `proxy_path = auto` chose. For the `mig_proxy_path` metric.
+    pub fn path(&self) -> Option<ProxyPath> {
+        *self.path.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The `mig_proxy_path{path}` gauge: 1 for the path that runs, 0 for the others; empty until
+    /// the proxy is bound.
+    pub fn path_gauge(&self) -> Vec<(&'static str, f64)> {
+        let Some(active) = self.path() else {
+            return Vec::new();
+        };
+        [ProxyPath::Sockmap, ProxyPath::Splice, ProxyPath::Copy]
+            .into_iter()
+            .map(|p| (p.as_str(), if p == active { 1.0 } else { 0.0 }))
+            .collect()
+    }
+
+    pub(crate) fn set_path(&self, path: ProxyPath, sockmap: Option<Arc<Sockmap>>) {
+        *self.path.lock().unwrap_or_else(|e| e.into_inner()) = Some(path);
+        *self.sockmap.lock().unwrap_or_else(|e| e.into_inner()) = sockmap;
+    }
+
     pub(crate) fn register(&self, port: u16, upstream_port: u16) -> Arc<PortCounters> {
+        let mut ports = self.ports.lock().unwrap_or_else(|e| e.into_inner());
         let c = Arc::new(PortCounters {
             port,
+            index: ports.len() as u32,
             upstream_port,
             active: AtomicU64::new(0),
             total: AtomicU64::new(0),
@@ -82,10 +127,7 @@ impl ProxyStats {
             bytes_in: AtomicU64::new(0),
             bytes_out: AtomicU64::new(0),
         });
-        self.ports
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(c.clone());
+        ports.push(c.clone());
         c
     }
 }

@@ -1,6 +1,10 @@
-//! The Proxy actor over real loopback sockets: bytes through unchanged both ways (splice and copy
-//! paths), half-close, many connections, aux down or unset, the connection limit, drain on
-//! shutdown, idle timeout, the per-client cap and the counters.
+//! The Proxy actor over real loopback sockets: bytes through unchanged both ways (sockmap, splice
+//! and copy paths), half-close, a peer's reset, many connections, aux down or unset, the
+//! connection limit, drain on shutdown, idle timeout, the per-client cap and the counters.
+//!
+//! Every case runs on the sockmap path and on the splice path (`on_paths!`), some on copy too.
+//! The sockmap cases need root and a kernel with BPF sockmap (this project's machines have both):
+//! they fail rather than skip where the path cannot be used.
 //!
 //! The proxy runs on the test's actix System; clients and upstream servers run on a separate
 //! two-thread tokio runtime (`ends()`) so they do not share the proxy's thread.
@@ -11,7 +15,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use actix::{Actor, Addr};
-use proxy::{PortStats, Proxy, ProxyConfig, ProxyStats, Shutdown};
+use proxy::{PortStats, Proxy, ProxyConfig, ProxyPath, ProxyStats, Shutdown};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
@@ -76,16 +80,36 @@ fn spawn_echo(ip: &str) -> SocketAddr {
 }
 
 /// The proxy's configuration for one upstream on 127.0.0.1, listening on an ephemeral port.
-fn config(upstream: SocketAddr, splice: bool) -> ProxyConfig {
+fn config(upstream: SocketAddr, path: ProxyPath) -> ProxyConfig {
     ProxyConfig {
         upstream_port: Some(upstream.port()),
-        splice,
+        path,
         ..ProxyConfig::new(
             LOCALHOST.parse().unwrap(),
             Some(upstream.ip().to_string()),
             vec![0],
         )
     }
+}
+
+/// Runs each named case, an `async fn(ProxyPath)`, as two tests: `case::sockmap` and
+/// `case::splice`.
+macro_rules! on_paths {
+    ($($case:ident),* $(,)?) => {$(
+        mod $case {
+            use super::*;
+
+            #[actix_rt::test]
+            async fn sockmap() {
+                super::$case(ProxyPath::Sockmap).await;
+            }
+
+            #[actix_rt::test]
+            async fn splice() {
+                super::$case(ProxyPath::Splice).await;
+            }
+        }
+    )*};
 }
 
 struct Running {
@@ -97,9 +121,13 @@ struct Running {
 async fn start(config: ProxyConfig) -> Running {
     ends();
     let stats = Arc::new(ProxyStats::new());
+    let asked = config.path;
     let proxy = Proxy::bind(config, stats.clone())
         .await
         .expect("bind proxy");
+    if asked != ProxyPath::Auto {
+        assert_eq!(proxy.path(), asked, "the path the proxy runs");
+    }
     let local = proxy.local_addrs()[0];
     Running {
         addr: proxy.start(),
@@ -156,9 +184,9 @@ fn pattern(seed: &str, len: usize) -> Vec<u8> {
     out
 }
 
-async fn echo_case(splice: bool, len: usize) {
+async fn echo_case(path: ProxyPath, len: usize) {
     let upstream = spawn_echo(LOCALHOST);
-    let p = start(config(upstream, splice)).await;
+    let p = start(config(upstream, path)).await;
     let data = pattern(&format!("echo {len}"), len);
     let back = send_and_read_all(p.local, data.clone()).await;
     assert_eq!(back.len(), len, "echoed length");
@@ -172,30 +200,46 @@ async fn echo_case(splice: bool, len: usize) {
         .await;
     assert_eq!((s.total, s.refused, s.active), (1, 0, 0), "{s:?}");
     assert_eq!((s.bytes_in, s.bytes_out), (len as u64, len as u64), "{s:?}");
-    if splice && len == 1 {
+    if path == ProxyPath::Splice && len == 1 {
         // A small message goes by read and write: a pipe would cost more calls than it saves.
         assert_eq!(proxy::bytes_spliced_on_this_thread(), 0);
+    }
+    if path == ProxyPath::Sockmap {
+        // The client's FIN comes with its bytes, before the pair could enter the socket map
+        // (which takes only ESTABLISHED sockets): this connection goes by splice, and nothing is
+        // read by the sockmap path's userspace side.
+        assert_eq!(proxy::bytes_read_by_sockmap_userspace_on_this_thread(), 0);
     }
 }
 
 #[actix_rt::test]
+async fn echo_one_byte_sockmap() {
+    echo_case(ProxyPath::Sockmap, 1).await;
+}
+
+#[actix_rt::test]
 async fn echo_one_byte_splice() {
-    echo_case(true, 1).await;
+    echo_case(ProxyPath::Splice, 1).await;
 }
 
 #[actix_rt::test]
 async fn echo_one_byte_copy() {
-    echo_case(false, 1).await;
+    echo_case(ProxyPath::Copy, 1).await;
+}
+
+#[actix_rt::test]
+async fn echo_64k_sockmap() {
+    echo_case(ProxyPath::Sockmap, 64 * 1024).await;
 }
 
 #[actix_rt::test]
 async fn echo_64k_splice() {
-    echo_case(true, 64 * 1024).await;
+    echo_case(ProxyPath::Splice, 64 * 1024).await;
 }
 
 #[actix_rt::test]
 async fn echo_64k_copy() {
-    echo_case(false, 64 * 1024).await;
+    echo_case(ProxyPath::Copy, 64 * 1024).await;
 }
 
 /// Streams `len` bytes from seed `seed` into `w` in 1 MiB chunks, then half-closes; returns the
@@ -236,7 +280,7 @@ async fn hash_stream(mut r: impl tokio::io::AsyncRead + Unpin) -> (u64, blake3::
 }
 
 /// 256 MiB each way at the same time, checked with BLAKE3 on both ends.
-async fn bulk_case(splice: bool) {
+async fn bulk_case(path: ProxyPath) {
     const LEN: u64 = 256 << 20;
     let (l, upstream) = bind_upstream(LOCALHOST, 0);
     let (tx, mut rx) = mpsc::channel(1);
@@ -247,7 +291,7 @@ async fn bulk_case(splice: bool) {
         let (sent, received) = tokio::join!(send_stream(w, "down", LEN), hash_stream(r));
         tx.send((sent, received)).await.unwrap();
     });
-    let p = start(config(upstream, splice)).await;
+    let p = start(config(upstream, path)).await;
     let local = p.local;
     let (client_sent, client_received) = on_ends(async move {
         let mut s = TcpStream::connect(local).await.unwrap();
@@ -261,27 +305,36 @@ async fn bulk_case(splice: bool) {
     let s = p.stats_until(|s| s.active == 0).await;
     assert_eq!((s.bytes_in, s.bytes_out, s.total), (LEN, LEN, 1), "{s:?}");
     let spliced = proxy::bytes_spliced_on_this_thread();
-    if splice {
+    match path {
         // A stream goes through the pipe, bar the first read of each burst.
-        assert!(spliced > LEN, "only {spliced} of {} bytes spliced", 2 * LEN);
-    } else {
-        assert_eq!(spliced, 0, "splice is off");
+        ProxyPath::Splice => assert!(spliced > LEN, "only {spliced} of {} bytes spliced", 2 * LEN),
+        ProxyPath::Sockmap => {
+            assert_eq!(spliced, 0, "splice is off");
+            // The kernel moved the bytes; the counters came from the BPF program.
+            assert_eq!(proxy::bytes_read_by_sockmap_userspace_on_this_thread(), 0);
+        }
+        _ => assert_eq!(spliced, 0, "splice is off"),
     }
 }
 
 #[actix_rt::test]
+async fn bulk_256mib_both_ways_sockmap() {
+    bulk_case(ProxyPath::Sockmap).await;
+}
+
+#[actix_rt::test]
 async fn bulk_256mib_both_ways_splice() {
-    bulk_case(true).await;
+    bulk_case(ProxyPath::Splice).await;
 }
 
 #[actix_rt::test]
 async fn bulk_256mib_both_ways_copy() {
-    bulk_case(false).await;
+    bulk_case(ProxyPath::Copy).await;
 }
 
 /// The client half-closes first; aux answers only after it saw that EOF, and the answer must
 /// still reach the client.
-async fn client_half_close_case(splice: bool) {
+async fn client_half_close_case(path: ProxyPath) {
     let (l, upstream) = bind_upstream(LOCALHOST, 0);
     ends().spawn(async move {
         let l = TcpListener::from_std(l).unwrap();
@@ -292,24 +345,29 @@ async fn client_half_close_case(splice: bool) {
         s.write_all(&req).await.unwrap();
         s.shutdown().await.unwrap();
     });
-    let p = start(config(upstream, splice)).await;
+    let p = start(config(upstream, path)).await;
     let back = send_and_read_all(p.local, b"question".to_vec()).await;
     assert_eq!(back, b"answer to question");
 }
 
 #[actix_rt::test]
+async fn half_close_by_client_sockmap() {
+    client_half_close_case(ProxyPath::Sockmap).await;
+}
+
+#[actix_rt::test]
 async fn half_close_by_client_splice() {
-    client_half_close_case(true).await;
+    client_half_close_case(ProxyPath::Splice).await;
 }
 
 #[actix_rt::test]
 async fn half_close_by_client_copy() {
-    client_half_close_case(false).await;
+    client_half_close_case(ProxyPath::Copy).await;
 }
 
 /// Aux half-closes first (greets, then FIN); the client must see that EOF and still be able to
 /// send, and aux must receive it.
-async fn aux_half_close_case(splice: bool) {
+async fn aux_half_close_case(path: ProxyPath) {
     let (l, upstream) = bind_upstream(LOCALHOST, 0);
     let (tx, mut rx) = mpsc::channel(1);
     ends().spawn(async move {
@@ -321,7 +379,7 @@ async fn aux_half_close_case(splice: bool) {
         s.read_to_end(&mut got).await.unwrap();
         tx.send(got).await.unwrap();
     });
-    let p = start(config(upstream, splice)).await;
+    let p = start(config(upstream, path)).await;
     let local = p.local;
     let greeting = on_ends(async move {
         let mut s = TcpStream::connect(local).await.unwrap();
@@ -342,20 +400,24 @@ async fn aux_half_close_case(splice: bool) {
 }
 
 #[actix_rt::test]
+async fn half_close_by_aux_sockmap() {
+    aux_half_close_case(ProxyPath::Sockmap).await;
+}
+
+#[actix_rt::test]
 async fn half_close_by_aux_splice() {
-    aux_half_close_case(true).await;
+    aux_half_close_case(ProxyPath::Splice).await;
 }
 
 #[actix_rt::test]
 async fn half_close_by_aux_copy() {
-    aux_half_close_case(false).await;
+    aux_half_close_case(ProxyPath::Copy).await;
 }
 
-#[actix_rt::test]
-async fn two_thousand_concurrent_connections() {
+async fn two_thousand_concurrent_connections(path: ProxyPath) {
     const N: usize = 2000;
     let upstream = spawn_echo(LOCALHOST);
-    let mut c = config(upstream, true);
+    let mut c = config(upstream, path);
     // Every client here is 127.0.0.1.
     c.max_connections_per_client = N;
     let p = start(c).await;
@@ -398,10 +460,9 @@ async fn two_thousand_concurrent_connections() {
     assert_eq!(s.bytes_out, (N * 4097) as u64, "{s:?}");
 }
 
-#[actix_rt::test]
-async fn idle_spliced_connections_hold_no_pipe() {
+async fn idle_spliced_connections_hold_no_pipe(path: ProxyPath) {
     let upstream = spawn_echo(LOCALHOST);
-    let p = start(config(upstream, true)).await;
+    let p = start(config(upstream, path)).await;
     let local = p.local;
     let conns = on_ends(async move {
         let mut open = Vec::new();
@@ -444,18 +505,16 @@ fn free_port() -> SocketAddr {
     (ip, testkit::free_port_on(ip)).into()
 }
 
-#[actix_rt::test]
-async fn aux_down_closes_the_client_at_once() {
-    let p = start(config(free_port(), true)).await;
+async fn aux_down_closes_the_client_at_once(path: ProxyPath) {
+    let p = start(config(free_port(), path)).await;
     let took = time_to_reset(p.local).await;
     assert!(took < Duration::from_secs(2), "closed after {took:?}"); // at once, not after the 5 s connect timeout
     let s = p.stats_until(|s| s.refused == 1).await;
     assert_eq!((s.total, s.refused, s.active), (1, 1, 0), "{s:?}");
 }
 
-#[actix_rt::test]
-async fn aux_unset_accepts_and_closes() {
-    let mut c = config(free_port(), true);
+async fn aux_unset_accepts_and_closes(path: ProxyPath) {
+    let mut c = config(free_port(), path);
     c.aux = None;
     let p = start(c).await;
     for _ in 0..2 {
@@ -466,8 +525,7 @@ async fn aux_unset_accepts_and_closes() {
     assert_eq!((s.total, s.refused, s.active), (2, 2, 0), "{s:?}");
 }
 
-#[actix_rt::test]
-async fn aux_too_slow_to_accept_hits_connect_timeout() {
+async fn aux_too_slow_to_accept_hits_connect_timeout(path: ProxyPath) {
     // An upstream whose accept queue is full drops new SYNs: connecting to it hangs.
     let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
     sock.bind(&free_port().into()).unwrap();
@@ -485,7 +543,7 @@ async fn aux_too_slow_to_accept_hits_connect_timeout() {
         held
     })
     .await;
-    let mut c = config(upstream, true);
+    let mut c = config(upstream, path);
     c.connect_timeout = Duration::from_millis(300);
     let p = start(c).await;
     let took = time_to_reset(p.local).await;
@@ -510,10 +568,9 @@ async fn ping(s: &mut TcpStream, within: Duration) -> bool {
     )
 }
 
-#[actix_rt::test]
-async fn at_the_limit_the_next_connection_waits_in_the_backlog() {
+async fn at_the_limit_the_next_connection_waits_in_the_backlog(path: ProxyPath) {
     let upstream = spawn_echo(LOCALHOST);
-    let mut c = config(upstream, true);
+    let mut c = config(upstream, path);
     c.max_connections = 2;
     let p = start(c).await;
     let local = p.local;
@@ -587,10 +644,9 @@ async fn served_from(from: &'static str, to: SocketAddr) -> TcpStream {
     .await
 }
 
-#[actix_rt::test]
-async fn at_its_cap_a_client_is_reset_while_another_still_gets_in() {
+async fn at_its_cap_a_client_is_reset_while_another_still_gets_in(path: ProxyPath) {
     let upstream = spawn_echo(LOCALHOST);
-    let mut c = config(upstream, true);
+    let mut c = config(upstream, path);
     c.max_connections_per_client = 2;
     let p = start(c).await;
     let local = p.local;
@@ -643,10 +699,9 @@ async fn at_its_cap_a_client_is_reset_while_another_still_gets_in() {
 
 /// A cap of one: the next connection from the same address is served only if the last one's
 /// place was given back.
-#[actix_rt::test]
-async fn a_clients_place_is_given_back_however_its_connection_ends() {
+async fn a_clients_place_is_given_back_however_its_connection_ends(path: ProxyPath) {
     let upstream = spawn_echo(LOCALHOST);
-    let mut c = config(upstream, false);
+    let mut c = config(upstream, path);
     c.max_connections_per_client = 1;
     c.idle_timeout = Some(Duration::from_secs(1));
     let p = start(c).await;
@@ -688,9 +743,8 @@ async fn a_clients_place_is_given_back_however_its_connection_ends() {
     assert_eq!((s.total, s.refused_per_client), (5, 1), "{s:?}");
 }
 
-#[actix_rt::test]
-async fn a_connection_aux_refuses_gives_its_clients_place_back() {
-    let mut c = config(free_port(), true);
+async fn a_connection_aux_refuses_gives_its_clients_place_back(path: ProxyPath) {
+    let mut c = config(free_port(), path);
     c.max_connections_per_client = 1;
     let p = start(c).await;
     for _ in 0..3 {
@@ -705,9 +759,9 @@ async fn a_connection_aux_refuses_gives_its_clients_place_back() {
 }
 
 /// A proxy to an echo server with `drain`, and one connection through it, answering.
-async fn start_with_live_connection(splice: bool, drain: Duration) -> (Running, TcpStream) {
+async fn start_with_live_connection(path: ProxyPath, drain: Duration) -> (Running, TcpStream) {
     let upstream = spawn_echo(LOCALHOST);
-    let mut c = config(upstream, splice);
+    let mut c = config(upstream, path);
     c.drain = drain;
     let p = start(c).await;
     let local = p.local;
@@ -720,9 +774,8 @@ async fn start_with_live_connection(splice: bool, drain: Duration) -> (Running, 
     (p, live)
 }
 
-#[actix_rt::test]
-async fn shutdown_drains_then_cuts() {
-    let (p, mut live) = start_with_live_connection(true, Duration::from_millis(1500)).await;
+async fn shutdown_drains_then_cuts(path: ProxyPath) {
+    let (p, mut live) = start_with_live_connection(path, Duration::from_millis(1500)).await;
     let local = p.local;
     let started = Instant::now();
     let shutdown = actix_rt::spawn(p.addr.send(Shutdown));
@@ -765,9 +818,8 @@ async fn shutdown_drains_then_cuts() {
     assert_eq!(p.port_stats().active, 0);
 }
 
-#[actix_rt::test]
-async fn shutdown_ends_early_when_connections_finish() {
-    let (p, mut live) = start_with_live_connection(false, Duration::from_secs(30)).await;
+async fn shutdown_ends_early_when_connections_finish(path: ProxyPath) {
+    let (p, mut live) = start_with_live_connection(path, Duration::from_secs(30)).await;
     let started = Instant::now();
     let shutdown = actix_rt::spawn(p.addr.send(Shutdown));
     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -785,10 +837,9 @@ async fn shutdown_ends_early_when_connections_finish() {
     assert!(started.elapsed() < Duration::from_secs(5));
 }
 
-#[actix_rt::test]
-async fn idle_connections_are_cut_and_busy_ones_kept() {
+async fn idle_connections_are_cut_and_busy_ones_kept(path: ProxyPath) {
     let upstream = spawn_echo(LOCALHOST);
-    let mut c = config(upstream, true);
+    let mut c = config(upstream, path);
     c.idle_timeout = Some(Duration::from_millis(800));
     let p = start(c).await;
     let local = p.local;
@@ -811,8 +862,7 @@ async fn idle_connections_are_cut_and_busy_ones_kept() {
     assert!(busy_ok, "busy connection cut");
 }
 
-#[actix_rt::test]
-async fn each_port_goes_to_the_same_port_on_aux() {
+async fn each_port_goes_to_the_same_port_on_aux(path: ProxyPath) {
     // Two upstreams on 127.0.78.1 that say which port they are; the proxy listens on 127.0.77.1
     // with the same port numbers and no override.
     let mut ports = Vec::new();
@@ -828,11 +878,14 @@ async fn each_port_goes_to_the_same_port_on_aux() {
             }
         });
     }
-    let config = ProxyConfig::new(
-        "127.0.77.1".parse().unwrap(),
-        Some("127.0.78.1".into()),
-        ports.clone(),
-    );
+    let config = ProxyConfig {
+        path,
+        ..ProxyConfig::new(
+            "127.0.77.1".parse().unwrap(),
+            Some("127.0.78.1".into()),
+            ports.clone(),
+        )
+    };
     let stats = Arc::new(ProxyStats::new());
     let proxy = Proxy::bind(config, stats.clone()).await.unwrap();
     let locals = proxy.local_addrs();
@@ -851,19 +904,17 @@ async fn each_port_goes_to_the_same_port_on_aux() {
     );
 }
 
-#[actix_rt::test]
-async fn aux_may_be_a_host_name() {
+async fn aux_may_be_a_host_name(path: ProxyPath) {
     let upstream = spawn_echo(LOCALHOST);
-    let mut c = config(upstream, true);
+    let mut c = config(upstream, path);
     c.aux = Some("localhost".into());
     let p = start(c).await;
     assert_eq!(send_and_read_all(p.local, b"hi".to_vec()).await, b"hi");
 }
 
-#[actix_rt::test]
-async fn ipv6_in_and_aux() {
+async fn ipv6_in_and_aux(path: ProxyPath) {
     let upstream = spawn_echo("::1");
-    let mut c = config(upstream, true);
+    let mut c = config(upstream, path);
     c.listen = "::1".parse().unwrap();
     c.aux = Some("::1".into());
     let p = start(c).await;
@@ -871,12 +922,11 @@ async fn ipv6_in_and_aux() {
     assert_eq!(send_and_read_all(p.local, b"v6".to_vec()).await, b"v6");
 }
 
-#[actix_rt::test]
-async fn runs_on_an_arbiter_of_its_own() {
+async fn runs_on_an_arbiter_of_its_own(path: ProxyPath) {
     let upstream = spawn_echo(LOCALHOST);
     let arbiter = actix::Arbiter::new();
     let stats = Arc::new(ProxyStats::new());
-    let (addr, locals) = Proxy::start_on(&arbiter.handle(), config(upstream, true), stats.clone())
+    let (addr, locals) = Proxy::start_on(&arbiter.handle(), config(upstream, path), stats.clone())
         .await
         .expect("start the proxy on its arbiter");
     assert_eq!(
@@ -888,10 +938,12 @@ async fn runs_on_an_arbiter_of_its_own() {
     arbiter.stop();
 }
 
-#[actix_rt::test]
-async fn bind_error_names_the_port() {
+async fn bind_error_names_the_port(path: ProxyPath) {
     let (_taken, addr) = bind_upstream(LOCALHOST, 0);
-    let c = ProxyConfig::new(addr.ip(), Some(LOCALHOST.into()), vec![addr.port()]);
+    let c = ProxyConfig {
+        path,
+        ..ProxyConfig::new(addr.ip(), Some(LOCALHOST.into()), vec![addr.port()])
+    };
     let err = Proxy::bind(c, Arc::new(ProxyStats::new()))
         .await
         .err()
@@ -903,9 +955,8 @@ async fn bind_error_names_the_port() {
     );
 }
 
-#[actix_rt::test]
-async fn zero_max_connections_per_client_is_refused() {
-    let mut c = config(free_port(), true);
+async fn zero_max_connections_per_client_is_refused(path: ProxyPath) {
+    let mut c = config(free_port(), path);
     c.max_connections_per_client = 0;
     let err = Proxy::bind(c, Arc::new(ProxyStats::new()))
         .await
@@ -917,13 +968,171 @@ async fn zero_max_connections_per_client_is_refused() {
     );
 }
 
-#[actix_rt::test]
-async fn zero_max_connections_is_refused() {
-    let mut c = config(free_port(), true);
+async fn zero_max_connections_is_refused(path: ProxyPath) {
+    let mut c = config(free_port(), path);
     c.max_connections = 0;
     let err = Proxy::bind(c, Arc::new(ProxyStats::new()))
         .await
         .err()
         .expect("accepted max_connections = 0");
     assert!(err.to_string().contains("max_connections is 0"), "{err}");
+}
+
+/// A peer that resets: the other end sees its connection end (EOF or reset) and the proxy's
+/// side is gone, the same on every path. `aux_resets` picks which end resets.
+async fn peer_reset_case(path: ProxyPath, aux_resets: bool) {
+    let (l, upstream) = bind_upstream(LOCALHOST, 0);
+    let (tx, mut rx) = mpsc::channel(1);
+    ends().spawn(async move {
+        let l = TcpListener::from_std(l).unwrap();
+        let (mut s, _) = l.accept().await.unwrap();
+        let mut b = [0u8; 1];
+        s.read_exact(&mut b).await.unwrap();
+        s.write_all(&b).await.unwrap();
+        if aux_resets {
+            s.set_zero_linger().unwrap();
+            drop(s);
+            return;
+        }
+        let r = tokio::time::timeout(Duration::from_secs(5), s.read(&mut b)).await;
+        tx.send(matches!(r, Ok(Ok(0)) | Ok(Err(_)))).await.unwrap();
+    });
+    let p = start(config(upstream, path)).await;
+    let local = p.local;
+    let client_saw_end = on_ends(async move {
+        let mut s = TcpStream::connect(local).await.unwrap();
+        assert!(ping(&mut s, Duration::from_secs(5)).await);
+        if !aux_resets {
+            s.set_zero_linger().unwrap();
+            drop(s);
+            return true;
+        }
+        let mut b = [0u8; 1];
+        let r = tokio::time::timeout(Duration::from_secs(5), s.read(&mut b)).await;
+        matches!(r, Ok(Ok(0)) | Ok(Err(_)))
+    })
+    .await;
+    assert!(
+        client_saw_end,
+        "the client's connection outlived aux's reset"
+    );
+    if !aux_resets {
+        let aux_saw_end = tokio::time::timeout(Duration::from_secs(6), rx.recv())
+            .await
+            .expect("aux never saw the client's reset")
+            .unwrap();
+        assert!(aux_saw_end, "aux's connection outlived the client's reset");
+    }
+    let s = p.stats_until(|s| s.active == 0).await;
+    assert_eq!(
+        (s.active, s.total, s.bytes_in, s.bytes_out),
+        (0, 1, 1, 1),
+        "{s:?}"
+    );
+}
+
+async fn client_resets(path: ProxyPath) {
+    peer_reset_case(path, false).await;
+}
+
+async fn aux_resets(path: ProxyPath) {
+    peer_reset_case(path, true).await;
+}
+
+on_paths!(client_resets, aux_resets);
+
+/// `proxy_path = sockmap` runs the sockmap path here (root, a kernel with sockmap: this machine
+/// has both, so this asserts rather than skips), `auto` picks it, and the stats that feed the
+/// `mig_proxy_path` metric say so.
+#[actix_rt::test]
+async fn sockmap_runs_when_asked_and_auto_picks_it() {
+    let upstream = spawn_echo(LOCALHOST);
+    assert!(
+        ProxyStats::new().path_gauge().is_empty(),
+        "no path before bind"
+    );
+    for (asked, runs) in [
+        (ProxyPath::Sockmap, ProxyPath::Sockmap),
+        (ProxyPath::Auto, ProxyPath::Sockmap),
+        (ProxyPath::Splice, ProxyPath::Splice),
+        (ProxyPath::Copy, ProxyPath::Copy),
+    ] {
+        let stats = Arc::new(ProxyStats::new());
+        let proxy = Proxy::bind(config(upstream, asked), stats.clone())
+            .await
+            .unwrap_or_else(|e| panic!("proxy_path = {asked}: {e}"));
+        assert_eq!(proxy.path(), runs, "proxy_path = {asked}");
+        assert_eq!(stats.path(), Some(runs), "the metric's path for {asked}");
+        // mig_proxy_path{path}: 1 for the path that runs, 0 for the others.
+        let gauge = stats.path_gauge();
+        assert_eq!(gauge.len(), 3, "{gauge:?}");
+        for (path, value) in gauge {
+            assert_eq!(
+                value,
+                f64::from(u8::from(path == runs.as_str())),
+                "{path} on {runs}"
+            );
+        }
+        let local = proxy.local_addrs()[0];
+        let _addr = proxy.start();
+        assert_eq!(send_and_read_all(local, b"path".to_vec()).await, b"path");
+        let s = stats.snapshot()[0];
+        assert_eq!(
+            (s.bytes_in, s.bytes_out),
+            (4, 4),
+            "counters on {runs}: {s:?}"
+        );
+    }
+}
+
+/// Clients that write at once after connecting: their byte usually waits in the proxy's socket
+/// before the pair enters the socket map. The program must still take it (no userspace copy),
+/// and the BPF counters must count it.
+#[actix_rt::test]
+async fn sockmap_takes_bytes_sent_before_the_pair_entered() {
+    let upstream = spawn_echo(LOCALHOST);
+    let p = start(config(upstream, ProxyPath::Sockmap)).await;
+    let local = p.local;
+    let conns = on_ends(async move {
+        let mut open = Vec::new();
+        for _ in 0..50 {
+            let mut s = TcpStream::connect(local).await.unwrap();
+            assert!(ping(&mut s, Duration::from_secs(5)).await);
+            open.push(s);
+        }
+        open
+    })
+    .await;
+    assert_eq!(proxy::bytes_read_by_sockmap_userspace_on_this_thread(), 0);
+    let s = p.port_stats();
+    assert_eq!((s.active, s.bytes_in, s.bytes_out), (50, 50, 50), "{s:?}");
+    drop(conns);
+}
+
+on_paths!(
+    two_thousand_concurrent_connections,
+    idle_spliced_connections_hold_no_pipe,
+    aux_down_closes_the_client_at_once,
+    aux_unset_accepts_and_closes,
+    aux_too_slow_to_accept_hits_connect_timeout,
+    at_the_limit_the_next_connection_waits_in_the_backlog,
+    at_its_cap_a_client_is_reset_while_another_still_gets_in,
+    a_connection_aux_refuses_gives_its_clients_place_back,
+    shutdown_drains_then_cuts,
+    shutdown_ends_early_when_connections_finish,
+    idle_connections_are_cut_and_busy_ones_kept,
+    each_port_goes_to_the_same_port_on_aux,
+    aux_may_be_a_host_name,
+    ipv6_in_and_aux,
+    runs_on_an_arbiter_of_its_own,
+    bind_error_names_the_port,
+    zero_max_connections_per_client_is_refused,
+    zero_max_connections_is_refused,
+    a_clients_place_is_given_back_however_its_connection_ends,
+);
+
+/// The per-client place test as it ran before the sockmap path: on the copy loop.
+#[actix_rt::test]
+async fn a_clients_place_is_given_back_on_the_copy_path() {
+    a_clients_place_is_given_back_however_its_connection_ends(ProxyPath::Copy).await;
 }

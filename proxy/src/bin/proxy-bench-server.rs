@@ -30,9 +30,12 @@ struct Args {
     /// Connections one client address may hold; the load tool's idle run is one address.
     #[arg(long, default_value_t = proxy::DEFAULT_MAX_CONNECTIONS_PER_CLIENT)]
     max_connections_per_client: usize,
-    /// Use the copy loop instead of splice(2).
+    /// Use the copy loop instead of splice(2) (the same as --path copy).
     #[arg(long)]
     copy: bool,
+    /// How bytes move: auto, sockmap, splice or copy (the `proxy_path` property).
+    #[arg(long, default_value = "splice")]
+    path: proxy::ProxyPath,
     /// Drain period on shutdown, in seconds.
     #[arg(long, default_value_t = 1)]
     drain_secs: u64,
@@ -52,7 +55,11 @@ fn main() -> Result<()> {
     let config = ProxyConfig {
         max_connections: args.max_connections,
         max_connections_per_client: args.max_connections_per_client,
-        splice: !args.copy,
+        path: if args.copy {
+            proxy::ProxyPath::Copy
+        } else {
+            args.path
+        },
         drain: Duration::from_secs(args.drain_secs),
         ..ProxyConfig::new(args.listen, args.aux, ports)
     };
@@ -62,6 +69,7 @@ fn main() -> Result<()> {
             .await
             .context("binding the pass-through ports")?;
         let addrs: Vec<String> = proxy.local_addrs().iter().map(|a| a.to_string()).collect();
+        eprintln!("path {}", proxy.path());
         let addr = proxy.start();
         println!("ready {}", addrs.join(" "));
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
