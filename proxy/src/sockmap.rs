@@ -139,6 +139,18 @@ impl Sockmap {
         upstream: &TcpStream,
         index: u32,
     ) -> io::Result<Pair<'a>> {
+        self.enter_with(client, upstream, index, || {})
+    }
+
+    /// [`Sockmap::enter`], with `between` run once the client is in `MIG_SOCKS` and before the
+    /// upstream goes in: where a test puts the upstream's FIN.
+    fn enter_with<'a>(
+        &'a self,
+        client: &TcpStream,
+        upstream: &TcpStream,
+        index: u32,
+        between: impl FnOnce(),
+    ) -> io::Result<Pair<'a>> {
         let (ci, ui) = (sys::tcp_info(client)?, sys::tcp_info(upstream)?);
         if !(ci.established && ui.established) {
             return Err(io::Error::other(
@@ -174,9 +186,15 @@ impl Sockmap {
         m.socks
             .insert(c, client.as_raw_fd(), 0)
             .map_err(|e| err("MIG_SOCKS", e))?;
-        m.socks
-            .insert(u, upstream.as_raw_fd(), 0)
-            .map_err(|e| err("MIG_SOCKS", e))?;
+        between();
+        // From here the client's bytes may already have gone to the upstream's queue: dropping
+        // the pair to relay it with splice would lose them. If the upstream cannot enter now (it
+        // received a FIN since the check: a socket map takes only ESTABLISHED sockets), the pair
+        // stays half in the kernel: the client's bytes redirected, the upstream's read by
+        // `forward` in userspace, which relays whatever reaches it.
+        if let Err(e) = m.socks.insert(u, upstream.as_raw_fd(), 0) {
+            tracing::debug!(error = %e, "sockmap: the upstream closed while its pair entered; its direction runs in userspace");
+        }
         drop(m);
         // Bytes that arrived before the sockets were entered may wait in their queues; make sure
         // the program takes them now rather than at the next arrival (on 6.18 it already has:
@@ -318,4 +336,67 @@ async fn write_all(dst: &TcpStream, mut data: &[u8]) -> io::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    async fn connected() -> (TcpStream, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let a = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (b, _) = l.accept().await.unwrap();
+        (a, b)
+    }
+
+    /// The upstream half-closes between the client's entry and its own: the pair must go on
+    /// (the client's bytes may already be redirected), not fall back to splice and lose them.
+    #[tokio::test]
+    async fn an_upstream_fin_while_the_pair_enters_loses_no_byte() {
+        let sm = Sockmap::load(4, 1).expect("this machine runs the sockmap path (root, BPF)");
+        let (mut client_remote, client) = connected().await;
+        let (upstream, mut upstream_remote) = connected().await;
+        upstream_remote.write_all(b"tail").await.unwrap();
+        let pair = sm
+            .enter_with(&client, &upstream, 0, || {
+                SockRef::from(&upstream_remote)
+                    .shutdown(std::net::Shutdown::Write)
+                    .unwrap();
+                let t = Instant::now();
+                while sys::tcp_info(&upstream).unwrap().established {
+                    assert!(t.elapsed() < Duration::from_secs(5), "no FIN arrived");
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            })
+            .expect("the pair goes on once the client is in the map");
+        let counters = PortCounters {
+            port: 0,
+            index: 0,
+            upstream_port: 0,
+            active: Default::default(),
+            total: Default::default(),
+            refused: Default::default(),
+            refused_per_client: Default::default(),
+            limit_reached: Default::default(),
+            bytes_in: Default::default(),
+            bytes_out: Default::default(),
+        };
+        let activity = Cell::new(Instant::now());
+        let ends = async {
+            client_remote.write_all(b"hello").await.unwrap();
+            client_remote.shutdown().await.unwrap();
+            let mut at_upstream = Vec::new();
+            upstream_remote.read_to_end(&mut at_upstream).await.unwrap();
+            let mut at_client = Vec::new();
+            client_remote.read_to_end(&mut at_client).await.unwrap();
+            (at_upstream, at_client)
+        };
+        let (relayed, (at_upstream, at_client)) =
+            tokio::join!(relay(pair, &client, &upstream, &counters, &activity), ends);
+        relayed.unwrap();
+        assert_eq!(at_upstream, b"hello");
+        assert_eq!(at_client, b"tail");
+    }
 }
