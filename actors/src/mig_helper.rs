@@ -224,14 +224,22 @@ async fn hold(driver: &Driver, mut op: Op, why: &str) {
         ));
     }
     op.leave(helper_leftover(&plan));
-    op.end(
-        OpState::Failed,
-        Some(format!(
+    end_failed(
+        driver,
+        &mut op,
+        format!(
             "held for an operator: {app} runs on grid {grid}, but its MIG did not confirm that it took the operation ({why}); nothing was destroyed. Open {app}'s MIG page for this operation: if it shows it, it finishes by itself; if not, finish with the leftovers' commands"
-        )),
+        ),
+        "the held operation",
     );
-    if let Err(e) = driver.commit(&mut op) {
-        tracing::error!(error = %e, "cannot journal the held operation");
+}
+
+/// Ends `op` failed with `why` and journals it; a journal that fails is logged, naming `what`
+/// could not be journalled (the operation's end is all that is left to do).
+fn end_failed(driver: &Driver, op: &mut Op, why: String, what: &str) {
+    op.end(OpState::Failed, Some(why));
+    if let Err(e) = driver.commit(op) {
+        tracing::error!(error = %e, "cannot journal {what}");
     }
 }
 
@@ -473,11 +481,10 @@ async fn roll_back(driver: &Driver, key: &OpKey, mut op: Op) {
             op.leave(helper_leftover(&plan));
         }
     }
-    op.end(
-        OpState::Failed,
-        Some(format!("{failed}; the roll-back did not finish")),
+    end_failed(
+        driver,
+        &mut op,
+        format!("{failed}; the roll-back did not finish"),
+        "the end of the roll-back",
     );
-    if let Err(e) = driver.commit(&mut op) {
-        tracing::error!(error = %e, "cannot journal the end of the roll-back");
-    }
 }
