@@ -4,11 +4,12 @@
 use std::time::{Duration, Instant};
 
 use super::PROGRESS_EVERY;
+use crate::book::OpBook;
 use crate::cancel::Gate;
-use crate::controller::{GridController, MigrateOptions};
+use crate::controller::{GridController, GridFuture, MigrateOptions, ProgressFn};
 use crate::driver::{destroy_if_ours, Driver, StepError, MARK};
 use crate::faults;
-use crate::op::{Op, MIGRATING, PRECOPYING};
+use crate::op::{Op, StepId, MIGRATING, PRECOPYING};
 use crate::units::human_bytes;
 
 /// How often the pre-copy is tried before the operation rolls back. An interrupted pre-copy (a
@@ -69,50 +70,94 @@ async fn precopy(
     dst: &dyn GridController,
     plan: &crate::op::Plan,
 ) -> Result<String, StepError> {
-    if let Some(taken) = destroy_if_ours(dst, &plan.target_app, &op.id).await? {
-        return Err(StepError::permanent(format!(
-            "the target name is taken: {taken}"
-        )));
-    }
-    let mut props = plan.target_app_config.clone();
-    props.push((MARK.to_string(), op.id.clone()));
-    let remote: dialect::Controller = plan
-        .source_controller
-        .parse()
-        .map_err(|e| StepError::permanent(format!("{e}")))?;
-    let book = &driver.book;
-    let mut last = Instant::now() - PROGRESS_EVERY;
-    let mut progress = |done: u64, total: u64| {
-        op.set_progress(PRECOPYING, done, total);
-        if last.elapsed() >= PROGRESS_EVERY || done == total {
-            last = Instant::now();
-            book.publish(op.clone());
-        }
-    };
+    free_target_name(dst, plan, &op.id).await?;
+    let (remote, props) = import_args(plan, &op.id)?;
+    let mut progress = publishing_progress(&driver.book, op, PRECOPYING);
     let opts = MigrateOptions {
         stage: true,
         max_rate: plan.max_rate,
         ..Default::default()
     };
-    dst.migrate_import(
-        &remote,
-        &plan.source_app,
-        &plan.target_app,
-        &props,
-        opts,
-        &mut progress,
-    )
+    pull(dst, plan, &remote, &props, opts, &mut progress)
     .await
     .map_err(|e| {
         staging_refused(&e, plan).unwrap_or_else(|| {
             StepError::from(e).context(format!("pre-copy from grid {} failed", plan.source_grid))
         })
     })?;
+    // Gives `op` back (the callback may hold state to drop).
+    drop(progress);
     let bytes = op.step(PRECOPYING).bytes_done.unwrap_or(0);
     Ok(format!(
         "{} pre-copied while the source ran",
         human_bytes(bytes)
     ))
+}
+
+/// Clears the target's name for a new copy: destroys a partial one of this operation; a name
+/// another application holds fails the step for good.
+async fn free_target_name(
+    dst: &dyn GridController,
+    plan: &crate::op::Plan,
+    op_id: &str,
+) -> Result<(), StepError> {
+    if let Some(taken) = destroy_if_ours(dst, &plan.target_app, op_id).await? {
+        return Err(StepError::permanent(format!(
+            "the target name is taken: {taken}"
+        )));
+    }
+    Ok(())
+}
+
+/// What every pull names: the source's controller, and the target's configuration with this
+/// operation's [`MARK`] added (so a partial copy is known as ours).
+fn import_args(
+    plan: &crate::op::Plan,
+    op_id: &str,
+) -> Result<(dialect::Controller, Vec<(String, String)>), StepError> {
+    let mut props = plan.target_app_config.clone();
+    props.push((MARK.to_string(), op_id.to_string()));
+    let remote: dialect::Controller = plan
+        .source_controller
+        .parse()
+        .map_err(|e| StepError::permanent(format!("{e}")))?;
+    Ok((remote, props))
+}
+
+/// Has `dst` pull the source application into the target's name.
+fn pull<'a>(
+    dst: &'a dyn GridController,
+    plan: &'a crate::op::Plan,
+    remote: &'a dialect::Controller,
+    props: &'a [(String, String)],
+    opts: MigrateOptions,
+    progress: ProgressFn<'a>,
+) -> GridFuture<'a, ()> {
+    dst.migrate_import(
+        remote,
+        &plan.source_app,
+        &plan.target_app,
+        props,
+        opts,
+        progress,
+    )
+}
+
+/// The progress callback of a pull in `step`: each report is kept in `op`, and reaches the op
+/// book (and so the page) at most every [`PROGRESS_EVERY`], the last one always.
+fn publishing_progress<'a>(
+    book: &'a OpBook,
+    op: &'a mut Op,
+    step: StepId,
+) -> impl FnMut(u64, u64) + Send + 'a {
+    let mut last = Instant::now() - PROGRESS_EVERY;
+    move |done: u64, total: u64| {
+        op.set_progress(step, done, total);
+        if last.elapsed() >= PROGRESS_EVERY || done == total {
+            last = Instant::now();
+            book.publish(op.clone());
+        }
+    }
 }
 
 /// A grid whose gridctl has no staged copies (stream format 3) refuses the pre-copy or the final
@@ -164,40 +209,16 @@ pub(super) async fn copy(
     let delta =
         op.has_step(PRECOPYING) && is_our_staged_copy(dst, &plan.target_app, &op.id).await?;
     if !delta {
-        if let Some(taken) = destroy_if_ours(dst, &plan.target_app, &op.id).await? {
-            return Err(StepError::permanent(format!(
-                "the target name is taken: {taken}"
-            )));
-        }
+        free_target_name(dst, plan, &op.id).await?;
     }
-    let mut props = plan.target_app_config.clone();
-    props.push((MARK.to_string(), op.id.clone()));
-    let book = &driver.book;
-    let mut last = Instant::now() - PROGRESS_EVERY;
-    let mut progress = |done: u64, total: u64| {
-        op.set_progress(MIGRATING, done, total);
-        if last.elapsed() >= PROGRESS_EVERY || done == total {
-            last = Instant::now();
-            book.publish(op.clone());
-        }
-    };
-    let remote: dialect::Controller = plan
-        .source_controller
-        .parse()
-        .map_err(|e| StepError::permanent(format!("{e}")))?;
+    let (remote, props) = import_args(plan, &op.id)?;
+    let mut progress = publishing_progress(&driver.book, op, MIGRATING);
     let opts = MigrateOptions {
         delta,
         max_rate: plan.max_rate,
         ..Default::default()
     };
-    let import = dst.migrate_import(
-        &remote,
-        &plan.source_app,
-        &plan.target_app,
-        &props,
-        opts,
-        &mut progress,
-    );
+    let import = pull(dst, plan, &remote, &props, opts, &mut progress);
     // The checksums for the verify come after the copy: after a delta both grids' gridctl answer
     // them from the BLAKE3 the delta computed as it read (source) and wrote (target), while the
     // volumes stay as it left them, instead of reading every volume whole once more.
@@ -209,6 +230,8 @@ pub(super) async fn copy(
                 StepError::from(e).context(format!("copy from grid {} failed", plan.source_grid))
             })
     })?;
+    // Gives `op` back (the callback may hold state to drop).
+    drop(progress);
     driver.faults.hold(faults::HOLD_VERIFY).await;
     let verified = verify(src, &plan.source_app, dst, &plan.target_app).await?;
     if !delta {
