@@ -48,17 +48,14 @@ pub async fn start(
     max_rate: Option<&str>,
     creds: &Credentials,
 ) -> anyhow::Result<String> {
-    let http = reqwest::Client::new();
     let url = url.trim_end_matches('/');
     let mut body = serde_json::json!({"kind": kind, "target_app": name, "target_grid": to});
     if let Some(r) = max_rate {
         body["max_rate"] = r.into();
     }
-    let v = post_with_csrf(
-        &http,
+    let v = post_op(
         url,
-        api::START.path,
-        Some(&body),
+        &body,
         creds,
         |s| s == reqwest::StatusCode::ACCEPTED,
         &format!("MIG at {url} did not start the {kind}"),
@@ -337,6 +334,19 @@ async fn csrf_token(
     Ok(token["csrf"].as_str().unwrap_or_default().to_string())
 }
 
+/// `POST` of an operation request (`body`) to the MIG at `url`, started or only checked
+/// (`dry_run`): one route, one CSRF exchange.
+async fn post_op(
+    url: &str,
+    body: &serde_json::Value,
+    creds: &Credentials,
+    ok: fn(reqwest::StatusCode) -> bool,
+    failed: &str,
+) -> anyhow::Result<serde_json::Value> {
+    let http = reqwest::Client::new();
+    post_with_csrf(&http, url, api::START.path, Some(body), creds, ok, failed).await
+}
+
 /// `POST url+path` (with `body` as JSON, if any) carrying this MIG's CSRF token, read first with
 /// the credentials: the answer's JSON when `ok(status)`, else an error that starts with `failed`.
 async fn post_with_csrf(
@@ -401,16 +411,13 @@ pub async fn dry_run(
     name: &str,
     creds: &Credentials,
 ) -> anyhow::Result<Vec<actors::dry_run::Check>> {
-    let http = reqwest::Client::new();
     let url = url.trim_end_matches('/');
     let body = serde_json::json!({
         "kind": kind, "target_app": name, "target_grid": to, "dry_run": true
     });
-    let v = post_with_csrf(
-        &http,
+    let v = post_op(
         url,
-        api::START.path,
-        Some(&body),
+        &body,
         creds,
         |s| s.is_success(),
         &format!("MIG at {url} did not run the checks"),

@@ -50,12 +50,9 @@ enum Command {
         /// The MIG (or MigHelper) to ask, e.g. http://10.0.1.10:8080
         #[arg(long)]
         url: String,
-        /// GUI username, when the MIG has one; asks for the full record.
-        #[arg(long)]
-        user: Option<String>,
-        /// GUI password (or MIG_PASSWORD_CLI in the environment, to keep it out of `ps`).
-        #[arg(long, env = "MIG_PASSWORD_CLI", hide_env_values = true)]
-        password: Option<String>,
+        // --user asks for the full record too (the command's help says so).
+        #[command(flatten)]
+        login: Login,
         /// Ask for the full record even without --user (a MIG with no `username` serves it to
         /// anyone; MigHelper serves none).
         #[arg(long)]
@@ -70,12 +67,8 @@ enum Command {
         /// A MIG (or MigHelper) that knows the operation, e.g. http://10.0.1.10:8080
         #[arg(long)]
         url: String,
-        /// GUI username, when the MIG has one.
-        #[arg(long)]
-        user: Option<String>,
-        /// GUI password (or MIG_PASSWORD_CLI in the environment, to keep it out of `ps`).
-        #[arg(long, env = "MIG_PASSWORD_CLI", hide_env_values = true)]
-        password: Option<String>,
+        #[command(flatten)]
+        login: Login,
         /// The operation id.
         op_id: String,
     },
@@ -92,12 +85,8 @@ struct OpArgs {
     /// The target application's name.
     #[arg(long, value_name = "APP")]
     name: String,
-    /// GUI username, when the MIG has one.
-    #[arg(long)]
-    user: Option<String>,
-    /// GUI password (or MIG_PASSWORD_CLI in the environment, to keep it out of `ps`).
-    #[arg(long, env = "MIG_PASSWORD_CLI", hide_env_values = true)]
-    password: Option<String>,
+    #[command(flatten)]
+    login: Login,
     /// Print only the final summary.
     #[arg(long)]
     quiet: bool,
@@ -109,6 +98,26 @@ struct OpArgs {
     /// only if every check passed.
     #[arg(long)]
     dry_run: bool,
+}
+
+/// How a client command signs in to a MIG's GUI routes.
+#[derive(Args)]
+struct Login {
+    /// GUI username, when the MIG has one.
+    #[arg(long)]
+    user: Option<String>,
+    /// GUI password (or MIG_PASSWORD_CLI in the environment, to keep it out of `ps`).
+    #[arg(long, env = "MIG_PASSWORD_CLI", hide_env_values = true)]
+    password: Option<String>,
+}
+
+impl Login {
+    fn credentials(self) -> mig::client::Credentials {
+        mig::client::Credentials {
+            user: self.user,
+            password: self.password,
+        }
+    }
 }
 
 #[derive(Args)]
@@ -179,30 +188,18 @@ async fn main() -> ExitCode {
         (
             Command::Status {
                 url,
-                user,
-                password,
+                login,
                 record,
                 op_id,
             },
             _,
         ) => {
-            let record = record || user.is_some();
-            status(
-                &url,
-                &op_id,
-                record.then_some(mig::client::Credentials { user, password }),
-            )
-            .await
+            let record = record || login.user.is_some();
+            status(&url, &op_id, record.then(|| login.credentials())).await
         }
-        (
-            Command::Cancel {
-                url,
-                user,
-                password,
-                op_id,
-            },
-            _,
-        ) => cancel(&url, &op_id, &mig::client::Credentials { user, password }).await,
+        (Command::Cancel { url, login, op_id }, _) => {
+            cancel(&url, &op_id, &login.credentials()).await
+        }
         (Command::Serve(_) | Command::Helper(_), None) => unreachable!("loaded above"),
     };
     result.unwrap_or_else(|code| code)
@@ -227,10 +224,7 @@ async fn operate(kind: &str, a: OpArgs) -> Result<ExitCode, ExitCode> {
         eprintln!("mig {kind}: {e:#}");
         ExitCode::FAILURE
     };
-    let creds = mig::client::Credentials {
-        user: a.user,
-        password: a.password,
-    };
+    let creds = a.login.credentials();
     // Checked here too, so a typo is refused before anything is sent.
     if let Some(r) = &a.max_rate {
         if let Err(e) = properties::parse_rate(r) {

@@ -249,12 +249,9 @@ mod tests {
 
     #[test]
     fn the_payload_summarizes_the_operation() {
-        let plan: actors::op::Plan = serde_json::from_value(serde_json::json!({
-            "source_grid": "g1", "target_grid": "g2", "source_app": "a", "target_app": "b",
-            "source_controller": "h:1", "target_controller": "h:2", "source_mig_url": "x",
-            "helper_url": "y", "final_mig_url": "z", "helper_app": "m", "helper_config": [],
-            "target_app_config": [], "max_rate": 1024}))
-        .unwrap();
+        let mut plan = actors::test_support::sample_plan();
+        plan.target_app = "b".into();
+        plan.max_rate = Some(1024);
         let mut op = Op::new(actors::op::new_id(), actors::op::Kind::Migrate, plan);
         op.start_step(actors::op::PROVISIONING_HELPER);
         op.end(actors::op::OpState::Failed, Some("boom".into()));

@@ -289,12 +289,7 @@ mod tests {
 
     #[test]
     fn a_stream_ends_once_the_operation_ends_or_leaves_every_role_here() {
-        let plan: crate::op::Plan = serde_json::from_value(serde_json::json!({
-            "source_grid": "g1", "target_grid": "g2", "source_app": "a", "target_app": "b",
-            "source_controller": "h:1", "target_controller": "h:2", "source_mig_url": "x",
-            "helper_url": "y", "final_mig_url": "z", "helper_app": "m", "helper_config": [],
-            "target_app_config": []}))
-        .unwrap();
+        let plan = crate::test_support::sample_plan();
         let mut op = Op::new(ID.into(), crate::op::Kind::Migrate, plan);
         assert!(!stream_ends(&op, SERVE_ROLES));
         op.owner = Role::Helper;

@@ -28,3 +28,4 @@ pub mod target;
 pub mod telemetry;
 #[cfg(any(test, feature = "test-support"))]
 pub mod test_support;
+pub mod units;

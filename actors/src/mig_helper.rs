@@ -10,17 +10,16 @@
 //! volume by volume, before the target starts. Each step first reads the real state, so a
 //! restarted helper resumes from its journal by running the unfinished step again.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use actix::prelude::*;
 use tracing::Instrument;
 
 use crate::auth::OpKey;
 use crate::cancel::{self, Cancel, CancelError, Gate, GateState};
-use crate::controller::{GridController, MigrateOptions};
 use crate::driver::{
     destroy_if_ours, ensure_running, ensure_stopped, helper_leftover, manual_command, Driver,
-    StepError, BACKOFF, MARK,
+    StepError, BACKOFF,
 };
 use crate::faults;
 use crate::handoff::{self, Handoff, HandoffError, SignedStatus, StatusQuery};
@@ -28,6 +27,11 @@ use crate::op::{
     Cancelled, Kind, Op, OpState, Role, StepId, StepState, DESTROYING_HELPER, MIGRATING,
     PRECOPYING, RESTARTING_SOURCE, STARTING_TARGET, STOPPING_HELPER, STOPPING_SOURCE,
 };
+
+mod copy;
+
+pub use crate::units::human_bytes;
+use copy::{copy, precopy_tried};
 
 /// How often progress reaches the op book (and so the page).
 const PROGRESS_EVERY: Duration = Duration::from_millis(100);
@@ -220,14 +224,22 @@ async fn hold(driver: &Driver, mut op: Op, why: &str) {
         ));
     }
     op.leave(helper_leftover(&plan));
-    op.end(
-        OpState::Failed,
-        Some(format!(
+    end_failed(
+        driver,
+        &mut op,
+        format!(
             "held for an operator: {app} runs on grid {grid}, but its MIG did not confirm that it took the operation ({why}); nothing was destroyed. Open {app}'s MIG page for this operation: if it shows it, it finishes by itself; if not, finish with the leftovers' commands"
-        )),
+        ),
+        "the held operation",
     );
-    if let Err(e) = driver.commit(&mut op) {
-        tracing::error!(error = %e, "cannot journal the held operation");
+}
+
+/// Ends `op` failed with `why` and journals it; a journal that fails is logged, naming `what`
+/// could not be journalled (the operation's end is all that is left to do).
+fn end_failed(driver: &Driver, op: &mut Op, why: String, what: &str) {
+    op.end(OpState::Failed, Some(why));
+    if let Err(e) = driver.commit(op) {
+        tracing::error!(error = %e, "cannot journal {what}");
     }
 }
 
@@ -376,284 +388,6 @@ async fn steps(driver: &Driver, gate: &Gate, op: &mut Op) -> Result<(), StepErro
     Ok(())
 }
 
-/// `1.00 GiB`, `51 MiB`, `512 B`: bytes as the monitor shows them.
-pub fn human_bytes(n: u64) -> String {
-    const UNITS: [&str; 4] = ["KiB", "MiB", "GiB", "TiB"];
-    if n < 1024 {
-        return format!("{n} B");
-    }
-    let mut v = n as f64 / 1024.0;
-    let mut u = 0;
-    while v >= 1024.0 && u < UNITS.len() - 1 {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u >= 2 {
-        format!("{v:.2} {}", UNITS[u])
-    } else {
-        format!("{v:.0} {}", UNITS[u])
-    }
-}
-
-/// How often the pre-copy is tried before the operation rolls back. An interrupted pre-copy (a
-/// cut link, a restarted grid daemon) costs only time, since the source still runs, so it is
-/// tried again; but boundedly: a link that fails three pre-copies in a row would fail the copy
-/// in the stopped phase too, and the operator learns sooner with the source untouched.
-const PRECOPY_TRIES: u32 = 3;
-/// The pause before the next try, for a daemon or link to come back.
-const PRECOPY_PAUSE: Duration = Duration::from_secs(2);
-
-/// [`precopy`], tried again after a failure that may pass (not a permanent one, not a cancel),
-/// up to [`PRECOPY_TRIES`] times; each try starts over from a fresh staged copy.
-async fn precopy_tried(
-    driver: &Driver,
-    gate: &Gate,
-    op: &mut Op,
-    dst: &dyn GridController,
-    plan: &crate::op::Plan,
-) -> Result<String, StepError> {
-    let mut failed: Vec<String> = Vec::new();
-    loop {
-        let e = match precopy(driver, op, dst, plan).await {
-            Ok(detail) if failed.is_empty() => return Ok(detail),
-            Ok(detail) => {
-                return Ok(format!(
-                    "{detail}, after {} interrupted attempt{} (last: {})",
-                    failed.len(),
-                    if failed.len() == 1 { "" } else { "s" },
-                    failed.last().expect("one failed")
-                ))
-            }
-            Err(e) => e,
-        };
-        failed.push(e.message.clone());
-        let tries = failed.len() as u32;
-        if e.permanent || tries >= PRECOPY_TRIES || gate.cancelled().is_some() {
-            return Err(e);
-        }
-        tracing::warn!(attempt = tries, error = %e, "the pre-copy failed; trying again");
-        op.trace(
-            "step",
-            format!("pre-copy attempt {tries} of {PRECOPY_TRIES} failed, trying again: {e}"),
-            None,
-            None,
-        );
-        driver.book.publish(op.clone());
-        tokio::time::sleep(PRECOPY_PAUSE).await;
-    }
-}
-
-/// The pre-copy, while the source runs: a target left by an earlier attempt of this operation
-/// goes first (one this operation did not make fails the step), then the target grid pulls a
-/// staged copy (`--stage`), marked as this operation's and never startable, its progress
-/// published as it goes. Returns the step's detail.
-async fn precopy(
-    driver: &Driver,
-    op: &mut Op,
-    dst: &dyn GridController,
-    plan: &crate::op::Plan,
-) -> Result<String, StepError> {
-    if let Some(taken) = destroy_if_ours(dst, &plan.target_app, &op.id).await? {
-        return Err(StepError::permanent(format!(
-            "the target name is taken: {taken}"
-        )));
-    }
-    let mut props = plan.target_app_config.clone();
-    props.push((MARK.to_string(), op.id.clone()));
-    let remote: dialect::Controller = plan
-        .source_controller
-        .parse()
-        .map_err(|e| StepError::permanent(format!("{e}")))?;
-    let book = &driver.book;
-    let mut last = Instant::now() - PROGRESS_EVERY;
-    let mut progress = |done: u64, total: u64| {
-        op.set_progress(PRECOPYING, done, total);
-        if last.elapsed() >= PROGRESS_EVERY || done == total {
-            last = Instant::now();
-            book.publish(op.clone());
-        }
-    };
-    let opts = MigrateOptions {
-        stage: true,
-        max_rate: plan.max_rate,
-        ..Default::default()
-    };
-    dst.migrate_import(
-        &remote,
-        &plan.source_app,
-        &plan.target_app,
-        &props,
-        opts,
-        &mut progress,
-    )
-    .await
-    .map_err(|e| {
-        staging_refused(&e, plan).unwrap_or_else(|| {
-            StepError::from(e).context(format!("pre-copy from grid {} failed", plan.source_grid))
-        })
-    })?;
-    let bytes = op.step(PRECOPYING).bytes_done.unwrap_or(0);
-    Ok(format!(
-        "{} pre-copied while the source ran",
-        human_bytes(bytes)
-    ))
-}
-
-/// A grid whose gridctl has no staged copies (stream format 3) refuses the pre-copy or the final
-/// pull; said in MIG's own words, since the public page withholds a controller's output.
-fn staging_refused(e: &crate::controller::GridError, plan: &crate::op::Plan) -> Option<StepError> {
-    let text = e.to_string();
-    let grid = if e.is_refused() && (text.contains("--stage") || text.contains("--delta")) {
-        &plan.target_grid
-    } else if text.contains("without staged copies") {
-        &plan.source_grid
-    } else {
-        return None;
-    };
-    Some(StepError::permanent(format!(
-        "grid {grid}'s controller runs a gridctl without staged copies (stream format 3), so it \
-         cannot pre-copy: run the same gridctl version on both grids, or set precopy = off"
-    )))
-}
-
-/// Whether `name` on `dst` is this operation's staged copy (the pre-copy), which the final
-/// pull completes instead of copying everything again.
-async fn is_our_staged_copy(
-    dst: &dyn GridController,
-    name: &str,
-    op_id: &str,
-) -> Result<bool, StepError> {
-    if crate::driver::app_state(dst, name).await?.is_none() {
-        return Ok(false);
-    }
-    let info = dst.info(name).await?;
-    Ok(info.prop(MARK) == Some(op_id)
-        && info.extra.iter().any(|(k, v)| k == "staged" && v == "true"))
-}
-
-/// One attempt at the copy: a target left by an interrupted copy of this operation is partial,
-/// so it goes first (an application of that name that this operation did not make fails the
-/// copy and is left alone); then the target grid pulls the application, marked as this
-/// operation's, its progress published as it goes; then every volume's checksum is compared on
-/// both grids (the source is stopped, so it is stable). Returns the step's detail.
-async fn copy(
-    driver: &Driver,
-    op: &mut Op,
-    src: &dyn GridController,
-    dst: &dyn GridController,
-    plan: &crate::op::Plan,
-) -> Result<String, StepError> {
-    driver.faults.hold(faults::HOLD_COPY).await;
-    // After a pre-copy only what changed moves, into this operation's staged copy.
-    let delta =
-        op.has_step(PRECOPYING) && is_our_staged_copy(dst, &plan.target_app, &op.id).await?;
-    if !delta {
-        if let Some(taken) = destroy_if_ours(dst, &plan.target_app, &op.id).await? {
-            return Err(StepError::permanent(format!(
-                "the target name is taken: {taken}"
-            )));
-        }
-    }
-    let mut props = plan.target_app_config.clone();
-    props.push((MARK.to_string(), op.id.clone()));
-    let book = &driver.book;
-    let mut last = Instant::now() - PROGRESS_EVERY;
-    let mut progress = |done: u64, total: u64| {
-        op.set_progress(MIGRATING, done, total);
-        if last.elapsed() >= PROGRESS_EVERY || done == total {
-            last = Instant::now();
-            book.publish(op.clone());
-        }
-    };
-    let remote: dialect::Controller = plan
-        .source_controller
-        .parse()
-        .map_err(|e| StepError::permanent(format!("{e}")))?;
-    let opts = MigrateOptions {
-        delta,
-        max_rate: plan.max_rate,
-        ..Default::default()
-    };
-    let import = dst.migrate_import(
-        &remote,
-        &plan.source_app,
-        &plan.target_app,
-        &props,
-        opts,
-        &mut progress,
-    );
-    // The checksums for the verify come after the copy: after a delta both grids' gridctl answer
-    // them from the BLAKE3 the delta computed as it read (source) and wrote (target), while the
-    // volumes stay as it left them, instead of reading every volume whole once more.
-    import.await.map_err(|e| {
-        delta
-            .then(|| staging_refused(&e, plan))
-            .flatten()
-            .unwrap_or_else(|| {
-                StepError::from(e).context(format!("copy from grid {} failed", plan.source_grid))
-            })
-    })?;
-    driver.faults.hold(faults::HOLD_VERIFY).await;
-    let verified = verify(src, &plan.source_app, dst, &plan.target_app).await?;
-    if !delta {
-        return Ok(verified);
-    }
-    let pre = op.step(PRECOPYING).bytes_done.unwrap_or(0);
-    let changed = op.step(MIGRATING).bytes_done.unwrap_or(0);
-    Ok(format!(
-        "{} pre-copied, {} changed since; {verified}",
-        human_bytes(pre),
-        human_bytes(changed)
-    ))
-}
-
-/// Compares every volume's checksum of the source with the copy's. A difference is permanent: the
-/// copy is not the application, and it must not start.
-async fn verify(
-    src: &dyn GridController,
-    source_app: &str,
-    dst: &dyn GridController,
-    target_app: &str,
-) -> Result<String, StepError> {
-    let (a, b) = tokio::join!(src.checksum(source_app), dst.checksum(target_app));
-    let (mut a, mut b) = (a?, b?);
-    // The source's checksums stand for it only while it stays stopped. Read after them, so a
-    // start by hand (an operator, a script) before they were taken is seen: such a source may
-    // take writes the copy never gets, and starting the copy too would run two (issue 14).
-    match crate::driver::app_state(src, source_app).await? {
-        Some(dialect::AppState::Stopped) => {}
-        other => {
-            let now = other.map_or("gone".to_string(), |s| s.to_string());
-            return Err(StepError::permanent(format!(
-                "the source application {source_app} was started by someone during the copy (it is {now}); the copy will not be started"
-            )));
-        }
-    }
-    a.sort_by(|x, y| x.volume.cmp(&y.volume));
-    b.sort_by(|x, y| x.volume.cmp(&y.volume));
-    if a != b {
-        let differ: Vec<String> = a
-            .iter()
-            .filter(|v| !b.contains(v))
-            .map(|v| v.volume.clone())
-            .chain(
-                b.iter()
-                    .filter(|w| !a.iter().any(|v| v.volume == w.volume))
-                    .map(|w| w.volume.clone()),
-            )
-            .collect();
-        return Err(StepError::permanent(format!(
-            "the copy differs from the source after the transfer (volumes: {}); it will not be started",
-            differ.join(", ")
-        )));
-    }
-    Ok(format!(
-        "verified {} volume{}, blake3 equal",
-        a.len(),
-        if a.len() == 1 { "" } else { "s" }
-    ))
-}
-
 /// Before the cut-over, undo: destroy the (partial) target if this operation made it, start the
 /// source again, and hand the operation to the source MIG, which destroys this helper.
 async fn roll_back(driver: &Driver, key: &OpKey, mut op: Op) {
@@ -749,11 +483,10 @@ async fn roll_back(driver: &Driver, key: &OpKey, mut op: Op) {
             op.leave(helper_leftover(&plan));
         }
     }
-    op.end(
-        OpState::Failed,
-        Some(format!("{failed}; the roll-back did not finish")),
+    end_failed(
+        driver,
+        &mut op,
+        format!("{failed}; the roll-back did not finish"),
+        "the end of the roll-back",
     );
-    if let Err(e) = driver.commit(&mut op) {
-        tracing::error!(error = %e, "cannot journal the end of the roll-back");
-    }
 }

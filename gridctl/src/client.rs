@@ -119,12 +119,7 @@ fn check_import(state: &Path, remote: &Controller, app: &str, new_name: &str) ->
             state.join("peer/known_hosts").display()
         ));
     }
-    let listed = connect(state).and_then(|mut c| {
-        c.call(&Request::Command {
-            line: "app list --batch".into(),
-        })
-        .map_err(|e| format!("talking to the grid daemon: {e}"))
-    });
+    let listed = daemon_command(state, "app list --batch".into());
     match listed {
         Ok(Reply::Done {
             code: 0, stdout, ..
@@ -159,12 +154,7 @@ fn check_import(state: &Path, remote: &Controller, app: &str, new_name: &str) ->
 /// `peer check APP`, on the source grid for another grid: APP's state and the bytes of its
 /// volumes, `KEY\tVALUE` lines. Nothing is held or sent.
 fn peer_check(state: &Path, app: &str) -> i32 {
-    let reply = connect(state).and_then(|mut c| {
-        c.call(&Request::Command {
-            line: format!("app info {app} --batch"),
-        })
-        .map_err(|e| format!("talking to the grid daemon: {e}"))
-    });
+    let reply = daemon_command(state, format!("app info {app} --batch"));
     match reply {
         Ok(Reply::Done {
             code: 0, stdout, ..
@@ -187,14 +177,8 @@ fn peer_check(state: &Path, app: &str) -> i32 {
             eprintln!("gridctl: {stderr}");
             FAILED
         }
-        Ok(other) => {
-            eprintln!("gridctl: unexpected reply from the daemon: {other:?}");
-            FAILED
-        }
-        Err(e) => {
-            eprintln!("gridctl: {e}");
-            FAILED
-        }
+        Ok(other) => failed(format!("unexpected reply from the daemon: {other:?}")),
+        Err(e) => failed(e),
     }
 }
 
@@ -207,13 +191,22 @@ pub(crate) fn connect(state: &Path) -> Result<Conn, String> {
     })
 }
 
+/// Runs one command line on this grid's daemon and returns its answer.
+fn daemon_command(state: &Path, line: String) -> Result<Reply, String> {
+    connect(state).and_then(|mut c| {
+        c.call(&Request::Command { line })
+            .map_err(|e| format!("talking to the grid daemon: {e}"))
+    })
+}
+
+/// Says why the command failed, on stderr, and returns its exit code.
+fn failed(why: impl std::fmt::Display) -> i32 {
+    eprintln!("gridctl: {why}");
+    FAILED
+}
+
 fn forward(state: &Path, line: &str) -> i32 {
-    let reply = connect(state).and_then(|mut c| {
-        c.call(&Request::Command {
-            line: line.to_string(),
-        })
-        .map_err(|e| format!("talking to the grid daemon: {e}"))
-    });
+    let reply = daemon_command(state, line.to_string());
     match reply {
         Ok(Reply::Done {
             code,
@@ -227,14 +220,8 @@ fn forward(state: &Path, line: &str) -> i32 {
             }
             code
         }
-        Ok(other) => {
-            eprintln!("gridctl: unexpected reply from the daemon: {other:?}");
-            FAILED
-        }
-        Err(e) => {
-            eprintln!("gridctl: {e}");
-            FAILED
-        }
+        Ok(other) => failed(format!("unexpected reply from the daemon: {other:?}")),
+        Err(e) => failed(e),
     }
 }
 

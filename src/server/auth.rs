@@ -28,15 +28,19 @@ fn is_public(req: &ServiceRequest) -> bool {
     )
 }
 
+/// The server's shared state, which every middleware here reads.
+fn shared(req: &ServiceRequest) -> web::Data<Shared> {
+    req.app_data::<web::Data<Shared>>()
+        .expect("Shared is registered")
+        .clone()
+}
+
 /// 421 for a request whose `Host` is not a name this MIG answers to (see [`crate::host_check`]).
 pub(super) async fn check_host(
     req: ServiceRequest,
     next: Next<impl MessageBody + 'static>,
 ) -> Result<ServiceResponse<actix_web::body::BoxBody>, actix_web::Error> {
-    let shared = req
-        .app_data::<web::Data<Shared>>()
-        .expect("Shared is registered")
-        .clone();
+    let shared = shared(&req);
     let host = req
         .headers()
         .get(header::HOST)
@@ -60,10 +64,7 @@ pub(super) async fn require_credentials(
     req: ServiceRequest,
     next: Next<impl MessageBody + 'static>,
 ) -> Result<ServiceResponse<actix_web::body::BoxBody>, actix_web::Error> {
-    let shared = req
-        .app_data::<web::Data<Shared>>()
-        .expect("Shared is registered")
-        .clone();
+    let shared = shared(&req);
     if let (Some(creds), false) = (&shared.credentials, is_public(&req)) {
         let given = req
             .headers()

@@ -366,12 +366,7 @@ mod tests {
 
     #[test]
     fn the_timeline_lists_every_event_escaped() {
-        let plan: actors::op::Plan = serde_json::from_value(serde_json::json!({
-            "source_grid": "g1", "target_grid": "g2", "source_app": "a", "target_app": "b",
-            "source_controller": "h:1", "target_controller": "h:2", "source_mig_url": "x",
-            "helper_url": "y", "final_mig_url": "z", "helper_app": "m", "helper_config": [],
-            "target_app_config": []}))
-        .unwrap();
+        let plan = actors::test_support::sample_plan();
         let mut op = actors::op::Op::new(actors::op::new_id(), actors::op::Kind::Migrate, plan);
         op.start_step(actors::op::PROVISIONING_HELPER);
         op.fail_step(actors::op::PROVISIONING_HELPER, "<script>boom</script>");

@@ -133,6 +133,31 @@ pub(crate) fn import_with(
     r
 }
 
+/// The reader of the stream an import pulls through ssh's stdout (a full pull, a pre-copy or a
+/// delta alike). `max_rate` applies to the bytes on the link (compressed where they are): reading
+/// no faster makes ssh, and TCP under it, hold the source back.
+pub(crate) fn link_reader(
+    stdout_pipe: std::process::ChildStdout,
+    max_rate: Option<u64>,
+) -> BufReader<Box<dyn Read + Send>> {
+    transfer::grow_pipe(&stdout_pipe);
+    let stdout_pipe: Box<dyn Read + Send> = match max_rate {
+        Some(rate) => Box::new(crate::throttle::Throttled::new(stdout_pipe, rate)),
+        None => Box::new(stdout_pipe),
+    };
+    // Small on purpose: a payload read bigger than the buffer bypasses it and lands directly in
+    // its chunk, so only frame headers are copied twice.
+    BufReader::with_capacity(64 << 10, stdout_pipe)
+}
+
+/// The progress sink of `--progress`: one `progress DONE TOTAL` line on stdout, flushed, for the
+/// daemon that runs this import to read.
+pub(crate) fn print_progress(done: u64, total: u64) -> io::Result<()> {
+    let mut out = io::stdout().lock();
+    writeln!(out, "progress {done} {total}")?;
+    out.flush()
+}
+
 /// The most of the source's stderr an import keeps for its error message.
 pub(crate) const MAX_REMOTE_ERR: usize = 16 << 10;
 
@@ -199,23 +224,8 @@ pub(super) fn pull(
         .map_err(|e| format!("running ssh: {e}"))?;
     let err_pipe = child.stderr.take().expect("piped");
     let err_reader = std::thread::spawn(move || read_bounded(err_pipe, MAX_REMOTE_ERR));
-    let stdout_pipe = child.stdout.take().expect("piped");
-    transfer::grow_pipe(&stdout_pipe);
-    // The limit applies to the bytes on the link (compressed where they are): reading no faster
-    // makes ssh, and TCP under it, hold the source back.
-    let stdout_pipe: Box<dyn Read + Send> = match o.max_rate {
-        Some(rate) => Box::new(crate::throttle::Throttled::new(stdout_pipe, rate)),
-        None => Box::new(stdout_pipe),
-    };
-    // Small on purpose: a payload read bigger than the buffer bypasses it and lands directly in
-    // its chunk, so only frame headers are copied twice.
-    let mut r = BufReader::with_capacity(64 << 10, stdout_pipe);
-    let stdout = io::stdout();
-    let mut print = |done: u64, total: u64| -> io::Result<()> {
-        let mut out = stdout.lock();
-        writeln!(out, "progress {done} {total}")?;
-        out.flush()
-    };
+    let mut r = link_reader(child.stdout.take().expect("piped"), o.max_rate);
+    let mut print = print_progress;
     let mut progress = transfer::Progress::new(
         o.progress_on_stdout
             .then_some(&mut print as transfer::ProgressSink),

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, BufRead, BufReader, Read, Write};
+use std::io::{self, BufRead, Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
@@ -329,20 +329,9 @@ pub(super) fn pull<T>(
             let _ = w.write_all(&bytes);
         })
     });
-    let stdout_pipe = child.stdout.take().expect("piped");
-    transfer::grow_pipe(&stdout_pipe);
     // `--max_rate` holds for the pre-copy and the delta as for a full pull: on the link's bytes.
-    let stdout_pipe: Box<dyn Read + Send> = match o.max_rate {
-        Some(rate) => Box::new(crate::throttle::Throttled::new(stdout_pipe, rate)),
-        None => Box::new(stdout_pipe),
-    };
-    let mut r = BufReader::with_capacity(64 << 10, stdout_pipe);
-    let stdout = io::stdout();
-    let mut print = |done: u64, total: u64| -> io::Result<()> {
-        let mut out = stdout.lock();
-        writeln!(out, "progress {done} {total}")?;
-        out.flush()
-    };
+    let mut r = client::link_reader(child.stdout.take().expect("piped"), o.max_rate);
+    let mut print = client::print_progress;
     let mut progress = Progress::new(
         o.progress_on_stdout
             .then_some(&mut print as transfer::ProgressSink),
