@@ -11,13 +11,13 @@ use actix::{Actor, Addr};
 use actors::auth::AppKey;
 use actors::book::OpBook;
 use actors::cancel::{Canceller, Keys};
-use actors::driver::{Driver, SshConnect};
 use actors::faults::Faults;
 use actors::handoff::{HelperEnv, HELPER_ENV_VAR};
 use actors::journal::Journal;
 use actors::mig_helper::MigHelper;
 use actors::op::Role;
 use actors::properties::Properties;
+use actors::runner::{SshConnect, StepRunner};
 use actors::source::{Source, SourceConfig};
 use actors::target::Target;
 use proxy::{Proxy, ProxyConfig, ProxyStats, Shutdown as ProxyShutdown};
@@ -48,9 +48,9 @@ fn bind(what: &str, addr: SocketAddr) -> Result<TcpListener, Fatal> {
     })
 }
 
-/// The operation journal in `state_dir`, and the driver the actors reach grids with (over SSH,
+/// The operation journal in `state_dir`, and the runner the actors reach grids with (over SSH,
 /// with the key and pinned host keys the properties name).
-fn open_book_and_driver(props: &Properties) -> Result<(OpBook, Driver), Fatal> {
+fn open_book_and_runner(props: &Properties) -> Result<(OpBook, StepRunner), Fatal> {
     let book = Journal::open(&props.state_dir)
         .and_then(OpBook::open)
         .map_err(|e| {
@@ -64,8 +64,8 @@ fn open_book_and_driver(props: &Properties) -> Result<(OpBook, Driver), Fatal> {
         grids: Default::default(),
     };
     let faults = Faults::new(props.fault_dir.clone());
-    let driver = Driver::new(book.clone(), Arc::new(connect)).with_faults(faults);
-    Ok((book, driver))
+    let runner = StepRunner::new(book.clone(), Arc::new(connect)).with_faults(faults);
+    Ok((book, runner))
 }
 
 /// Binds the GUI and mon ports, logs where they are, and serves until SIGTERM/SIGINT. On the
@@ -137,7 +137,7 @@ pub async fn serve(props: Properties) -> Result<(), Fatal> {
         tracing::warn!("{p}");
     }
     let props = site.props.clone();
-    let (book, driver) = open_book_and_driver(&props)?;
+    let (book, runner) = open_book_and_runner(&props)?;
     // Before any actor commits, so no start or end goes unannounced.
     let lifecycle = book.subscribe();
 
@@ -162,7 +162,7 @@ pub async fn serve(props: Properties) -> Result<(), Fatal> {
             .flat_map(|a| [(Role::Source, a.clone()), (Role::Target, a.clone())])
             .collect();
         canceller = Some(Canceller::new(book.clone(), Keys::App(app_key.clone()), me));
-        let target = Target::new(app_key.clone(), props.app_name.clone(), driver.clone()).start();
+        let target = Target::new(app_key.clone(), props.app_name.clone(), runner.clone()).start();
         status = Some(target.clone().recipient());
         handoff = Some(target.recipient());
         match site.operations_unavailable() {
@@ -189,7 +189,7 @@ pub async fn serve(props: Properties) -> Result<(), Fatal> {
                     precopy: props.precopy,
                     gui: actors::auth::GuiCredentials::new(&props.username, &props.password),
                 };
-                let started = Source::new(cfg, driver).start();
+                let started = Source::new(cfg, runner).start();
                 if let Some(c) = canceller.as_mut() {
                     c.source = Some(started.clone().recipient());
                 }
@@ -249,10 +249,10 @@ pub async fn helper(mut props: Properties, env: Option<String>) -> Result<(), Fa
     write_private(&props.private_key_file, &env.private_key)?;
     write_private(&props.known_hosts_file, &env.known_hosts)?;
 
-    let (book, driver) = open_book_and_driver(&props)?;
+    let (book, runner) = open_book_and_runner(&props)?;
     let span = tracing::info_span!("op", op_id = %env.op_id, actor = "mig_helper");
     span.in_scope(|| tracing::info!("MigHelper starting"));
-    let helper = MigHelper::new(env.op_id.clone(), env.op_key(), driver).start();
+    let helper = MigHelper::new(env.op_id.clone(), env.op_key(), runner).start();
     let mut canceller = Canceller::new(
         book.clone(),
         Keys::One(env.op_id.clone(), env.op_key()),

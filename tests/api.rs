@@ -10,11 +10,11 @@ use std::sync::Arc;
 use actix::Actor;
 use actors::auth::{AppKey, OpKey};
 use actors::book::OpBook;
-use actors::driver::Driver;
 use actors::journal::Journal;
 use actors::memory_lab::MemoryLab;
 use actors::op::{self, Kind, Op, Plan, Role};
 use actors::properties;
+use actors::runner::StepRunner;
 use actors::source::{Source, SourceConfig};
 use actors::target::Target;
 use dialect::AppState;
@@ -57,7 +57,7 @@ fn start_in(app: &str, mode: &str, sets: &[&str]) -> Api {
     let site = Site::inspect(props.clone());
     let lab = testkit::shop_lab("root@127.0.2.1:2222", b"bytes");
     let book = OpBook::open(Journal::open(&props.state_dir).unwrap()).unwrap();
-    let driver = Driver::new(book.clone(), Arc::new(lab.clone()));
+    let runner = StepRunner::new(book.clone(), Arc::new(lab.clone()));
     let app_key = AppKey::from_secret_bytes(KEY);
     let source = Source::new(
         SourceConfig {
@@ -71,10 +71,10 @@ fn start_in(app: &str, mode: &str, sets: &[&str]) -> Api {
             precopy: false,
             gui: None,
         },
-        driver.clone(),
+        runner.clone(),
     )
     .start();
-    let target = Target::new(app_key, Some(app.to_string()), driver).start();
+    let target = Target::new(app_key, Some(app.to_string()), runner).start();
     let mut shared = Shared::new(Some(site), book.clone(), vec![Role::Source, Role::Target]);
     shared.source = Some(source);
     shared.handoff = Some(target.clone().recipient());

@@ -6,9 +6,9 @@
 use serde::{Deserialize, Serialize};
 
 use crate::controller::{AppInfo, AppSummary, GridSummary};
-use crate::driver::Driver;
 use crate::op::{Kind, Plan, HELPER_TEMPLATE};
 use crate::properties::Mode;
+use crate::runner::StepRunner;
 
 /// One check, as the API and the CLI show it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -43,7 +43,7 @@ fn check(name: &str, r: Result<String, String>) -> Check {
 
 /// Runs every check of a `kind` operation with `plan` (its addresses from grid.info); `mode` is
 /// this MIG's. Only reads: `app list`, `app info`, `app grid` and `app migrate … --check`.
-pub async fn run(driver: &Driver, mode: Mode, kind: Kind, plan: &Plan) -> Vec<Check> {
+pub async fn run(runner: &StepRunner, mode: Mode, kind: Kind, plan: &Plan) -> Vec<Check> {
     let mut out = vec![check(
         MODE,
         if mode.allows(kind.as_str()) {
@@ -57,8 +57,8 @@ pub async fn run(driver: &Driver, mode: Mode, kind: Kind, plan: &Plan) -> Vec<Ch
         },
     )];
     let (src, dst) = (
-        driver.grid(&plan.source_controller),
-        driver.grid(&plan.target_controller),
+        runner.grid(&plan.source_controller),
+        runner.grid(&plan.target_controller),
     );
     let (src, dst) = match (src, dst) {
         (Ok(s), Ok(d)) => (s, d),
@@ -298,9 +298,9 @@ mod tests {
         p
     }
 
-    fn driver(dir: &std::path::Path, lab: &MemoryLab) -> Driver {
+    fn runner(dir: &std::path::Path, lab: &MemoryLab) -> StepRunner {
         let book = OpBook::open(crate::journal::Journal::open(dir).unwrap()).unwrap();
-        Driver::new(book, Arc::new(lab.clone()))
+        StepRunner::new(book, Arc::new(lab.clone()))
     }
 
     fn failed(checks: &[Check]) -> Vec<&str> {
@@ -315,7 +315,7 @@ mod tests {
     async fn every_check_passes_when_nothing_is_wrong_and_nothing_changes() {
         let dir = tempfile::tempdir().unwrap();
         let lab = shop_lab("127.0.2.1:2222", b"abc");
-        let d = driver(dir.path(), &lab);
+        let d = runner(dir.path(), &lab);
         let checks = run(&d, Mode::Both, Kind::Migrate, &plan()).await;
         assert_eq!(failed(&checks), [] as [&str; 0], "{checks:#?}");
         assert_eq!(
@@ -350,7 +350,7 @@ mod tests {
             &[("in_ip", "127.0.2.10")],
             &[],
         );
-        let d = driver(dir.path(), &lab);
+        let d = runner(dir.path(), &lab);
         let checks = run(&d, Mode::Snapshot, Kind::Migrate, &plan()).await;
         assert_eq!(
             failed(&checks),

@@ -412,8 +412,8 @@ impl GridController for MemoryGrid {
     }
 }
 
-/// Tests reach in-memory grids the way the driver reaches real ones.
-impl crate::driver::Connect for MemoryLab {
+/// Tests reach in-memory grids the way the runner reaches real ones.
+impl crate::runner::Connect for MemoryLab {
     fn connect(&self, controller: &str) -> Result<Arc<dyn GridController>, String> {
         controller
             .parse::<dialect::Controller>()

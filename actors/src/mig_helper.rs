@@ -17,15 +17,15 @@ use tracing::Instrument;
 
 use crate::auth::OpKey;
 use crate::cancel::{self, Cancel, CancelError, Gate, GateState};
-use crate::driver::{
-    destroy_if_ours, ensure_running, ensure_stopped, helper_leftover, manual_command, Driver,
-    StepError, BACKOFF,
-};
 use crate::faults;
 use crate::handoff::{self, Handoff, HandoffError, SignedStatus, StatusQuery};
 use crate::op::{
     Cancelled, Kind, Op, OpState, Role, StepId, StepState, DESTROYING_HELPER, MIGRATING,
     PRECOPYING, RESTARTING_SOURCE, STARTING_TARGET, STOPPING_HELPER, STOPPING_SOURCE,
+};
+use crate::runner::{
+    destroy_if_ours, ensure_running, ensure_stopped, helper_leftover, leftover, StepError,
+    StepRunner, BACKOFF,
 };
 
 mod copy;
@@ -39,7 +39,7 @@ const PROGRESS_EVERY: Duration = Duration::from_millis(100);
 pub struct MigHelper {
     op_id: String,
     key: OpKey,
-    driver: Driver,
+    runner: StepRunner,
     busy: bool,
     /// Where a cancel meets the cut-over (see [`crate::cancel`]).
     gate: Gate,
@@ -47,11 +47,11 @@ pub struct MigHelper {
 
 impl MigHelper {
     /// A helper for one operation: it accepts handoffs for `op_id` signed with `key` only.
-    pub fn new(op_id: String, key: OpKey, driver: Driver) -> MigHelper {
+    pub fn new(op_id: String, key: OpKey, runner: StepRunner) -> MigHelper {
         MigHelper {
             op_id,
             key,
-            driver,
+            runner,
             busy: false,
             gate: Gate::new(GateState::Open),
         }
@@ -62,9 +62,9 @@ impl MigHelper {
             return;
         }
         self.busy = true;
-        let (driver, key, gate) = (self.driver.clone(), self.key.clone(), self.gate.clone());
+        let (runner, key, gate) = (self.runner.clone(), self.key.clone(), self.gate.clone());
         ctx.spawn(
-            run(driver, key, gate, op)
+            run(runner, key, gate, op)
                 .into_actor(self)
                 .map(|(), act, _| act.busy = false),
         );
@@ -76,7 +76,7 @@ impl Actor for MigHelper {
 
     fn started(&mut self, ctx: &mut Context<Self>) {
         if let Some(op) = self
-            .driver
+            .runner
             .book
             .running_owned_by(Role::Helper)
             .into_iter()
@@ -96,7 +96,7 @@ impl Handler<StatusQuery> for MigHelper {
     fn handle(&mut self, q: StatusQuery, _ctx: &mut Context<Self>) -> Self::Result {
         (q.op_id == self.op_id).then(|| {
             let me = crate::op::helper_app_name(&self.op_id);
-            handoff::answer_status(&self.driver.book, &self.key, (Role::Helper, &me), &q)
+            handoff::answer_status(&self.runner.book, &self.key, (Role::Helper, &me), &q)
         })
     }
 }
@@ -108,7 +108,7 @@ impl Handler<Cancel> for MigHelper {
     fn handle(&mut self, c: Cancel, _ctx: &mut Context<Self>) -> Self::Result {
         tracing::info!(op_id = %c.op_id, message = "Cancel", from = "http", to = "mig_helper", "actor message");
         let op = self
-            .driver
+            .runner
             .book
             .get(&c.op_id)
             .filter(|_| c.op_id == self.op_id)
@@ -143,14 +143,14 @@ impl Handler<Handoff> for MigHelper {
             ));
         }
         let me = crate::op::helper_app_name(&self.op_id);
-        let mut op = handoff::accept(&h, &self.key, (Role::Helper, &me), &self.driver.book)?;
+        let mut op = handoff::accept(&h, &self.key, (Role::Helper, &me), &self.runner.book)?;
         if op.owner != Role::Helper {
             return Err(HandoffError::Bad(
                 "a handoff to MigHelper must make it the owner".into(),
             ));
         }
         op.version += 1;
-        self.driver.commit(&mut op).map_err(HandoffError::Journal)?;
+        self.runner.commit(&mut op).map_err(HandoffError::Journal)?;
         tracing::info!(op_id = %op.id, "operation accepted from the source MIG");
         self.run(op, ctx);
         Ok(())
@@ -165,7 +165,7 @@ fn last_step(kind: Kind) -> StepId {
     }
 }
 
-async fn run(driver: Driver, key: OpKey, gate: Gate, mut op: Op) {
+async fn run(runner: StepRunner, key: OpKey, gate: Gate, mut op: Op) {
     let span = crate::telemetry::op_span(Role::Helper, &op);
     async move {
         // A helper restarted during a roll-back goes on with the roll-back: the journal's forward
@@ -173,18 +173,18 @@ async fn run(driver: Driver, key: OpKey, gate: Gate, mut op: Op) {
         if op.rolling_back || op.cancelled.is_some() {
             tracing::info!("resuming the roll-back");
         } else {
-            match steps(&driver, &gate, &mut op).await {
+            match steps(&runner, &gate, &mut op).await {
                 Ok(()) => {
                     let url = op.plan.final_mig_url.clone();
-                    match driver.hand_off(&url, &key, &mut op, Role::Target).await {
+                    match runner.hand_off(&url, &key, &mut op, Role::Target).await {
                         Ok(next) => {
                             // The cut-over: from here the MIG that runs owns the operation.
                             op = next;
-                            if let Err(e) = driver.commit(&mut op) {
+                            if let Err(e) = runner.commit(&mut op) {
                                 tracing::error!(error = %e, "handed over, but cannot journal it");
                             }
                         }
-                        Err(e) => hold(&driver, op, &e.message).await,
+                        Err(e) => hold(&runner, op, &e.message).await,
                     }
                     return;
                 }
@@ -196,7 +196,7 @@ async fn run(driver: Driver, key: OpKey, gate: Gate, mut op: Op) {
         if op.cancelled.is_none() {
             op.cancelled = gate.cancelled();
         }
-        roll_back(&driver, &key, op).await;
+        roll_back(&runner, &key, op).await;
     }
     .instrument(span)
     .await
@@ -206,7 +206,7 @@ async fn run(driver: Driver, key: OpKey, gate: Gate, mut op: Op) {
 /// MIG did not confirm that it took the operation. It may have: undoing anything now could
 /// destroy the only copy it is about to keep. So nothing is undone; the operation ends here, held
 /// for an operator, with what to check and the commands that finish it.
-async fn hold(driver: &Driver, mut op: Op, why: &str) {
+async fn hold(runner: &StepRunner, mut op: Op, why: &str) {
     let plan = op.plan.clone();
     let (app, grid) = match op.kind {
         Kind::Migrate => (&plan.target_app, &plan.target_grid),
@@ -214,18 +214,19 @@ async fn hold(driver: &Driver, mut op: Op, why: &str) {
     };
     tracing::error!(error = %why, "the application runs, but its MIG did not confirm the handoff; holding the operation for an operator");
     if op.kind == Kind::Migrate {
-        op.leave(format!(
-            "source application {} on grid {} is stopped and kept; once you have checked that {} runs on grid {} with its data, and that its MIG does not show this operation as running: {}",
-            plan.source_app,
-            plan.source_grid,
-            plan.target_app,
-            plan.target_grid,
-            manual_command(&plan.source_controller, "destroy", &plan.source_app)
+        op.leave(leftover(
+            format_args!(
+                "source application {} on grid {} is stopped and kept; once you have checked that {} runs on grid {} with its data, and that its MIG does not show this operation as running",
+                plan.source_app, plan.source_grid, plan.target_app, plan.target_grid,
+            ),
+            &plan.source_controller,
+            "destroy",
+            &plan.source_app,
         ));
     }
     op.leave(helper_leftover(&plan));
     end_failed(
-        driver,
+        runner,
         &mut op,
         format!(
             "held for an operator: {app} runs on grid {grid}, but its MIG did not confirm that it took the operation ({why}); nothing was destroyed. Open {app}'s MIG page for this operation: if it shows it, it finishes by itself; if not, finish with the leftovers' commands"
@@ -236,16 +237,16 @@ async fn hold(driver: &Driver, mut op: Op, why: &str) {
 
 /// Ends `op` failed with `why` and journals it; a journal that fails is logged, naming `what`
 /// could not be journalled (the operation's end is all that is left to do).
-fn end_failed(driver: &Driver, op: &mut Op, why: String, what: &str) {
+fn end_failed(runner: &StepRunner, op: &mut Op, why: String, what: &str) {
     op.end(OpState::Failed, Some(why));
-    if let Err(e) = driver.commit(op) {
+    if let Err(e) = runner.commit(op) {
         tracing::error!(error = %e, "cannot journal {what}");
     }
 }
 
 /// A cancel won before the cut-over: the step it interrupted is marked undone, the cancel
 /// journalled, and the error returned rolls the operation back as a failure would.
-fn interrupted(driver: &Driver, op: &mut Op, by: Cancelled) -> StepError {
+fn interrupted(runner: &StepRunner, op: &mut Op, by: Cancelled) -> StepError {
     tracing::warn!(%by, "cancelled before the cut-over; rolling back");
     op.version += 1;
     let now = crate::op::now();
@@ -258,7 +259,7 @@ fn interrupted(driver: &Driver, op: &mut Op, by: Cancelled) -> StepError {
     }
     op.trace("step", by.to_string(), None, None);
     op.cancelled = Some(by.clone());
-    if let Err(e) = driver.commit(op) {
+    if let Err(e) = runner.commit(op) {
         tracing::error!(error = %e, "cannot journal the cancel");
     }
     StepError::permanent(by.to_string())
@@ -267,7 +268,7 @@ fn interrupted(driver: &Driver, op: &mut Op, by: Cancelled) -> StepError {
 /// Ends `step` with what its work returned and journals it; an error fails the step and is
 /// returned, so the caller rolls back.
 fn conclude(
-    driver: &Driver,
+    runner: &StepRunner,
     op: &mut Op,
     step: StepId,
     result: Result<String, StepError>,
@@ -276,44 +277,44 @@ fn conclude(
         Ok(detail) => op.finish_step(step, Some(detail)),
         Err(e) => {
             op.fail_step(step, &e.message);
-            driver.commit(op)?;
+            runner.commit(op)?;
             return Err(e);
         }
     }
-    driver.commit(op)?;
+    runner.commit(op)?;
     Ok(())
 }
 
 /// The monitor's steps, skipping those the journal says are done. A cancel stops them between
 /// steps and during the copy; the cut-over passes the gate first.
-async fn steps(driver: &Driver, gate: &Gate, op: &mut Op) -> Result<(), StepError> {
+async fn steps(runner: &StepRunner, gate: &Gate, op: &mut Op) -> Result<(), StepError> {
     let plan = op.plan.clone();
-    let src = driver.grid(&plan.source_controller)?;
-    let dst = driver.grid(&plan.target_controller)?;
+    let src = runner.grid(&plan.source_controller)?;
+    let dst = runner.grid(&plan.target_controller)?;
     // The source grid's first command comes after the pre-copy: log in to it meanwhile.
-    driver.warm_up([plan.source_controller.as_str()]);
+    runner.warm_up([plan.source_controller.as_str()]);
     let todo = |op: &Op, s: StepId| op.step(s).state != StepState::Done;
 
     if op.has_step(PRECOPYING) && todo(op, PRECOPYING) {
         op.start_step(PRECOPYING);
-        driver.commit(op)?;
-        let result = precopy_tried(driver, gate, op, dst.as_ref(), &plan).await;
-        conclude(driver, op, PRECOPYING, result)?;
+        runner.commit(op)?;
+        let result = precopy_tried(runner, gate, op, dst.as_ref(), &plan).await;
+        conclude(runner, op, PRECOPYING, result)?;
     }
     if op.has_step(PRECOPYING) && todo(op, STOPPING_SOURCE) {
-        driver.faults.hold(faults::HOLD_PRECOPIED).await;
+        runner.faults.hold(faults::HOLD_PRECOPIED).await;
     }
     if todo(op, STOPPING_SOURCE) {
         tokio::select! {
-            () = driver.faults.hold(faults::HOLD_STOP_SOURCE) => {}
+            () = runner.faults.hold(faults::HOLD_STOP_SOURCE) => {}
             _ = gate.wait_cancelled() => {}
         }
     }
     if let Some(by) = gate.cancelled() {
-        return Err(interrupted(driver, op, by));
+        return Err(interrupted(runner, op, by));
     }
     if todo(op, STOPPING_SOURCE) {
-        driver
+        runner
             .step(
                 op,
                 STOPPING_SOURCE,
@@ -330,7 +331,7 @@ async fn steps(driver: &Driver, gate: &Gate, op: &mut Op) -> Result<(), StepErro
         let retries: &[u64] = if resumed { &BACKOFF } else { &[] };
         let waits = std::iter::once(0).chain(retries.iter().copied());
         op.start_step(MIGRATING);
-        driver.commit(op)?;
+        runner.commit(op)?;
         let mut copied = Err(StepError::from(String::new()));
         for (attempt, wait) in waits.enumerate() {
             if attempt > 0 {
@@ -339,34 +340,34 @@ async fn steps(driver: &Driver, gate: &Gate, op: &mut Op) -> Result<(), StepErro
                 tokio::time::sleep(Duration::from_secs(wait)).await;
             }
             if let Some(by) = gate.cancelled() {
-                return Err(interrupted(driver, op, by));
+                return Err(interrupted(runner, op, by));
             }
             // A cancel drops the copy where it is (the grid aborts an import whose session
             // ends); the roll-back then destroys whatever of the target this operation made.
             let attempt = tokio::select! {
-                r = copy(driver, op, src.as_ref(), dst.as_ref(), &plan) => Some(r),
+                r = copy(runner, op, src.as_ref(), dst.as_ref(), &plan) => Some(r),
                 _ = gate.wait_cancelled() => None,
             };
             let Some(attempt) = attempt else {
                 let by = gate.cancelled().expect("the gate says cancelled");
-                return Err(interrupted(driver, op, by));
+                return Err(interrupted(runner, op, by));
             };
             copied = attempt;
             if copied.as_ref().map_or_else(|e| e.permanent, |_| true) {
                 break;
             }
         }
-        conclude(driver, op, MIGRATING, copied)?;
+        conclude(runner, op, MIGRATING, copied)?;
     }
     let last = last_step(op.kind);
     // The cut-over: from here no cancel can win, and a cancel that came first stops it.
     if let Err(by) = gate.pass() {
-        return Err(interrupted(driver, op, by));
+        return Err(interrupted(runner, op, by));
     }
     if todo(op, last) {
         match op.kind {
             Kind::Migrate => {
-                driver
+                runner
                     .step(op, last, async {
                         ensure_running(dst.as_ref(), &plan.target_app)
                             .await
@@ -375,7 +376,7 @@ async fn steps(driver: &Driver, gate: &Gate, op: &mut Op) -> Result<(), StepErro
                     .await?
             }
             Kind::Snapshot => {
-                driver
+                runner
                     .step(op, last, async {
                         ensure_running(src.as_ref(), &plan.source_app)
                             .await
@@ -390,7 +391,7 @@ async fn steps(driver: &Driver, gate: &Gate, op: &mut Op) -> Result<(), StepErro
 
 /// Before the cut-over, undo: destroy the (partial) target if this operation made it, start the
 /// source again, and hand the operation to the source MIG, which destroys this helper.
-async fn roll_back(driver: &Driver, key: &OpKey, mut op: Op) {
+async fn roll_back(runner: &StepRunner, key: &OpKey, mut op: Op) {
     let plan = op.plan.clone();
     let undone: Vec<StepId> = [
         PRECOPYING,
@@ -421,19 +422,19 @@ async fn roll_back(driver: &Driver, key: &OpKey, mut op: Op) {
     };
     op.rolling_back = true;
     op.error = Some(crate::op::bounded(&failed));
-    if let Err(e) = driver.commit(&mut op) {
+    if let Err(e) = runner.commit(&mut op) {
         tracing::error!(error = %e, "cannot journal the start of the roll-back");
     }
 
-    let target_gone = driver
+    let target_gone = runner
         .retry("destroying the partial target", || async {
-            let dst = driver.grid(&plan.target_controller)?;
+            let dst = runner.grid(&plan.target_controller)?;
             destroy_if_ours(dst.as_ref(), &plan.target_app, &op.id).await
         })
         .await;
-    let source_up = driver
+    let source_up = runner
         .retry("re-starting the source application", || async {
-            let src = driver.grid(&plan.source_controller)?;
+            let src = runner.grid(&plan.source_controller)?;
             ensure_running(src.as_ref(), &plan.source_app).await
         })
         .await;
@@ -448,43 +449,52 @@ async fn roll_back(driver: &Driver, key: &OpKey, mut op: Op) {
     match &target_gone {
         Ok(Some(other)) => op.trace("step", format!("roll-back: {other}"), None, None),
         Ok(None) => {}
-        Err(e) => op.leave(format!(
-            "partial target {} on grid {} ({e}): {}",
-            plan.target_app,
-            plan.target_grid,
-            manual_command(&plan.target_controller, "destroy", &plan.target_app)
+        Err(e) => op.leave(leftover(
+            format_args!(
+                "partial target {} on grid {} ({e})",
+                plan.target_app, plan.target_grid
+            ),
+            &plan.target_controller,
+            "destroy",
+            &plan.target_app,
         )),
     }
     match source_up {
         Ok(()) => {
             let url = plan.source_mig_url.clone();
-            match driver.hand_off(&url, key, &mut op, Role::Target).await {
+            match runner.hand_off(&url, key, &mut op, Role::Target).await {
                 Ok(mut next) => {
-                    if let Err(e) = driver.commit(&mut next) {
+                    if let Err(e) = runner.commit(&mut next) {
                         tracing::error!(error = %e, "handed the roll-back over, but cannot journal it");
                     }
                     return;
                 }
-                Err(e) => op.leave(format!(
-                    "the source MIG did not take the roll-back ({e}), so MigHelper {} is left on grid {}: {}",
-                    plan.helper_app,
-                    plan.target_grid,
-                    manual_command(&plan.target_controller, "destroy", &plan.helper_app)
+                Err(e) => op.leave(leftover(
+                    format_args!(
+                        "the source MIG did not take the roll-back ({e}), so MigHelper {} is left on grid {}",
+                        plan.helper_app, plan.target_grid,
+                    ),
+                    &plan.target_controller,
+                    "destroy",
+                    &plan.helper_app,
                 )),
             }
         }
         Err(e) => {
-            op.leave(format!(
-                "source application {} could not be started again on grid {} ({e}): {}",
-                plan.source_app,
-                plan.source_grid,
-                manual_command(&plan.source_controller, "start", &plan.source_app)
+            op.leave(leftover(
+                format_args!(
+                    "source application {} could not be started again on grid {} ({e})",
+                    plan.source_app, plan.source_grid,
+                ),
+                &plan.source_controller,
+                "start",
+                &plan.source_app,
             ));
             op.leave(helper_leftover(&plan));
         }
     }
     end_failed(
-        driver,
+        runner,
         &mut op,
         format!("{failed}; the roll-back did not finish"),
         "the end of the roll-back",

@@ -13,7 +13,6 @@ use tracing::Instrument;
 
 use crate::auth::{AppKey, GuiCredentials};
 use crate::cancel::{Cancel, CancelError, Gate, GateState};
-use crate::driver::{destroy_if_ours, Driver, StepError, MARK};
 use crate::dry_run::Check;
 use crate::grid_info::{Grid, GridInfo};
 use crate::handoff::HelperEnv;
@@ -21,6 +20,7 @@ use crate::op::{
     self, Cancelled, Kind, Op, OpState, Plan, Role, HELPER_TEMPLATE, PROVISIONING_HELPER,
 };
 use crate::properties::Mode;
+use crate::runner::{destroy_if_ours, StepError, StepRunner, MARK};
 
 /// The port MigHelper's API listens on (its template's `port_no`).
 pub const HELPER_PORT: u16 = 8080;
@@ -46,16 +46,16 @@ pub struct SourceConfig {
 
 pub struct Source {
     cfg: Arc<SourceConfig>,
-    driver: Driver,
+    runner: StepRunner,
     /// The gate of each operation this Source drives: a cancel against the handoff to MigHelper.
     gates: HashMap<String, Gate>,
 }
 
 impl Source {
-    pub fn new(cfg: SourceConfig, driver: Driver) -> Source {
+    pub fn new(cfg: SourceConfig, runner: StepRunner) -> Source {
         Source {
             cfg: Arc::new(cfg),
-            driver,
+            runner,
             gates: HashMap::new(),
         }
     }
@@ -65,7 +65,7 @@ impl Source {
         let id = op.id.clone();
         self.gates.insert(id.clone(), gate.clone());
         ctx.spawn(
-            provision(self.cfg.clone(), self.driver.clone(), gate, op)
+            provision(self.cfg.clone(), self.runner.clone(), gate, op)
                 .into_actor(self)
                 .map(move |(), act, _| {
                     act.gates.remove(&id);
@@ -101,7 +101,7 @@ impl Actor for Source {
     /// Picks up an operation this MIG was provisioning when it stopped: provisioning is
     /// idempotent, so it simply runs again.
     fn started(&mut self, ctx: &mut Context<Self>) {
-        for op in self.driver.book.running_owned_by(Role::Source) {
+        for op in self.runner.book.running_owned_by(Role::Source) {
             tracing::info!(op_id = %op.id, "resuming provisioning from the journal");
             self.provision(op, ctx);
         }
@@ -175,21 +175,21 @@ impl Handler<StartOp> for Source {
     fn handle(&mut self, msg: StartOp, _ctx: &mut Context<Self>) -> Self::Result {
         tracing::info!(message = "StartOp", from = "http", to = "source", kind = %msg.kind, target_grid = %msg.target_grid, "actor message");
         let cfg = self.cfg.clone();
-        let driver = self.driver.clone();
-        let checked = check_request(&cfg, &driver, &msg, false);
+        let runner = self.runner.clone();
+        let checked = check_request(&cfg, &runner, &msg, false);
         AtomicResponse::new(Box::pin(
             async move {
                 let (kind, plan) = checked?;
-                check_grids(&driver, &plan).await?;
+                check_grids(&runner, &plan).await?;
                 // The dry run's checks, every time: a start that one of them would refuse
                 // changes nothing.
-                let checks = crate::dry_run::run(&driver, cfg.mode, kind, &plan).await;
+                let checks = crate::dry_run::run(&runner, cfg.mode, kind, &plan).await;
                 if checks.iter().any(|c| !c.ok) {
                     return Err(StartError::Checks(checks));
                 }
                 let mut op = Op::new(op::new_id(), kind, plan);
                 op.plan.helper_app = op::helper_app_name(&op.id);
-                driver
+                runner
                     .commit(&mut op)
                     .map_err(StartError::Journal)?;
                 tracing::info!(op_id = %op.id, kind = kind.as_str(), target_grid = %op.plan.target_grid,
@@ -212,7 +212,7 @@ impl Handler<DryRun> for Source {
 
     fn handle(&mut self, msg: DryRun, _ctx: &mut Context<Self>) -> Self::Result {
         tracing::info!(message = "DryRun", from = "http", to = "source", kind = %msg.kind, target_grid = %msg.target_grid, "actor message");
-        let (cfg, driver) = (self.cfg.clone(), self.driver.clone());
+        let (cfg, runner) = (self.cfg.clone(), self.runner.clone());
         let start = StartOp {
             kind: msg.kind,
             target_app: msg.target_app,
@@ -220,10 +220,10 @@ impl Handler<DryRun> for Source {
             // Checks do not depend on the limit.
             max_rate: None,
         };
-        let checked = check_request(&cfg, &driver, &start, true);
+        let checked = check_request(&cfg, &runner, &start, true);
         Box::pin(async move {
             let (kind, plan) = checked?;
-            Ok(crate::dry_run::run(&driver, cfg.mode, kind, &plan).await)
+            Ok(crate::dry_run::run(&runner, cfg.mode, kind, &plan).await)
         })
     }
 }
@@ -233,7 +233,7 @@ impl Handler<DryRun> for Source {
 /// runs while another operation does.
 fn check_request(
     cfg: &SourceConfig,
-    driver: &Driver,
+    runner: &StepRunner,
     msg: &StartOp,
     dry_run: bool,
 ) -> Result<(Kind, Plan), StartError> {
@@ -267,7 +267,7 @@ fn check_request(
             target.id
         )));
     }
-    if let Some(running) = driver.book.any_running().filter(|_| !dry_run) {
+    if let Some(running) = runner.book.any_running().filter(|_| !dry_run) {
         return Err(StartError::Busy { id: running.id });
     }
     let source = gi.get(own_id).expect("own grid is in grid.info");
@@ -302,8 +302,8 @@ fn check_request(
 
 /// The checks that need the grids: both controllers answer (with pinned keys), the source
 /// application exists here, the target name is free there.
-async fn check_grids(driver: &Driver, plan: &Plan) -> Result<(), StartError> {
-    let grid = |c: &str| driver.grid(c).map_err(StartError::Grid);
+async fn check_grids(runner: &StepRunner, plan: &Plan) -> Result<(), StartError> {
+    let grid = |c: &str| runner.grid(c).map_err(StartError::Grid);
     let (src, dst) = (
         grid(&plan.source_controller)?,
         grid(&plan.target_controller)?,
@@ -330,7 +330,7 @@ async fn check_grids(driver: &Driver, plan: &Plan) -> Result<(), StartError> {
 
 /// "provisioning MigHelper on the target grid", then the handoff to MigHelper; on failure, the
 /// roll-back (MigHelper destroyed).
-async fn provision(cfg: Arc<SourceConfig>, driver: Driver, gate: Gate, mut op: Op) {
+async fn provision(cfg: Arc<SourceConfig>, runner: StepRunner, gate: Gate, mut op: Op) {
     let span = crate::telemetry::op_span(Role::Source, &op);
     async move {
         let k_op = cfg.app_key.op_key(&op.id);
@@ -344,10 +344,10 @@ async fn provision(cfg: Arc<SourceConfig>, driver: Driver, gate: Gate, mut op: O
             gui: cfg.gui.as_ref().map(|g| g.for_helper(&k_op)),
         };
         let plan = op.plan.clone();
-        let provisioned = driver
+        let provisioned = runner
             .step(&mut op, PROVISIONING_HELPER, async {
-                let target = driver.grid(&plan.target_controller)?;
-                if crate::driver::app_state(target.as_ref(), &plan.helper_app).await?.is_none() {
+                let target = runner.grid(&plan.target_controller)?;
+                if crate::runner::app_state(target.as_ref(), &plan.helper_app).await?.is_none() {
                     let mut props = plan.helper_config.clone();
                     props.push(("env".into(), env.encode()));
                     props.push((MARK.into(), op_id.clone()));
@@ -377,10 +377,10 @@ async fn provision(cfg: Arc<SourceConfig>, driver: Driver, gate: Gate, mut op: O
             }
         };
         if provisioned.is_ok() {
-            match driver.hand_off(&plan.helper_url, &k_op, &mut op, Role::Helper).await {
+            match runner.hand_off(&plan.helper_url, &k_op, &mut op, Role::Helper).await {
                 Ok(next) => {
                     op = next;
-                    if let Err(e) = driver.commit(&mut op) {
+                    if let Err(e) = runner.commit(&mut op) {
                         tracing::error!(error = %e, "handed off, but cannot journal it");
                     }
                     return;
@@ -391,7 +391,7 @@ async fn provision(cfg: Arc<SourceConfig>, driver: Driver, gate: Gate, mut op: O
                     tracing::error!(error = %e, "MigHelper did not confirm the handoff; leaving the operation to it");
                     op.fail_step(PROVISIONING_HELPER, &format!("MigHelper did not confirm that it took the operation: {e}"));
                     op.end(OpState::Failed, Some(format!("held for an operator: MigHelper {} on grid {} did not confirm that it took the operation ({e}); nothing was undone. Open its page at {}/ops/{} to follow it", plan.helper_app, plan.target_grid, plan.helper_url, op.id)));
-                    if let Err(e) = driver.commit(&mut op) {
+                    if let Err(e) = runner.commit(&mut op) {
                         tracing::error!(error = %e, "cannot journal the held operation");
                     }
                     return;
@@ -401,9 +401,9 @@ async fn provision(cfg: Arc<SourceConfig>, driver: Driver, gate: Gate, mut op: O
         }
         // Roll back: the source was never touched; only MigHelper may exist.
         let reason = op.step(PROVISIONING_HELPER).detail.clone().unwrap_or_default();
-        let cleanup = driver
+        let cleanup = runner
             .retry("destroying MigHelper", || async {
-                let target = driver.grid(&plan.target_controller)?;
+                let target = runner.grid(&plan.target_controller)?;
                 match destroy_if_ours(target.as_ref(), &plan.helper_app, &op_id).await? {
                     None => Ok(()),
                     Some(other) => Err(StepError::permanent(other)),
@@ -428,14 +428,14 @@ async fn provision(cfg: Arc<SourceConfig>, driver: Driver, gate: Gate, mut op: O
                 op.end(state, Some(reason));
             }
             Err(e) => {
-                op.leave(crate::driver::helper_leftover(&plan));
+                op.leave(crate::runner::helper_leftover(&plan));
                 op.end(
                     OpState::Failed,
                     Some(format!("{reason}; MigHelper could not be destroyed: {e}")),
                 );
             }
         }
-        if let Err(e) = driver.commit(&mut op) {
+        if let Err(e) = runner.commit(&mut op) {
             tracing::error!(error = %e, "cannot journal the roll-back");
         }
         tracing::warn!(state = ?op.state, "operation ended before the handoff");

@@ -16,26 +16,26 @@ use actix::prelude::*;
 use tracing::Instrument;
 
 use crate::auth::AppKey;
-use crate::driver::{ensure_destroyed, ensure_stopped, manual_command, Driver, StepError};
 use crate::handoff::{self, Handoff, HandoffError, SignedStatus, StatusQuery};
 use crate::op::{
     Kind, Op, OpState, Role, StepId, StepState, DESTROYING_HELPER, DESTROYING_SOURCE,
     STOPPING_HELPER,
 };
+use crate::runner::{ensure_destroyed, ensure_stopped, leftover, StepError, StepRunner};
 
 pub struct Target {
     app_key: AppKey,
     /// The application this MIG lives in (`app_name`); without it no handoff can be checked.
     app_name: Option<String>,
-    driver: Driver,
+    runner: StepRunner,
 }
 
 impl Target {
-    pub fn new(app_key: AppKey, app_name: Option<String>, driver: Driver) -> Target {
+    pub fn new(app_key: AppKey, app_name: Option<String>, runner: StepRunner) -> Target {
         Target {
             app_key,
             app_name,
-            driver,
+            runner,
         }
     }
 }
@@ -44,9 +44,9 @@ impl Actor for Target {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Context<Self>) {
-        for op in self.driver.book.running_owned_by(Role::Target) {
+        for op in self.runner.book.running_owned_by(Role::Target) {
             tracing::info!(op_id = %op.id, "resuming clean-up from the journal");
-            ctx.spawn(clean_up(self.driver.clone(), op).into_actor(self));
+            ctx.spawn(clean_up(self.runner.clone(), op).into_actor(self));
         }
     }
 }
@@ -58,7 +58,7 @@ impl Handler<StatusQuery> for Target {
         let app = self.app_name.as_deref()?;
         let key = self.app_key.op_key(&q.op_id);
         Some(handoff::answer_status(
-            &self.driver.book,
+            &self.runner.book,
             &key,
             (Role::Target, app),
             &q,
@@ -78,11 +78,11 @@ impl Handler<Handoff> for Target {
         };
         let key = self.app_key.op_key(&h.signed.op_id);
         let already = self
-            .driver
+            .runner
             .book
             .get(&h.signed.op_id)
             .is_some_and(|o| o.owner == Role::Target && o.state.is_running());
-        let mut op = handoff::accept(&h, &key, (Role::Target, &app), &self.driver.book)?;
+        let mut op = handoff::accept(&h, &key, (Role::Target, &app), &self.runner.book)?;
         if op.owner != Role::Target {
             return Err(HandoffError::Bad(
                 "a handoff to a MIG must make it the owner".into(),
@@ -104,9 +104,9 @@ impl Handler<Handoff> for Target {
             return Ok(());
         }
         op.version += 1;
-        self.driver.commit(&mut op).map_err(HandoffError::Journal)?;
+        self.runner.commit(&mut op).map_err(HandoffError::Journal)?;
         tracing::info!(op_id = %op.id, rolling_back = op.rolling_back, "operation accepted from MigHelper");
-        ctx.spawn(clean_up(self.driver.clone(), op).into_actor(self));
+        ctx.spawn(clean_up(self.runner.clone(), op).into_actor(self));
         Ok(())
     }
 }
@@ -135,10 +135,10 @@ struct CleanUp<'a> {
     app: &'a str,
 }
 
-async fn clean_up(driver: Driver, mut op: Op) {
+async fn clean_up(runner: StepRunner, mut op: Op) {
     let span = crate::telemetry::op_span(Role::Target, &op);
     async move {
-        driver.faults.hold(crate::faults::HOLD_CLEAN_UP).await;
+        runner.faults.hold(crate::faults::HOLD_CLEAN_UP).await;
         let plan = op.plan.clone();
         let mut left = Vec::new();
         let mut steps: Vec<CleanUp> = Vec::new();
@@ -174,19 +174,19 @@ async fn clean_up(driver: Driver, mut op: Op) {
                 grids.push(c.controller);
             }
         }
-        driver.warm_up(grids);
+        runner.warm_up(grids);
 
         for c in steps {
             if op.step(c.step).state == StepState::Done {
                 continue;
             }
             let what = format!("{} ({})", c.step, c.app);
-            let r = driver
+            let r = runner
                 .step(
                     &mut op,
                     c.step,
-                    driver.retry(&what, || async {
-                        let grid = driver.grid(c.controller)?;
+                    runner.retry(&what, || async {
+                        let grid = runner.grid(c.controller)?;
                         match c.action {
                             Action::Stop => ensure_stopped(grid.as_ref(), c.app).await,
                             Action::Destroy => ensure_destroyed(grid.as_ref(), c.app).await,
@@ -195,17 +195,15 @@ async fn clean_up(driver: Driver, mut op: Op) {
                 )
                 .await;
             if let Err(StepError { message: e, .. }) = r {
-                left.push(format!(
-                    "{} ({e}): {}",
+                left.push(leftover(
+                    format_args!("{} ({e})", c.app),
+                    c.controller,
+                    c.action.verb(),
                     c.app,
-                    manual_command(c.controller, c.action.verb(), c.app)
                 ));
                 if c.step == STOPPING_HELPER {
                     // A helper that would not stop cannot be destroyed either; say both.
-                    left.push(format!(
-                        "then: {}",
-                        manual_command(c.controller, "destroy", c.app)
-                    ));
+                    left.push(leftover("then", c.controller, "destroy", c.app));
                     break;
                 }
             }
@@ -231,7 +229,7 @@ async fn clean_up(driver: Driver, mut op: Op) {
                 Some(format!("{what} clean-up left things behind; see leftovers")),
             );
         }
-        if let Err(e) = driver.commit(&mut op) {
+        if let Err(e) = runner.commit(&mut op) {
             tracing::error!(error = %e, "cannot journal the end of the operation");
         }
         tracing::info!(state = ?op.state, "operation ended");

@@ -629,7 +629,7 @@ async fn the_commands_of_an_operation_share_one_ssh_session() {
 
 #[tokio::test]
 async fn every_actor_reaching_a_controller_through_ssh_connect_shares_its_session() {
-    use actors::driver::{Connect, SshConnect};
+    use actors::runner::{Connect, SshConnect};
     let g = FakeGrid::start();
     let connect = SshConnect {
         key_file: g.client_key.clone(),

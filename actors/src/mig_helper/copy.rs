@@ -7,9 +7,9 @@ use super::PROGRESS_EVERY;
 use crate::book::OpBook;
 use crate::cancel::Gate;
 use crate::controller::{GridController, GridFuture, MigrateOptions, ProgressFn};
-use crate::driver::{destroy_if_ours, Driver, StepError, MARK};
 use crate::faults;
 use crate::op::{Op, StepId, MIGRATING, PRECOPYING};
+use crate::runner::{destroy_if_ours, StepError, StepRunner, MARK};
 use crate::units::human_bytes;
 
 /// How often the pre-copy is tried before the operation rolls back. An interrupted pre-copy (a
@@ -23,7 +23,7 @@ const PRECOPY_PAUSE: Duration = Duration::from_secs(2);
 /// [`precopy`], tried again after a failure that may pass (not a permanent one, not a cancel),
 /// up to [`PRECOPY_TRIES`] times; each try starts over from a fresh staged copy.
 pub(super) async fn precopy_tried(
-    driver: &Driver,
+    runner: &StepRunner,
     gate: &Gate,
     op: &mut Op,
     dst: &dyn GridController,
@@ -31,7 +31,7 @@ pub(super) async fn precopy_tried(
 ) -> Result<String, StepError> {
     let mut failed: Vec<String> = Vec::new();
     loop {
-        let e = match precopy(driver, op, dst, plan).await {
+        let e = match precopy(runner, op, dst, plan).await {
             Ok(detail) if failed.is_empty() => return Ok(detail),
             Ok(detail) => {
                 return Ok(format!(
@@ -55,7 +55,7 @@ pub(super) async fn precopy_tried(
             None,
             None,
         );
-        driver.book.publish(op.clone());
+        runner.book.publish(op.clone());
         tokio::time::sleep(PRECOPY_PAUSE).await;
     }
 }
@@ -65,26 +65,27 @@ pub(super) async fn precopy_tried(
 /// staged copy (`--stage`), marked as this operation's and never startable, its progress
 /// published as it goes. Returns the step's detail.
 async fn precopy(
-    driver: &Driver,
+    runner: &StepRunner,
     op: &mut Op,
     dst: &dyn GridController,
     plan: &crate::op::Plan,
 ) -> Result<String, StepError> {
     free_target_name(dst, plan, &op.id).await?;
     let (remote, props) = import_args(plan, &op.id)?;
-    let mut progress = publishing_progress(&driver.book, op, PRECOPYING);
+    let mut progress = publishing_progress(&runner.book, op, PRECOPYING);
     let opts = MigrateOptions {
         stage: true,
         max_rate: plan.max_rate,
         ..Default::default()
     };
     pull(dst, plan, &remote, &props, opts, &mut progress)
-    .await
-    .map_err(|e| {
-        staging_refused(&e, plan).unwrap_or_else(|| {
-            StepError::from(e).context(format!("pre-copy from grid {} failed", plan.source_grid))
-        })
-    })?;
+        .await
+        .map_err(|e| {
+            staging_refused(&e, plan).unwrap_or_else(|| {
+                StepError::from(e)
+                    .context(format!("pre-copy from grid {} failed", plan.source_grid))
+            })
+        })?;
     // Gives `op` back (the callback may hold state to drop).
     drop(progress);
     let bytes = op.step(PRECOPYING).bytes_done.unwrap_or(0);
@@ -184,7 +185,7 @@ async fn is_our_staged_copy(
     name: &str,
     op_id: &str,
 ) -> Result<bool, StepError> {
-    if crate::driver::app_state(dst, name).await?.is_none() {
+    if crate::runner::app_state(dst, name).await?.is_none() {
         return Ok(false);
     }
     let info = dst.info(name).await?;
@@ -198,13 +199,13 @@ async fn is_our_staged_copy(
 /// operation's, its progress published as it goes; then every volume's checksum is compared on
 /// both grids (the source is stopped, so it is stable). Returns the step's detail.
 pub(super) async fn copy(
-    driver: &Driver,
+    runner: &StepRunner,
     op: &mut Op,
     src: &dyn GridController,
     dst: &dyn GridController,
     plan: &crate::op::Plan,
 ) -> Result<String, StepError> {
-    driver.faults.hold(faults::HOLD_COPY).await;
+    runner.faults.hold(faults::HOLD_COPY).await;
     // After a pre-copy only what changed moves, into this operation's staged copy.
     let delta =
         op.has_step(PRECOPYING) && is_our_staged_copy(dst, &plan.target_app, &op.id).await?;
@@ -212,7 +213,7 @@ pub(super) async fn copy(
         free_target_name(dst, plan, &op.id).await?;
     }
     let (remote, props) = import_args(plan, &op.id)?;
-    let mut progress = publishing_progress(&driver.book, op, MIGRATING);
+    let mut progress = publishing_progress(&runner.book, op, MIGRATING);
     let opts = MigrateOptions {
         delta,
         max_rate: plan.max_rate,
@@ -232,7 +233,7 @@ pub(super) async fn copy(
     })?;
     // Gives `op` back (the callback may hold state to drop).
     drop(progress);
-    driver.faults.hold(faults::HOLD_VERIFY).await;
+    runner.faults.hold(faults::HOLD_VERIFY).await;
     let verified = verify(src, &plan.source_app, dst, &plan.target_app).await?;
     if !delta {
         return Ok(verified);
@@ -259,7 +260,7 @@ async fn verify(
     // The source's checksums stand for it only while it stays stopped. Read after them, so a
     // start by hand (an operator, a script) before they were taken is seen: such a source may
     // take writes the copy never gets, and starting the copy too would run two (issue 14).
-    match crate::driver::app_state(src, source_app).await? {
+    match crate::runner::app_state(src, source_app).await? {
         Some(dialect::AppState::Stopped) => {}
         other => {
             let now = other.map_or("gone".to_string(), |s| s.to_string());

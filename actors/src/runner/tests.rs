@@ -2,9 +2,9 @@ use super::*;
 use crate::op::{Kind, Role};
 use std::io::{Read, Write};
 
-fn driver(dir: &std::path::Path) -> Driver {
+fn runner(dir: &std::path::Path) -> StepRunner {
     let book = OpBook::open(crate::journal::Journal::open(dir).unwrap()).unwrap();
-    Driver::new(book, Arc::new(crate::memory_lab::MemoryLab::new()))
+    StepRunner::new(book, Arc::new(crate::memory_lab::MemoryLab::new()))
 }
 
 fn op() -> Op {
@@ -79,7 +79,7 @@ fn key_of(op: &Op) -> OpKey {
 #[tokio::test]
 async fn a_signed_answer_that_the_receiver_owns_the_operation_means_taken() {
     let dir = tempfile::tempdir().unwrap();
-    let d = driver(dir.path());
+    let d = runner(dir.path());
     let mine = op();
     let k = key_of(&mine);
     let same = answer_once("200 OK", says(&mine, Role::Target, 3), Some(k.clone()));
@@ -95,7 +95,7 @@ async fn a_signed_answer_that_the_receiver_owns_the_operation_means_taken() {
 #[tokio::test]
 async fn a_signed_answer_of_another_owner_or_an_older_handoff_means_not_taken() {
     let dir = tempfile::tempdir().unwrap();
-    let d = driver(dir.path());
+    let d = runner(dir.path());
     let mine = op();
     let k = key_of(&mine);
     let url = answer_once("200 OK", says(&mine, Role::Helper, 3), Some(k.clone()));
@@ -133,7 +133,7 @@ async fn a_signed_answer_of_another_owner_or_an_older_handoff_means_not_taken() 
 #[tokio::test]
 async fn an_answer_that_cannot_be_trusted_decides_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    let d = driver(dir.path());
+    let d = runner(dir.path());
     let mine = op();
     let k = key_of(&mine);
     let unknown = |p: Probe| matches!(p, Probe::Unknown(_));
@@ -177,7 +177,7 @@ async fn an_answer_that_cannot_be_trusted_decides_nothing() {
 #[tokio::test(start_paused = true)]
 async fn a_permanent_error_is_not_retried_and_a_passing_one_is() {
     let dir = tempfile::tempdir().unwrap();
-    let d = driver(dir.path());
+    let d = runner(dir.path());
     let calls = std::sync::atomic::AtomicUsize::new(0);
     let r: Result<(), StepError> = d
         .retry("x", || async {

@@ -80,13 +80,19 @@ pub async fn destroy_if_ours(
     Ok(None)
 }
 
+/// A leftover: what is left behind and, after `": "`, the command that clears it (`verb NAME` on
+/// `controller`). The public view cuts a leftover at that `": ssh "`.
+pub fn leftover(what: impl std::fmt::Display, controller: &str, verb: &str, name: &str) -> String {
+    format!("{what}: {}", manual_command(controller, verb, name))
+}
+
 /// The leftover that a MigHelper not destroyed is: where it is, and the command that clears it.
 pub fn helper_leftover(plan: &crate::op::Plan) -> String {
-    format!(
-        "MigHelper {} on grid {}: {}",
-        plan.helper_app,
-        plan.target_grid,
-        manual_command(&plan.target_controller, "destroy", &plan.helper_app)
+    leftover(
+        format_args!("MigHelper {} on grid {}", plan.helper_app, plan.target_grid),
+        &plan.target_controller,
+        "destroy",
+        &plan.helper_app,
     )
 }
 

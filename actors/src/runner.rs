@@ -140,7 +140,7 @@ impl Connect for SshConnect {
 }
 
 #[derive(Clone)]
-pub struct Driver {
+pub struct StepRunner {
     pub book: OpBook,
     pub connect: Arc<dyn Connect>,
     pub http: reqwest::Client,
@@ -164,9 +164,9 @@ struct CommandEvent {
 /// Back-off (seconds) between retries of a clean-up or roll-back command.
 pub const BACKOFF: [u64; 6] = [1, 2, 4, 8, 15, 30];
 
-impl Driver {
-    pub fn new(book: OpBook, connect: Arc<dyn Connect>) -> Driver {
-        Driver {
+impl StepRunner {
+    pub fn new(book: OpBook, connect: Arc<dyn Connect>) -> StepRunner {
+        StepRunner {
             book,
             connect,
             http: reqwest::Client::builder()
@@ -178,8 +178,8 @@ impl Driver {
         }
     }
 
-    /// The same driver with fault points under `faults`.
-    pub fn with_faults(mut self, faults: Faults) -> Driver {
+    /// The same runner with fault points under `faults`.
+    pub fn with_faults(mut self, faults: Faults) -> StepRunner {
         self.faults = faults;
         self
     }
@@ -419,6 +419,6 @@ mod traced;
 
 pub use grid::{
     app_state, destroy_if_ours, ensure_destroyed, ensure_running, ensure_stopped, helper_leftover,
-    manual_command,
+    leftover, manual_command,
 };
 use traced::Traced;
