@@ -44,6 +44,7 @@ pub const NAMES: &[&str] = &[
     "state_dir",
     "max_connections",
     "max_connections_per_client",
+    "proxy_path",
     "connect_timeout",
     "idle_timeout",
     "drain_timeout",
@@ -54,7 +55,6 @@ pub const NAMES: &[&str] = &[
     "webhook_url",
     "webhook_secret",
     "precopy",
-    "proxy_path",
 ];
 
 /// Properties whose values are never shown, not even a bad one.
