@@ -121,7 +121,9 @@ fn grids_of(dir: &Path, n: u8, base: u8, netns: Option<&Netns>) -> Vec<Grid> {
         .collect()
 }
 
-/// Brings the lab up; a second call with the same options changes nothing and succeeds.
+/// Brings the lab up; a second call with the same options changes nothing and succeeds. One that
+/// fails takes the lab down again (daemons, sshds, namespaces), so that a grid whose sshd could not
+/// start leaves no daemon behind and the next `up` starts clean.
 pub fn up(o: &UpOpts) -> Result<()> {
     if o.grids == 0 || o.base as u16 + o.grids as u16 > 254 {
         bail!(
@@ -132,6 +134,14 @@ pub fn up(o: &UpOpts) -> Result<()> {
     }
     fs::create_dir_all(&o.dir).with_context(|| format!("creating {}", o.dir.display()))?;
     let dir = fs::canonicalize(&o.dir)?;
+    bring_up(o, &dir).inspect_err(|_| {
+        if let Err(e) = down(&dir) {
+            eprintln!("gridctl: lab up failed, and taking down what it started failed too: {e:#}");
+        }
+    })
+}
+
+fn bring_up(o: &UpOpts, dir: &Path) -> Result<()> {
     let exe = util::self_exe();
     let mig_bin = match &o.mig_bin {
         Some(p) => std::path::absolute(p)?,
@@ -141,8 +151,8 @@ pub fn up(o: &UpOpts) -> Result<()> {
     fs::create_dir_all(&mig)?;
     keygen(&mig.join("private.key"), "mig@lab")?;
     // A lab made with --netns stays one when `lab up` runs again to restart what is missing.
-    let netns = (o.netns || dir.join("netns").exists()).then(|| Netns::new(&dir, o.base));
-    let grids = grids_of(&dir, o.grids, o.base, netns.as_ref());
+    let netns = (o.netns || dir.join("netns").exists()).then(|| Netns::new(dir, o.base));
+    let grids = grids_of(dir, o.grids, o.base, netns.as_ref());
     if let Some(ns) = &netns {
         // Listed first, so that `lab down` finds them even if making them fails half-way.
         write_atomic(&dir.join("netns"), ns.listing(&grids).as_bytes())?;
@@ -238,7 +248,7 @@ pub fn up(o: &UpOpts) -> Result<()> {
         start_daemon(g, &exe)?;
         start_sshd(g, changed)?;
     }
-    write_atomic(&dir.join("ssh_config"), ssh_config(&dir, &grids).as_bytes())?;
+    write_atomic(&dir.join("ssh_config"), ssh_config(dir, &grids).as_bytes())?;
     write_atomic(&mig.join("grid.info"), grid_info(&grids).as_bytes())?;
     println!(
         "lab up: {} grid(s) in {}; try: ssh -F {}/ssh_config g1 app list",

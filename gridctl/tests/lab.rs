@@ -65,16 +65,23 @@ fn lab_up_writes_trust_and_config_is_idempotent_and_down_leaves_nothing() {
 }
 
 #[test]
-fn a_taken_port_fails_loudly_naming_the_address() {
+fn a_taken_port_fails_loudly_naming_the_address_and_leaves_nothing_running() {
     let _squatter = std::net::TcpListener::bind("127.0.104.1:2222").unwrap();
     let tmp = tempfile::tempdir().unwrap();
-    let d = tmp.path().display().to_string();
+    let dir = std::fs::canonicalize(tmp.path()).unwrap();
+    let d = dir.display().to_string();
     let r = gridctl(&["lab", "up", "--grids", "1", "--base", "103", "--dir", &d]);
+    // What the failed `up` started (g1's daemon came up before its sshd failed) is gone already.
+    let left = gridctl::lab::processes_mentioning(&dir);
     gridctl(&["lab", "down", "--dir", &d]);
     assert_ne!(r.code, 0, "{r:?}");
     assert!(
         r.stderr.contains("127.0.104.1:2222 is already in use"),
         "{r:?}"
+    );
+    assert!(
+        left.is_empty(),
+        "left running after a failed lab up: {left:?}"
     );
 }
 
