@@ -37,6 +37,7 @@ static BASES: AtomicU8 = AtomicU8::new(230);
 const MIGRATING: &str =
     "migrating the source application to the target grid as the target application";
 const DESTROYING_SOURCE: &str = "destroying the source application";
+const PRECOPYING: &str = "pre-copying the source application's data to the target grid";
 
 /// Starts a migrate through the API (as the page does) and returns the operation id.
 fn start_migrate(mig_url: &str, target_grid: &str, target_app: &str) -> String {
@@ -1706,6 +1707,39 @@ fn a_handoff_lost_on_the_network_goes_through_once_the_link_heals() {
 #[test]
 fn a_target_grid_daemon_killed_mid_copy_costs_nothing() {
     crash_trial("migrate", "hold-copy", Victim::Daemon(2)).unwrap_or_else(|v| panic!("{}", v.what));
+}
+
+/// A pre-copy cut by the target grid's daemon dying mid-stream (the source's export held, then
+/// the daemon killed) costs only another try: the source runs all along, the pre-copy starts over
+/// once the daemon is back, and the operation ends with every byte on the target.
+#[test]
+fn a_pre_copy_cut_by_the_target_daemon_dying_is_tried_again() {
+    let lab = trial_lab(false);
+    lab.set_precopy(true);
+    let (_, sum) = small_shop(&lab);
+    hold_exports(&lab, 1);
+    let id = start_op(&lab.mig_url(1), "migrate", "g2", "shop2");
+    // The first export from g1 is the pre-copy's: the source still runs.
+    let export = stopped_export(&lab, 1, "shop");
+    assert!(
+        lab.apps(1)
+            .iter()
+            .any(|(n, s)| n == "shop" && s == "running"),
+        "the source runs during the pre-copy"
+    );
+    signal(daemon_pid(&lab, 2), "KILL");
+    signal(export, "CONT");
+    lab.run_lab_up("g2's daemon back");
+    let outcome = check_invariant(&lab, &id, "migrate", &sum, std::time::Instant::now())
+        .unwrap_or_else(|v| panic!("{}", v.what));
+    assert_eq!(outcome.state, "succeeded", "{outcome:?}");
+    let op = op_at(&lab.mig_url(2), &id).expect("the target's MIG has the operation");
+    let detail = step(&op, PRECOPYING)["detail"].as_str().unwrap_or_default();
+    assert!(
+        detail.contains("pre-copied while the source ran, after ")
+            && detail.contains("interrupted attempt"),
+        "{detail}"
+    );
 }
 
 /// The crash-point sweep (`scripts/fault-sweep`): every trial of [`crash_trial`], one line each,
