@@ -1742,6 +1742,68 @@ fn a_pre_copy_cut_by_the_target_daemon_dying_is_tried_again() {
     );
 }
 
+/// The target started, but the answer to its start was lost with its grid's sshd (gridctl's hook
+/// holds the answer; the test kills that session and the grid's sshd). MigHelper's start step
+/// fails, and its roll-back cannot destroy the target: it must not start the source again (that
+/// made two running copies), but hold for an operator with the source stopped and kept.
+#[test]
+fn a_target_start_whose_answer_is_lost_with_its_grid_is_held_not_doubled() {
+    let lab = trial_lab(false);
+    let (_, sum) = small_shop(&lab);
+    let hook = lab.state(2).join("faults/hold-start-answer");
+    std::fs::write(&hook, "").unwrap();
+    let id = start_op(&lab.mig_url(1), "migrate", "g2", "shop2");
+    let state = lab.state(2).display().to_string();
+    let starting = find_process("the start of shop2 on g2", |p| {
+        p.argv.first().is_some_and(|c| c.ends_with("gridctl"))
+            && p.argv.contains(&state)
+            && p.env
+                .iter()
+                .any(|e| e == "SSH_ORIGINAL_COMMAND=app start shop2")
+    });
+    wait_for("shop2 running on g2", 30, || {
+        lab.apps(2)
+            .iter()
+            .any(|(n, st)| n == "shop2" && st == "running")
+            .then_some(())
+    });
+    // The grid stops answering, and the held answer goes with its session.
+    signal(sshd_pid(&lab, 2), "KILL");
+    let all = processes();
+    let mut session = all.iter().find(|p| p.pid == starting);
+    while let Some(p) = session.filter(|p| !p.argv.first().is_some_and(|a| a.starts_with("sshd"))) {
+        session = all.iter().find(|q| q.pid == p.ppid && q.pid > 1);
+    }
+    kill_tree(session.expect("the sshd session above the held start").pid);
+    std::fs::remove_file(&hook).unwrap();
+    // MigHelper tries the start, then the target's destroy, for about a minute each; then it
+    // holds, or (the hole this test closes) starts the source again.
+    wait_for("MigHelper to hold, or the source to run again", 300, || {
+        let held = op_at(&helper_url(&lab, 2), &id).is_some_and(|op| op["state"] != "running");
+        let source_runs = lab
+            .apps(1)
+            .iter()
+            .any(|(n, st)| n == "shop" && st == "running");
+        (held || source_runs).then_some(())
+    });
+    lab.run_lab_up("g2's sshd back");
+    let outcome = check_invariant(&lab, &id, "migrate", &sum, std::time::Instant::now())
+        .unwrap_or_else(|v| panic!("{}", v.what));
+    assert_eq!(outcome.state, "held", "{outcome:?}");
+    let op = op_at(&helper_url(&lab, 2), &id).unwrap();
+    assert!(
+        op["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("may be running")),
+        "{op:#}"
+    );
+    assert_eq!(
+        lab.apps(1),
+        [("shop".to_string(), "stopped".to_string())],
+        "the source is stopped and kept"
+    );
+}
+
 /// The crash-point sweep (`scripts/fault-sweep`): every trial of [`crash_trial`], one line each,
 /// then a summary. Ignored by `cargo test`; the same points are covered one by one above.
 #[test]

@@ -391,8 +391,15 @@ async fn steps(runner: &StepRunner, gate: &Gate, op: &mut Op) -> Result<(), Step
 
 /// Before the cut-over, undo: destroy the (partial) target if this operation made it, start the
 /// source again, and hand the operation to the source MIG, which destroys this helper.
+///
+/// Once the target's start was sent, the target may run even though the step failed (its answer
+/// lost with its grid). Then the source starts again only after the target is known to be gone:
+/// a target grid that does not answer leaves both for an operator, never two running copies.
 async fn roll_back(runner: &StepRunner, key: &OpKey, mut op: Op) {
     let plan = op.plan.clone();
+    let target_may_run = op.kind == Kind::Migrate
+        && op.has_step(STARTING_TARGET)
+        && op.step(STARTING_TARGET).state != StepState::Pending;
     let undone: Vec<StepId> = [
         PRECOPYING,
         STOPPING_SOURCE,
@@ -432,20 +439,7 @@ async fn roll_back(runner: &StepRunner, key: &OpKey, mut op: Op) {
             destroy_if_ours(dst.as_ref(), &plan.target_app, &op.id).await
         })
         .await;
-    let source_up = runner
-        .retry("re-starting the source application", || async {
-            let src = runner.grid(&plan.source_controller)?;
-            ensure_running(src.as_ref(), &plan.source_app).await
-        })
-        .await;
 
-    op.roll_back_rest(&undone);
-    // The source MIG runs these two when it takes the operation back.
-    for s in [STOPPING_HELPER, DESTROYING_HELPER] {
-        let st = op.step_mut(s);
-        st.state = StepState::Pending;
-        st.detail = None;
-    }
     match &target_gone {
         Ok(Some(other)) => op.trace("step", format!("roll-back: {other}"), None, None),
         Ok(None) => {}
@@ -459,6 +453,44 @@ async fn roll_back(runner: &StepRunner, key: &OpKey, mut op: Op) {
             &plan.target_app,
         )),
     }
+    if target_may_run && target_gone.is_err() {
+        tracing::error!("the target may run and its grid does not answer; holding the roll-back for an operator");
+        op.leave(leftover(
+            format_args!(
+                "source application {} on grid {} is stopped and kept: start it once {} on grid {} is destroyed (or, if {} runs there with its data, destroy the source instead)",
+                plan.source_app, plan.source_grid, plan.target_app, plan.target_grid, plan.target_app,
+            ),
+            &plan.source_controller,
+            "start",
+            &plan.source_app,
+        ));
+        op.leave(helper_leftover(&plan));
+        // Nothing was undone: the steps that ran stay done (the source is stopped, the copy made).
+        op.roll_back_rest(&[]);
+        end_failed(
+            runner,
+            &mut op,
+            format!(
+                "held for an operator: {failed}; {} on grid {} may be running (its start was sent and its grid has not answered since), so the source was not started again. Finish with the leftovers' commands",
+                plan.target_app, plan.target_grid
+            ),
+            "the held roll-back",
+        );
+        return;
+    }
+    op.roll_back_rest(&undone);
+    // The source MIG runs these two when it takes the operation back.
+    for s in [STOPPING_HELPER, DESTROYING_HELPER] {
+        let st = op.step_mut(s);
+        st.state = StepState::Pending;
+        st.detail = None;
+    }
+    let source_up = runner
+        .retry("re-starting the source application", || async {
+            let src = runner.grid(&plan.source_controller)?;
+            ensure_running(src.as_ref(), &plan.source_app).await
+        })
+        .await;
     match source_up {
         Ok(()) => {
             let url = plan.source_mig_url.clone();

@@ -101,6 +101,13 @@ pub fn main(state: &Path) -> i32 {
             app,
             new_name,
         } => check_import(state, &remote, app.as_str(), new_name.as_str()),
+        Command::Start { .. } => {
+            let code = forward(state, &cmd.to_command_line());
+            if code == OK {
+                transfer::hold_start_answer(state);
+            }
+            code
+        }
         cmd => forward(state, &cmd.to_command_line()),
     }
 }

@@ -91,6 +91,7 @@
 //! STATE/peer/peer_keys            public keys of the grids allowed to use the `peer` verbs
 //! STATE/faults/corrupt-export-after   test hook: flip one bit of the next export after N bytes
 //! STATE/faults/hold-export        test hook: exports wait, before sending, while this file exists
+//! STATE/faults/hold-start-answer  test hook: an `app start` that succeeded holds its answer while this file exists
 //! STATE/faults/no-staging         test hook: `peer export` refuses --stage/--delta (an old gridctl)
 //! STATE/apps/NAME/stage/VOL       a staged copy's block digests (BLAKE3 of each 1 MiB block)
 //! ```

@@ -43,7 +43,7 @@ pub(crate) use direct::{open_direct, read_chunk};
 pub use export::export;
 pub(crate) use export::{export_dir, export_file};
 pub(crate) use hooks::Fault;
-pub use hooks::{hold_while_asked, take_fault};
+pub use hooks::{hold_start_answer, hold_while_asked, take_fault};
 pub(crate) use import::{import_dir, import_file, Mismatch};
 pub use import::{import_volumes, imported_record, local_template, receive};
 #[cfg(test)]

@@ -43,6 +43,16 @@ pub fn hold_while_asked(state: &Path) {
     }
 }
 
+/// Test hook `STATE/faults/hold-start-answer`: an `app start` that succeeded holds its answer (the
+/// command does not end) while that file exists, so that a test can lose that answer: the
+/// application runs, but whoever asked cannot know it.
+pub fn hold_start_answer(state: &Path) {
+    let p = state.join("faults").join("hold-start-answer");
+    while p.exists() {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Reads and consumes the fault hook, if a test planted it.
 pub fn take_fault(state: &Path) -> Option<u64> {
     let p = state.join("faults").join("corrupt-export-after");
