@@ -19,6 +19,9 @@ pub const HOLD_COPY: &str = "hold-copy";
 /// MigHelper waits here after the pre-copy, before it stops the source: a test writes to the
 /// running source, then lets the operation go on to see those writes arrive.
 pub const HOLD_PRECOPIED: &str = "hold-precopied";
+/// MigHelper waits here after the verify, before the cut-over: a test starts the source meanwhile,
+/// as an operator could while a MigHelper was down between the two.
+pub const HOLD_START_TARGET: &str = "hold-start-target";
 /// The Target waits here before its clean-up steps: a test cuts a grid off after the cut-over
 /// and before the clean-up reaches it.
 pub const HOLD_CLEAN_UP: &str = "hold-clean-up";

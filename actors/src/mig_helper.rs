@@ -13,10 +13,12 @@
 use std::time::Duration;
 
 use actix::prelude::*;
+use dialect::AppState;
 use tracing::Instrument;
 
 use crate::auth::OpKey;
 use crate::cancel::{self, Cancel, CancelError, Gate, GateState};
+use crate::controller::GridController;
 use crate::faults;
 use crate::handoff::{self, Handoff, HandoffError, SignedStatus, StatusQuery};
 use crate::op::{
@@ -24,8 +26,8 @@ use crate::op::{
     PRECOPYING, RESTARTING_SOURCE, STARTING_TARGET, STOPPING_HELPER, STOPPING_SOURCE,
 };
 use crate::runner::{
-    destroy_if_ours, ensure_running, ensure_stopped, helper_leftover, leftover, StepError,
-    StepRunner, BACKOFF,
+    app_state, destroy_if_ours, ensure_running, ensure_stopped, helper_leftover, leftover,
+    StepError, StepRunner, BACKOFF,
 };
 
 mod copy;
@@ -360,6 +362,7 @@ async fn steps(runner: &StepRunner, gate: &Gate, op: &mut Op) -> Result<(), Step
         conclude(runner, op, MIGRATING, copied)?;
     }
     let last = last_step(op.kind);
+    runner.faults.hold(faults::HOLD_START_TARGET).await;
     // The cut-over: from here no cancel can win, and a cancel that came first stops it.
     if let Err(by) = gate.pass() {
         return Err(interrupted(runner, op, by));
@@ -369,6 +372,7 @@ async fn steps(runner: &StepRunner, gate: &Gate, op: &mut Op) -> Result<(), Step
             Kind::Migrate => {
                 runner
                     .step(op, last, async {
+                        source_still_stopped(src.as_ref(), &plan).await?;
                         ensure_running(dst.as_ref(), &plan.target_app)
                             .await
                             .map_err(|e| e.context("the target application did not start"))
@@ -387,6 +391,27 @@ async fn steps(runner: &StepRunner, gate: &Gate, op: &mut Op) -> Result<(), Step
         }
     }
     Ok(())
+}
+
+/// The last look before the target starts: the source must not run. The verify saw it stopped,
+/// but a MigHelper resumed from its journal may come here much later, and an operator may have
+/// started the source meanwhile; starting the target then would make two running copies. An absent
+/// source is no reason to stop: the target is then the only copy.
+async fn source_still_stopped(
+    src: &dyn GridController,
+    plan: &crate::op::Plan,
+) -> Result<(), StepError> {
+    match app_state(src, &plan.source_app).await? {
+        None | Some(AppState::Stopped) | Some(AppState::Failed) => Ok(()),
+        Some(AppState::Stopping) => Err(StepError::from(format!(
+            "source application {} on grid {} is still stopping",
+            plan.source_app, plan.source_grid
+        ))),
+        Some(state) => Err(StepError::permanent(format!(
+            "source application {} on grid {} is {state} again, so the target was not started",
+            plan.source_app, plan.source_grid
+        ))),
+    }
 }
 
 /// Before the cut-over, undo: destroy the (partial) target if this operation made it, start the
