@@ -200,8 +200,13 @@ impl Sockmap {
         // the program takes them now rather than at the next arrival (on 6.18 it already has:
         // sockmap_takes_bytes_sent_before_the_pair_entered passes without this; older kernels
         // are not known to).
-        sys::kick_receive(client)?;
-        sys::kick_receive(upstream)?;
+        // Not `?`: the client is in the map, so falling back to splice now could lose bytes
+        // already redirected; without the kick the queued bytes go at the next arrival.
+        for s in [client.as_raw_fd(), upstream.as_raw_fd()] {
+            if let Err(e) = sys::kick_receive(&s) {
+                tracing::debug!(error = %e, "sockmap: could not kick a socket's receive queue");
+            }
+        }
         Ok(pair)
     }
 }
@@ -217,10 +222,14 @@ pub(crate) struct Pair<'a> {
 impl Drop for Pair<'_> {
     fn drop(&mut self) {
         let mut m = self.sm.maps();
+        // Both sockets leave the socket map first: a segment arriving meanwhile then reaches
+        // userspace instead of meeting a socket without its peer, which the program drops.
+        for c in self.cookies {
+            let _ = m.socks.remove(&c);
+        }
         for c in self.cookies {
             let _ = m.meta.remove(&c);
             let _ = m.peers.remove(&c);
-            let _ = m.socks.remove(&c);
         }
     }
 }
