@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::lab::{fault_points, get, op_at, put, random_bytes, step, wait_for, Lab};
+use common::lab::{curl, fault_points, get, op_at, put, random_bytes, step, wait_for, Lab};
 
 static BASES: AtomicU8 = AtomicU8::new(220);
 
@@ -204,6 +204,37 @@ fn a_roll_back_after_the_pre_copy_leaves_no_staged_copy() {
     assert_eq!(step(&op, PRECOPYING)["state"], "rolled_back", "{op:#}");
     let why = step(&op, MIGRATING)["detail"].as_str().unwrap().to_string();
     assert!(why.contains("without staged copies"), "{why}");
+}
+
+/// A cancel during the pre-copy takes effect at once, not when the pre-copy ends: here the
+/// pre-copy's export is held (gridctl's `hold-export` hook) and never ends while the test waits.
+#[test]
+fn a_cancel_during_the_pre_copy_stops_it_and_rolls_back() {
+    let lab = lab_with_shop(true);
+    let hook = lab.state(1).join("faults/hold-export");
+    std::fs::write(&hook, "").unwrap();
+    let id = start_op(&lab, "migrate");
+    wait_op(&helper_url(&lab), &id, 60, |op| {
+        step(op, PRECOPYING)["state"] == "running"
+    });
+    let source = lab.mig_url(1);
+    let csrf: serde_json::Value =
+        serde_json::from_slice(&curl(&[&format!("{source}/api/v1/csrf")]).unwrap()).unwrap();
+    let answer = curl(&[
+        "-X",
+        "POST",
+        "-H",
+        &format!("x-mig-csrf: {}", csrf["csrf"].as_str().unwrap()),
+        &format!("{source}/api/v1/ops/{id}/cancel"),
+    ]);
+    assert!(answer.is_some(), "the cancel was refused");
+    let op = wait_op(&source, &id, 60, |op| op["state"] != "running");
+    std::fs::remove_file(&hook).unwrap();
+    assert_eq!(op["state"], "cancelled", "{op:#}");
+    assert_eq!(lab.apps(1), [("shop".to_string(), "running".to_string())]);
+    wait_for("g2 to hold nothing", 30, || {
+        lab.apps(2).is_empty().then_some(())
+    });
 }
 
 #[test]

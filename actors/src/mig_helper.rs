@@ -300,7 +300,17 @@ async fn steps(runner: &StepRunner, gate: &Gate, op: &mut Op) -> Result<(), Step
     if op.has_step(PRECOPYING) && todo(op, PRECOPYING) {
         op.start_step(PRECOPYING);
         runner.commit(op)?;
-        let result = precopy_tried(runner, gate, op, dst.as_ref(), &plan).await;
+        // A cancel drops the pre-copy where it is, as it does the copy: the source still runs,
+        // and the roll-back destroys the staged copy. Waiting for a long pre-copy to end first
+        // kept a cancel that had been accepted from taking effect for as long.
+        let result = tokio::select! {
+            r = precopy_tried(runner, gate, op, dst.as_ref(), &plan) => Some(r),
+            _ = gate.wait_cancelled() => None,
+        };
+        let Some(result) = result else {
+            let by = gate.cancelled().expect("the gate says cancelled");
+            return Err(interrupted(runner, op, by));
+        };
         conclude(runner, op, PRECOPYING, result)?;
     }
     if op.has_step(PRECOPYING) && todo(op, STOPPING_SOURCE) {
