@@ -570,17 +570,26 @@ async fn a_closed_port_is_a_connect_error_at_once() {
     }
 }
 
-#[tokio::test]
-async fn a_listener_that_never_speaks_ssh_times_out_within_the_connect_timeout() {
-    // Accepts connections and holds them open without a word: a hung or wrong server.
+/// A listener that accepts connections and holds them open without a word (a hung or wrong
+/// server): its port, the task that holds them, and how many it accepted.
+async fn silent_listener() -> (u16, tokio::task::JoinHandle<()>, Arc<Mutex<usize>>) {
     let listener = tokio::net::TcpListener::bind((HOST, 0)).await.unwrap();
     let port = listener.local_addr().unwrap().port();
+    let accepted = Arc::new(Mutex::new(0usize));
+    let count = accepted.clone();
     let hold = tokio::spawn(async move {
         let mut held = Vec::new();
         while let Ok((s, _)) = listener.accept().await {
+            *count.lock().unwrap() += 1;
             held.push(s);
         }
     });
+    (port, hold, accepted)
+}
+
+#[tokio::test]
+async fn a_listener_that_never_speaks_ssh_times_out_within_the_connect_timeout() {
+    let (port, hold, _) = silent_listener().await;
     let c = SshGrid::new(
         format!("{HOST}:{port}").parse().unwrap(),
         "/nonexistent/key",
@@ -729,18 +738,7 @@ async fn a_login_ahead_serves_the_next_commands_even_one_that_comes_while_it_run
 
 #[tokio::test]
 async fn a_command_waiting_for_a_failed_login_ahead_gets_its_error_without_trying_again() {
-    // Accepts connections and holds them open without a word, counting them.
-    let listener = tokio::net::TcpListener::bind((HOST, 0)).await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let accepted = Arc::new(Mutex::new(0usize));
-    let count = accepted.clone();
-    let hold = tokio::spawn(async move {
-        let mut held = Vec::new();
-        while let Ok((s, _)) = listener.accept().await {
-            *count.lock().unwrap() += 1;
-            held.push(s);
-        }
-    });
+    let (port, hold, accepted) = silent_listener().await;
     let c = SshGrid::new(
         format!("{HOST}:{port}").parse().unwrap(),
         "/nonexistent/key",

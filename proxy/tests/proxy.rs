@@ -460,20 +460,21 @@ async fn two_thousand_concurrent_connections(path: ProxyPath) {
     assert_eq!(s.bytes_out, (N * 4097) as u64, "{s:?}");
 }
 
+/// `n` connections to `local`, each answered once (a ping and its echo), kept open.
+async fn open_pinged(local: SocketAddr, n: usize) -> Vec<TcpStream> {
+    let mut open = Vec::new();
+    for _ in 0..n {
+        let mut s = TcpStream::connect(local).await.unwrap();
+        assert!(ping(&mut s, Duration::from_secs(5)).await);
+        open.push(s);
+    }
+    open
+}
+
 async fn idle_spliced_connections_hold_no_pipe(path: ProxyPath) {
     let upstream = spawn_echo(LOCALHOST);
     let p = start(config(upstream, path)).await;
-    let local = p.local;
-    let conns = on_ends(async move {
-        let mut open = Vec::new();
-        for _ in 0..50 {
-            let mut s = TcpStream::connect(local).await.unwrap();
-            assert!(ping(&mut s, Duration::from_secs(5)).await);
-            open.push(s);
-        }
-        open
-    })
-    .await;
+    let conns = on_ends(open_pinged(p.local, 50)).await;
     // The proxy runs on this thread: every echo has arrived, so every splice has finished.
     assert_eq!(p.port_stats().active, 50);
     assert_eq!(proxy::pipes_held_on_this_thread(), 0);
@@ -1092,17 +1093,7 @@ async fn sockmap_runs_when_asked_and_auto_picks_it() {
 async fn sockmap_takes_bytes_sent_before_the_pair_entered() {
     let upstream = spawn_echo(LOCALHOST);
     let p = start(config(upstream, ProxyPath::Sockmap)).await;
-    let local = p.local;
-    let conns = on_ends(async move {
-        let mut open = Vec::new();
-        for _ in 0..50 {
-            let mut s = TcpStream::connect(local).await.unwrap();
-            assert!(ping(&mut s, Duration::from_secs(5)).await);
-            open.push(s);
-        }
-        open
-    })
-    .await;
+    let conns = on_ends(open_pinged(p.local, 50)).await;
     assert_eq!(proxy::bytes_read_by_sockmap_userspace_on_this_thread(), 0);
     let s = p.port_stats();
     assert_eq!((s.active, s.bytes_in, s.bytes_out), (50, 50, 50), "{s:?}");
